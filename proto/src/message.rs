@@ -1,0 +1,278 @@
+use std::fmt;
+
+use bytes::Bytes;
+
+/// Identifies one tunnelled connection within one WebSocket session.
+///
+/// Compact on the binary wire (`u32`); rendered as a decimal string in JSON, where the
+/// document types `connection_id` as a string. The gateway allocates them.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u32);
+
+impl fmt::Debug for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The six error codes of the API document.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    AuthFailed,
+    InvalidMessage,
+    ConnectionFailed,
+    ForbiddenHost,
+    RateLimited,
+    InternalError,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 6] = [
+        ErrorCode::AuthFailed,
+        ErrorCode::InvalidMessage,
+        ErrorCode::ConnectionFailed,
+        ErrorCode::ForbiddenHost,
+        ErrorCode::RateLimited,
+        ErrorCode::InternalError,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::AuthFailed => "AUTH_FAILED",
+            ErrorCode::InvalidMessage => "INVALID_MESSAGE",
+            ErrorCode::ConnectionFailed => "CONNECTION_FAILED",
+            ErrorCode::ForbiddenHost => "FORBIDDEN_HOST",
+            ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::InternalError => "INTERNAL_ERROR",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    /// Stable one-byte tag used by the binary encoding.
+    pub(crate) const fn tag(self) -> u8 {
+        match self {
+            ErrorCode::AuthFailed => 1,
+            ErrorCode::InvalidMessage => 2,
+            ErrorCode::ConnectionFailed => 3,
+            ErrorCode::ForbiddenHost => 4,
+            ErrorCode::RateLimited => 5,
+            ErrorCode::InternalError => 6,
+        }
+    }
+
+    pub(crate) fn from_tag(tag: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.tag() == tag)
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Transport protocol a `connect` asks the agent to use toward the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "tcp" => Some(Protocol::Tcp),
+            "udp" => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+/// `auth`: client agent → gateway, the first message on a session.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Auth {
+    pub username: String,
+    pub password: String,
+    pub client_id: String,
+}
+
+// Hand-written so that a logged message never shows the password.
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Auth")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .field("client_id", &self.client_id)
+            .finish()
+    }
+}
+
+/// `auth_response`: gateway → client agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthResponse {
+    pub success: bool,
+    pub message: String,
+}
+
+/// `connect`: gateway → client agent, open a connection to a target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Connect {
+    pub id: ConnId,
+    /// A name or an IP literal. Names are resolved by the agent, never by the gateway.
+    pub host: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// `connect_response`: client agent → gateway.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectResponse {
+    pub id: ConnId,
+    pub success: bool,
+    pub message: String,
+}
+
+/// `data`: bytes of one tunnelled connection, either direction.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Data {
+    pub id: ConnId,
+    pub payload: Bytes,
+}
+
+// Payloads can be megabytes: show their size, not their bytes.
+impl fmt::Debug for Data {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Data")
+            .field("id", &self.id)
+            .field("len", &self.payload.len())
+            .finish()
+    }
+}
+
+/// `close`: either direction, the connection is finished.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Close {
+    pub id: ConnId,
+    pub reason: String,
+}
+
+/// Body of `ping` and `pong`; a pong echoes the ping's timestamp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub timestamp: i64,
+}
+
+/// `error`: either direction, optionally about one connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ErrorMsg {
+    pub code: ErrorCode,
+    pub message: String,
+    pub id: Option<ConnId>,
+}
+
+/// Every message of the protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Auth(Auth),
+    AuthResponse(AuthResponse),
+    Connect(Connect),
+    ConnectResponse(ConnectResponse),
+    Data(Data),
+    Close(Close),
+    Ping(Heartbeat),
+    Pong(Heartbeat),
+    Error(ErrorMsg),
+}
+
+/// The kind of a [`Message`], without its body: for logs and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MessageKind {
+    Auth,
+    AuthResponse,
+    Connect,
+    ConnectResponse,
+    Data,
+    Close,
+    Ping,
+    Pong,
+    Error,
+}
+
+impl MessageKind {
+    pub const ALL: [MessageKind; 9] = [
+        MessageKind::Auth,
+        MessageKind::AuthResponse,
+        MessageKind::Connect,
+        MessageKind::ConnectResponse,
+        MessageKind::Data,
+        MessageKind::Close,
+        MessageKind::Ping,
+        MessageKind::Pong,
+        MessageKind::Error,
+    ];
+
+    /// The `type` string of the JSON encoding.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            MessageKind::Auth => "auth",
+            MessageKind::AuthResponse => "auth_response",
+            MessageKind::Connect => "connect",
+            MessageKind::ConnectResponse => "connect_response",
+            MessageKind::Data => "data",
+            MessageKind::Close => "close",
+            MessageKind::Ping => "ping",
+            MessageKind::Pong => "pong",
+            MessageKind::Error => "error",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl Message {
+    pub fn kind(&self) -> MessageKind {
+        match self {
+            Message::Auth(_) => MessageKind::Auth,
+            Message::AuthResponse(_) => MessageKind::AuthResponse,
+            Message::Connect(_) => MessageKind::Connect,
+            Message::ConnectResponse(_) => MessageKind::ConnectResponse,
+            Message::Data(_) => MessageKind::Data,
+            Message::Close(_) => MessageKind::Close,
+            Message::Ping(_) => MessageKind::Ping,
+            Message::Pong(_) => MessageKind::Pong,
+            Message::Error(_) => MessageKind::Error,
+        }
+    }
+
+    /// The connection this message is about, if any.
+    pub fn conn_id(&self) -> Option<ConnId> {
+        match self {
+            Message::Connect(m) => Some(m.id),
+            Message::ConnectResponse(m) => Some(m.id),
+            Message::Data(m) => Some(m.id),
+            Message::Close(m) => Some(m.id),
+            Message::Error(m) => m.id,
+            Message::Auth(_) | Message::AuthResponse(_) | Message::Ping(_) | Message::Pong(_) => {
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Command-line entry points of the `anyproxy` binary.
+
+pub mod demo;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use anyproxy::client::Agent;
+use anyproxy::config::Config;
+use anyproxy::gateway::Gateway;
+
+#[derive(Parser)]
+#[command(
+    name = "anyproxy",
+    version,
+    about = "Reverse-tunnel proxy: a public gateway serves HTTP and SOCKS5 proxies whose connections leave through client agents over WebSocket + TLS.",
+    after_help = "Quick start: `anyproxy demo` runs a gateway, an agent and both proxies on loopback and prints curl commands.\nLogs: RUST_LOG=debug (default info)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the public gateway: accepts agents at wss://LISTEN/ws and serves the proxy
+    /// listeners of the `proxy:` section. Needs `gateway:` in the config file.
+    Gateway {
+        /// YAML file with a `gateway:` section and optionally `proxy: {http, socks5}`.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run a client agent: connects to the gateway, authenticates and dials the targets
+    /// it is asked for. Needs `client:` in the config file.
+    Client {
+        /// YAML file with a `client:` section.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Zero-config demo on loopback: generates a certificate and credentials, starts a
+    /// gateway, an agent, HTTP and SOCKS5 proxies and a sample target, and prints curl
+    /// commands that work as printed.
+    Demo {
+        /// Where the certificate, key and an equivalent config file are written.
+        #[arg(long, default_value = "anyproxy-demo")]
+        dir: PathBuf,
+        /// Gateway (agent) port; falls back to a free port if taken.
+        #[arg(long, default_value_t = 8443)]
+        gateway_port: u16,
+        /// HTTP proxy port; falls back to a free port if taken.
+        #[arg(long, default_value_t = 8080)]
+        http_port: u16,
+        /// SOCKS5 proxy port; falls back to a free port if taken.
+        #[arg(long, default_value_t = 1080)]
+        socks_port: u16,
+    },
+}
+
+/// Cancelled on SIGINT or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("install SIGTERM handler");
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Gateway { config } => {
+            let file = Config::load(&config)?;
+            let Some(gw) = file.gateway else {
+                bail!("{} has no `gateway:` section", config.display());
+            };
+            let gateway = Gateway::start(gw, file.proxy)
+                .await
+                .context("starting the gateway")?;
+            shutdown_on_signal().cancelled().await;
+            gateway.stop().await;
+            Ok(())
+        }
+        Command::Client { config } => {
+            let file = Config::load(&config)?;
+            let Some(client) = file.client else {
+                bail!("{} has no `client:` section", config.display());
+            };
+            let agent = Agent::new(client).context("starting the agent")?;
+            agent.run(shutdown_on_signal()).await;
+            Ok(())
+        }
+        Command::Demo {
+            dir,
+            gateway_port,
+            http_port,
+            socks_port,
+        } => {
+            demo::run(demo::Options {
+                dir,
+                gateway_port,
+                http_port,
+                socks_port,
+            })
+            .await
+        }
+    }
+}

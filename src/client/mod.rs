@@ -1,0 +1,390 @@
+//! The client agent: keeps authenticated WebSocket sessions to the gateway and dials
+//! the targets the gateway asks for, inside its own network.
+
+pub mod acl;
+pub mod dial;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyproxy_proto::{
+    Auth, ConnectResponse, Encoding, ErrorCode, ErrorMsg, Heartbeat, Message, Protocol,
+};
+use fastwebsockets::Role;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ClientConfig;
+use crate::transport::{handshake, tls, ws, BoxIo};
+use crate::tunnel::session::FirstMessage;
+use crate::tunnel::{relay, SessionCore};
+use acl::Acl;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Acl(#[from] acl::AclError),
+    #[error("gateway_addr {0:?} is not host:port")]
+    GatewayAddr(String),
+}
+
+/// Why one session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("cannot reach the gateway: {0}")]
+    Connect(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("WebSocket handshake: {0}")]
+    Handshake(String),
+    #[error("authentication refused: {0}")]
+    AuthRefused(String),
+    #[error("session ended: {0}")]
+    Ended(String),
+}
+
+pub struct Agent {
+    config: ClientConfig,
+    acl: Acl,
+    tls: TlsConnector,
+    server_name: rustls::pki_types::ServerName<'static>,
+    /// `max_concurrent_conns`, shared by all replicas.
+    permits: Arc<Semaphore>,
+}
+
+impl Agent {
+    pub fn new(config: ClientConfig) -> Result<Arc<Agent>, AgentError> {
+        let acl = Acl::new(&config.forbidden_hosts, &config.limit)?;
+        let tls_config = tls::client_config(config.gateway_tls_cert.as_deref())?;
+        let host = match &config.gateway_server_name {
+            Some(name) => name.clone(),
+            None => gateway_host(&config.gateway_addr)
+                .ok_or_else(|| AgentError::GatewayAddr(config.gateway_addr.clone()))?,
+        };
+        let server_name = tls::server_name(&host)?;
+        let permits = Arc::new(Semaphore::new(config.max_concurrent_conns));
+        Ok(Arc::new(Agent {
+            config,
+            acl,
+            tls: TlsConnector::from(tls_config),
+            server_name,
+            permits,
+        }))
+    }
+
+    /// Runs every replica until `shutdown`, reconnecting forever.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let replicas = self.config.replicas;
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..replicas {
+            let client_id = if replicas == 1 {
+                self.config.client_id.clone()
+            } else {
+                format!("{}.{}", self.config.client_id, i)
+            };
+            tasks.spawn(self.clone().replica(client_id, shutdown.clone()));
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    async fn replica(self: Arc<Self>, client_id: String, shutdown: CancellationToken) {
+        let mut attempt: u32 = 0;
+        loop {
+            let result = tokio::select! {
+                r = self.session(&client_id, &mut attempt) => r,
+                _ = shutdown.cancelled() => return,
+            };
+            if let Err(e) = &result {
+                tracing::warn!(%client_id, error = %e, "gateway session ended");
+            }
+            let delay = backoff(
+                attempt,
+                self.config.reconnect_min.0,
+                self.config.reconnect_max.0,
+            );
+            attempt = attempt.saturating_add(1);
+            tracing::info!(%client_id, ?delay, attempt, "reconnecting");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn session(
+        self: &Arc<Self>,
+        client_id: &str,
+        attempt: &mut u32,
+    ) -> Result<(), SessionError> {
+        let cfg = &self.config;
+        let tcp = tokio::time::timeout(cfg.dial_timeout.0, TcpStream::connect(&cfg.gateway_addr))
+            .await
+            .map_err(|_| SessionError::Connect(format!("{} timed out", cfg.gateway_addr)))?
+            .map_err(|e| SessionError::Connect(format!("{}: {e}", cfg.gateway_addr)))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio::time::timeout(
+            cfg.dial_timeout.0,
+            self.tls.connect(self.server_name.clone(), tcp),
+        )
+        .await
+        .map_err(|_| SessionError::Tls("handshake timed out".into()))?
+        .map_err(|e| SessionError::Tls(e.to_string()))?;
+        let mut io: BoxIo = Box::new(tls);
+        let offer: &[Encoding] = match Encoding::from(cfg.encoding) {
+            Encoding::Binary => &[Encoding::Binary, Encoding::Json],
+            Encoding::Json => &[Encoding::Json],
+        };
+        let encoding = tokio::time::timeout(
+            cfg.dial_timeout.0,
+            handshake::connect(&mut io, &cfg.gateway_addr, offer),
+        )
+        .await
+        .map_err(|_| SessionError::Handshake("timed out".into()))?
+        .map_err(|e| SessionError::Handshake(e.to_string()))?;
+        let (mut reader, writer) = ws::split(io, Role::Client, cfg.max_message_size.0 as usize);
+        let (core, writer_task) = SessionCore::start(encoding, writer, cfg.stall_timeout.0);
+        let result = self
+            .authenticated_session(client_id, &core, &mut reader, attempt)
+            .await;
+        core.shutdown();
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
+        result
+    }
+
+    async fn authenticated_session(
+        self: &Arc<Self>,
+        client_id: &str,
+        core: &Arc<SessionCore>,
+        reader: &mut ws::WsReader,
+        attempt: &mut u32,
+    ) -> Result<(), SessionError> {
+        let cfg = &self.config;
+        core.send(Message::Auth(Auth {
+            username: cfg.auth_username.clone(),
+            password: cfg.auth_password.clone(),
+            client_id: client_id.to_owned(),
+        }))
+        .await
+        .map_err(|e| SessionError::Ended(e.to_string()))?;
+
+        let mut refusal = None;
+        let leftovers = loop {
+            let first = tokio::time::timeout(cfg.idle_timeout.0, core.first_message(reader))
+                .await
+                .map_err(|_| {
+                    SessionError::AuthRefused("no auth_response from the gateway".into())
+                })?;
+            match first {
+                FirstMessage::Gone(reason) => {
+                    return Err(SessionError::AuthRefused(refusal.unwrap_or(reason)));
+                }
+                FirstMessage::Invalid(e) => return Err(SessionError::Ended(e)),
+                FirstMessage::Message(Message::AuthResponse(r), rest) => {
+                    if !r.success {
+                        return Err(SessionError::AuthRefused(r.message));
+                    }
+                    break rest;
+                }
+                FirstMessage::Message(Message::Error(e), rest) => {
+                    let detail = format!("{}: {}", e.code, e.message);
+                    // The refusal usually travels with its auth_response.
+                    if let Some(Message::AuthResponse(r)) = rest.first() {
+                        if !r.success {
+                            return Err(SessionError::AuthRefused(detail));
+                        }
+                    }
+                    refusal = Some(detail);
+                }
+                FirstMessage::Message(other, _) => {
+                    return Err(SessionError::Ended(format!(
+                        "expected auth_response, got {}",
+                        other.kind().as_str()
+                    )))
+                }
+            }
+        };
+        *attempt = 0;
+        tracing::info!(%client_id, gateway = %cfg.gateway_addr, encoding = core.encoding.as_str(), "authenticated to the gateway");
+
+        let pinger = tokio::spawn(ping_loop(core.clone(), cfg.ping_interval.0));
+        for msg in leftovers {
+            if let Some(role_msg) = core.dispatch(msg).await {
+                self.on_role_message(core, role_msg).await;
+            }
+        }
+        let this = self.clone();
+        let role_core = core.clone();
+        let end = core
+            .read_loop(reader, cfg.idle_timeout.0, move |msg| {
+                let this = this.clone();
+                let core = role_core.clone();
+                async move { this.on_role_message(&core, msg).await }
+            })
+            .await;
+        pinger.abort();
+        Err(SessionError::Ended(end.to_string()))
+    }
+
+    async fn on_role_message(self: &Arc<Self>, core: &Arc<SessionCore>, msg: Message) {
+        match msg {
+            Message::Connect(c) => {
+                tokio::spawn(self.clone().serve_connect(core.clone(), c));
+            }
+            other => {
+                let _ = core
+                    .send(Message::Error(ErrorMsg {
+                        code: ErrorCode::InvalidMessage,
+                        message: format!(
+                            "unexpected {} on an authenticated session",
+                            other.kind().as_str()
+                        ),
+                        id: other.conn_id(),
+                    }))
+                    .await;
+            }
+        }
+    }
+
+    async fn serve_connect(self: Arc<Self>, core: Arc<SessionCore>, c: anyproxy_proto::Connect) {
+        let id = c.id;
+        let target = format!("{}:{}", c.host, c.port);
+        let refuse = |code: ErrorCode, message: String| {
+            let core = core.clone();
+            let target = target.clone();
+            async move {
+                tracing::info!(conn = %id, %target, %code, %message, "connect refused");
+                let _ = core
+                    .send(Message::Error(ErrorMsg {
+                        code,
+                        message: message.clone(),
+                        id: Some(id),
+                    }))
+                    .await;
+                let _ = core
+                    .send(Message::ConnectResponse(ConnectResponse {
+                        id,
+                        success: false,
+                        message,
+                    }))
+                    .await;
+            }
+        };
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            let max = self.config.max_concurrent_conns;
+            return refuse(
+                ErrorCode::RateLimited,
+                format!("agent is at max_concurrent_conns ({max})"),
+            )
+            .await;
+        };
+        if c.protocol == Protocol::Udp {
+            return refuse(
+                ErrorCode::ConnectionFailed,
+                format!(
+                    "{} udp is not supported by this agent",
+                    crate::proxy::failure_prefix::UNREACHABLE
+                ),
+            )
+            .await;
+        }
+        // Registered before dialing, so that a `close` from the gateway (it gave up
+        // waiting) cancels this connect instead of leaving an orphan.
+        let Some(conn) = core.register(id) else {
+            return refuse(
+                ErrorCode::InvalidMessage,
+                format!("connection id {id} is already in use"),
+            )
+            .await;
+        };
+        match dial::dial(&self.acl, &c.host, c.port, self.config.dial_timeout.0).await {
+            Ok(stream) => {
+                if !core.is_live(id) {
+                    return;
+                }
+                let ok = core
+                    .send(Message::ConnectResponse(ConnectResponse {
+                        id,
+                        success: true,
+                        message: "connected".into(),
+                    }))
+                    .await;
+                if ok.is_ok() {
+                    relay(stream, conn).await;
+                }
+            }
+            Err(e) => {
+                drop(conn);
+                if core.forget(id) {
+                    refuse(e.code, e.message).await;
+                }
+            }
+        }
+        drop(permit);
+    }
+}
+
+async fn ping_loop(core: Arc<SessionCore>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        if core
+            .send(Message::Ping(Heartbeat { timestamp }))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Capped exponential backoff with jitter in [50%, 100%] of the step.
+fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
+    let step = min.saturating_mul(1u32 << attempt.min(16)).min(max);
+    step.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+}
+
+fn gateway_host(addr: &str) -> Option<String> {
+    let (host, port) = addr.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    Some(
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let min = Duration::from_millis(100);
+        let max = Duration::from_secs(5);
+        for attempt in 0..40 {
+            let d = backoff(attempt, min, max);
+            assert!(d <= max);
+            let step = min.saturating_mul(1u32 << attempt.min(16)).min(max);
+            assert!(d >= step / 2);
+        }
+    }
+
+    #[test]
+    fn gateway_host_parsing() {
+        assert_eq!(
+            gateway_host("gw.example.com:8443").unwrap(),
+            "gw.example.com"
+        );
+        assert_eq!(gateway_host("[::1]:8443").unwrap(), "::1");
+        assert!(gateway_host("nohost").is_none());
+    }
+}

@@ -1,0 +1,396 @@
+//! Configuration: the YAML shapes of the API document (`proxy`, `gateway`, `client`),
+//! any of which may stand in one file. Unknown keys are refused with their path.
+
+mod units;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyproxy_proto::Encoding;
+use serde::{Deserialize, Deserializer};
+
+pub use units::{parse_duration, parse_size, ByteSize, HumanDuration};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: at `{at}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        at: String,
+        message: String,
+    },
+    #[error("{0}")]
+    Semantic(String),
+}
+
+/// One configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub proxy: Option<ProxyConfig>,
+    #[serde(default)]
+    pub gateway: Option<GatewayConfig>,
+    #[serde(default)]
+    pub client: Option<ClientConfig>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses YAML text; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let de = yaml_serde::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let at = e.path().to_string();
+            ConfigError::Invalid {
+                path: origin.to_owned(),
+                at: if at.is_empty() { ".".into() } else { at },
+                message: e.into_inner().to_string(),
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(c) = &self.client {
+            if c.replicas == 0 {
+                return Err(ConfigError::Semantic(
+                    "client.replicas must be at least 1".into(),
+                ));
+            }
+            if c.max_concurrent_conns == 0 {
+                return Err(ConfigError::Semantic(
+                    "client.max_concurrent_conns must be at least 1".into(),
+                ));
+            }
+        }
+        if let Some(g) = &self.gateway {
+            if g.encodings.is_empty() {
+                return Err(ConfigError::Semantic(
+                    "gateway.encodings must allow at least one encoding".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A listen address; Go-style `":8080"` means every interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenAddr(pub SocketAddr);
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_listen_addr(&s)
+            .map(ListenAddr)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    let full = if s.starts_with(':') {
+        format!("0.0.0.0{s}")
+    } else {
+        s.to_owned()
+    };
+    full.parse::<SocketAddr>()
+        .map_err(|_| format!("{s:?} is not a listen address (expected \"HOST:PORT\" or \":PORT\")"))
+}
+
+/// Proxy front ends on the gateway.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    #[serde(default)]
+    pub http: Option<ProxyListener>,
+    #[serde(default)]
+    pub socks5: Option<ProxyListener>,
+}
+
+/// One proxy listener with its own credentials; no credentials means open.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyListener {
+    pub listen_addr: ListenAddr,
+    #[serde(default)]
+    pub auth_username: Option<String>,
+    #[serde(default)]
+    pub auth_password: Option<String>,
+}
+
+impl ProxyListener {
+    pub fn credentials(&self) -> Option<Credentials> {
+        match (&self.auth_username, &self.auth_password) {
+            (Some(u), Some(p)) if !u.is_empty() => Some(Credentials {
+                username: u.clone(),
+                password: p.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({:?}, <redacted>)", self.username)
+    }
+}
+
+fn default_auth_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(15))
+}
+fn default_max_auth_failures() -> u32 {
+    5
+}
+fn default_minute() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(45))
+}
+fn default_max_message() -> ByteSize {
+    ByteSize(2 << 20)
+}
+fn default_encodings() -> Vec<EncodingName> {
+    vec![EncodingName::Binary, EncodingName::Json]
+}
+fn default_stall_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
+/// The public side: agents connect here over WebSocket + TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub listen_addr: ListenAddr,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub auth_username: String,
+    pub auth_password: String,
+    /// An agent must authenticate within this time after the WebSocket opens.
+    #[serde(default = "default_auth_timeout")]
+    pub auth_timeout: HumanDuration,
+    /// How long a proxy user waits for the agent's `connect_response`.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// Failed authentications from one IP within `auth_failure_window` before lockout.
+    #[serde(default = "default_max_auth_failures")]
+    pub max_auth_failures: u32,
+    #[serde(default = "default_minute")]
+    pub auth_failure_window: HumanDuration,
+    #[serde(default = "default_minute")]
+    pub auth_lockout: HumanDuration,
+    /// A session that sends nothing (not even a heartbeat) for this long is dropped.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: HumanDuration,
+    /// Largest WebSocket message accepted from an agent.
+    #[serde(default = "default_max_message")]
+    pub max_message_size: ByteSize,
+    /// A connection whose user stops reading for this long is closed so that it cannot
+    /// hold up the others on its WebSocket.
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout: HumanDuration,
+    /// Encodings agents may negotiate.
+    #[serde(default = "default_encodings")]
+    pub encodings: Vec<EncodingName>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncodingName {
+    Binary,
+    Json,
+}
+
+impl From<EncodingName> for Encoding {
+    fn from(e: EncodingName) -> Encoding {
+        match e {
+            EncodingName::Binary => Encoding::Binary,
+            EncodingName::Json => Encoding::Json,
+        }
+    }
+}
+
+fn default_replicas() -> usize {
+    1
+}
+fn default_max_conns() -> usize {
+    100
+}
+fn default_dial_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_ping_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(15))
+}
+fn default_reconnect_min() -> HumanDuration {
+    HumanDuration(Duration::from_millis(500))
+}
+fn default_reconnect_max() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_client_encoding() -> EncodingName {
+    EncodingName::Binary
+}
+
+/// A client agent inside a private network.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// `host:port` of the gateway; the host is also the name its certificate must carry.
+    pub gateway_addr: String,
+    /// PEM file of the CA (or the self-signed certificate itself) that the gateway's
+    /// certificate must chain to. Without it, the bundled public web roots are used.
+    #[serde(default)]
+    pub gateway_tls_cert: Option<PathBuf>,
+    /// Name to verify the certificate against, when it differs from `gateway_addr`'s host.
+    #[serde(default)]
+    pub gateway_server_name: Option<String>,
+    pub client_id: String,
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    #[serde(default = "default_max_conns")]
+    pub max_concurrent_conns: usize,
+    pub auth_username: String,
+    pub auth_password: String,
+    #[serde(default)]
+    pub forbidden_hosts: Vec<String>,
+    #[serde(default)]
+    pub limit: Vec<LimitRule>,
+    #[serde(default = "default_dial_timeout")]
+    pub dial_timeout: HumanDuration,
+    #[serde(default = "default_ping_interval")]
+    pub ping_interval: HumanDuration,
+    /// The gateway is declared dead when nothing arrives from it for this long.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: HumanDuration,
+    #[serde(default = "default_reconnect_min")]
+    pub reconnect_min: HumanDuration,
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max: HumanDuration,
+    #[serde(default = "default_max_message")]
+    pub max_message_size: ByteSize,
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout: HumanDuration,
+    /// Encoding to ask the gateway for (`binary` or `json`).
+    #[serde(default = "default_client_encoding")]
+    pub encoding: EncodingName,
+}
+
+/// An allowlist entry: when `limit` is non-empty only these targets may be dialed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitRule {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub addr: String,
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+}
+
+fn default_protocol() -> String {
+    "tcp".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOC_EXAMPLE: &str = r#"
+proxy:
+  http:
+    listen_addr: ":8080"
+    auth_username: "http_user"
+    auth_password: "http_password"
+  socks5:
+    listen_addr: ":1080"
+    auth_username: "socks_user"
+    auth_password: "socks_password"
+gateway:
+  listen_addr: ":8443"
+  tls_cert: "path/to/cert.pem"
+  tls_key: "path/to/key.pem"
+  auth_username: "gateway_user"
+  auth_password: "gateway_password"
+client:
+  gateway_addr: "gateway.example.com:8443"
+  gateway_tls_cert: "path/to/gateway_cert.pem"
+  client_id: "unique_client_identifier"
+  replicas: 1
+  max_concurrent_conns: 100
+  auth_username: "gateway_user"
+  auth_password: "gateway_password"
+  forbidden_hosts:
+    - "internal.company.com"
+    - "192.168.0.0/16"
+  limit:
+    - name: "web-server"
+      addr: "localhost:8080"
+      protocol: "tcp"
+"#;
+
+    #[test]
+    fn the_documents_example_parses() {
+        let c = Config::parse(DOC_EXAMPLE, Path::new("doc.yaml")).unwrap();
+        let http = c.proxy.as_ref().unwrap().http.as_ref().unwrap();
+        assert_eq!(http.listen_addr.0, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(http.credentials().unwrap().username, "http_user");
+        let g = c.gateway.unwrap();
+        assert_eq!(g.auth_timeout.0, Duration::from_secs(10));
+        let client = c.client.unwrap();
+        assert_eq!(client.forbidden_hosts.len(), 2);
+        assert_eq!(client.limit[0].addr, "localhost:8080");
+        assert_eq!(client.encoding, EncodingName::Binary);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_path() {
+        let text = "gateway:\n  listen_addr: ':1'\n  tls_cert: a\n  tls_key: b\n  auth_username: u\n  auth_password: p\n  colour: blue\n";
+        let err = Config::parse(text, Path::new("x.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("colour"), "{err}");
+        assert!(err.contains("gateway"), "{err}");
+    }
+
+    #[test]
+    fn human_units_in_fields() {
+        let text = "gateway:\n  listen_addr: '127.0.0.1:9'\n  tls_cert: a\n  tls_key: b\n  auth_username: u\n  auth_password: p\n  auth_timeout: 2m30s\n  max_message_size: 64KiB\n";
+        let g = Config::parse(text, Path::new("x.yaml"))
+            .unwrap()
+            .gateway
+            .unwrap();
+        assert_eq!(g.auth_timeout.0, Duration::from_secs(150));
+        assert_eq!(g.max_message_size.0, 65536);
+        let bad = text.replace("2m30s", "soon");
+        let err = Config::parse(&bad, Path::new("x.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gateway.auth_timeout"), "{err}");
+    }
+}

@@ -1,0 +1,244 @@
+//! Accepting agents: TLS, the WebSocket upgrade at `/ws`, the `auth` exchange, then the
+//! session's read loop until it ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyproxy_proto::{AuthResponse, Encoding, ErrorCode, ErrorMsg, Message};
+use fastwebsockets::Role;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::registry::{AgentHandle, AgentRegistry};
+use super::throttle::AuthThrottle;
+use crate::config::{Credentials, GatewayConfig};
+use crate::proxy::auth::credentials_match;
+use crate::transport::ws::{self, close_code};
+use crate::transport::{handshake, BoxIo};
+use crate::tunnel::session::{FirstMessage, Outbound};
+use crate::tunnel::SessionCore;
+
+pub struct AgentServer {
+    pub config: GatewayConfig,
+    pub registry: Arc<AgentRegistry>,
+    credentials: Credentials,
+    throttle: AuthThrottle,
+    acceptor: TlsAcceptor,
+    encodings: Vec<Encoding>,
+}
+
+impl AgentServer {
+    pub fn new(
+        config: GatewayConfig,
+        registry: Arc<AgentRegistry>,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> Self {
+        let credentials = Credentials {
+            username: config.auth_username.clone(),
+            password: config.auth_password.clone(),
+        };
+        let throttle = AuthThrottle::new(
+            config.max_auth_failures,
+            config.auth_failure_window.0,
+            config.auth_lockout.0,
+        );
+        let encodings = config.encodings.iter().map(|e| (*e).into()).collect();
+        AgentServer {
+            config,
+            registry,
+            credentials,
+            throttle,
+            acceptor: TlsAcceptor::from(tls),
+            encodings,
+        }
+    }
+
+    /// Accepts agents until `shutdown`.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "gateway accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            let this = self.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(reason) = this.serve_agent(tcp, peer, shutdown).await {
+                    tracing::info!(%peer, %reason, "agent connection refused");
+                }
+            });
+        }
+    }
+
+    async fn serve_agent(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Result<(), String> {
+        let _ = tcp.set_nodelay(true);
+        let deadline = self.config.auth_timeout.0;
+        let tls = tokio::time::timeout(deadline, self.acceptor.accept(tcp))
+            .await
+            .map_err(|_| "TLS handshake timed out".to_string())?
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let mut io: BoxIo = Box::new(tls);
+        let accepted = tokio::time::timeout(deadline, handshake::accept(&mut io, &self.encodings))
+            .await
+            .map_err(|_| "WebSocket handshake timed out".to_string())?
+            .map_err(|e| format!("WebSocket handshake: {e}"))?;
+        let max_message = self.config.max_message_size.0 as usize;
+        let (mut reader, writer) = ws::split(io, Role::Server, max_message);
+        let (core, writer_task) =
+            SessionCore::start(accepted.encoding, writer, self.config.stall_timeout.0);
+
+        let refuse = |code: ErrorCode, message: String| {
+            let core = core.clone();
+            async move {
+                let _ = core
+                    .send(Message::Error(ErrorMsg {
+                        code,
+                        message: message.clone(),
+                        id: None,
+                    }))
+                    .await;
+                if code == ErrorCode::AuthFailed || code == ErrorCode::RateLimited {
+                    let _ = core
+                        .send(Message::AuthResponse(AuthResponse {
+                            success: false,
+                            message: message.clone(),
+                        }))
+                        .await;
+                }
+                let _ = core
+                    .send_raw(Outbound::WsClose(close_code::POLICY, message.clone()))
+                    .await;
+                message
+            }
+        };
+
+        let first = tokio::time::timeout(deadline, core.first_message(&mut reader)).await;
+        let auth = match first {
+            Err(_) => {
+                let m = refuse(
+                    ErrorCode::AuthFailed,
+                    format!("no auth message within {deadline:?}"),
+                )
+                .await;
+                return finish(core, writer_task, Err(m)).await;
+            }
+            Ok(FirstMessage::Gone(reason)) => {
+                return finish(core, writer_task, Err(reason)).await;
+            }
+            Ok(FirstMessage::Invalid(e)) => {
+                let m = refuse(ErrorCode::InvalidMessage, e).await;
+                return finish(core, writer_task, Err(m)).await;
+            }
+            Ok(FirstMessage::Message(Message::Auth(auth), _)) => auth,
+            Ok(FirstMessage::Message(other, _)) => {
+                let m = refuse(
+                    ErrorCode::InvalidMessage,
+                    format!(
+                        "the first message must be auth, got {}",
+                        other.kind().as_str()
+                    ),
+                )
+                .await;
+                return finish(core, writer_task, Err(m)).await;
+            }
+        };
+
+        let ip = peer.ip();
+        if self.throttle.is_locked(ip) {
+            let m = refuse(
+                ErrorCode::RateLimited,
+                "too many failed authentications from this address; try again later".into(),
+            )
+            .await;
+            return finish(core, writer_task, Err(m)).await;
+        }
+        if !credentials_match(&self.credentials, &auth.username, &auth.password)
+            || auth.client_id.is_empty()
+        {
+            let locked = self.throttle.failure(ip);
+            if locked {
+                tracing::warn!(%peer, "agent authentication locked out after repeated failures");
+            }
+            let m = refuse(
+                ErrorCode::AuthFailed,
+                "authentication failed: wrong username, password or empty client_id".into(),
+            )
+            .await;
+            return finish(core, writer_task, Err(m)).await;
+        }
+        self.throttle.success(ip);
+
+        let handle = Arc::new(AgentHandle {
+            client_id: auth.client_id.clone(),
+            serial: self.registry.next_serial(),
+            remote: peer,
+            core: core.clone(),
+        });
+        if let Some(old) = self.registry.register(handle.clone()) {
+            tracing::warn!(client_id = %auth.client_id, old = %old.remote, new = %peer, conns = old.core.active_conns(), "client id reconnected: replacing its previous session");
+            old.core.shutdown();
+        }
+        let _ = core
+            .send(Message::AuthResponse(AuthResponse {
+                success: true,
+                message: "Authentication successful".into(),
+            }))
+            .await;
+        tracing::info!(client_id = %auth.client_id, %peer, encoding = core.encoding.as_str(), "agent connected");
+
+        let role_core = core.clone();
+        let end = tokio::select! {
+            end = core.read_loop(&mut reader, self.config.idle_timeout.0, move |msg| {
+                let core = role_core.clone();
+                async move {
+                    let what = match &msg {
+                        Message::Connect(_) => "connect is sent by the gateway, not to it",
+                        _ => "already authenticated",
+                    };
+                    let _ = core
+                        .send(Message::Error(ErrorMsg {
+                            code: ErrorCode::InvalidMessage,
+                            message: format!("unexpected {}: {what}", msg.kind().as_str()),
+                            id: msg.conn_id(),
+                        }))
+                        .await;
+                }
+            }) => end,
+            _ = shutdown.cancelled() => crate::tunnel::SessionEnd::Shutdown,
+        };
+        self.registry.unregister(&handle.client_id, handle.serial);
+        tracing::info!(client_id = %auth.client_id, %peer, conns = core.active_conns(), reason = %end, "agent disconnected");
+        finish(core, writer_task, Ok(())).await
+    }
+}
+
+/// Lets the writer send what is queued (the refusal, the close frame), then tears the
+/// session down.
+async fn finish(
+    core: Arc<SessionCore>,
+    writer_task: tokio::task::JoinHandle<()>,
+    result: Result<(), String>,
+) -> Result<(), String> {
+    if result.is_err() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
+        core.shutdown();
+    } else {
+        core.shutdown();
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
+    }
+    result
+}

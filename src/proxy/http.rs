@@ -1,0 +1,316 @@
+//! HTTP proxy front end: `CONNECT` tunnels and absolute-form requests (any method,
+//! bodies, chunked, keep-alive), with `Proxy-Authorization: Basic`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::auth::credentials_match;
+use super::{ConnectError, Connector, Requester, TargetAddr};
+use crate::config::Credentials;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Accepts HTTP proxy clients until `shutdown`.
+pub async fn serve<C: Connector>(
+    listener: TcpListener,
+    credentials: Option<Credentials>,
+    connector: Arc<C>,
+    shutdown: CancellationToken,
+) {
+    let credentials = Arc::new(credentials);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "http proxy accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let state = Arc::new(ConnState {
+            peer,
+            credentials: credentials.clone(),
+            upstream: tokio::sync::Mutex::new(None),
+        });
+        let connector = connector.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                let connector = connector.clone();
+                async move { Ok::<_, Infallible>(handle(req, &state, &*connector).await) }
+            });
+            let result = hyper::server::conn::http1::Builder::new()
+                .preserve_header_case(true)
+                .title_case_headers(true)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "http proxy connection ended");
+            }
+        });
+    }
+}
+
+/// Per user connection: who it is, and the upstream kept alive for its last target.
+struct ConnState {
+    peer: SocketAddr,
+    credentials: Arc<Option<Credentials>>,
+    upstream: tokio::sync::Mutex<
+        Option<(
+            TargetAddr,
+            hyper::client::conn::http1::SendRequest<Incoming>,
+        )>,
+    >,
+}
+
+fn text_response(status: u16, message: &str) -> Response<Body> {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let body = format!(
+        "{} {}: {message}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn proxy_auth_required() -> Response<Body> {
+    let mut resp = text_response(407, "proxy credentials required or wrong");
+    resp.headers_mut().insert(
+        header::PROXY_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"anyproxy\""),
+    );
+    resp
+}
+
+/// Checks `Proxy-Authorization: Basic`. Returns the user on success.
+fn authenticate(headers: &HeaderMap, expected: &Credentials) -> Option<String> {
+    let value = headers.get(header::PROXY_AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, encoded) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = STANDARD.decode(encoded.trim()).ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (user, pass) = decoded.split_once(':')?;
+    credentials_match(expected, user, pass).then(|| user.to_owned())
+}
+
+fn split_authority(uri: &Uri, default_port: Option<u16>) -> Option<TargetAddr> {
+    let authority = uri.authority()?;
+    let host = authority.host();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    let port = authority.port_u16().or(default_port)?;
+    Some(TargetAddr {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+async fn handle<C: Connector>(
+    req: Request<Incoming>,
+    state: &ConnState,
+    connector: &C,
+) -> Response<Body> {
+    let user = match state.credentials.as_ref() {
+        Some(expected) => match authenticate(req.headers(), expected) {
+            Some(user) => Some(user),
+            None => return proxy_auth_required(),
+        },
+        None => None,
+    };
+    let who = Requester {
+        peer: state.peer,
+        user,
+    };
+    if req.method() == Method::CONNECT {
+        connect_tunnel(req, who, connector).await
+    } else {
+        forward(req, who, state, connector).await
+    }
+}
+
+fn log_failure(
+    kind: &str,
+    who: &Requester,
+    target: &TargetAddr,
+    e: &ConnectError,
+    started: Instant,
+) {
+    tracing::info!(target: "access", proto = kind, client = %who.peer, user = who.user.as_deref().unwrap_or("-"), %target, result = %e.code(), reason = %e, ms = started.elapsed().as_millis() as u64);
+}
+
+async fn connect_tunnel<C: Connector>(
+    mut req: Request<Incoming>,
+    who: Requester,
+    connector: &C,
+) -> Response<Body> {
+    let Some(target) = split_authority(req.uri(), None) else {
+        return text_response(400, "CONNECT needs host:port");
+    };
+    let started = Instant::now();
+    let conn = match connector.connect(&target, &who).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            log_failure("connect", &who, &target, &e, started);
+            return text_response(e.http_status(), &e.to_string());
+        }
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let stats = crate::tunnel::relay(TokioIo::new(upgraded), conn).await;
+                tracing::info!(target: "access", proto = "connect", client = %who.peer, user = who.user.as_deref().unwrap_or("-"), %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
+            }
+            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+        }
+    });
+    Response::new(
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    )
+}
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus the ones the
+/// `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(name);
+    }
+}
+
+async fn forward<C: Connector>(
+    req: Request<Incoming>,
+    who: Requester,
+    state: &ConnState,
+    connector: &C,
+) -> Response<Body> {
+    if req.uri().scheme_str() != Some("http") {
+        return text_response(
+            400,
+            "not a proxy request: use an absolute http:// URI, or CONNECT for https",
+        );
+    }
+    let Some(target) = split_authority(req.uri(), Some(80)) else {
+        return text_response(400, "request URI has no host");
+    };
+    let started = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let origin_form: Uri = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
+    if !parts.headers.contains_key(header::HOST) {
+        if let Some(authority) = parts.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+    }
+    parts.uri = origin_form;
+    strip_hop_by_hop(&mut parts.headers);
+    let req = Request::from_parts(parts, body);
+
+    let mut upstream = state.upstream.lock().await;
+    let reusable = matches!(&*upstream, Some((t, s)) if *t == target && !s.is_closed());
+    if !reusable {
+        *upstream = None;
+        let conn = match connector.connect(&target, &who).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                log_failure("http", &who, &target, &e, started);
+                return text_response(e.http_status(), &e.to_string());
+            }
+        };
+        // hyper's client speaks over a pipe whose far end the relay carries.
+        let (client_io, relay_io) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(crate::tunnel::relay(relay_io, conn));
+        match hyper::client::conn::http1::Builder::new()
+            .preserve_header_case(true)
+            .title_case_headers(true)
+            .handshake(TokioIo::new(client_io))
+            .await
+        {
+            Ok((sender, connection)) => {
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                *upstream = Some((target.clone(), sender));
+            }
+            Err(e) => return text_response(502, &format!("upstream handshake: {e}")),
+        }
+    }
+    let Some((_, sender)) = upstream.as_mut() else {
+        return text_response(502, "no upstream");
+    };
+    if sender.ready().await.is_err() {
+        *upstream = None;
+        return text_response(502, "upstream connection closed");
+    }
+    match sender.send_request(req).await {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            tracing::info!(target: "access", proto = "http", client = %who.peer, user = who.user.as_deref().unwrap_or("-"), %target, result = "ok", status = parts.status.as_u16(), ms = started.elapsed().as_millis() as u64);
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(e) => {
+            *upstream = None;
+            text_response(502, &format!("upstream request failed: {e}"))
+        }
+    }
+}

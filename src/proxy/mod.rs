@@ -1,0 +1,151 @@
+//! Proxy front ends on the gateway: HTTP (CONNECT and absolute-form forwarding) and
+//! SOCKS5. They authenticate the user, ask a [`Connector`] for a connection to the
+//! target, and relay. They never resolve names: the target leaves through the agent.
+
+pub mod auth;
+pub mod http;
+pub mod socks5;
+
+use std::future::Future;
+
+use anyproxy_proto::ErrorCode;
+
+use crate::tunnel::{ConnectFailure, OpenError, TunnelConn};
+
+/// Where a proxy user wants to go: a name or an IP literal, unresolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for TargetAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Who is asking, for logs and (later) policy.
+#[derive(Clone, Debug)]
+pub struct Requester {
+    pub peer: std::net::SocketAddr,
+    pub user: Option<String>,
+}
+
+/// Opens connections to targets on behalf of proxy users.
+pub trait Connector: Send + Sync + 'static {
+    fn connect(
+        &self,
+        target: &TargetAddr,
+        who: &Requester,
+    ) -> impl Future<Output = Result<TunnelConn, ConnectError>> + Send;
+}
+
+/// Why a target could not be reached, in the terms a proxy user is answered in.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    #[error("no agent is connected")]
+    NoAgent,
+    #[error("forbidden host: {0}")]
+    Forbidden(String),
+    #[error("connection refused: {0}")]
+    Refused(String),
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    #[error("timed out: {0}")]
+    TimedOut(String),
+    #[error("rate limited: {0}")]
+    RateLimited(String),
+    #[error("tunnel error: {0}")]
+    Internal(String),
+}
+
+impl ConnectError {
+    /// HTTP status for the HTTP front end.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            ConnectError::NoAgent => 503,
+            ConnectError::Forbidden(_) => 403,
+            ConnectError::Refused(_) | ConnectError::Unreachable(_) => 502,
+            ConnectError::TimedOut(_) => 504,
+            ConnectError::RateLimited(_) => 429,
+            ConnectError::Internal(_) => 502,
+        }
+    }
+
+    /// SOCKS5 reply code (RFC 1928 §6).
+    pub fn socks_reply(&self) -> u8 {
+        match self {
+            ConnectError::Forbidden(_) => 0x02,
+            ConnectError::Unreachable(_) => 0x04,
+            ConnectError::Refused(_) => 0x05,
+            ConnectError::TimedOut(_) => 0x06,
+            ConnectError::NoAgent | ConnectError::RateLimited(_) | ConnectError::Internal(_) => {
+                0x01
+            }
+        }
+    }
+
+    /// The documented error code, for logs.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ConnectError::Forbidden(_) => ErrorCode::ForbiddenHost,
+            ConnectError::RateLimited(_) => ErrorCode::RateLimited,
+            ConnectError::Refused(_) | ConnectError::Unreachable(_) | ConnectError::TimedOut(_) => {
+                ErrorCode::ConnectionFailed
+            }
+            ConnectError::NoAgent | ConnectError::Internal(_) => ErrorCode::InternalError,
+        }
+    }
+}
+
+/// Prefixes an agent puts on `CONNECTION_FAILED` messages (see PROTOCOL.md).
+pub mod failure_prefix {
+    pub const REFUSED: &str = "refused:";
+    pub const UNREACHABLE: &str = "unreachable:";
+    pub const TIMEOUT: &str = "timeout:";
+    pub const DNS: &str = "dns:";
+}
+
+impl From<ConnectFailure> for ConnectError {
+    fn from(f: ConnectFailure) -> Self {
+        let m = f.message;
+        match f.code {
+            ErrorCode::ForbiddenHost => ConnectError::Forbidden(m),
+            ErrorCode::RateLimited => ConnectError::RateLimited(m),
+            ErrorCode::ConnectionFailed => {
+                if m.starts_with(failure_prefix::REFUSED) {
+                    ConnectError::Refused(m)
+                } else if m.starts_with(failure_prefix::TIMEOUT) {
+                    ConnectError::TimedOut(m)
+                } else if m.starts_with(failure_prefix::UNREACHABLE)
+                    || m.starts_with(failure_prefix::DNS)
+                {
+                    ConnectError::Unreachable(m)
+                } else {
+                    // An agent that does not use the prefixes: the target was not reached.
+                    ConnectError::Unreachable(m)
+                }
+            }
+            ErrorCode::AuthFailed | ErrorCode::InvalidMessage | ErrorCode::InternalError => {
+                ConnectError::Internal(m)
+            }
+        }
+    }
+}
+
+impl From<OpenError> for ConnectError {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::SessionClosed => ConnectError::Internal("agent session closed".into()),
+            OpenError::Timeout(d) => {
+                ConnectError::TimedOut(format!("agent did not answer within {d:?}"))
+            }
+            OpenError::Failed(f) => f.into(),
+        }
+    }
+}

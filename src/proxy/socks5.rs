@@ -1,0 +1,223 @@
+//! SOCKS5 front end (RFC 1928 CONNECT, RFC 1929 username/password). Domain names are
+//! passed to the agent unresolved. The success reply is sent only after the agent
+//! reached the target.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::auth::credentials_match;
+use super::{Connector, Requester, TargetAddr};
+use crate::config::Credentials;
+
+const VERSION: u8 = 0x05;
+const AUTH_VERSION: u8 = 0x01;
+const METHOD_NONE: u8 = 0x00;
+const METHOD_USERPASS: u8 = 0x02;
+const METHOD_UNACCEPTABLE: u8 = 0xFF;
+const CMD_CONNECT: u8 = 0x01;
+const ATYP_V4: u8 = 0x01;
+const ATYP_DOMAIN: u8 = 0x03;
+const ATYP_V6: u8 = 0x04;
+pub const REPLY_OK: u8 = 0x00;
+pub const REPLY_GENERAL_FAILURE: u8 = 0x01;
+pub const REPLY_CMD_NOT_SUPPORTED: u8 = 0x07;
+pub const REPLY_ATYP_NOT_SUPPORTED: u8 = 0x08;
+
+/// The whole negotiation (greeting, auth, request) must finish within this time.
+const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+enum Socks5Error {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("not SOCKS5 (version byte {0:#04x})")]
+    Version(u8),
+    #[error("client offers no acceptable authentication method")]
+    NoMethod,
+    #[error("authentication failed for user {0:?}")]
+    AuthFailed(String),
+    #[error("unsupported command {0:#04x}")]
+    Command(u8),
+    #[error("unsupported address type {0:#04x}")]
+    AddressType(u8),
+    #[error("domain name is not valid UTF-8")]
+    BadDomain,
+    #[error("negotiation timed out")]
+    Timeout,
+}
+
+/// Accepts SOCKS5 clients until `shutdown`.
+pub async fn serve<C: Connector>(
+    listener: TcpListener,
+    credentials: Option<Credentials>,
+    connector: Arc<C>,
+    shutdown: CancellationToken,
+) {
+    let credentials = Arc::new(credentials);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "socks5 accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let credentials = credentials.clone();
+        let connector = connector.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, peer, &credentials, &*connector).await {
+                tracing::debug!(%peer, error = %e, "socks5 session ended");
+            }
+        });
+    }
+}
+
+async fn handle<C: Connector>(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    credentials: &Option<Credentials>,
+    connector: &C,
+) -> Result<(), Socks5Error> {
+    let negotiated = tokio::time::timeout(
+        NEGOTIATION_TIMEOUT,
+        negotiate(&mut stream, credentials.as_ref()),
+    )
+    .await
+    .map_err(|_| Socks5Error::Timeout)?;
+    let (target, user) = match negotiated {
+        Ok(x) => x,
+        Err(e) => {
+            let code = match &e {
+                Socks5Error::Command(_) => Some(REPLY_CMD_NOT_SUPPORTED),
+                Socks5Error::AddressType(_) => Some(REPLY_ATYP_NOT_SUPPORTED),
+                Socks5Error::BadDomain => Some(REPLY_GENERAL_FAILURE),
+                _ => None,
+            };
+            if let Some(code) = code {
+                let _ = reply(&mut stream, code).await;
+            }
+            return Err(e);
+        }
+    };
+    let who = Requester { peer, user };
+    let started = std::time::Instant::now();
+    match connector.connect(&target, &who).await {
+        Ok(conn) => {
+            reply(&mut stream, REPLY_OK).await?;
+            let stats = crate::tunnel::relay(stream, conn).await;
+            tracing::info!(target: "access", proto = "socks5", client = %peer, user = who.user.as_deref().unwrap_or("-"), %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
+        }
+        Err(e) => {
+            tracing::info!(target: "access", proto = "socks5", client = %peer, user = who.user.as_deref().unwrap_or("-"), %target, result = %e.code(), reason = %e, ms = started.elapsed().as_millis() as u64);
+            reply(&mut stream, e.socks_reply()).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    credentials: Option<&Credentials>,
+) -> Result<(TargetAddr, Option<String>), Socks5Error> {
+    let version = stream.read_u8().await?;
+    if version != VERSION {
+        return Err(Socks5Error::Version(version));
+    }
+    let n = stream.read_u8().await? as usize;
+    let mut methods = [0u8; 255];
+    stream.read_exact(&mut methods[..n]).await?;
+    let methods = &methods[..n];
+    let user = match credentials {
+        Some(expected) => {
+            if !methods.contains(&METHOD_USERPASS) {
+                stream.write_all(&[VERSION, METHOD_UNACCEPTABLE]).await?;
+                return Err(Socks5Error::NoMethod);
+            }
+            stream.write_all(&[VERSION, METHOD_USERPASS]).await?;
+            Some(sub_negotiate(stream, expected).await?)
+        }
+        None => {
+            if !methods.contains(&METHOD_NONE) {
+                stream.write_all(&[VERSION, METHOD_UNACCEPTABLE]).await?;
+                return Err(Socks5Error::NoMethod);
+            }
+            stream.write_all(&[VERSION, METHOD_NONE]).await?;
+            None
+        }
+    };
+    let mut head = [0u8; 4];
+    stream.read_exact(&mut head).await?;
+    if head[0] != VERSION {
+        return Err(Socks5Error::Version(head[0]));
+    }
+    let command = head[1];
+    let host = match head[3] {
+        ATYP_V4 => {
+            let mut a = [0u8; 4];
+            stream.read_exact(&mut a).await?;
+            Ipv4Addr::from(a).to_string()
+        }
+        ATYP_V6 => {
+            let mut a = [0u8; 16];
+            stream.read_exact(&mut a).await?;
+            Ipv6Addr::from(a).to_string()
+        }
+        ATYP_DOMAIN => {
+            let len = stream.read_u8().await? as usize;
+            let mut name = vec![0u8; len];
+            stream.read_exact(&mut name).await?;
+            String::from_utf8(name).map_err(|_| Socks5Error::BadDomain)?
+        }
+        other => return Err(Socks5Error::AddressType(other)),
+    };
+    let port = stream.read_u16().await?;
+    if command != CMD_CONNECT {
+        // BIND and UDP ASSOCIATE are not carried by the tunnel yet.
+        return Err(Socks5Error::Command(command));
+    }
+    Ok((TargetAddr { host, port }, user))
+}
+
+async fn sub_negotiate<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    expected: &Credentials,
+) -> Result<String, Socks5Error> {
+    let version = stream.read_u8().await?;
+    if version != AUTH_VERSION {
+        return Err(Socks5Error::Version(version));
+    }
+    let ulen = stream.read_u8().await? as usize;
+    let mut user = vec![0u8; ulen];
+    stream.read_exact(&mut user).await?;
+    let plen = stream.read_u8().await? as usize;
+    let mut pass = vec![0u8; plen];
+    stream.read_exact(&mut pass).await?;
+    let user = String::from_utf8_lossy(&user).into_owned();
+    let pass = String::from_utf8_lossy(&pass);
+    if credentials_match(expected, &user, &pass) {
+        stream.write_all(&[AUTH_VERSION, 0x00]).await?;
+        Ok(user)
+    } else {
+        stream.write_all(&[AUTH_VERSION, 0x01]).await?;
+        Err(Socks5Error::AuthFailed(user))
+    }
+}
+
+/// A reply with BND.ADDR 0.0.0.0:0: the bound address is on the agent's side and of
+/// no use to the client.
+async fn reply<S: AsyncWrite + Unpin>(stream: &mut S, code: u8) -> std::io::Result<()> {
+    stream
+        .write_all(&[VERSION, code, 0x00, ATYP_V4, 0, 0, 0, 0, 0, 0])
+        .await?;
+    stream.flush().await
+}

@@ -1,0 +1,314 @@
+//! The RFC 6455 opening handshake, both sides, with encoding negotiation through
+//! `Sec-WebSocket-Protocol`. Written by hand (httparse) so that the chosen subprotocol
+//! (and, later, extensions) are under our control; fastwebsockets takes over after it.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use sha1::{Digest, Sha1};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use anyproxy_proto::Encoding;
+
+/// Path agents connect to.
+pub const WS_PATH: &str = "/ws";
+const MAX_HEAD: usize = 8192;
+const MAX_HEADERS: usize = 48;
+const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("i/o during handshake: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("connection closed during handshake")]
+    Eof,
+    #[error("handshake head larger than {MAX_HEAD} bytes")]
+    TooLarge,
+    #[error("malformed HTTP: {0}")]
+    Malformed(String),
+    #[error("{status}: {reason}")]
+    Refused { status: u16, reason: String },
+    #[error("gateway answered HTTP {0} instead of 101 Switching Protocols")]
+    Status(u16),
+    #[error("gateway's Sec-WebSocket-Accept does not match the key")]
+    BadAccept,
+    #[error("gateway chose subprotocol {0:?}, which was not offered")]
+    UnexpectedProtocol(String),
+}
+
+pub fn accept_key(key: &str) -> String {
+    let mut sha = Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(GUID.as_bytes());
+    STANDARD.encode(sha.finalize())
+}
+
+/// Reads an HTTP head up to and including the blank line. Anything after it would be
+/// a peer speaking before the handshake completed, which RFC 6455 forbids.
+async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Vec<u8>, HandshakeError> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(HandshakeError::Eof);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = find_head_end(&buf) {
+            if end != buf.len() {
+                return Err(HandshakeError::Malformed(
+                    "data sent before the handshake completed".into(),
+                ));
+            }
+            return Ok(buf);
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(HandshakeError::TooLarge);
+        }
+    }
+}
+
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+fn header<'a>(headers: &'a [httparse::Header<'a>], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+}
+
+/// All comma-separated tokens of every header called `name`, in order.
+fn header_tokens<'a>(headers: &'a [httparse::Header<'a>], name: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case(name))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+fn has_token(headers: &[httparse::Header<'_>], name: &str, token: &str) -> bool {
+    header_tokens(headers, name)
+        .iter()
+        .any(|t| t.eq_ignore_ascii_case(token))
+}
+
+async fn respond<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    status: u16,
+    reason: &str,
+    extra: &str,
+) -> Result<(), HandshakeError> {
+    let text = match status {
+        400 => "Bad Request",
+        404 => "Not Found",
+        426 => "Upgrade Required",
+        _ => "Error",
+    };
+    let body = format!("{reason}\n");
+    let resp = format!(
+        "HTTP/1.1 {status} {text}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}",
+        body.len()
+    );
+    stream.write_all(resp.as_bytes()).await?;
+    stream.flush().await?;
+    Ok(())
+}
+
+/// What the server side of the handshake decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub encoding: Encoding,
+    /// Whether the client named the encoding (false: documented JSON mode by default).
+    pub negotiated: bool,
+}
+
+/// Server side: validates the upgrade request at [`WS_PATH`], picks the encoding and
+/// answers 101; anything else is answered with 400/404/426 and an error.
+pub async fn accept<S>(stream: &mut S, allowed: &[Encoding]) -> Result<Accepted, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let head = read_head(stream).await?;
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(&head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => unreachable!("read_head returns a complete head"),
+        Err(e) => {
+            let reason = format!("malformed request: {e}");
+            respond(stream, 400, &reason, "").await?;
+            return Err(HandshakeError::Malformed(reason));
+        }
+    }
+    let path = req.path.unwrap_or("");
+    let path = path.split('?').next().unwrap_or("");
+    let refuse = |status: u16, reason: &str| HandshakeError::Refused {
+        status,
+        reason: reason.to_owned(),
+    };
+    if path != WS_PATH {
+        let reason = format!("no such path {path:?}; agents connect to {WS_PATH}");
+        respond(stream, 404, &reason, "").await?;
+        return Err(refuse(404, &reason));
+    }
+    let headers = req.headers;
+    let is_upgrade = req.method == Some("GET")
+        && has_token(headers, "upgrade", "websocket")
+        && has_token(headers, "connection", "upgrade");
+    if !is_upgrade {
+        let reason = "expected a WebSocket upgrade (GET with Upgrade: websocket)";
+        respond(stream, 400, reason, "").await?;
+        return Err(refuse(400, reason));
+    }
+    if header(headers, "sec-websocket-version").map(str::trim) != Some("13") {
+        let reason = "unsupported WebSocket version; use 13";
+        respond(stream, 426, reason, "Sec-WebSocket-Version: 13\r\n").await?;
+        return Err(refuse(426, reason));
+    }
+    let key = match header(headers, "sec-websocket-key").map(str::trim) {
+        Some(k) if STANDARD.decode(k).map(|d| d.len() == 16).unwrap_or(false) => k.to_owned(),
+        _ => {
+            let reason = "missing or invalid Sec-WebSocket-Key";
+            respond(stream, 400, reason, "").await?;
+            return Err(refuse(400, reason));
+        }
+    };
+    let offered = header_tokens(headers, "sec-websocket-protocol");
+    let chosen = offered
+        .iter()
+        .filter_map(|t| Encoding::from_subprotocol(t))
+        .find(|e| allowed.contains(e));
+    let (encoding, negotiated) = match chosen {
+        Some(e) => (e, true),
+        None if allowed.contains(&Encoding::Json) => (Encoding::Json, false),
+        None => {
+            let reason = "this gateway requires a negotiated encoding (Sec-WebSocket-Protocol: anyproxy-binary.v1)";
+            respond(stream, 400, reason, "").await?;
+            return Err(refuse(400, reason));
+        }
+    };
+    let protocol_line = if negotiated {
+        format!("Sec-WebSocket-Protocol: {}\r\n", encoding.subprotocol())
+    } else {
+        String::new()
+    };
+    let resp = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{protocol_line}\r\n",
+        accept_key(&key)
+    );
+    stream.write_all(resp.as_bytes()).await?;
+    stream.flush().await?;
+    Ok(Accepted {
+        encoding,
+        negotiated,
+    })
+}
+
+/// Client side: requests the upgrade, offering `offer` in preference order, and checks
+/// the answer (status, `Sec-WebSocket-Accept`, chosen subprotocol).
+pub async fn connect<S>(
+    stream: &mut S,
+    host_header: &str,
+    offer: &[Encoding],
+) -> Result<Encoding, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let key = STANDARD.encode(rand::random::<[u8; 16]>());
+    let protocols: Vec<&str> = offer.iter().map(|e| e.subprotocol()).collect();
+    let req = format!(
+        "GET {WS_PATH} HTTP/1.1\r\nHost: {host_header}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {}\r\nUser-Agent: anyproxy/{}\r\n\r\n",
+        protocols.join(", "),
+        env!("CARGO_PKG_VERSION"),
+    );
+    stream.write_all(req.as_bytes()).await?;
+    stream.flush().await?;
+    let head = read_head(stream).await?;
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    resp.parse(&head)
+        .map_err(|e| HandshakeError::Malformed(e.to_string()))?;
+    let status = resp.code.unwrap_or(0);
+    if status != 101 {
+        return Err(HandshakeError::Status(status));
+    }
+    if header(resp.headers, "sec-websocket-accept").map(str::trim) != Some(&accept_key(&key)) {
+        return Err(HandshakeError::BadAccept);
+    }
+    match header(resp.headers, "sec-websocket-protocol").map(str::trim) {
+        None => Ok(Encoding::Json),
+        Some(token) => Encoding::from_subprotocol(token)
+            .filter(|e| offer.contains(e))
+            .ok_or_else(|| HandshakeError::UnexpectedProtocol(token.to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc6455_accept_example() {
+        assert_eq!(
+            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYi1sAlYVK4bOo="
+        );
+    }
+
+    #[tokio::test]
+    async fn negotiates_both_ways() {
+        for (offer, allowed, expect) in [
+            (
+                vec![Encoding::Binary, Encoding::Json],
+                vec![Encoding::Binary, Encoding::Json],
+                Encoding::Binary,
+            ),
+            (
+                vec![Encoding::Binary, Encoding::Json],
+                vec![Encoding::Json],
+                Encoding::Json,
+            ),
+            (
+                vec![Encoding::Json],
+                vec![Encoding::Binary, Encoding::Json],
+                Encoding::Json,
+            ),
+        ] {
+            let (mut a, mut b) = tokio::io::duplex(4096);
+            let server = tokio::spawn(async move { accept(&mut b, &allowed).await.unwrap() });
+            let got = connect(&mut a, "localhost", &offer).await.unwrap();
+            assert_eq!(got, expect);
+            assert_eq!(server.await.unwrap().encoding, expect);
+        }
+    }
+
+    #[tokio::test]
+    async fn wrong_path_gets_404() {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let server = tokio::spawn(async move { accept(&mut b, &[Encoding::Json]).await });
+        a.write_all(b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut resp = String::new();
+        a.read_to_string(&mut resp).await.unwrap();
+        assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
+        assert!(server.await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn plain_get_gets_400() {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let server = tokio::spawn(async move { accept(&mut b, &[Encoding::Json]).await });
+        a.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut resp = String::new();
+        a.read_to_string(&mut resp).await.unwrap();
+        assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+        assert!(server.await.unwrap().is_err());
+    }
+}

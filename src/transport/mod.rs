@@ -1,0 +1,8 @@
+//! How agents and the gateway reach each other: TLS, the WebSocket handshake with
+//! encoding negotiation, and WebSocket message framing.
+
+pub mod handshake;
+pub mod tls;
+pub mod ws;
+
+pub use ws::{BoxIo, Incoming, WsError, WsReader, WsWriter};

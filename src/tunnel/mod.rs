@@ -1,0 +1,17 @@
+//! The multiplexer both ends share: a session over one WebSocket carries many
+//! tunnelled connections, each with its own bounded queue.
+
+pub mod relay;
+pub mod session;
+pub mod table;
+
+pub use relay::{relay, RelayStats};
+pub use session::{ConnectFailure, OpenError, SessionCore, SessionEnd, TunnelConn};
+
+/// Milliseconds on a monotonic clock since the first call; for liveness bookkeeping.
+pub fn monotonic_ms() -> u64 {
+    use std::sync::OnceLock;
+    use std::time::Instant;
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed().as_millis() as u64
+}

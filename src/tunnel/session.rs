@@ -1,0 +1,589 @@
+//! One WebSocket session between the gateway and an agent: the table of tunnelled
+//! connections it carries, the single writer task that owns the socket's write side,
+//! and the dispatch of incoming messages. Gateway and agent share all of it; only what
+//! they do with `connect` differs.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyproxy_proto::{
+    binary, json, Close, ConnId, ConnectResponse, Data, Encoding, ErrorCode, ErrorMsg, Heartbeat,
+    Message,
+};
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::table::ShardedMap;
+use crate::transport::ws::close_code;
+use crate::transport::{Incoming, WsError, WsReader, WsWriter};
+
+/// Messages queued per connection toward its local socket. With reads of up to
+/// [`super::relay::READ_SIZE`] this bounds a connection's buffered bytes.
+pub const CONN_QUEUE: usize = 16;
+/// Messages queued toward the WebSocket writer, shared by all connections.
+pub const OUT_QUEUE: usize = 256;
+/// The writer flushes after at most this many bytes in one batch.
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// What a connection's relay receives from the peer.
+#[derive(Debug)]
+pub enum ConnEvent {
+    Data(Bytes),
+}
+
+/// Queued for the writer task.
+#[derive(Debug)]
+pub enum Outbound {
+    Msg(Message),
+    WsPong(Bytes),
+    WsClose(u16, String),
+}
+
+/// Why an `open` failed, as the agent (or the session) reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectFailure {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+struct Slot {
+    tx: mpsc::Sender<ConnEvent>,
+    /// Present until the agent answers the `connect` (gateway side only).
+    pending: Option<oneshot::Sender<Result<(), ConnectFailure>>>,
+    cancel: CancellationToken,
+}
+
+/// Shared state of one session. Cheap to clone behind an `Arc`.
+pub struct SessionCore {
+    pub encoding: Encoding,
+    out: mpsc::Sender<Outbound>,
+    conns: ShardedMap<ConnId, Slot>,
+    next_id: AtomicU32,
+    closed: CancellationToken,
+    stall_timeout: Duration,
+    last_pong_ms: AtomicU64,
+}
+
+impl SessionCore {
+    /// Creates the session state and spawns its writer task on `writer`.
+    pub fn start(
+        encoding: Encoding,
+        writer: WsWriter,
+        stall_timeout: Duration,
+    ) -> (Arc<SessionCore>, tokio::task::JoinHandle<()>) {
+        let (out, rx) = mpsc::channel(OUT_QUEUE);
+        let core = Arc::new(SessionCore {
+            encoding,
+            out,
+            conns: ShardedMap::default(),
+            next_id: AtomicU32::new(1),
+            closed: CancellationToken::new(),
+            stall_timeout,
+            last_pong_ms: AtomicU64::new(0),
+        });
+        let writer_task = tokio::spawn(write_loop(writer, rx, encoding, core.closed.clone()));
+        (core, writer_task)
+    }
+
+    /// Queues a message for the peer. Waits while the writer is behind (backpressure);
+    /// fails only when the session is gone.
+    pub async fn send(&self, msg: Message) -> Result<(), SessionClosed> {
+        tokio::select! {
+            r = self.out.send(Outbound::Msg(msg)) => r.map_err(|_| SessionClosed),
+            _ = self.closed.cancelled() => Err(SessionClosed),
+        }
+    }
+
+    pub async fn send_raw(&self, item: Outbound) -> Result<(), SessionClosed> {
+        tokio::select! {
+            r = self.out.send(item) => r.map_err(|_| SessionClosed),
+            _ = self.closed.cancelled() => Err(SessionClosed),
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    pub fn closed_token(&self) -> CancellationToken {
+        self.closed.clone()
+    }
+
+    /// Tunnelled connections currently open or being opened.
+    pub fn active_conns(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Ends the session: every connection it carried is cancelled.
+    pub fn shutdown(&self) {
+        self.closed.cancel();
+        for (_, slot) in self.conns.drain() {
+            slot.cancel.cancel();
+            if let Some(p) = slot.pending {
+                let _ = p.send(Err(ConnectFailure {
+                    code: ErrorCode::InternalError,
+                    message: "agent session closed".into(),
+                }));
+            }
+        }
+    }
+
+    fn alloc_id(&self) -> ConnId {
+        loop {
+            let id = ConnId(self.next_id.fetch_add(1, Ordering::Relaxed));
+            if id.0 != 0 && !self.conns.contains(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Gateway side: asks the agent to connect to `host:port` and waits for its answer.
+    pub async fn open(
+        self: &Arc<Self>,
+        host: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<TunnelConn, OpenError> {
+        let id = self.alloc_id();
+        let (tx, rx) = mpsc::channel(CONN_QUEUE);
+        let (ptx, prx) = oneshot::channel();
+        let cancel = self.closed.child_token();
+        let slot = Slot {
+            tx,
+            pending: Some(ptx),
+            cancel: cancel.clone(),
+        };
+        if self.conns.try_insert(id, slot).is_err() {
+            return Err(OpenError::SessionClosed);
+        }
+        let connect = Message::Connect(anyproxy_proto::Connect {
+            id,
+            host: host.to_owned(),
+            port,
+            protocol: anyproxy_proto::Protocol::Tcp,
+        });
+        if self.send(connect).await.is_err() {
+            self.conns.remove(&id);
+            return Err(OpenError::SessionClosed);
+        }
+        match tokio::time::timeout(timeout, prx).await {
+            Ok(Ok(Ok(()))) => Ok(TunnelConn {
+                id,
+                core: self.clone(),
+                rx,
+                cancel,
+            }),
+            Ok(Ok(Err(failure))) => Err(OpenError::Failed(failure)),
+            Ok(Err(_)) => Err(OpenError::SessionClosed),
+            Err(_) => {
+                if self.conns.remove(&id).is_some() {
+                    let _ = self
+                        .send(Message::Close(Close {
+                            id,
+                            reason: "connect timed out at the gateway".into(),
+                        }))
+                        .await;
+                }
+                Err(OpenError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// Agent side: registers a connection the agent has dialed, before it tells the
+    /// gateway so, so that the gateway's first data finds it.
+    pub fn register(self: &Arc<Self>, id: ConnId) -> Option<TunnelConn> {
+        let (tx, rx) = mpsc::channel(CONN_QUEUE);
+        let cancel = self.closed.child_token();
+        let slot = Slot {
+            tx,
+            pending: None,
+            cancel: cancel.clone(),
+        };
+        self.conns.try_insert(id, slot).ok()?;
+        Some(TunnelConn {
+            id,
+            core: self.clone(),
+            rx,
+            cancel,
+        })
+    }
+
+    pub fn is_live(&self, id: ConnId) -> bool {
+        self.conns.contains(&id)
+    }
+
+    /// Milliseconds (monotonic, since an arbitrary origin) of the last pong received.
+    pub fn last_pong_ms(&self) -> u64 {
+        self.last_pong_ms.load(Ordering::Relaxed)
+    }
+
+    /// Forgets `id` locally. True when this call removed it, i.e. the caller is the one
+    /// who must tell the peer.
+    pub fn forget(&self, id: ConnId) -> bool {
+        self.conns.remove(&id).is_some()
+    }
+
+    async fn reply_error(&self, code: ErrorCode, message: String, id: Option<ConnId>) {
+        let _ = self
+            .send(Message::Error(ErrorMsg { code, message, id }))
+            .await;
+    }
+
+    /// Handles one decoded message that is common to both roles. Returns the message
+    /// back when the role must handle it (`connect`, `auth`, `auth_response`).
+    pub async fn dispatch(&self, msg: Message) -> Option<Message> {
+        match msg {
+            Message::Data(Data { id, payload }) => {
+                self.deliver(id, payload).await;
+                None
+            }
+            Message::Close(Close { id, reason }) => {
+                if let Some(slot) = self.conns.remove(&id) {
+                    tracing::debug!(conn = %id, %reason, "closed by peer");
+                    if let Some(p) = slot.pending {
+                        let _ = p.send(Err(ConnectFailure {
+                            code: ErrorCode::ConnectionFailed,
+                            message: reason,
+                        }));
+                    }
+                    // Dropping the sender lets the relay drain what was queued, then end.
+                }
+                None
+            }
+            Message::ConnectResponse(ConnectResponse {
+                id,
+                success,
+                message,
+            }) => {
+                self.resolve(id, success, ErrorCode::ConnectionFailed, message);
+                None
+            }
+            Message::Error(ErrorMsg {
+                code,
+                message,
+                id: Some(id),
+            }) => {
+                if !self.resolve(id, false, code, message.clone()) {
+                    tracing::warn!(conn = %id, %code, %message, "peer reported an error");
+                }
+                None
+            }
+            Message::Error(ErrorMsg {
+                code,
+                message,
+                id: None,
+            }) => {
+                tracing::warn!(%code, %message, "peer reported an error");
+                None
+            }
+            Message::Ping(h) => {
+                let _ = self.send(Message::Pong(h)).await;
+                None
+            }
+            Message::Pong(Heartbeat { .. }) => {
+                self.last_pong_ms
+                    .store(crate::tunnel::monotonic_ms(), Ordering::Relaxed);
+                None
+            }
+            other @ (Message::Connect(_) | Message::Auth(_) | Message::AuthResponse(_)) => {
+                Some(other)
+            }
+        }
+    }
+
+    /// Settles a pending `open`. Returns false when nothing was pending for `id`.
+    fn resolve(&self, id: ConnId, success: bool, code: ErrorCode, message: String) -> bool {
+        let pending = self.conns.with(&id, |slot| slot.pending.take()).flatten();
+        let Some(pending) = pending else {
+            return false;
+        };
+        if success {
+            let _ = pending.send(Ok(()));
+        } else {
+            self.conns.remove(&id);
+            let _ = pending.send(Err(ConnectFailure { code, message }));
+        }
+        true
+    }
+
+    /// Hands a payload to its connection, waiting while that connection's queue is full
+    /// (lossless backpressure). A connection that stays full past the stall timeout is
+    /// closed so that it cannot hold the whole session hostage.
+    async fn deliver(&self, id: ConnId, payload: Bytes) {
+        let Some(tx) = self.conns.with(&id, |s| s.tx.clone()) else {
+            let _ = self
+                .send(Message::Close(Close {
+                    id,
+                    reason: "unknown connection".into(),
+                }))
+                .await;
+            return;
+        };
+        match tx
+            .send_timeout(ConnEvent::Data(payload), self.stall_timeout)
+            .await
+        {
+            Ok(()) => {}
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                if let Some(slot) = self.conns.remove(&id) {
+                    slot.cancel.cancel();
+                    tracing::warn!(conn = %id, timeout = ?self.stall_timeout, "closing a connection whose reader stalled");
+                    let _ = self
+                        .send(Message::Close(Close {
+                            id,
+                            reason: "stalled: the receiving side stopped reading".into(),
+                        }))
+                        .await;
+                }
+            }
+            // The relay already ended; it tells the peer itself.
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => {}
+        }
+    }
+
+    /// Reads and dispatches messages until the socket closes, fails or stays silent
+    /// for `idle_timeout`. Messages only a role can handle go to `on_role_message`.
+    pub async fn read_loop<F, Fut>(
+        self: &Arc<Self>,
+        reader: &mut WsReader,
+        idle_timeout: Duration,
+        mut on_role_message: F,
+    ) -> SessionEnd
+    where
+        F: FnMut(Message) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        loop {
+            let incoming = tokio::select! {
+                r = tokio::time::timeout(idle_timeout, reader.next()) => r,
+                _ = self.closed.cancelled() => return SessionEnd::Shutdown,
+            };
+            let incoming = match incoming {
+                Err(_) => return SessionEnd::IdleTimeout(idle_timeout),
+                Ok(Err(e)) => {
+                    let code = e.close_code();
+                    let _ = self.out.try_send(Outbound::WsClose(code, e.to_string()));
+                    return SessionEnd::Error(e);
+                }
+                Ok(Ok(i)) => i,
+            };
+            match incoming {
+                Incoming::Message { payload, .. } => {
+                    for decoded in decode_all(self.encoding, payload) {
+                        match decoded {
+                            Ok(msg) => {
+                                if let Some(role_msg) = self.dispatch(msg).await {
+                                    on_role_message(role_msg).await;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "undecodable message from peer");
+                                self.reply_error(e.code(), e.to_string(), None).await;
+                            }
+                        }
+                    }
+                }
+                Incoming::Ping(p) => {
+                    let _ = self.send_raw(Outbound::WsPong(p)).await;
+                }
+                Incoming::Pong => {
+                    self.last_pong_ms
+                        .store(crate::tunnel::monotonic_ms(), Ordering::Relaxed);
+                }
+                Incoming::Close { code, reason } => {
+                    let _ = self
+                        .out
+                        .try_send(Outbound::WsClose(close_code::NORMAL, String::new()));
+                    return SessionEnd::PeerClosed { code, reason };
+                }
+            }
+        }
+    }
+}
+
+/// The first message of a session, read before the role's loop starts.
+pub enum FirstMessage {
+    /// The first message, and any that arrived with it in the same WebSocket message.
+    Message(Message, Vec<Message>),
+    /// It could not be decoded.
+    Invalid(String),
+    /// The socket closed or failed first.
+    Gone(String),
+}
+
+impl SessionCore {
+    /// Reads until the first protocol message, answering WebSocket pings meanwhile.
+    pub async fn first_message(&self, reader: &mut WsReader) -> FirstMessage {
+        loop {
+            match reader.next().await {
+                Err(e) => return FirstMessage::Gone(e.to_string()),
+                Ok(Incoming::Ping(p)) => {
+                    let _ = self.send_raw(Outbound::WsPong(p)).await;
+                }
+                Ok(Incoming::Pong) => {}
+                Ok(Incoming::Close { code, reason }) => {
+                    return FirstMessage::Gone(format!(
+                        "peer closed the WebSocket (code {code:?}, {reason:?})"
+                    ))
+                }
+                Ok(Incoming::Message { payload, .. }) => {
+                    let mut decoded = decode_all(self.encoding, payload);
+                    match decoded.next() {
+                        None => continue,
+                        Some(Err(e)) => return FirstMessage::Invalid(e.to_string()),
+                        Some(Ok(first)) => {
+                            let rest = decoded.filter_map(Result::ok).collect();
+                            return FirstMessage::Message(first, rest);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Decodes every message in one WebSocket message (binary mode may carry several).
+pub fn decode_all(
+    encoding: Encoding,
+    payload: Bytes,
+) -> impl Iterator<Item = Result<Message, anyproxy_proto::DecodeError>> {
+    let (json_msg, frames) = match encoding {
+        Encoding::Json => (Some(json::decode(&payload)), None),
+        Encoding::Binary => (None, Some(binary::Frames::new(payload))),
+    };
+    json_msg.into_iter().chain(frames.into_iter().flatten())
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("session closed")]
+pub struct SessionClosed;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("agent session closed")]
+    SessionClosed,
+    #[error("agent did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{}: {}", .0.code, .0.message)]
+    Failed(ConnectFailure),
+}
+
+/// Why a session's read loop ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    Shutdown,
+    IdleTimeout(Duration),
+    PeerClosed { code: Option<u16>, reason: String },
+    Error(WsError),
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionEnd::Shutdown => write!(f, "shut down"),
+            SessionEnd::IdleTimeout(d) => write!(f, "peer silent for {d:?}"),
+            SessionEnd::PeerClosed { code, reason } => {
+                write!(f, "peer closed the WebSocket (code {code:?}, {reason:?})")
+            }
+            SessionEnd::Error(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// One open tunnelled connection, held by its relay.
+pub struct TunnelConn {
+    pub id: ConnId,
+    pub(super) core: Arc<SessionCore>,
+    pub(super) rx: mpsc::Receiver<ConnEvent>,
+    pub(super) cancel: CancellationToken,
+}
+
+impl TunnelConn {
+    pub fn session(&self) -> &Arc<SessionCore> {
+        &self.core
+    }
+}
+
+async fn write_loop(
+    mut ws: WsWriter,
+    mut rx: mpsc::Receiver<Outbound>,
+    encoding: Encoding,
+    closed: CancellationToken,
+) {
+    let mut batch = BytesMut::new();
+    loop {
+        let first = tokio::select! {
+            m = rx.recv() => m,
+            _ = closed.cancelled() => None,
+        };
+        let Some(first) = first else {
+            let _ = ws.send_close(close_code::GOING_AWAY, "session ended").await;
+            return;
+        };
+        match write_batch(&mut ws, &mut rx, first, encoding, &mut batch).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "WebSocket write failed");
+                closed.cancel();
+                return;
+            }
+        }
+    }
+}
+
+/// Writes `first` and whatever else is already queued, up to [`BATCH_BYTES`], then
+/// flushes once. Binary messages queued together share one WebSocket message.
+/// Returns false once a close frame has been sent.
+async fn write_batch(
+    ws: &mut WsWriter,
+    rx: &mut mpsc::Receiver<Outbound>,
+    first: Outbound,
+    encoding: Encoding,
+    batch: &mut BytesMut,
+) -> Result<bool, WsError> {
+    let mut written = 0usize;
+    let mut item = Some(first);
+    while let Some(next) = item.take() {
+        match next {
+            Outbound::Msg(msg) => match encoding {
+                Encoding::Binary => {
+                    binary::encode_into(&msg, batch);
+                    if batch.len() >= BATCH_BYTES {
+                        written += batch.len();
+                        ws.send_binary(batch.split()).await?;
+                    }
+                }
+                Encoding::Json => {
+                    let text = json::encode(&msg);
+                    written += text.len();
+                    ws.send_text(text).await?;
+                }
+            },
+            Outbound::WsPong(p) => {
+                flush_batch(ws, batch).await?;
+                ws.send_pong(p).await?;
+            }
+            Outbound::WsClose(code, reason) => {
+                flush_batch(ws, batch).await?;
+                ws.send_close(code, &reason).await?;
+                return Ok(false);
+            }
+        }
+        if written + batch.len() < BATCH_BYTES {
+            item = rx.try_recv().ok();
+        }
+    }
+    flush_batch(ws, batch).await?;
+    ws.flush().await?;
+    Ok(true)
+}
+
+async fn flush_batch(ws: &mut WsWriter, batch: &mut BytesMut) -> Result<(), WsError> {
+    if !batch.is_empty() {
+        ws.send_binary(batch.split()).await?;
+    }
+    Ok(())
+}
