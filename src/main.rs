@@ -13,6 +13,7 @@ fn main() -> std::process::ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     anyproxy::transport::tls::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

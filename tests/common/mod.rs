@@ -1,0 +1,355 @@
+//! Test harness: real `anyproxy` processes on loopback, local target servers, curl.
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_anyproxy");
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Certs {
+    pub dir: tempfile::TempDir,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+pub fn certs() -> Certs {
+    let dir = tempfile::tempdir().unwrap();
+    let g = anyproxy::transport::tls::generate_self_signed(&["localhost", "127.0.0.1"]).unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, g.cert_pem).unwrap();
+    std::fs::write(&key, g.key_pem).unwrap();
+    Certs { dir, cert, key }
+}
+
+/// A child process killed on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+pub fn spawn(args: &[&str], log: &Path) -> Proc {
+    let log = std::fs::File::create(log).unwrap();
+    let child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn anyproxy");
+    Proc(child)
+}
+
+pub async fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "port {port} never opened");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Knobs for one gateway + agent pair.
+#[derive(Clone)]
+pub struct StackOptions {
+    pub forbidden_hosts: Vec<String>,
+    pub encoding: &'static str,
+    pub with_agent: bool,
+    pub max_concurrent_conns: usize,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            forbidden_hosts: vec![],
+            encoding: "binary",
+            with_agent: true,
+            max_concurrent_conns: 1000,
+        }
+    }
+}
+
+pub const HTTP_USER: &str = "huser";
+pub const HTTP_PASS: &str = "hpass";
+pub const SOCKS_USER: &str = "suser";
+pub const SOCKS_PASS: &str = "spass";
+pub const AGENT_USER: &str = "agent";
+pub const AGENT_PASS: &str = "agent-secret";
+
+/// A gateway process with both proxies and (optionally) one agent process.
+pub struct Stack {
+    pub certs: Certs,
+    pub gateway_port: u16,
+    pub http_port: u16,
+    pub socks_port: u16,
+    pub gateway: Proc,
+    pub agent: Option<Proc>,
+}
+
+impl Stack {
+    pub async fn start(opts: StackOptions) -> Stack {
+        let certs = certs();
+        let (gateway_port, http_port, socks_port) = (free_port(), free_port(), free_port());
+        let forbidden: String = opts
+            .forbidden_hosts
+            .iter()
+            .map(|h| format!("\n    - \"{h}\""))
+            .collect();
+        let forbidden = if forbidden.is_empty() {
+            " []".to_string()
+        } else {
+            forbidden
+        };
+        let config = format!(
+            r#"
+proxy:
+  http:
+    listen_addr: "127.0.0.1:{http_port}"
+    auth_username: "{HTTP_USER}"
+    auth_password: "{HTTP_PASS}"
+  socks5:
+    listen_addr: "127.0.0.1:{socks_port}"
+    auth_username: "{SOCKS_USER}"
+    auth_password: "{SOCKS_PASS}"
+gateway:
+  listen_addr: "127.0.0.1:{gateway_port}"
+  tls_cert: "{cert}"
+  tls_key: "{key}"
+  auth_username: "{AGENT_USER}"
+  auth_password: "{AGENT_PASS}"
+  connect_timeout: 5s
+client:
+  gateway_addr: "localhost:{gateway_port}"
+  gateway_tls_cert: "{cert}"
+  client_id: "test-agent"
+  auth_username: "{AGENT_USER}"
+  auth_password: "{AGENT_PASS}"
+  max_concurrent_conns: {max}
+  encoding: {encoding}
+  dial_timeout: 3s
+  reconnect_min: 100ms
+  reconnect_max: 1s
+  forbidden_hosts:{forbidden}
+"#,
+            cert = certs.cert.display(),
+            key = certs.key.display(),
+            max = opts.max_concurrent_conns,
+            encoding = opts.encoding,
+        );
+        let config_path = certs.dir.path().join("config.yaml");
+        std::fs::write(&config_path, config).unwrap();
+        let cfg = config_path.to_str().unwrap();
+        let gateway = spawn(
+            &["gateway", "--config", cfg],
+            &certs.dir.path().join("gateway.log"),
+        );
+        wait_for_port(gateway_port).await;
+        wait_for_port(http_port).await;
+        wait_for_port(socks_port).await;
+        let agent = opts.with_agent.then(|| {
+            spawn(
+                &["client", "--config", cfg],
+                &certs.dir.path().join("agent.log"),
+            )
+        });
+        let stack = Stack {
+            certs,
+            gateway_port,
+            http_port,
+            socks_port,
+            gateway,
+            agent,
+        };
+        if opts.with_agent {
+            stack.wait_for_agent().await;
+        }
+        stack
+    }
+
+    pub fn http_proxy(&self) -> String {
+        format!(
+            "http://{HTTP_USER}:{HTTP_PASS}@127.0.0.1:{}",
+            self.http_port
+        )
+    }
+
+    pub fn socks_auth(&self) -> String {
+        format!("{SOCKS_USER}:{SOCKS_PASS}@127.0.0.1:{}", self.socks_port)
+    }
+
+    pub fn log(&self, which: &str) -> String {
+        std::fs::read_to_string(self.certs.dir.path().join(format!("{which}.log")))
+            .unwrap_or_default()
+    }
+
+    /// Waits until the gateway logs that an agent authenticated.
+    pub async fn wait_for_agent(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log("gateway").contains("agent connected") {
+            assert!(
+                Instant::now() < deadline,
+                "agent never connected:\n{}\n{}",
+                self.log("gateway"),
+                self.log("agent")
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so both ends can hash without storing.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut x = seed | 1;
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+/// Local target: `GET /bytes/N` streams `pattern(N, 7)`, `POST /sha256` answers the body's
+/// SHA-256, anything else answers "hello".
+async fn target_handler(
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<BoxBody>, hyper::Error> {
+    let path = req.uri().path().to_owned();
+    if let Some(n) = path.strip_prefix("/bytes/") {
+        let n: usize = n.parse().unwrap_or(0);
+        let data = Bytes::from(pattern(n, 7));
+        let chunks: Vec<Result<Frame<Bytes>, hyper::Error>> = (0..n.div_ceil(65536))
+            .map(|i| Ok(Frame::data(data.slice(i * 65536..((i + 1) * 65536).min(n)))))
+            .collect();
+        let body = StreamBody::new(futures_util::stream::iter(chunks));
+        let mut resp = hyper::Response::new(BodyExt::boxed(body));
+        resp.headers_mut().insert("content-length", n.into());
+        return Ok(resp);
+    }
+    if path == "/sha256" {
+        let mut hasher = Sha256::new();
+        let mut body = req.into_body();
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                hasher.update(&data);
+            }
+        }
+        let digest = hex(&hasher.finalize());
+        return Ok(hyper::Response::new(
+            Full::new(Bytes::from(digest))
+                .map_err(|n| match n {})
+                .boxed(),
+        ));
+    }
+    Ok(hyper::Response::new(
+        Full::new(Bytes::from_static(b"hello"))
+            .map_err(|n| match n {})
+            .boxed(),
+    ))
+}
+
+/// Plain HTTP target on 127.0.0.1.
+pub async fn http_target() -> SocketAddr {
+    serve_target(None).await
+}
+
+/// HTTPS target on 127.0.0.1 with the given certificate.
+pub async fn https_target(certs: &Certs) -> SocketAddr {
+    let tls = anyproxy::transport::tls::server_config(&certs.cert, &certs.key).unwrap();
+    serve_target(Some(Arc::new(tokio_rustls::TlsAcceptor::from(tls)))).await
+}
+
+async fn serve_target(tls: Option<Arc<tokio_rustls::TlsAcceptor>>) -> SocketAddr {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(target_handler);
+                let builder = hyper::server::conn::http1::Builder::new();
+                match tls {
+                    Some(acceptor) => {
+                        if let Ok(s) = acceptor.accept(stream).await {
+                            let _ = builder
+                                .serve_connection(hyper_util::rt::TokioIo::new(s), service)
+                                .await;
+                        }
+                    }
+                    None => {
+                        let _ = builder
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Runs curl; returns (exit code, stdout).
+pub async fn curl(args: &[&str]) -> (i32, Vec<u8>) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "60"])
+        .args(args)
+        .output()
+        .await
+        .expect("curl must be installed (the README's test command installs it)");
+    if !out.status.success() {
+        eprintln!("curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    (out.status.code().unwrap_or(-1), out.stdout)
+}
+
+/// Runs curl and returns the HTTP status it saw (`-w %{http_code}`).
+pub async fn curl_status(args: &[&str]) -> String {
+    let mut all = vec!["-o", "/dev/null", "-w", "%{http_code}"];
+    all.extend_from_slice(args);
+    let (_, out) = curl(&all).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Status of the proxy's answer to curl's CONNECT (`-p`), which curl reports separately.
+pub async fn curl_connect_status(args: &[&str]) -> String {
+    let mut all = vec!["-p", "-o", "/dev/null", "-w", "%{http_connect}"];
+    all.extend_from_slice(args);
+    let (_, out) = curl(&all).await;
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -1,0 +1,384 @@
+//! End to end: the real `anyproxy` binary (gateway + agent processes) on loopback,
+//! driven with real curl and a raw SOCKS5 client.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn http_body(args: &[&str]) -> String {
+    let (code, out) = curl(args).await;
+    assert_eq!(code, 0, "curl {args:?} failed");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_connect_and_socks5_reach_targets_through_the_agent() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let plain = http_target().await;
+    let tls = https_target(&stack.certs).await;
+    let proxy = stack.http_proxy();
+    let cacert = stack.certs.cert.to_str().unwrap();
+
+    // Absolute-form forwarding, and CONNECT to plain HTTP.
+    assert_eq!(
+        http_body(&["-x", &proxy, &format!("http://{plain}/")]).await,
+        "hello"
+    );
+    assert_eq!(
+        http_body(&["-p", "-x", &proxy, &format!("http://{plain}/")]).await,
+        "hello"
+    );
+    // https:// through CONNECT, to a TLS server verified end to end by curl.
+    let url = format!("https://localhost:{}/", tls.port());
+    assert_eq!(
+        http_body(&["--cacert", cacert, "-x", &proxy, &url]).await,
+        "hello"
+    );
+    // SOCKS5 with an IP target, and with the name resolved by the agent.
+    let socks = stack.socks_auth();
+    assert_eq!(
+        http_body(&["--socks5", &socks, &format!("http://{plain}/")]).await,
+        "hello"
+    );
+    let by_name = format!("http://localhost:{}/", plain.port());
+    assert_eq!(
+        http_body(&["--socks5-hostname", &socks, &by_name]).await,
+        "hello"
+    );
+    // Keep-alive: two URLs on one curl invocation reuse the proxy connection.
+    let two = http_body(&[
+        "-x",
+        &proxy,
+        &format!("http://{plain}/"),
+        &format!("http://{plain}/"),
+    ])
+    .await;
+    assert_eq!(two, "hellohello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_mib_bodies_arrive_byte_identical_both_ways() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let plain = http_target().await;
+    let tls = https_target(&stack.certs).await;
+    let proxy = stack.http_proxy();
+    let cacert = stack.certs.cert.to_str().unwrap();
+    const N: usize = 64 << 20;
+    let expected = sha256_hex(&pattern(N, 7));
+
+    // Download: absolute-form HTTP and HTTPS via CONNECT and SOCKS5.
+    for args in [
+        vec![
+            "-x".to_string(),
+            proxy.clone(),
+            format!("http://{plain}/bytes/{N}"),
+        ],
+        vec![
+            "--cacert".into(),
+            cacert.into(),
+            "-x".into(),
+            proxy.clone(),
+            format!("https://localhost:{}/bytes/{N}", tls.port()),
+        ],
+        vec![
+            "--socks5-hostname".into(),
+            stack.socks_auth(),
+            format!("http://localhost:{}/bytes/{N}", plain.port()),
+        ],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, body) = curl(&args).await;
+        assert_eq!(code, 0);
+        assert_eq!(body.len(), N, "{args:?}");
+        assert_eq!(sha256_hex(&body), expected, "{args:?}");
+    }
+
+    // Upload: the target hashes what it received.
+    let upload = stack.certs.dir.path().join("upload.bin");
+    let data = pattern(N, 99);
+    std::fs::write(&upload, &data).unwrap();
+    let at = format!("@{}", upload.display());
+    let sent_hash = sha256_hex(&data);
+    let via_http = http_body(&[
+        "-x",
+        &proxy,
+        "--data-binary",
+        &at,
+        &format!("http://{plain}/sha256"),
+    ])
+    .await;
+    assert_eq!(via_http, sent_hash);
+    let via_connect = http_body(&[
+        "--cacert",
+        cacert,
+        "-x",
+        &proxy,
+        "--data-binary",
+        &at,
+        &format!("https://localhost:{}/sha256", tls.port()),
+    ])
+    .await;
+    assert_eq!(via_connect, sent_hash);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_curl_sessions_all_succeed() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let plain = http_target().await;
+    let proxy = stack.http_proxy();
+    let socks = stack.socks_auth();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let args: Vec<String> = match i % 3 {
+            0 => vec![
+                "-x".into(),
+                proxy.clone(),
+                format!("http://{plain}/bytes/{}", 1000 + i),
+            ],
+            1 => vec![
+                "-p".into(),
+                "-x".into(),
+                proxy.clone(),
+                format!("http://{plain}/bytes/{}", 1000 + i),
+            ],
+            _ => vec![
+                "--socks5-hostname".into(),
+                socks.clone(),
+                format!("http://localhost:{}/bytes/{}", plain.port(), 1000 + i),
+            ],
+        };
+        tasks.push(tokio::spawn(async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (code, body) = curl(&args).await;
+            (code, body == pattern(1000 + i, 7))
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        let (code, same) = t.await.unwrap();
+        if code == 0 && same {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 200);
+}
+
+/// A raw SOCKS5 CONNECT; returns the reply code, or `Err` with the auth status byte.
+async fn socks5_connect(
+    port: u16,
+    user: &str,
+    pass: &str,
+    host: &str,
+    target_port: u16,
+) -> Result<u8, u8> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(&[5, 1, 2]).await.unwrap();
+    let mut choice = [0u8; 2];
+    s.read_exact(&mut choice).await.unwrap();
+    assert_eq!(choice, [5, 2]);
+    let mut auth = vec![1, user.len() as u8];
+    auth.extend_from_slice(user.as_bytes());
+    auth.push(pass.len() as u8);
+    auth.extend_from_slice(pass.as_bytes());
+    s.write_all(&auth).await.unwrap();
+    let mut status = [0u8; 2];
+    s.read_exact(&mut status).await.unwrap();
+    if status[1] != 0 {
+        return Err(status[1]);
+    }
+    let mut req = vec![5, 1, 0, 3, host.len() as u8];
+    req.extend_from_slice(host.as_bytes());
+    req.extend_from_slice(&target_port.to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).await.unwrap();
+    Ok(reply[1])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_map_to_clear_statuses() {
+    let forbidden = vec![
+        "forbidden.example".to_string(),
+        "*.blocked.example".to_string(),
+        "127.0.0.2/32".to_string(),
+        "::1/128".to_string(),
+    ];
+    let stack = Stack::start(StackOptions {
+        forbidden_hosts: forbidden,
+        ..Default::default()
+    })
+    .await;
+    let plain = http_target().await;
+    let proxy = stack.http_proxy();
+    let closed_port = free_port();
+
+    // Wrong or missing proxy credentials.
+    let wrong = format!("http://{HTTP_USER}:nope@127.0.0.1:{}", stack.http_port);
+    assert_eq!(
+        curl_status(&["-x", &wrong, &format!("http://{plain}/")]).await,
+        "407"
+    );
+    let anonymous = format!("http://127.0.0.1:{}", stack.http_port);
+    assert_eq!(
+        curl_status(&["-x", &anonymous, &format!("http://{plain}/")]).await,
+        "407"
+    );
+    assert_eq!(
+        socks5_connect(stack.socks_port, SOCKS_USER, "nope", "localhost", 1).await,
+        Err(1)
+    );
+
+    // Forbidden by name, by wildcard, by CIDR, and by a name resolving into a forbidden
+    // network (localhost resolves to ::1 here, or the rule below catches 127.0.0.2).
+    for url in [
+        "http://forbidden.example/".to_string(),
+        "http://a.blocked.example/".to_string(),
+        format!("http://127.0.0.2:{}/", plain.port()),
+        format!("http://[::ffff:127.0.0.2]:{}/", plain.port()),
+    ] {
+        assert_eq!(curl_status(&["-x", &proxy, &url]).await, "403", "{url}");
+    }
+    assert_eq!(
+        curl_connect_status(&["-x", &proxy, "http://forbidden.example/"]).await,
+        "403"
+    );
+    assert_eq!(
+        socks5_connect(
+            stack.socks_port,
+            SOCKS_USER,
+            SOCKS_PASS,
+            "forbidden.example",
+            80
+        )
+        .await,
+        Ok(0x02)
+    );
+    assert_eq!(
+        socks5_connect(
+            stack.socks_port,
+            SOCKS_USER,
+            SOCKS_PASS,
+            "127.0.0.2",
+            plain.port()
+        )
+        .await,
+        Ok(0x02)
+    );
+
+    // A closed port is refused by the target.
+    let refused = format!("http://127.0.0.1:{closed_port}/");
+    assert_eq!(curl_status(&["-x", &proxy, &refused]).await, "502");
+    assert_eq!(curl_connect_status(&["-x", &proxy, &refused]).await, "502");
+    assert_eq!(
+        socks5_connect(
+            stack.socks_port,
+            SOCKS_USER,
+            SOCKS_PASS,
+            "127.0.0.1",
+            closed_port
+        )
+        .await,
+        Ok(0x05)
+    );
+    // The session survived all of it.
+    assert_eq!(
+        http_body(&["-x", &proxy, &format!("http://{plain}/")]).await,
+        "hello"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_resolving_into_a_forbidden_network_is_refused() {
+    // localhost resolves to 127.0.0.1 (and maybe ::1); both are forbidden here.
+    let stack = Stack::start(StackOptions {
+        forbidden_hosts: vec!["127.0.0.0/8".into(), "::1/128".into()],
+        ..Default::default()
+    })
+    .await;
+    let plain = http_target().await;
+    let url = format!("http://localhost:{}/", plain.port());
+    assert_eq!(curl_status(&["-x", &stack.http_proxy(), &url]).await, "403");
+    assert_eq!(
+        socks5_connect(
+            stack.socks_port,
+            SOCKS_USER,
+            SOCKS_PASS,
+            "localhost",
+            plain.port()
+        )
+        .await,
+        Ok(0x02)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_agent_gives_503_and_socks_general_failure() {
+    let stack = Stack::start(StackOptions {
+        with_agent: false,
+        ..Default::default()
+    })
+    .await;
+    let plain = http_target().await;
+    assert_eq!(
+        curl_status(&["-x", &stack.http_proxy(), &format!("http://{plain}/")]).await,
+        "503"
+    );
+    assert_eq!(
+        socks5_connect(
+            stack.socks_port,
+            SOCKS_USER,
+            SOCKS_PASS,
+            "localhost",
+            plain.port()
+        )
+        .await,
+        Ok(0x01)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_mode_carries_traffic_too() {
+    let stack = Stack::start(StackOptions {
+        encoding: "json",
+        ..Default::default()
+    })
+    .await;
+    assert!(
+        stack.log("gateway").contains("encoding=\"json\""),
+        "{}",
+        stack.log("gateway")
+    );
+    let plain = http_target().await;
+    const N: usize = 16 << 20;
+    let (code, body) = curl(&[
+        "-x",
+        &stack.http_proxy(),
+        &format!("http://{plain}/bytes/{N}"),
+    ])
+    .await;
+    assert_eq!(code, 0);
+    assert_eq!(sha256_hex(&body), sha256_hex(&pattern(N, 7)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_reconnects_after_the_gateway_restarts() {
+    let mut stack = Stack::start(StackOptions::default()).await;
+    let plain = http_target().await;
+    let _ = stack.gateway.0.start_kill();
+    let _ = stack.gateway.0.wait().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cfg = stack.certs.dir.path().join("config.yaml");
+    let log = stack.certs.dir.path().join("gateway.log");
+    stack.gateway = spawn(&["gateway", "--config", cfg.to_str().unwrap()], &log);
+    wait_for_port(stack.http_port).await;
+    stack.wait_for_agent().await;
+    assert_eq!(
+        http_body(&["-x", &stack.http_proxy(), &format!("http://{plain}/")]).await,
+        "hello"
+    );
+}
