@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Writes the golden vectors of this directory from an implementation of PROTOCOL.md
+that is independent of the Rust codec. `proto/tests/vectors.rs` checks the Rust codec
+against the files; run this only on a deliberate wire change and review the diff.
+
+    python3 proto/vectors/generate.py
+"""
+import base64
+import json
+import os
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+TAG = {"auth": 0x01, "auth_response": 0x02, "connect": 0x03, "connect_response": 0x04,
+       "data": 0x05, "close": 0x06, "ping": 0x07, "pong": 0x08, "error": 0x09}
+CODE = {"AUTH_FAILED": 1, "INVALID_MESSAGE": 2, "CONNECTION_FAILED": 3,
+        "FORBIDDEN_HOST": 4, "RATE_LIMITED": 5, "INTERNAL_ERROR": 6}
+PROTO = {"tcp": 0, "udp": 1}
+
+# name -> (type, fields). Payloads are bytes; connection ids are ints (None = absent).
+VECTORS = {
+    "auth": ("auth", dict(username="agent-1", password="s3cret!", client_id="client-é01")),
+    "auth_response_ok": ("auth_response", dict(success=True, message="Authentication successful")),
+    "auth_response_fail": ("auth_response", dict(success=False, message="invalid credentials")),
+    "connect_tcp": ("connect", dict(id=1, host="example.com", port=443, protocol="tcp")),
+    "connect_udp": ("connect", dict(id=4294967295, host="2001:db8::53", port=53, protocol="udp")),
+    "connect_response_ok": ("connect_response", dict(id=1, success=True, message="connected")),
+    "connect_response_fail": ("connect_response",
+                              dict(id=2, success=False, message="refused: connection refused")),
+    "data": ("data", dict(id=1, payload=b"\x00\x01\xff\xfe\x80GET /\r\n")),
+    "data_empty": ("data", dict(id=3, payload=b"")),
+    "close": ("close", dict(id=1, reason='peer said "bye"\n')),
+    "ping": ("ping", dict(timestamp=1640995200)),
+    "pong": ("pong", dict(timestamp=1640995200)),
+    "ping_negative": ("ping", dict(timestamp=-2)),
+    "error_auth_failed": ("error", dict(code="AUTH_FAILED", message="invalid credentials", id=None)),
+    "error_invalid_message": ("error", dict(code="INVALID_MESSAGE",
+                                            message="unknown message type \"hello\"", id=None)),
+    "error_connection_failed": ("error", dict(code="CONNECTION_FAILED",
+                                              message="timeout: no answer in 10s", id=7)),
+    "error_forbidden_host": ("error", dict(code="FORBIDDEN_HOST",
+                                           message="10.0.0.1:22 is forbidden", id=8)),
+    "error_rate_limited": ("error", dict(code="RATE_LIMITED", message="too many connections", id=0)),
+    "error_internal_error": ("error", dict(code="INTERNAL_ERROR", message="internal error", id=None)),
+}
+
+
+def json_body(kind, f):
+    cid = lambda: str(f["id"])
+    if kind == "auth":
+        return {"username": f["username"], "password": f["password"], "client_id": f["client_id"]}
+    if kind in ("auth_response",):
+        return {"success": f["success"], "message": f["message"]}
+    if kind == "connect":
+        return {"connection_id": cid(), "target_host": f["host"], "target_port": f["port"],
+                "protocol": f["protocol"]}
+    if kind == "connect_response":
+        return {"connection_id": cid(), "success": f["success"], "message": f["message"]}
+    if kind == "data":
+        return {"connection_id": cid(), "payload": base64.b64encode(f["payload"]).decode()}
+    if kind == "close":
+        return {"connection_id": cid(), "reason": f["reason"]}
+    if kind in ("ping", "pong"):
+        return {"timestamp": f["timestamp"]}
+    if kind == "error":
+        body = {"code": f["code"], "message": f["message"]}
+        if f["id"] is not None:
+            body["connection_id"] = cid()
+        return body
+    raise ValueError(kind)
+
+
+def encode_json(kind, f):
+    return json.dumps({"type": kind, "data": json_body(kind, f)},
+                      separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def s(text):
+    raw = text.encode()
+    assert len(raw) <= 4096
+    return struct.pack(">H", len(raw)).hex() + " " + raw.hex()
+
+
+def binary_fields(kind, f):
+    """(connection id of the header, [hex of each body field])"""
+    if kind == "auth":
+        return 0, [s(f["username"]), s(f["password"]), s(f["client_id"])]
+    if kind in ("auth_response", "connect_response"):
+        return f.get("id", 0), ["%02x" % int(f["success"]), s(f["message"])]
+    if kind == "connect":
+        return f["id"], ["%02x" % PROTO[f["protocol"]], struct.pack(">H", f["port"]).hex(),
+                         s(f["host"])]
+    if kind == "data":
+        p = f["payload"].hex()
+        return f["id"], [p[i:i + 64] for i in range(0, len(p), 64)]
+    if kind == "close":
+        return f["id"], [s(f["reason"])]
+    if kind in ("ping", "pong"):
+        return 0, [struct.pack(">q", f["timestamp"]).hex()]
+    if kind == "error":
+        has_id = f["id"] is not None
+        return (f["id"] if has_id else 0), ["%02x" % CODE[f["code"]], "%02x" % int(has_id),
+                                            s(f["message"])]
+    raise ValueError(kind)
+
+
+def encode_binary_hex(kind, f):
+    """One line for the 9-byte header (tag, id, body length), one line per body field."""
+    cid, fields = binary_fields(kind, f)
+    body_len = sum(len(x.replace(" ", "")) // 2 for x in fields)
+    header = "%02x %08x %08x" % (TAG[kind], cid, body_len)
+    return "\n".join([header] + [x for x in fields if x]) + "\n"
+
+
+def main():
+    for name, (kind, fields) in VECTORS.items():
+        with open(os.path.join(HERE, name + ".json"), "wb") as out:
+            out.write(encode_json(kind, fields))
+        with open(os.path.join(HERE, name + ".bin.hex"), "w") as out:
+            out.write(encode_binary_hex(kind, fields))
+
+
+if __name__ == "__main__":
+    main()
