@@ -1,0 +1,20 @@
+//! Any input: `json::decode` never panics, and whatever it accepts re-encodes to a
+//! message that decodes to the same value (in both encodings).
+#![no_main]
+
+use anyproxy_proto::{binary, json};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|input: &[u8]| {
+    if let Ok(msg) = json::decode(input) {
+        let wire = json::encode(&msg);
+        assert_eq!(json::decode(&wire).as_ref(), Ok(&msg), "JSON re-encode");
+        let mut frame = binary::encode(&msg);
+        assert_eq!(
+            binary::decode_frame(&mut frame).as_ref(),
+            Ok(&msg),
+            "binary"
+        );
+        assert!(frame.is_empty());
+    }
+});
