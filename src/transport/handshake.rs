@@ -255,7 +255,7 @@ mod tests {
     fn rfc6455_accept_example() {
         assert_eq!(
             accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYi1sAlYVK4bOo="
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
     }
 
