@@ -107,10 +107,6 @@ impl SessionCore {
         self.closed.is_cancelled()
     }
 
-    pub fn closed_token(&self) -> CancellationToken {
-        self.closed.clone()
-    }
-
     /// Tunnelled connections currently open or being opened.
     pub fn active_conns(&self) -> usize {
         self.conns.len()
