@@ -18,11 +18,11 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::{
     Auth, AuthResponse, Close, ConnId, Connect, ConnectResponse, Data, DecodeError, ErrorCode,
-    ErrorMsg, Heartbeat, Message, Protocol, MAX_DATA_PAYLOAD, MAX_STRING_LEN,
+    ErrorMsg, Fin, Heartbeat, Message, Protocol, WindowUpdate, MAX_DATA_PAYLOAD, MAX_STRING_LEN,
 };
 
 /// `Sec-WebSocket-Protocol` token for this encoding; the suffix is the wire version.
-pub const SUBPROTOCOL: &str = "anyproxy-binary.v1";
+pub const SUBPROTOCOL: &str = "anyproxy-binary.v2";
 
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 9;
@@ -30,7 +30,7 @@ pub const HEADER_LEN: usize = 9;
 /// Largest body of a control (non-`data`) frame.
 pub const MAX_CONTROL_BODY: usize = 4 * (MAX_STRING_LEN + 2) + 16;
 
-/// Frame type tags. `0x00` is never used; `0x0A..=0x3F` are reserved for protocol
+/// Frame type tags. `0x00` is never used; `0x0C..=0x3F` are reserved for protocol
 /// messages added in later wire versions; `0x40..=0xFF` are reserved for extensions.
 pub mod tag {
     pub const AUTH: u8 = 0x01;
@@ -42,6 +42,8 @@ pub mod tag {
     pub const PING: u8 = 0x07;
     pub const PONG: u8 = 0x08;
     pub const ERROR: u8 = 0x09;
+    pub const WINDOW_UPDATE: u8 = 0x0A;
+    pub const FIN: u8 = 0x0B;
 }
 
 const PROTOCOL_TCP: u8 = 0;
@@ -148,6 +150,16 @@ pub fn encode_into(msg: &Message, out: &mut BytesMut) {
             out.put_u8(m.id.is_some() as u8);
             put_str(out, &m.message);
         }
+        Message::WindowUpdate(m) => {
+            debug_assert!(m.increment > 0);
+            out.reserve(HEADER_LEN + 4);
+            put_header(out, tag::WINDOW_UPDATE, m.id.0, 4);
+            out.put_u32(m.increment);
+        }
+        Message::Fin(m) => {
+            out.reserve(HEADER_LEN);
+            put_header(out, tag::FIN, m.id.0, 0);
+        }
     }
 }
 
@@ -212,6 +224,16 @@ fn get_str(body: &mut Bytes, field: &'static str) -> Result<String, DecodeError>
     String::from_utf8(raw.to_vec()).map_err(|_| DecodeError::InvalidUtf8(field))
 }
 
+pub(crate) fn nonzero_increment(increment: u32) -> Result<u32, DecodeError> {
+    if increment == 0 {
+        return Err(DecodeError::InvalidField {
+            msg_type: "window_update",
+            detail: "increment must be at least 1".into(),
+        });
+    }
+    Ok(increment)
+}
+
 /// Decodes the frame at the front of `buf` and advances past it.
 ///
 /// A `data` payload is returned as a slice of `buf` (no copy). Never panics; a length
@@ -233,7 +255,7 @@ pub fn decode_frame(buf: &mut Bytes) -> Result<Message, DecodeError> {
             max,
         });
     }
-    if !(tag::AUTH..=tag::ERROR).contains(&tag) {
+    if !(tag::AUTH..=tag::FIN).contains(&tag) {
         return Err(DecodeError::UnknownType(format!("0x{tag:02x}")));
     }
     need(buf, HEADER_LEN + len)?;
@@ -313,6 +335,14 @@ fn decode_body(tag: u8, id: ConnId, body: &mut Bytes) -> Result<Message, DecodeE
                 message: get_str(body, "message")?,
             })
         }
+        tag::WINDOW_UPDATE => {
+            need(body, 4)?;
+            Message::WindowUpdate(WindowUpdate {
+                id,
+                increment: nonzero_increment(body.get_u32())?,
+            })
+        }
+        tag::FIN => Message::Fin(Fin { id }),
         other => return Err(DecodeError::UnknownType(format!("0x{other:02x}"))),
     })
 }

@@ -13,7 +13,8 @@ use serde_json::value::RawValue;
 
 use crate::{
     Auth, AuthResponse, Close, ConnId, Connect, ConnectResponse, Data, DecodeError, ErrorCode,
-    ErrorMsg, Heartbeat, Message, MessageKind, Protocol, MAX_DATA_PAYLOAD, MAX_STRING_LEN,
+    ErrorMsg, Fin, Heartbeat, Message, MessageKind, Protocol, WindowUpdate, MAX_DATA_PAYLOAD,
+    MAX_STRING_LEN,
 };
 
 /// `Sec-WebSocket-Protocol` token for this encoding. Offering no token at all also
@@ -70,6 +71,17 @@ struct DataOut {
 struct CloseOut<'a> {
     connection_id: String,
     reason: &'a str,
+}
+
+#[derive(Serialize)]
+struct WindowUpdateOut {
+    connection_id: String,
+    increment: u32,
+}
+
+#[derive(Serialize)]
+struct FinOut {
+    connection_id: String,
 }
 
 #[derive(Serialize)]
@@ -164,6 +176,21 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
                 code: m.code.as_str(),
                 message: &m.message,
                 connection_id: m.id.map(|id| id.to_string()),
+            },
+        ),
+        Message::WindowUpdate(m) => write(
+            out,
+            kind,
+            WindowUpdateOut {
+                connection_id: m.id.to_string(),
+                increment: m.increment,
+            },
+        ),
+        Message::Fin(m) => write(
+            out,
+            kind,
+            FinOut {
+                connection_id: m.id.to_string(),
             },
         ),
     }
@@ -274,6 +301,19 @@ struct CloseIn<'a> {
     connection_id: WireId<'a>,
     #[serde(borrow)]
     reason: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct WindowUpdateIn<'a> {
+    #[serde(borrow)]
+    connection_id: WireId<'a>,
+    increment: u32,
+}
+
+#[derive(Deserialize)]
+struct FinIn<'a> {
+    #[serde(borrow)]
+    connection_id: WireId<'a>,
 }
 
 #[derive(Deserialize)]
@@ -438,6 +478,19 @@ pub fn decode(input: &[u8]) -> Result<Message, DecodeError> {
                 code,
                 message: string("message", b.message)?,
                 id,
+            })
+        }
+        MessageKind::WindowUpdate => {
+            let b: WindowUpdateIn = body(kind, raw)?;
+            Message::WindowUpdate(WindowUpdate {
+                id: b.connection_id.to_conn_id()?,
+                increment: crate::binary::nonzero_increment(b.increment)?,
+            })
+        }
+        MessageKind::Fin => {
+            let b: FinIn = body(kind, raw)?;
+            Message::Fin(Fin {
+                id: b.connection_id.to_conn_id()?,
             })
         }
     };

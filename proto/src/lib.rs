@@ -15,8 +15,8 @@ mod message;
 
 pub use error::DecodeError;
 pub use message::{
-    Auth, AuthResponse, Close, ConnId, Connect, ConnectResponse, Data, ErrorCode, ErrorMsg,
-    Heartbeat, Message, MessageKind, Protocol,
+    Auth, AuthResponse, Close, ConnId, Connect, ConnectResponse, Data, ErrorCode, ErrorMsg, Fin,
+    Heartbeat, Message, MessageKind, Protocol, WindowUpdate,
 };
 
 /// How messages are encoded on one WebSocket, chosen per connection at the handshake.
@@ -58,3 +58,7 @@ impl Encoding {
 pub const MAX_DATA_PAYLOAD: usize = 1 << 20;
 /// Largest string field (credentials, host, reasons) in either encoding.
 pub const MAX_STRING_LEN: usize = 4096;
+
+/// Binary mode: the flow-control credit every connection starts with, in each direction,
+/// before any `window_update`. Receivers grant more as their side consumes.
+pub const INITIAL_WINDOW: u32 = 256 * 1024;

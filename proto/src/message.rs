@@ -178,6 +178,22 @@ pub struct Heartbeat {
     pub timestamp: i64,
 }
 
+/// `window_update` (binary mode): either direction, the sender may now send
+/// `increment` more payload bytes on connection `id` (per-connection flow control).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowUpdate {
+    pub id: ConnId,
+    /// Never zero: the decoders refuse a zero increment.
+    pub increment: u32,
+}
+
+/// `fin` (binary mode): either direction, the sender will send no more `data` on
+/// connection `id` (end of stream, like TCP's FIN); the other direction stays open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fin {
+    pub id: ConnId,
+}
+
 /// `error`: either direction, optionally about one connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ErrorMsg {
@@ -198,6 +214,8 @@ pub enum Message {
     Ping(Heartbeat),
     Pong(Heartbeat),
     Error(ErrorMsg),
+    WindowUpdate(WindowUpdate),
+    Fin(Fin),
 }
 
 /// The kind of a [`Message`], without its body: for logs and metrics.
@@ -212,10 +230,12 @@ pub enum MessageKind {
     Ping,
     Pong,
     Error,
+    WindowUpdate,
+    Fin,
 }
 
 impl MessageKind {
-    pub const ALL: [MessageKind; 9] = [
+    pub const ALL: [MessageKind; 11] = [
         MessageKind::Auth,
         MessageKind::AuthResponse,
         MessageKind::Connect,
@@ -225,6 +245,8 @@ impl MessageKind {
         MessageKind::Ping,
         MessageKind::Pong,
         MessageKind::Error,
+        MessageKind::WindowUpdate,
+        MessageKind::Fin,
     ];
 
     /// The `type` string of the JSON encoding.
@@ -239,11 +261,19 @@ impl MessageKind {
             MessageKind::Ping => "ping",
             MessageKind::Pong => "pong",
             MessageKind::Error => "error",
+            MessageKind::WindowUpdate => "window_update",
+            MessageKind::Fin => "fin",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Kinds that only exist in the binary encoding's session rules (flow control and
+    /// half-close); a JSON-mode session refuses them.
+    pub const fn is_binary_only(self) -> bool {
+        matches!(self, MessageKind::WindowUpdate | MessageKind::Fin)
     }
 }
 
@@ -259,6 +289,8 @@ impl Message {
             Message::Ping(_) => MessageKind::Ping,
             Message::Pong(_) => MessageKind::Pong,
             Message::Error(_) => MessageKind::Error,
+            Message::WindowUpdate(_) => MessageKind::WindowUpdate,
+            Message::Fin(_) => MessageKind::Fin,
         }
     }
 
@@ -270,6 +302,8 @@ impl Message {
             Message::Data(m) => Some(m.id),
             Message::Close(m) => Some(m.id),
             Message::Error(m) => m.id,
+            Message::WindowUpdate(m) => Some(m.id),
+            Message::Fin(m) => Some(m.id),
             Message::Auth(_) | Message::AuthResponse(_) | Message::Ping(_) | Message::Pong(_) => {
                 None
             }

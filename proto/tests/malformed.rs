@@ -3,8 +3,8 @@
 
 use anyproxy_proto::{
     binary, json, Auth, AuthResponse, Close, ConnId, Connect, ConnectResponse, Data, DecodeError,
-    ErrorCode, ErrorMsg, Heartbeat, Message, MessageKind, Protocol, MAX_DATA_PAYLOAD,
-    MAX_STRING_LEN,
+    ErrorCode, ErrorMsg, Fin, Heartbeat, Message, MessageKind, Protocol, WindowUpdate,
+    MAX_DATA_PAYLOAD, MAX_STRING_LEN,
 };
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -75,6 +75,11 @@ fn samples() -> Vec<Message> {
             message: "oops".into(),
             id: None,
         }),
+        Message::WindowUpdate(WindowUpdate {
+            id: ConnId(7),
+            increment: 65536,
+        }),
+        Message::Fin(Fin { id: ConnId(7) }),
     ]
 }
 
@@ -360,7 +365,7 @@ fn binary_encoder_clamps_oversized_strings_at_a_char_boundary() {
 
 #[test]
 fn binary_unknown_tag_is_unknown_type() {
-    for tag in [0x00u8, 0x0a, 0x0b, 0x3f, 0x40, 0x80, 0xff] {
+    for tag in [0x00u8, 0x0c, 0x3f, 0x40, 0x80, 0xff] {
         let err = decode_bin(&frame(tag, 0, &[1, 2, 3])).unwrap_err();
         assert_eq!(err, DecodeError::UnknownType(format!("0x{tag:02x}")));
         // Even with an empty body, or a header only.
@@ -369,6 +374,37 @@ fn binary_unknown_tag_is_unknown_type() {
             Err(DecodeError::UnknownType(format!("0x{tag:02x}")))
         );
     }
+}
+
+#[test]
+fn zero_window_increment_is_refused_in_both_encodings() {
+    let err = decode_bin(&frame(0x0a, 3, &0u32.to_be_bytes())).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DecodeError::InvalidField {
+                msg_type: "window_update",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err =
+        json::decode(br#"{"type":"window_update","data":{"connection_id":"3","increment":0}}"#)
+            .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DecodeError::InvalidField {
+                msg_type: "window_update",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // A body of the wrong size is refused, not misread.
+    assert!(decode_bin(&frame(0x0a, 3, &[0, 1])).is_err());
+    assert!(decode_bin(&frame(0x0b, 3, &[0])).is_err());
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 use anyproxy_proto::{
     binary, json, Auth, AuthResponse, Close, ConnId, Connect, ConnectResponse, Data, ErrorCode,
-    ErrorMsg, Heartbeat, Message, Protocol, MAX_STRING_LEN,
+    ErrorMsg, Fin, Heartbeat, Message, Protocol, WindowUpdate, MAX_STRING_LEN,
 };
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
@@ -86,6 +86,9 @@ fn any_message() -> impl Strategy<Value = Message> {
         any::<i64>().prop_map(|timestamp| Message::Pong(Heartbeat { timestamp })),
         (any_code(), any_string(), proptest::option::of(any_id()))
             .prop_map(|(code, message, id)| Message::Error(ErrorMsg { code, message, id })),
+        (any_id(), 1..=u32::MAX)
+            .prop_map(|(id, increment)| Message::WindowUpdate(WindowUpdate { id, increment })),
+        any_id().prop_map(|id| Message::Fin(Fin { id })),
     ]
 }
 

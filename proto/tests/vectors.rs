@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyproxy_proto::{
     binary, json, Auth, AuthResponse, Close, ConnId, Connect, ConnectResponse, Data, ErrorCode,
-    ErrorMsg, Heartbeat, Message, MessageKind, Protocol,
+    ErrorMsg, Fin, Heartbeat, Message, MessageKind, Protocol, WindowUpdate,
 };
 use bytes::Bytes;
 
@@ -151,6 +151,21 @@ fn vectors() -> Vec<(&'static str, Message)> {
             "error_internal_error",
             error(ErrorCode::InternalError, "internal error", None),
         ),
+        (
+            "window_update",
+            Message::WindowUpdate(WindowUpdate {
+                id: ConnId(5),
+                increment: 262_144,
+            }),
+        ),
+        (
+            "window_update_max",
+            Message::WindowUpdate(WindowUpdate {
+                id: ConnId(u32::MAX),
+                increment: u32::MAX,
+            }),
+        ),
+        ("fin", Message::Fin(Fin { id: ConnId(5) })),
     ]
 }
 

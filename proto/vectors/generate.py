@@ -13,7 +13,8 @@ import struct
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 TAG = {"auth": 0x01, "auth_response": 0x02, "connect": 0x03, "connect_response": 0x04,
-       "data": 0x05, "close": 0x06, "ping": 0x07, "pong": 0x08, "error": 0x09}
+       "data": 0x05, "close": 0x06, "ping": 0x07, "pong": 0x08, "error": 0x09,
+       "window_update": 0x0A, "fin": 0x0B}
 CODE = {"AUTH_FAILED": 1, "INVALID_MESSAGE": 2, "CONNECTION_FAILED": 3,
         "FORBIDDEN_HOST": 4, "RATE_LIMITED": 5, "INTERNAL_ERROR": 6}
 PROTO = {"tcp": 0, "udp": 1}
@@ -43,6 +44,9 @@ VECTORS = {
                                            message="10.0.0.1:22 is forbidden", id=8)),
     "error_rate_limited": ("error", dict(code="RATE_LIMITED", message="too many connections", id=0)),
     "error_internal_error": ("error", dict(code="INTERNAL_ERROR", message="internal error", id=None)),
+    "window_update": ("window_update", dict(id=5, increment=262144)),
+    "window_update_max": ("window_update", dict(id=4294967295, increment=4294967295)),
+    "fin": ("fin", dict(id=5)),
 }
 
 
@@ -68,6 +72,10 @@ def json_body(kind, f):
         if f["id"] is not None:
             body["connection_id"] = cid()
         return body
+    if kind == "window_update":
+        return {"connection_id": cid(), "increment": f["increment"]}
+    if kind == "fin":
+        return {"connection_id": cid()}
     raise ValueError(kind)
 
 
@@ -102,6 +110,10 @@ def binary_fields(kind, f):
         has_id = f["id"] is not None
         return (f["id"] if has_id else 0), ["%02x" % CODE[f["code"]], "%02x" % int(has_id),
                                             s(f["message"])]
+    if kind == "window_update":
+        return f["id"], [struct.pack(">I", f["increment"]).hex()]
+    if kind == "fin":
+        return f["id"], []
     raise ValueError(kind)
 
 

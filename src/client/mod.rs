@@ -5,11 +5,9 @@ pub mod acl;
 pub mod dial;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use anyproxy_proto::{
-    Auth, ConnectResponse, Encoding, ErrorCode, ErrorMsg, Heartbeat, Message, Protocol,
-};
+use anyproxy_proto::{Auth, ConnectResponse, Encoding, ErrorCode, ErrorMsg, Message, Protocol};
 use fastwebsockets::Role;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -146,7 +144,7 @@ impl Agent {
         .map_err(|_| SessionError::Handshake("timed out".into()))?
         .map_err(|e| SessionError::Handshake(e.to_string()))?;
         let (mut reader, writer) = ws::split(io, Role::Client, cfg.max_message_size.0 as usize);
-        let (core, writer_task) = SessionCore::start(encoding, writer, cfg.stall_timeout.0);
+        let (core, writer_task) = SessionCore::start(encoding, writer, cfg.session_options());
         let result = self
             .authenticated_session(client_id, &core, &mut reader, attempt)
             .await;
@@ -210,7 +208,7 @@ impl Agent {
         *attempt = 0;
         tracing::info!(%client_id, gateway = %cfg.gateway_addr, encoding = core.encoding.as_str(), "authenticated to the gateway");
 
-        let pinger = tokio::spawn(ping_loop(core.clone(), cfg.ping_interval.0));
+        let pinger = tokio::spawn(core.clone().heartbeat(cfg.ping_interval.0));
         for msg in leftovers {
             if let Some(role_msg) = core.dispatch(msg).await {
                 self.on_role_message(core, role_msg).await;
@@ -324,25 +322,6 @@ impl Agent {
             }
         }
         drop(permit);
-    }
-}
-
-async fn ping_loop(core: Arc<SessionCore>, interval: Duration) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.tick().await;
-    loop {
-        ticker.tick().await;
-        let timestamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        if core
-            .send(Message::Ping(Heartbeat { timestamp }))
-            .await
-            .is_err()
-        {
-            return;
-        }
     }
 }
 

@@ -10,6 +10,8 @@ use std::time::Duration;
 use anyproxy_proto::Encoding;
 use serde::{Deserialize, Deserializer};
 
+use crate::tunnel::SessionOptions;
+
 pub use units::{parse_duration, parse_size, ByteSize, HumanDuration};
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +79,7 @@ impl Config {
                     "client.max_concurrent_conns must be at least 1".into(),
                 ));
             }
+            check_max_window("client.max_window", c.max_window)?;
         }
         if let Some(g) = &self.gateway {
             if g.encodings.is_empty() {
@@ -84,6 +87,7 @@ impl Config {
                     "gateway.encodings must allow at least one encoding".into(),
                 ));
             }
+            check_max_window("gateway.max_window", g.max_window)?;
         }
         Ok(())
     }
@@ -182,6 +186,22 @@ fn default_encodings() -> Vec<EncodingName> {
 fn default_stall_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }
+fn default_max_window() -> ByteSize {
+    ByteSize(8 << 20)
+}
+/// The window is carried in a u32 on the wire; keep it well clear of that.
+const MAX_WINDOW_LIMIT: u64 = 1 << 30;
+
+fn check_max_window(key: &str, w: ByteSize) -> Result<(), ConfigError> {
+    let min = u64::from(anyproxy_proto::INITIAL_WINDOW);
+    if w.0 < min || w.0 > MAX_WINDOW_LIMIT {
+        return Err(ConfigError::Semantic(format!(
+            "{key} must be between {min} bytes (the initial window) and 1GiB, got {}",
+            w.0
+        )));
+    }
+    Ok(())
+}
 
 /// The public side: agents connect here over WebSocket + TLS.
 #[derive(Debug, Clone, Deserialize)]
@@ -211,13 +231,38 @@ pub struct GatewayConfig {
     /// Largest WebSocket message accepted from an agent.
     #[serde(default = "default_max_message")]
     pub max_message_size: ByteSize,
-    /// A connection whose user stops reading for this long is closed so that it cannot
-    /// hold up the others on its WebSocket.
+    /// JSON mode (no flow control): a connection whose user stops reading for this long
+    /// is closed so that it cannot hold up the others on its WebSocket.
     #[serde(default = "default_stall_timeout")]
     pub stall_timeout: HumanDuration,
+    /// Binary mode: the largest receive window one connection may grow to, i.e. the
+    /// most the agent can have in flight toward one stalled user.
+    #[serde(default = "default_max_window")]
+    pub max_window: ByteSize,
+    /// Heartbeat `ping` toward each agent; the pongs time the round trip.
+    #[serde(default = "default_ping_interval")]
+    pub ping_interval: HumanDuration,
     /// Encodings agents may negotiate.
     #[serde(default = "default_encodings")]
     pub encodings: Vec<EncodingName>,
+}
+
+impl GatewayConfig {
+    pub fn session_options(&self) -> SessionOptions {
+        SessionOptions {
+            stall_timeout: self.stall_timeout.0,
+            max_window: self.max_window.0 as u32,
+        }
+    }
+}
+
+impl ClientConfig {
+    pub fn session_options(&self) -> SessionOptions {
+        SessionOptions {
+            stall_timeout: self.stall_timeout.0,
+            max_window: self.max_window.0 as u32,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -297,6 +342,9 @@ pub struct ClientConfig {
     pub max_message_size: ByteSize,
     #[serde(default = "default_stall_timeout")]
     pub stall_timeout: HumanDuration,
+    /// Binary mode: the largest receive window one connection may grow to.
+    #[serde(default = "default_max_window")]
+    pub max_window: ByteSize,
     /// Encoding to ask the gateway for (`binary` or `json`).
     #[serde(default = "default_client_encoding")]
     pub encoding: EncodingName,

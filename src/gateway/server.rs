@@ -99,7 +99,7 @@ impl AgentServer {
         let max_message = self.config.max_message_size.0 as usize;
         let (mut reader, writer) = ws::split(io, Role::Server, max_message);
         let (core, writer_task) =
-            SessionCore::start(accepted.encoding, writer, self.config.stall_timeout.0);
+            SessionCore::start(accepted.encoding, writer, self.config.session_options());
 
         let refuse = |code: ErrorCode, message: String| {
             let core = core.clone();
@@ -200,6 +200,7 @@ impl AgentServer {
             .await;
         tracing::info!(client_id = %auth.client_id, %peer, encoding = core.encoding.as_str(), "agent connected");
 
+        let pinger = tokio::spawn(core.clone().heartbeat(self.config.ping_interval.0));
         let role_core = core.clone();
         let end = tokio::select! {
             end = core.read_loop(&mut reader, self.config.idle_timeout.0, move |msg| {
@@ -220,6 +221,7 @@ impl AgentServer {
             }) => end,
             _ = shutdown.cancelled() => crate::tunnel::SessionEnd::Shutdown,
         };
+        pinger.abort();
         self.registry.unregister(&handle.client_id, handle.serial);
         tracing::info!(client_id = %auth.client_id, %peer, conns = core.active_conns(), reason = %end, "agent disconnected");
         finish(core, writer_task, Ok(())).await

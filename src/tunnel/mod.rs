@@ -1,12 +1,13 @@
 //! The multiplexer both ends share: a session over one WebSocket carries many
 //! tunnelled connections, each with its own bounded queue.
 
+pub mod flow;
 pub mod relay;
 pub mod session;
 pub mod table;
 
 pub use relay::{relay, RelayStats};
-pub use session::{ConnectFailure, OpenError, SessionCore, SessionEnd, TunnelConn};
+pub use session::{ConnectFailure, OpenError, SessionCore, SessionEnd, SessionOptions, TunnelConn};
 
 /// Milliseconds on a monotonic clock since the first call; for liveness bookkeeping.
 pub fn monotonic_ms() -> u64 {

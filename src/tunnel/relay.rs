@@ -1,12 +1,22 @@
 //! Moves bytes between a local socket (the proxy user's, or the target's on the agent)
 //! and one tunnelled connection, with `Bytes` from the socket read to the WebSocket
 //! writer and back.
+//!
+//! Binary mode: the upstream half sends only what the peer's credit allows and ends
+//! with `fin` at the local end of stream; the downstream half grants credit as it
+//! writes, and shuts the local write side down at the peer's `fin`. The connection ends
+//! when both directions are done, or at once on a reset. JSON mode has neither, so
+//! either side ending ends both.
 
-use anyproxy_proto::{Close, Data, Message, MAX_DATA_PAYLOAD};
-use bytes::BytesMut;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use anyproxy_proto::{Close, Data, Fin, Message, WindowUpdate, INITIAL_WINDOW, MAX_DATA_PAYLOAD};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::session::{ConnEvent, TunnelConn};
+use super::flow::{InboxEnd, RecvWindow};
+use super::session::TunnelConn;
 
 /// Largest single socket read, and so the largest data message we produce.
 pub const READ_SIZE: usize = 64 * 1024;
@@ -21,9 +31,12 @@ pub struct RelayStats {
     pub received: u64,
 }
 
-/// Relays until either side ends. The connection is closed in both directions at the
-/// end (the documented protocol has no half-close), and the peer is told unless it was
-/// the one that closed.
+/// One direction finished cleanly, or the whole connection must end now.
+type Step = Result<(), &'static str>;
+
+/// Relays until both directions are done (binary mode) or either ends (JSON mode), or
+/// the connection is reset. The peer is told with `close` unless the connection ended
+/// cleanly or the peer was the one that closed it.
 pub async fn relay<S>(stream: S, conn: TunnelConn) -> RelayStats
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
@@ -31,64 +44,123 @@ where
     let TunnelConn {
         id,
         core,
-        mut rx,
+        inbox,
+        credit,
         cancel,
     } = conn;
+    let half_close = core.flow_controlled();
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut sent = 0u64;
     let mut received = 0u64;
 
-    let reason = {
-        let upstream = async {
-            let mut buf = BytesMut::with_capacity(READ_SIZE);
-            loop {
-                if buf.capacity() - buf.len() < READ_SIZE / 4 {
-                    buf.reserve(READ_SIZE);
+    let upstream = async {
+        let mut buf = BytesMut::with_capacity(READ_SIZE);
+        loop {
+            let allowed = credit.take(READ_SIZE).await;
+            if buf.capacity() - buf.len() < allowed.min(READ_SIZE / 4) {
+                buf.reserve(READ_SIZE);
+            }
+            let n = match (&mut rd).take(allowed as u64).read_buf(&mut buf).await {
+                Ok(n) => n,
+                Err(_) => return Err("local read failed"),
+            };
+            credit.give_back(allowed - n);
+            if n == 0 {
+                if !half_close {
+                    return Err("local side closed");
                 }
-                let n = match (&mut rd).take(READ_SIZE as u64).read_buf(&mut buf).await {
-                    Ok(0) => return "local side closed",
-                    Ok(n) => n,
-                    Err(_) => return "local read failed",
+                return match core.send(Message::Fin(Fin { id })).await {
+                    Ok(()) => Ok(()),
+                    Err(_) => Err("session closed"),
                 };
-                sent += n as u64;
-                let payload = buf.split_to(n).freeze();
-                if core
-                    .send(Message::Data(Data { id, payload }))
-                    .await
-                    .is_err()
-                {
-                    return "session closed";
+            }
+            sent += n as u64;
+            let payload = buf.split_to(n).freeze();
+            if core
+                .send(Message::Data(Data { id, payload }))
+                .await
+                .is_err()
+            {
+                return Err("session closed");
+            }
+        }
+    };
+
+    let downstream = async {
+        let mut chunks: VecDeque<Bytes> = VecDeque::new();
+        let mut window = RecvWindow::new(INITIAL_WINDOW, core.max_window(), Instant::now());
+        loop {
+            match inbox.take(&mut chunks).await {
+                None => {}
+                Some(InboxEnd::Finished) => {
+                    let _ = wr.shutdown().await;
+                    return if half_close {
+                        Ok(())
+                    } else {
+                        Err("closed by peer")
+                    };
+                }
+                Some(InboxEnd::Reset) => {
+                    let _ = wr.shutdown().await;
+                    return Err("reset by peer");
                 }
             }
-        };
-
-        let downstream = async {
-            while let Some(ConnEvent::Data(payload)) = rx.recv().await {
-                received += payload.len() as u64;
-                if wr.write_all(&payload).await.is_err() {
-                    return "local write failed";
+            let mut written = 0usize;
+            for chunk in chunks.drain(..) {
+                if wr.write_all(&chunk).await.is_err() {
+                    return Err("local write failed");
+                }
+                written += chunk.len();
+            }
+            received += written as u64;
+            if half_close {
+                let rtt = core.rtt().unwrap_or(Duration::ZERO);
+                if let Some(increment) = window.consumed(written, Instant::now(), rtt) {
+                    inbox.granted(increment);
+                    let update = Message::WindowUpdate(WindowUpdate { id, increment });
+                    if core.send(update).await.is_err() {
+                        return Err("session closed");
+                    }
                 }
             }
-            // The peer closed (or the session ended): deliver what was queued, then finish.
-            let _ = wr.shutdown().await;
-            "closed by peer"
-        };
+        }
+    };
 
-        tokio::select! {
-            r = upstream => r,
-            r = downstream => r,
-            _ = cancel.cancelled() => "cancelled",
+    let outcome = {
+        tokio::pin!(upstream);
+        tokio::pin!(downstream);
+        let (mut up_done, mut down_done) = (false, false);
+        loop {
+            let step: Step = tokio::select! {
+                r = &mut upstream, if !up_done => { up_done = true; r }
+                r = &mut downstream, if !down_done => { down_done = true; r }
+                _ = cancel.cancelled() => Err("cancelled"),
+            };
+            match step {
+                Err(reason) => break Err(reason),
+                Ok(()) if up_done && down_done => break Ok(()),
+                Ok(()) => {}
+            }
         }
     };
     let stats = RelayStats { sent, received };
-    if core.forget(id) {
-        let _ = core
-            .send(Message::Close(Close {
-                id,
-                reason: reason.into(),
-            }))
-            .await;
+    let removed = core.forget(id);
+    match outcome {
+        // Both sides sent `fin`: the peer forgets the connection by itself.
+        Ok(()) => {
+            tracing::debug!(conn = %id, sent = stats.sent, received = stats.received, "relay finished")
+        }
+        Err(reason) => {
+            if removed {
+                let _ = core
+                    .send(Message::Close(Close {
+                        id,
+                        reason: reason.into(),
+                    }))
+                    .await;
+            }
+            tracing::debug!(conn = %id, reason, sent = stats.sent, received = stats.received, "relay ended");
+        }
     }
-    tracing::debug!(conn = %id, reason, sent = stats.sent, received = stats.received, "relay ended");
     stats
 }

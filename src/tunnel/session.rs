@@ -5,32 +5,38 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyproxy_proto::{
-    binary, json, Close, ConnId, ConnectResponse, Data, Encoding, ErrorCode, ErrorMsg, Heartbeat,
-    Message,
+    binary, json, Close, ConnId, ConnectResponse, Data, Encoding, ErrorCode, ErrorMsg, Fin,
+    Heartbeat, Message, WindowUpdate, INITIAL_WINDOW,
 };
 use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::flow::{Inbox, InboxEnd, PushError, SendCredit};
 use super::table::ShardedMap;
 use crate::transport::ws::close_code;
 use crate::transport::{Incoming, WsError, WsReader, WsWriter};
 
-/// Messages queued per connection toward its local socket. With reads of up to
-/// [`super::relay::READ_SIZE`] this bounds a connection's buffered bytes.
-pub const CONN_QUEUE: usize = 16;
+/// JSON mode has no flow control: the session reader waits while a connection has
+/// this many bytes queued toward its local socket (and closes it after the stall
+/// timeout), so one connection's memory stays bounded.
+pub const JSON_CONN_BUFFER: usize = 1 << 20;
 /// Messages queued toward the WebSocket writer, shared by all connections.
 pub const OUT_QUEUE: usize = 256;
 /// The writer flushes after at most this many bytes in one batch.
 const BATCH_BYTES: usize = 256 * 1024;
 
-/// What a connection's relay receives from the peer.
-#[derive(Debug)]
-pub enum ConnEvent {
-    Data(Bytes),
+/// Settings of one session that come from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionOptions {
+    /// JSON mode: how long a connection may keep the session reader waiting.
+    pub stall_timeout: Duration,
+    /// Binary mode: the largest receive window a connection may grow to.
+    pub max_window: u32,
 }
 
 /// Queued for the writer task.
@@ -49,7 +55,8 @@ pub struct ConnectFailure {
 }
 
 struct Slot {
-    tx: mpsc::Sender<ConnEvent>,
+    inbox: Arc<Inbox>,
+    credit: Arc<SendCredit>,
     /// Present until the agent answers the `connect` (gateway side only).
     pending: Option<oneshot::Sender<Result<(), ConnectFailure>>>,
     cancel: CancellationToken,
@@ -62,8 +69,12 @@ pub struct SessionCore {
     conns: ShardedMap<ConnId, Slot>,
     next_id: AtomicU32,
     closed: CancellationToken,
-    stall_timeout: Duration,
+    options: SessionOptions,
     last_pong_ms: AtomicU64,
+    /// Smoothed heartbeat round trip in microseconds; 0 until the first pong.
+    rtt_us: AtomicU64,
+    /// The timestamp of the last `ping` we sent and when, to time its `pong`.
+    last_ping: Mutex<Option<(i64, Instant)>>,
 }
 
 impl SessionCore {
@@ -71,7 +82,7 @@ impl SessionCore {
     pub fn start(
         encoding: Encoding,
         writer: WsWriter,
-        stall_timeout: Duration,
+        options: SessionOptions,
     ) -> (Arc<SessionCore>, tokio::task::JoinHandle<()>) {
         let (out, rx) = mpsc::channel(OUT_QUEUE);
         let core = Arc::new(SessionCore {
@@ -80,8 +91,10 @@ impl SessionCore {
             conns: ShardedMap::default(),
             next_id: AtomicU32::new(1),
             closed: CancellationToken::new(),
-            stall_timeout,
+            options,
             last_pong_ms: AtomicU64::new(0),
+            rtt_us: AtomicU64::new(0),
+            last_ping: Mutex::new(None),
         });
         let writer_task = tokio::spawn(write_loop(writer, rx, encoding, core.closed.clone()));
         (core, writer_task)
@@ -143,14 +156,8 @@ impl SessionCore {
         timeout: Duration,
     ) -> Result<TunnelConn, OpenError> {
         let id = self.alloc_id();
-        let (tx, rx) = mpsc::channel(CONN_QUEUE);
         let (ptx, prx) = oneshot::channel();
-        let cancel = self.closed.child_token();
-        let slot = Slot {
-            tx,
-            pending: Some(ptx),
-            cancel: cancel.clone(),
-        };
+        let (slot, conn) = self.new_conn(id, Some(ptx));
         if self.conns.try_insert(id, slot).is_err() {
             return Err(OpenError::SessionClosed);
         }
@@ -165,12 +172,7 @@ impl SessionCore {
             return Err(OpenError::SessionClosed);
         }
         match tokio::time::timeout(timeout, prx).await {
-            Ok(Ok(Ok(()))) => Ok(TunnelConn {
-                id,
-                core: self.clone(),
-                rx,
-                cancel,
-            }),
+            Ok(Ok(Ok(()))) => Ok(conn),
             Ok(Ok(Err(failure))) => Err(OpenError::Failed(failure)),
             Ok(Err(_)) => Err(OpenError::SessionClosed),
             Err(_) => {
@@ -190,20 +192,50 @@ impl SessionCore {
     /// Agent side: registers a connection the agent has dialed, before it tells the
     /// gateway so, so that the gateway's first data finds it.
     pub fn register(self: &Arc<Self>, id: ConnId) -> Option<TunnelConn> {
-        let (tx, rx) = mpsc::channel(CONN_QUEUE);
+        let (slot, conn) = self.new_conn(id, None);
+        self.conns.try_insert(id, slot).ok()?;
+        Some(conn)
+    }
+
+    /// Binary mode has per-connection flow control and half-close; JSON mode has not.
+    pub fn flow_controlled(&self) -> bool {
+        self.encoding == Encoding::Binary
+    }
+
+    pub fn max_window(&self) -> u32 {
+        self.options.max_window
+    }
+
+    fn new_conn(
+        self: &Arc<Self>,
+        id: ConnId,
+        pending: Option<oneshot::Sender<Result<(), ConnectFailure>>>,
+    ) -> (Slot, TunnelConn) {
+        let (allowance, credit) = if self.flow_controlled() {
+            (
+                u64::from(INITIAL_WINDOW),
+                SendCredit::new(u64::from(INITIAL_WINDOW)),
+            )
+        } else {
+            (u64::MAX, SendCredit::unlimited())
+        };
+        let inbox = Arc::new(Inbox::new(allowance));
+        let credit = Arc::new(credit);
         let cancel = self.closed.child_token();
         let slot = Slot {
-            tx,
-            pending: None,
+            inbox: inbox.clone(),
+            credit: credit.clone(),
+            pending,
             cancel: cancel.clone(),
         };
-        self.conns.try_insert(id, slot).ok()?;
-        Some(TunnelConn {
+        let conn = TunnelConn {
             id,
             core: self.clone(),
-            rx,
+            inbox,
+            credit,
             cancel,
-        })
+        };
+        (slot, conn)
     }
 
     pub fn is_live(&self, id: ConnId) -> bool {
@@ -213,6 +245,54 @@ impl SessionCore {
     /// Milliseconds (monotonic, since an arbitrary origin) of the last pong received.
     pub fn last_pong_ms(&self) -> u64 {
         self.last_pong_ms.load(Ordering::Relaxed)
+    }
+
+    /// The heartbeat round trip, once one was measured.
+    pub fn rtt(&self) -> Option<Duration> {
+        match self.rtt_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    fn pong_received(&self, timestamp: Option<i64>) {
+        self.last_pong_ms
+            .store(crate::tunnel::monotonic_ms(), Ordering::Relaxed);
+        let Some(timestamp) = timestamp else { return };
+        let sent = self.last_ping.lock().take_if(|(ts, _)| *ts == timestamp);
+        if let Some((_, at)) = sent {
+            let sample = at.elapsed().as_micros().clamp(1, u64::MAX as u128) as u64;
+            let old = self.rtt_us.load(Ordering::Relaxed);
+            // The usual 7/8 smoothing, so one queued-behind-data ping does not swing it.
+            let rtt = if old == 0 {
+                sample
+            } else {
+                (old * 7 + sample) / 8
+            };
+            self.rtt_us.store(rtt.max(1), Ordering::Relaxed);
+        }
+    }
+
+    /// Sends a `ping` every `interval` until the session ends; the pongs time the round
+    /// trip (for the flow-control window) and show the peer is alive. The first ping
+    /// goes out at once so that the round trip is known early.
+    pub async fn heartbeat(self: Arc<Self>, interval: Duration) {
+        let mut ticker = tokio::time::interval(interval);
+        loop {
+            ticker.tick().await;
+            let timestamp = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            *self.last_ping.lock() = Some((timestamp, Instant::now()));
+            if self
+                .send(Message::Ping(Heartbeat { timestamp }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
     }
 
     /// Forgets `id` locally. True when this call removed it, i.e. the caller is the one
@@ -244,7 +324,32 @@ impl SessionCore {
                             message: reason,
                         }));
                     }
-                    // Dropping the sender lets the relay drain what was queued, then end.
+                    // The relay still delivers what was queued, then ends. In JSON mode
+                    // `close` is the only way a stream ends, so it counts as a finish.
+                    slot.inbox.end(if self.flow_controlled() {
+                        InboxEnd::Reset
+                    } else {
+                        InboxEnd::Finished
+                    });
+                }
+                None
+            }
+            Message::WindowUpdate(WindowUpdate { id, increment }) => {
+                if self.refuse_in_json("window_update").await {
+                    return None;
+                }
+                // Unknown ids are normal: the connection may have just ended here.
+                if let Some(credit) = self.conns.with(&id, |s| s.credit.clone()) {
+                    credit.grant(u64::from(increment));
+                }
+                None
+            }
+            Message::Fin(Fin { id }) => {
+                if self.refuse_in_json("fin").await {
+                    return None;
+                }
+                if let Some(inbox) = self.conns.with(&id, |s| s.inbox.clone()) {
+                    inbox.end(InboxEnd::Finished);
                 }
                 None
             }
@@ -278,15 +383,29 @@ impl SessionCore {
                 let _ = self.send(Message::Pong(h)).await;
                 None
             }
-            Message::Pong(Heartbeat { .. }) => {
-                self.last_pong_ms
-                    .store(crate::tunnel::monotonic_ms(), Ordering::Relaxed);
+            Message::Pong(Heartbeat { timestamp }) => {
+                self.pong_received(Some(timestamp));
                 None
             }
             other @ (Message::Connect(_) | Message::Auth(_) | Message::AuthResponse(_)) => {
                 Some(other)
             }
         }
+    }
+
+    /// Flow-control and half-close messages exist only in binary mode; a JSON-mode peer
+    /// that sends them is told so. Returns true when the message was refused.
+    async fn refuse_in_json(&self, kind: &str) -> bool {
+        if self.flow_controlled() {
+            return false;
+        }
+        self.reply_error(
+            ErrorCode::InvalidMessage,
+            format!("{kind} is only valid in binary mode"),
+            None,
+        )
+        .await;
+        true
     }
 
     /// Settles a pending `open`. Returns false when nothing was pending for `id`.
@@ -304,11 +423,15 @@ impl SessionCore {
         true
     }
 
-    /// Hands a payload to its connection, waiting while that connection's queue is full
-    /// (lossless backpressure). A connection that stays full past the stall timeout is
-    /// closed so that it cannot hold the whole session hostage.
+    /// Hands a payload to its connection's inbox.
+    ///
+    /// Binary mode never waits: the peer may only send what we granted, so the inbox has
+    /// room by construction, and a peer that oversteps has that one connection reset.
+    /// JSON mode has no credit: the reader waits while the connection is full (lossless
+    /// backpressure), and a connection that stays full past the stall timeout is closed
+    /// so that it cannot hold the whole session hostage.
     async fn deliver(&self, id: ConnId, payload: Bytes) {
-        let Some(tx) = self.conns.with(&id, |s| s.tx.clone()) else {
+        let Some(inbox) = self.conns.with(&id, |s| s.inbox.clone()) else {
             let _ = self
                 .send(Message::Close(Close {
                     id,
@@ -317,26 +440,50 @@ impl SessionCore {
                 .await;
             return;
         };
-        match tx
-            .send_timeout(ConnEvent::Data(payload), self.stall_timeout)
-            .await
-        {
-            Ok(()) => {}
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
-                if let Some(slot) = self.conns.remove(&id) {
-                    slot.cancel.cancel();
-                    tracing::warn!(conn = %id, timeout = ?self.stall_timeout, "closing a connection whose reader stalled");
-                    let _ = self
-                        .send(Message::Close(Close {
-                            id,
-                            reason: "stalled: the receiving side stopped reading".into(),
-                        }))
-                        .await;
-                }
+        if self.flow_controlled() {
+            if let Err(e) = inbox.push(payload, true) {
+                self.reset(id, &e).await;
             }
-            // The relay already ended; it tells the peer itself.
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => {}
+            return;
         }
+        let room = inbox.wait_for_room(JSON_CONN_BUFFER);
+        if tokio::time::timeout(self.options.stall_timeout, room)
+            .await
+            .is_err()
+        {
+            if let Some(slot) = self.conns.remove(&id) {
+                slot.cancel.cancel();
+                tracing::warn!(conn = %id, timeout = ?self.options.stall_timeout, "closing a connection whose reader stalled");
+                let _ = self
+                    .send(Message::Close(Close {
+                        id,
+                        reason: "stalled: the receiving side stopped reading".into(),
+                    }))
+                    .await;
+            }
+            return;
+        }
+        // A JSON-mode inbox only ends when its slot is gone, and then the relay no
+        // longer reads it: nothing to report.
+        let _ = inbox.push(payload, false);
+    }
+
+    /// Resets one connection because its peer broke the flow-control or half-close
+    /// rules. Only that connection suffers.
+    async fn reset(&self, id: ConnId, why: &PushError) {
+        let Some(slot) = self.conns.remove(&id) else {
+            return;
+        };
+        slot.cancel.cancel();
+        tracing::warn!(conn = %id, error = %why, "resetting a connection whose peer broke the protocol");
+        self.reply_error(ErrorCode::InvalidMessage, why.to_string(), Some(id))
+            .await;
+        let _ = self
+            .send(Message::Close(Close {
+                id,
+                reason: why.to_string(),
+            }))
+            .await;
     }
 
     /// Reads and dispatches messages until the socket closes, fails or stays silent
@@ -384,10 +531,7 @@ impl SessionCore {
                 Incoming::Ping(p) => {
                     let _ = self.send_raw(Outbound::WsPong(p)).await;
                 }
-                Incoming::Pong => {
-                    self.last_pong_ms
-                        .store(crate::tunnel::monotonic_ms(), Ordering::Relaxed);
-                }
+                Incoming::Pong => self.pong_received(None),
                 Incoming::Close { code, reason } => {
                     let _ = self
                         .out
@@ -492,7 +636,8 @@ impl std::fmt::Display for SessionEnd {
 pub struct TunnelConn {
     pub id: ConnId,
     pub(super) core: Arc<SessionCore>,
-    pub(super) rx: mpsc::Receiver<ConnEvent>,
+    pub(super) inbox: Arc<Inbox>,
+    pub(super) credit: Arc<SendCredit>,
     pub(super) cancel: CancellationToken,
 }
 
