@@ -174,30 +174,11 @@ async fn socks5_connect(
     host: &str,
     target_port: u16,
 ) -> Result<u8, u8> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(&[5, 1, 2]).await.unwrap();
-    let mut choice = [0u8; 2];
-    s.read_exact(&mut choice).await.unwrap();
-    assert_eq!(choice, [5, 2]);
-    let mut auth = vec![1, user.len() as u8];
-    auth.extend_from_slice(user.as_bytes());
-    auth.push(pass.len() as u8);
-    auth.extend_from_slice(pass.as_bytes());
-    s.write_all(&auth).await.unwrap();
-    let mut status = [0u8; 2];
-    s.read_exact(&mut status).await.unwrap();
-    if status[1] != 0 {
-        return Err(status[1]);
+    match socks5_stream(port, user, pass, host, target_port).await {
+        Ok(_) => Ok(0),
+        Err(Socks5Refusal::Reply(code)) => Ok(code),
+        Err(Socks5Refusal::Auth(status)) => Err(status),
     }
-    let mut req = vec![5, 1, 0, 3, host.len() as u8];
-    req.extend_from_slice(host.as_bytes());
-    req.extend_from_slice(&target_port.to_be_bytes());
-    s.write_all(&req).await.unwrap();
-    let mut reply = [0u8; 10];
-    s.read_exact(&mut reply).await.unwrap();
-    Ok(reply[1])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

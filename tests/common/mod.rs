@@ -80,6 +80,10 @@ pub struct StackOptions {
     pub encoding: &'static str,
     pub with_agent: bool,
     pub max_concurrent_conns: usize,
+    /// Extra YAML lines for the `gateway:` section (each `key: value`).
+    pub gateway_extra: Vec<String>,
+    /// Extra YAML lines for the `client:` section.
+    pub client_extra: Vec<String>,
 }
 
 impl Default for StackOptions {
@@ -89,6 +93,8 @@ impl Default for StackOptions {
             encoding: "binary",
             with_agent: true,
             max_concurrent_conns: 1000,
+            gateway_extra: vec![],
+            client_extra: vec![],
         }
     }
 }
@@ -141,7 +147,7 @@ gateway:
   tls_key: "{key}"
   auth_username: "{AGENT_USER}"
   auth_password: "{AGENT_PASS}"
-  connect_timeout: 5s
+  connect_timeout: 5s{gateway_extra}
 client:
   gateway_addr: "localhost:{gateway_port}"
   gateway_tls_cert: "{cert}"
@@ -153,12 +159,14 @@ client:
   dial_timeout: 3s
   reconnect_min: 100ms
   reconnect_max: 1s
-  forbidden_hosts:{forbidden}
+  forbidden_hosts:{forbidden}{client_extra}
 "#,
             cert = certs.cert.display(),
             key = certs.key.display(),
             max = opts.max_concurrent_conns,
             encoding = opts.encoding,
+            gateway_extra = extra_lines(&opts.gateway_extra),
+            client_extra = extra_lines(&opts.client_extra),
         );
         let config_path = certs.dir.path().join("config.yaml");
         std::fs::write(&config_path, config).unwrap();
@@ -219,6 +227,69 @@ client:
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
+}
+
+fn extra_lines(lines: &[String]) -> String {
+    lines.iter().map(|l| format!("\n  {l}")).collect()
+}
+
+/// Resident memory of a process in bytes, from `/proc/PID/status`.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kib * 1024
+}
+
+/// Why the SOCKS5 front end refused a connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Socks5Refusal {
+    /// The RFC 1929 status byte.
+    Auth(u8),
+    /// The RFC 1928 CONNECT reply code.
+    Reply(u8),
+}
+
+/// Opens a connection through the SOCKS5 front end (user/password auth, domain name).
+pub async fn socks5_stream(
+    port: u16,
+    user: &str,
+    pass: &str,
+    host: &str,
+    target_port: u16,
+) -> Result<tokio::net::TcpStream, Socks5Refusal> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(&[5, 1, 2]).await.unwrap();
+    let mut choice = [0u8; 2];
+    s.read_exact(&mut choice).await.unwrap();
+    assert_eq!(choice, [5, 2]);
+    let mut auth = vec![1, user.len() as u8];
+    auth.extend_from_slice(user.as_bytes());
+    auth.push(pass.len() as u8);
+    auth.extend_from_slice(pass.as_bytes());
+    s.write_all(&auth).await.unwrap();
+    let mut status = [0u8; 2];
+    s.read_exact(&mut status).await.unwrap();
+    if status[1] != 0 {
+        return Err(Socks5Refusal::Auth(status[1]));
+    }
+    let mut req = vec![5, 1, 0, 3, host.len() as u8];
+    req.extend_from_slice(host.as_bytes());
+    req.extend_from_slice(&target_port.to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).await.unwrap();
+    if reply[1] != 0 {
+        return Err(Socks5Refusal::Reply(reply[1]));
+    }
+    Ok(s)
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so both ends can hash without storing.
