@@ -6,7 +6,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn http_body(args: &[&str]) -> String {
     let (code, out) = curl(args).await;
