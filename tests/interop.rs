@@ -205,11 +205,31 @@ async fn exercise(args: &[String], base: &str, dir: &Path, logs: &dyn Fn() -> St
     eprintln!("{CONCURRENT} concurrent requests ok in {:?}", t.elapsed());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_doc_agent_serves_curl_through_our_gateway() {
+fn doc_agent_args(stack: &Stack, client_id: &str, flags: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "--url".into(),
+        format!("wss://localhost:{}/ws", stack.gateway_port),
+        "--cafile".into(),
+        stack.certs.cert.display().to_string(),
+        "--username".into(),
+        AGENT_USER.into(),
+        "--password".into(),
+        AGENT_PASS.into(),
+        "--client-id".into(),
+        client_id.into(),
+    ];
+    args.extend(flags.iter().map(|f| f.to_string()));
+    args
+}
+
+/// Starts a gateway (with `gateway_extra` config lines) and the Python agent (with
+/// `flags`), pushes the common traffic through it, and returns the agent's
+/// `EXTENSIONS` line: what the handshake negotiated.
+async fn doc_agent_round(gateway_extra: &[&str], flags: &[&str]) -> String {
     let started = Instant::now();
     let stack = Stack::start(StackOptions {
         with_agent: false,
+        gateway_extra: gateway_extra.iter().map(|l| l.to_string()).collect(),
         ..Default::default()
     })
     .await;
@@ -218,18 +238,7 @@ async fn python_doc_agent_serves_curl_through_our_gateway() {
     let mut agent = PyProc::spawn(
         "doc_agent",
         "tests/interop/doc_agent.py",
-        &[
-            "--url".into(),
-            format!("wss://localhost:{}/ws", stack.gateway_port),
-            "--cafile".into(),
-            stack.certs.cert.display().to_string(),
-            "--username".into(),
-            AGENT_USER.into(),
-            "--password".into(),
-            AGENT_PASS.into(),
-            "--client-id".into(),
-            "py-agent".into(),
-        ],
+        &doc_agent_args(&stack, "py-agent", flags),
         &dir,
     );
     let gateway_log = || format!("--- gateway log ---\n{}", stack.log("gateway"));
@@ -257,7 +266,10 @@ async fn python_doc_agent_serves_curl_through_our_gateway() {
         line.contains("py-agent") && line.contains("json"),
         "the Python agent should have been accepted in JSON mode: {line}"
     );
-    eprintln!("python agent authenticated after {:?}", started.elapsed());
+    eprintln!(
+        "python agent {flags:?} authenticated after {:?}",
+        started.elapsed()
+    );
 
     let logs = || format!("{}\n{}", gateway_log(), agent.output());
     let proxy = stack.http_proxy();
@@ -282,7 +294,18 @@ async fn python_doc_agent_serves_curl_through_our_gateway() {
         gateway_log(),
         agent.output()
     );
-    eprintln!("test done in {:?}", started.elapsed());
+    eprintln!("round {flags:?} done in {:?}", started.elapsed());
+    let out = agent.stdout.lock().clone();
+    out.lines()
+        .find_map(|l| l.strip_prefix("EXTENSIONS "))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_doc_agent_serves_curl_through_our_gateway() {
+    let extensions = doc_agent_round(&[], &[]).await;
+    assert_eq!(extensions, "none");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,9 +7,17 @@ and nothing else.  It is meant for interop testing of a gateway.
 
 Usage:
   doc_agent.py --url wss://127.0.0.1:PORT/ws --cafile CERT.pem \
-      --username U --password P --client-id ID [--ping-interval 5]
+      --username U --password P --client-id ID [--ping-interval 5] \
+      [--deflate [--no-context-takeover] [--max-window-bits N]] [--fragment BYTES] \
+      [--bomb BYTES]
 
-stdout: ``AUTH_OK`` after a successful auth_response, or
+``--deflate`` offers permessage-deflate (RFC 7692, websockets' own implementation);
+``--fragment`` sends every message in WebSocket fragments of at most BYTES;
+``--bomb`` sends, after authenticating, one highly compressible message of BYTES
+bytes, prints ``CLOSED <code> <reason>`` when the gateway closes, and exits 0.
+
+stdout: ``EXTENSIONS <negotiated Sec-WebSocket-Extensions or none>`` after the
+handshake, ``AUTH_OK`` after a successful auth_response, or
 ``AUTH_FAILED <message>`` (exit code 2).  Diagnostics go to stderr.
 Exit codes: 0 on SIGTERM/SIGINT, 2 on authentication failure, 1 on any other
 failure (including losing the gateway connection after authentication).
@@ -28,6 +36,7 @@ import time
 
 import websockets
 from websockets.asyncio.client import connect as ws_connect
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 
 ERROR_CODES = {
     "AUTH_FAILED",
@@ -95,8 +104,13 @@ class Agent:
     # ------------------------------------------------------------------ send
     async def send(self, msg_type, data):
         text = encode(msg_type, data)
+        size = self.args.fragment
         async with self.send_lock:
-            await self.ws.send(text)
+            if size and len(text) > size:
+                # An iterable makes websockets send one message in several frames.
+                await self.ws.send(text[i:i + size] for i in range(0, len(text), size))
+            else:
+                await self.ws.send(text)
 
     async def send_quiet(self, msg_type, data):
         try:
@@ -408,12 +422,24 @@ async def amain(args):
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
 
+    extensions = None
+    if args.deflate:
+        extensions = [
+            ClientPerMessageDeflateFactory(
+                server_no_context_takeover=args.no_context_takeover,
+                client_no_context_takeover=args.no_context_takeover,
+                server_max_window_bits=args.max_window_bits,
+                client_max_window_bits=args.max_window_bits or True,
+            )
+        ]
+
     async def session():
         try:
             agent.ws = await ws_connect(
                 args.url,
                 ssl=ctx,
-                compression=None,  # no subprotocol, no extensions: plain document JSON mode
+                compression=None,  # no subprotocol; extensions only as asked for
+                extensions=extensions,
                 max_size=64 * 1024 * 1024,
                 ping_interval=None,  # heartbeat is done with the document's ping message
                 open_timeout=15,
@@ -423,6 +449,8 @@ async def amain(args):
         except Exception as e:
             log("cannot connect to gateway:", type(e).__name__, e)
             return 1
+        negotiated = agent.ws.response.headers.get("Sec-WebSocket-Extensions")
+        print(f"EXTENSIONS {negotiated or 'none'}", flush=True)
         try:
             ok, message = await agent.authenticate()
         except Exception as e:
@@ -432,6 +460,14 @@ async def amain(args):
             print(f"AUTH_FAILED {message}", flush=True)
             return 2
         print("AUTH_OK", flush=True)
+        if args.bomb:
+            try:
+                await agent.ws.send("0" * args.bomb)
+                await asyncio.wait_for(agent.ws.wait_closed(), 30)
+            except (websockets.ConnectionClosed, asyncio.TimeoutError):
+                pass
+            print(f"CLOSED {agent.ws.close_code} {agent.ws.close_reason}", flush=True)
+            return 0
         try:
             await agent.run_session()
         except websockets.ConnectionClosed:
@@ -473,6 +509,13 @@ def main():
     p.add_argument("--password", required=True)
     p.add_argument("--client-id", required=True)
     p.add_argument("--ping-interval", type=float, default=5.0, help="seconds between ping messages (0 = off)")
+    p.add_argument("--deflate", action="store_true", help="offer permessage-deflate")
+    p.add_argument("--no-context-takeover", action="store_true",
+                   help="with --deflate: ask for no context takeover in both directions")
+    p.add_argument("--max-window-bits", type=int, default=None,
+                   help="with --deflate: offer server_max_window_bits/client_max_window_bits")
+    p.add_argument("--fragment", type=int, default=0, help="send messages in frames of at most N bytes")
+    p.add_argument("--bomb", type=int, default=0, help="send one compressible message of N bytes, report the close")
     args = p.parse_args()
     code = asyncio.run(amain(args))
     sys.stdout.flush()
