@@ -16,3 +16,6 @@ pub fn monotonic_ms() -> u64 {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
     ORIGIN.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
+
+#[cfg(test)]
+mod tests;

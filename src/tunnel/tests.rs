@@ -1,0 +1,174 @@
+//! Two sessions joined by an in-memory pipe, so that what flow control promises can be
+//! counted exactly: bytes in flight toward a stalled reader never exceed its window,
+//! other connections keep flowing, and a peer that ignores its credit loses only the
+//! connection it abused.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyproxy_proto::{ConnId, Data, Encoding, Message, INITIAL_WINDOW};
+use bytes::Bytes;
+use fastwebsockets::Role;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+use super::relay::{relay, READ_SIZE};
+use super::session::{SessionCore, SessionOptions};
+use crate::transport::ws;
+
+const PIPE: usize = 64 * 1024;
+
+struct Pair {
+    a: Arc<SessionCore>,
+    b: Arc<SessionCore>,
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        self.a.shutdown();
+        self.b.shutdown();
+    }
+}
+
+fn pair() -> Pair {
+    let (x, y) = tokio::io::duplex(1 << 20);
+    let options = SessionOptions {
+        stall_timeout: Duration::from_secs(600),
+        max_window: 8 << 20,
+    };
+    let start = |io: DuplexStream, role: Role| {
+        let (mut reader, writer) = ws::split(Box::new(io), role, 4 << 20);
+        let (core, _writer) = SessionCore::start(Encoding::Binary, writer, options);
+        let looped = core.clone();
+        tokio::spawn(async move {
+            looped
+                .read_loop(&mut reader, Duration::from_secs(600), |_| async {})
+                .await
+        });
+        core
+    };
+    Pair {
+        a: start(x, Role::Client),
+        b: start(y, Role::Server),
+    }
+}
+
+/// Opens connection `id` on both sides and relays each end to a local pipe; returns
+/// the user ends (A's, B's).
+fn connect(pair: &Pair, id: u32) -> (DuplexStream, DuplexStream) {
+    let id = ConnId(id);
+    let (a_user, a_local) = tokio::io::duplex(PIPE);
+    let (b_user, b_local) = tokio::io::duplex(PIPE);
+    let a = pair.a.register(id).expect("free id");
+    let b = pair.b.register(id).expect("free id");
+    tokio::spawn(relay(a_local, a));
+    tokio::spawn(relay(b_local, b));
+    (a_user, b_user)
+}
+
+/// Waits until `counter` has not moved for a while.
+async fn settle(counter: &AtomicU64) -> u64 {
+    let mut last = counter.load(Ordering::Relaxed);
+    let mut still = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while still < 10 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = counter.load(Ordering::Relaxed);
+        if now == last {
+            still += 1;
+        } else {
+            (still, last) = (0, now);
+        }
+    }
+    last
+}
+
+fn byte_at(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_toward_a_stalled_reader_never_exceed_its_window() {
+    let pair = pair();
+    let (mut stalled_src, mut stalled_dst) = connect(&pair, 1);
+    let pushed = Arc::new(AtomicU64::new(0));
+    let counter = pushed.clone();
+    let writer = tokio::spawn(async move {
+        let mut offset = 0u64;
+        for _ in 0..1024 {
+            let chunk: Vec<u8> = (offset..offset + 65536).map(byte_at).collect();
+            if stalled_src.write_all(&chunk).await.is_err() {
+                return;
+            }
+            offset += 65536;
+            counter.store(offset, Ordering::Relaxed);
+        }
+    });
+    let held = settle(&pushed).await;
+    // In flight: the window, plus at most one read and each pipe's buffer on the way.
+    let bound = INITIAL_WINDOW as u64 + (READ_SIZE + 2 * PIPE) as u64;
+    assert!(held > 0);
+    assert!(held <= bound, "{held} bytes in flight, bound {bound}");
+
+    // A second connection on the same WebSocket moves 16 MiB meanwhile.
+    let (mut src, mut dst) = connect(&pair, 2);
+    const N: usize = 16 << 20;
+    let sender = tokio::spawn(async move {
+        let data = vec![0x5a; N];
+        src.write_all(&data).await.unwrap();
+        src.shutdown().await.unwrap();
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), dst.read_to_end(&mut got))
+        .await
+        .expect("the second connection was held up by the stalled one")
+        .unwrap();
+    sender.await.unwrap();
+    assert_eq!(got.len(), N);
+    assert!(got.iter().all(|&b| b == 0x5a));
+    assert_eq!(
+        pushed.load(Ordering::Relaxed),
+        held,
+        "the stalled one moved"
+    );
+
+    // The stalled reader now reads everything, in order, with nothing lost.
+    let mut buf = vec![0u8; 8 << 20];
+    stalled_dst.read_exact(&mut buf).await.unwrap();
+    assert!(buf.iter().enumerate().all(|(i, &b)| b == byte_at(i as u64)));
+    writer.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_ignores_its_credit_loses_only_that_connection() {
+    let pair = pair();
+    let (_abused_src, mut abused_dst) = connect(&pair, 7);
+    let (mut good_src, mut good_dst) = connect(&pair, 8);
+    // Bypass the relay's credit: A sends B more than the initial window at once.
+    let chunk = Bytes::from(vec![1u8; 64 * 1024]);
+    for _ in 0..(INITIAL_WINDOW as usize / chunk.len() + 2) {
+        let msg = Message::Data(Data {
+            id: ConnId(7),
+            payload: chunk.clone(),
+        });
+        pair.a.send(msg).await.unwrap();
+    }
+    // B resets connection 7 (its user sees the end of the stream) and tells A.
+    let mut sink = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), abused_dst.read_to_end(&mut sink))
+        .await
+        .expect("the abused connection was reset")
+        .unwrap();
+    assert!(sink.len() <= INITIAL_WINDOW as usize);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pair.a.is_live(ConnId(7)) || pair.b.is_live(ConnId(7)) {
+        assert!(Instant::now() < deadline, "connection 7 still open");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Connection 8 and the session are fine.
+    good_src.write_all(b"still here").await.unwrap();
+    let mut buf = [0u8; 10];
+    good_dst.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"still here");
+    assert!(!pair.a.is_closed() && !pair.b.is_closed());
+}
