@@ -32,6 +32,7 @@ impl Connector for TunnelConnector {
         target: &TargetAddr,
         _who: &Requester,
     ) -> Result<TunnelConn, ConnectError> {
+        target.validate()?;
         // One retry: a session can die between being picked and carrying the connect.
         for _ in 0..2 {
             let agent = self.registry.pick().ok_or(ConnectError::NoAgent)?;

@@ -19,6 +19,27 @@ pub struct TargetAddr {
     pub port: u16,
 }
 
+/// Longest DNS name (RFC 1035: 253 characters in text form).
+pub const MAX_HOST_LEN: usize = 253;
+
+impl TargetAddr {
+    /// Refuses what no agent could dial, before a `connect` is sent for it.
+    pub fn validate(&self) -> Result<(), ConnectError> {
+        if self.host.is_empty() || self.host.len() > MAX_HOST_LEN {
+            return Err(ConnectError::InvalidTarget(format!(
+                "host must be 1 to {MAX_HOST_LEN} bytes, got {}",
+                self.host.len()
+            )));
+        }
+        if self.host.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            return Err(ConnectError::InvalidTarget(
+                "host contains spaces or control characters".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Display for TargetAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.host.contains(':') {
@@ -62,6 +83,8 @@ pub enum ConnectError {
     RateLimited(String),
     #[error("tunnel error: {0}")]
     Internal(String),
+    #[error("invalid target: {0}")]
+    InvalidTarget(String),
 }
 
 impl ConnectError {
@@ -74,6 +97,7 @@ impl ConnectError {
             ConnectError::TimedOut(_) => 504,
             ConnectError::RateLimited(_) => 429,
             ConnectError::Internal(_) => 502,
+            ConnectError::InvalidTarget(_) => 400,
         }
     }
 
@@ -81,7 +105,7 @@ impl ConnectError {
     pub fn socks_reply(&self) -> u8 {
         match self {
             ConnectError::Forbidden(_) => 0x02,
-            ConnectError::Unreachable(_) => 0x04,
+            ConnectError::Unreachable(_) | ConnectError::InvalidTarget(_) => 0x04,
             ConnectError::Refused(_) => 0x05,
             ConnectError::TimedOut(_) => 0x06,
             ConnectError::NoAgent | ConnectError::RateLimited(_) | ConnectError::Internal(_) => {
@@ -99,6 +123,7 @@ impl ConnectError {
                 ErrorCode::ConnectionFailed
             }
             ConnectError::NoAgent | ConnectError::Internal(_) => ErrorCode::InternalError,
+            ConnectError::InvalidTarget(_) => ErrorCode::InvalidMessage,
         }
     }
 }
@@ -147,5 +172,32 @@ impl From<OpenError> for ConnectError {
             }
             OpenError::Failed(f) => f.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(host: &str) -> TargetAddr {
+        TargetAddr {
+            host: host.into(),
+            port: 80,
+        }
+    }
+
+    #[test]
+    fn targets_no_agent_could_dial_are_refused_up_front() {
+        assert!(target("example.com").validate().is_ok());
+        assert!(target("2001:db8::1").validate().is_ok());
+        assert!(target(&"a".repeat(MAX_HOST_LEN)).validate().is_ok());
+        for bad in ["", "a b", "a\r\nb"] {
+            assert!(target(bad).validate().is_err(), "{bad:?}");
+        }
+        let long = target(&"a".repeat(MAX_HOST_LEN + 1))
+            .validate()
+            .unwrap_err();
+        assert_eq!(long.http_status(), 400);
+        assert_eq!(long.socks_reply(), 0x04);
     }
 }
