@@ -138,15 +138,21 @@ impl Agent {
             Encoding::Binary => &[Encoding::Binary, Encoding::Json],
             Encoding::Json => &[Encoding::Json],
         };
-        let encoding = tokio::time::timeout(
+        let connected = tokio::time::timeout(
             cfg.dial_timeout.0,
-            handshake::connect(&mut io, &cfg.gateway_addr, offer),
+            handshake::connect(&mut io, &cfg.gateway_addr, offer, None),
         )
         .await
         .map_err(|_| SessionError::Handshake("timed out".into()))?
         .map_err(|e| SessionError::Handshake(e.to_string()))?;
-        let (mut reader, writer) = ws::split(io, Role::Client, cfg.max_message_size.0 as usize);
-        let (core, writer_task) = SessionCore::start(encoding, writer, cfg.stall_timeout.0);
+        let (mut reader, writer) = ws::split(
+            io,
+            Role::Client,
+            cfg.max_message_size.0 as usize,
+            connected.deflate,
+        );
+        let (core, writer_task) =
+            SessionCore::start(connected.encoding, writer, cfg.stall_timeout.0);
         let result = self
             .authenticated_session(client_id, &core, &mut reader, attempt)
             .await;

@@ -92,12 +92,13 @@ impl AgentServer {
             .map_err(|_| "TLS handshake timed out".to_string())?
             .map_err(|e| format!("TLS handshake failed: {e}"))?;
         let mut io: BoxIo = Box::new(tls);
-        let accepted = tokio::time::timeout(deadline, handshake::accept(&mut io, &self.encodings))
-            .await
-            .map_err(|_| "WebSocket handshake timed out".to_string())?
-            .map_err(|e| format!("WebSocket handshake: {e}"))?;
+        let accepted =
+            tokio::time::timeout(deadline, handshake::accept(&mut io, &self.encodings, None))
+                .await
+                .map_err(|_| "WebSocket handshake timed out".to_string())?
+                .map_err(|e| format!("WebSocket handshake: {e}"))?;
         let max_message = self.config.max_message_size.0 as usize;
-        let (mut reader, writer) = ws::split(io, Role::Server, max_message);
+        let (mut reader, writer) = ws::split(io, Role::Server, max_message, accepted.deflate);
         let (core, writer_task) =
             SessionCore::start(accepted.encoding, writer, self.config.stall_timeout.0);
 
