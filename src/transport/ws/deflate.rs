@@ -388,10 +388,14 @@ impl Decompressor {
             }
             let consumed = (self.inner.total_in() - in0) as usize;
             let before = (self.inner.total_in(), out.len());
-            let status = self
-                .inner
-                .decompress_vec(&input[consumed..], out, FlushDecompress::Sync)
-                .map_err(|e| DeflateError::Corrupt(e.to_string()))?;
+            // The input is the peer's: a panic in zlib-rs must end in an error, not
+            // in a dead task.
+            let status = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.inner
+                    .decompress_vec(&input[consumed..], out, FlushDecompress::Sync)
+            }))
+            .map_err(|_| DeflateError::Corrupt("inflate panicked".into()))?
+            .map_err(|e| DeflateError::Corrupt(e.to_string()))?;
             if out.len() > max {
                 return Err(DeflateError::TooLarge { max });
             }
@@ -536,6 +540,24 @@ mod tests {
         let err = d.feed(&wire, &mut out, 1 << 20).unwrap_err();
         assert!(matches!(err, DeflateError::TooLarge { .. }), "{err}");
         assert!(out.capacity() <= (1 << 20) + 1, "{}", out.capacity());
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut d = Decompressor::new(&params(15, false));
+        for i in 0..2000 {
+            let len = 1 + i % 300;
+            let junk: Vec<u8> = (0..len).map(|_| rand::random::<u8>()).collect();
+            let mut out = Vec::new();
+            let r = d
+                .feed(&junk[..len / 2], &mut out, 4096)
+                .and_then(|()| d.feed(&junk[len / 2..], &mut out, 4096))
+                .and_then(|()| d.finish(&mut out, 4096));
+            if r.is_err() {
+                d = Decompressor::new(&params(15, false));
+            }
+            assert!(out.len() <= 4096);
+        }
     }
 
     #[test]
