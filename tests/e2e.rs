@@ -61,6 +61,38 @@ async fn http_connect_and_socks5_reach_targets_through_the_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_mib_bodies_arrive_byte_identical_both_ways() {
     let stack = Stack::start(StackOptions::default()).await;
+    sixty_four_mib_both_ways(&stack).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deflate_sessions_carry_sixty_four_mib_byte_identical_in_both_encodings() {
+    for encoding in ["binary", "json"] {
+        let deflate = vec!["deflate: { enabled: true }".to_string()];
+        let stack = Stack::start(StackOptions {
+            encoding,
+            gateway_extra: deflate.clone(),
+            client_extra: deflate,
+            ..StackOptions::default()
+        })
+        .await;
+        let log = stack.log("gateway");
+        let line = log
+            .lines()
+            .find(|l| l.contains("agent connected"))
+            .unwrap_or_default();
+        assert!(
+            line.contains(&format!("encoding=\"{encoding}\""))
+                || line.contains(&format!("encoding={encoding}")),
+            "{line}"
+        );
+        assert!(line.contains("deflate=true"), "{line}");
+        sixty_four_mib_both_ways(&stack).await;
+    }
+}
+
+/// Downloads (absolute-form HTTP, HTTPS via CONNECT, SOCKS5) and uploads 64 MiB through
+/// the stack and checks every byte.
+async fn sixty_four_mib_both_ways(stack: &Stack) {
     let plain = http_target().await;
     let tls = https_target(&stack.certs).await;
     let proxy = stack.http_proxy();

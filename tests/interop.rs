@@ -452,3 +452,85 @@ client:
     eprintln!("received: {}", rep["received"]);
     eprintln!("test done in {:?}", started.elapsed());
 }
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_websockets_with_permessage_deflate_against_our_gateway() {
+    let takeover = "deflate: { enabled: true, no_context_takeover: false }";
+    // The gateway does not compress unless configured to: the offer is declined.
+    let ext = doc_agent_round(&[], &["--deflate"]).await;
+    assert_eq!(ext, "none");
+    // Both sides keep their compression context across messages.
+    let ext = doc_agent_round(&[takeover], &["--deflate"]).await;
+    assert!(ext.starts_with("permessage-deflate"), "{ext}");
+    assert!(!ext.contains("no_context_takeover"), "{ext}");
+    // The gateway's default: every message compressed on its own, both ways.
+    let ext = doc_agent_round(&["deflate: { enabled: true }"], &["--deflate"]).await;
+    assert!(ext.contains("server_no_context_takeover"), "{ext}");
+    assert!(ext.contains("client_no_context_takeover"), "{ext}");
+    // The peer asks for no context takeover and a 1 KiB window, and fragments its
+    // messages (the first fragment carries RSV1, the rest continue the deflate stream).
+    let ext = doc_agent_round(
+        &[takeover],
+        &[
+            "--deflate",
+            "--no-context-takeover",
+            "--max-window-bits",
+            "10",
+            "--fragment",
+            "1000",
+        ],
+    )
+    .await;
+    assert!(ext.contains("server_no_context_takeover"), "{ext}");
+    assert!(ext.contains("server_max_window_bits=10"), "{ext}");
+    // Fragmented, uncompressed messages from a peer that offers nothing.
+    let ext = doc_agent_round(&["deflate: { enabled: true }"], &["--fragment", "700"]).await;
+    assert_eq!(ext, "none");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deflate_bomb_closes_only_its_own_session_with_1009() {
+    let stack = Stack::start(StackOptions {
+        gateway_extra: vec!["deflate: { enabled: true }".into()],
+        ..Default::default()
+    })
+    .await;
+    let target = http_target().await;
+    let dir = stack.certs.dir.path().to_path_buf();
+    // 64 MiB of one character deflates to a few tens of KiB; the gateway's limit on a
+    // message is 2 MiB, decompressed.
+    let bomb = (64usize << 20).to_string();
+    let mut bomber = PyProc::spawn(
+        "doc_agent_bomb",
+        "tests/interop/doc_agent.py",
+        &doc_agent_args(&stack, "bomber", &["--deflate", "--bomb", &bomb]),
+        &dir,
+    );
+    let gateway_log = || format!("--- gateway log ---\n{}", stack.log("gateway"));
+    bomber
+        .wait_for_line("CLOSED", Duration::from_secs(30), gateway_log)
+        .await;
+    let out = bomber.stdout.lock().clone();
+    assert!(
+        out.contains("EXTENSIONS permessage-deflate"),
+        "deflate was not negotiated:\n{out}"
+    );
+    assert!(
+        out.lines().any(|l| l.starts_with("CLOSED 1009")),
+        "expected close code 1009:\n{out}\n{}",
+        gateway_log()
+    );
+    // The gateway's own agent session is untouched and keeps carrying traffic.
+    let (code, body) = curl(&[
+        "-x",
+        &stack.http_proxy(),
+        &format!("http://127.0.0.1:{}/bytes/1000000", target.port()),
+    ])
+    .await;
+    assert_eq!(code, 0, "{}", gateway_log());
+    assert_eq!(sha256_hex(&body), sha256_hex(&pattern(1_000_000, 7)));
+    assert!(
+        !stack.log("agent").contains("disconnected"),
+        "the innocent agent lost its session:\n{}",
+        stack.log("agent")
+    );
+}

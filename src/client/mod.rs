@@ -136,15 +136,21 @@ impl Agent {
             Encoding::Binary => &[Encoding::Binary, Encoding::Json],
             Encoding::Json => &[Encoding::Json],
         };
-        let encoding = tokio::time::timeout(
+        let connected = tokio::time::timeout(
             cfg.dial_timeout.0,
-            handshake::connect(&mut io, &cfg.gateway_addr, offer),
+            handshake::connect(&mut io, &cfg.gateway_addr, offer, Some(&cfg.deflate)),
         )
         .await
         .map_err(|_| SessionError::Handshake("timed out".into()))?
         .map_err(|e| SessionError::Handshake(e.to_string()))?;
-        let (mut reader, writer) = ws::split(io, Role::Client, cfg.max_message_size.0 as usize);
-        let (core, writer_task) = SessionCore::start(encoding, writer, cfg.session_options());
+        let (mut reader, writer) = ws::split(
+            io,
+            Role::Client,
+            cfg.max_message_size.0 as usize,
+            connected.deflate,
+        );
+        let (core, writer_task) =
+            SessionCore::start(connected.encoding, writer, cfg.session_options());
         let result = self
             .authenticated_session(client_id, &core, &mut reader, attempt)
             .await;
@@ -206,7 +212,7 @@ impl Agent {
             }
         };
         *attempt = 0;
-        tracing::info!(%client_id, gateway = %cfg.gateway_addr, encoding = core.encoding.as_str(), "authenticated to the gateway");
+        tracing::info!(%client_id, gateway = %cfg.gateway_addr, encoding = core.encoding.as_str(), deflate = core.compressed(), "authenticated to the gateway");
 
         let pinger = tokio::spawn(core.clone().heartbeat(cfg.ping_interval.0));
         for msg in leftovers {

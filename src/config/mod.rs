@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyproxy_proto::Encoding;
 use serde::{Deserialize, Deserializer};
 
+use crate::transport::ws::DeflateConfig;
 use crate::tunnel::SessionOptions;
 
 pub use units::{parse_duration, parse_size, ByteSize, HumanDuration};
@@ -80,6 +81,9 @@ impl Config {
                 ));
             }
             check_max_window("client.max_window", c.max_window)?;
+            c.deflate
+                .validate()
+                .map_err(|e| ConfigError::Semantic(format!("client.{e}")))?;
         }
         if let Some(g) = &self.gateway {
             if g.encodings.is_empty() {
@@ -88,6 +92,9 @@ impl Config {
                 ));
             }
             check_max_window("gateway.max_window", g.max_window)?;
+            g.deflate
+                .validate()
+                .map_err(|e| ConfigError::Semantic(format!("gateway.{e}")))?;
         }
         Ok(())
     }
@@ -245,6 +252,9 @@ pub struct GatewayConfig {
     /// Encodings agents may negotiate.
     #[serde(default = "default_encodings")]
     pub encodings: Vec<EncodingName>,
+    /// permessage-deflate toward agents that offer it (off by default).
+    #[serde(default)]
+    pub deflate: DeflateConfig,
 }
 
 impl GatewayConfig {
@@ -348,6 +358,9 @@ pub struct ClientConfig {
     /// Encoding to ask the gateway for (`binary` or `json`).
     #[serde(default = "default_client_encoding")]
     pub encoding: EncodingName,
+    /// permessage-deflate offered to the gateway (off by default).
+    #[serde(default)]
+    pub deflate: DeflateConfig,
 }
 
 /// An allowlist entry: when `limit` is non-empty only these targets may be dialed.

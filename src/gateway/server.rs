@@ -92,12 +92,15 @@ impl AgentServer {
             .map_err(|_| "TLS handshake timed out".to_string())?
             .map_err(|e| format!("TLS handshake failed: {e}"))?;
         let mut io: BoxIo = Box::new(tls);
-        let accepted = tokio::time::timeout(deadline, handshake::accept(&mut io, &self.encodings))
-            .await
-            .map_err(|_| "WebSocket handshake timed out".to_string())?
-            .map_err(|e| format!("WebSocket handshake: {e}"))?;
+        let accepted = tokio::time::timeout(
+            deadline,
+            handshake::accept(&mut io, &self.encodings, Some(&self.config.deflate)),
+        )
+        .await
+        .map_err(|_| "WebSocket handshake timed out".to_string())?
+        .map_err(|e| format!("WebSocket handshake: {e}"))?;
         let max_message = self.config.max_message_size.0 as usize;
-        let (mut reader, writer) = ws::split(io, Role::Server, max_message);
+        let (mut reader, writer) = ws::split(io, Role::Server, max_message, accepted.deflate);
         let (core, writer_task) =
             SessionCore::start(accepted.encoding, writer, self.config.session_options());
 
@@ -198,7 +201,7 @@ impl AgentServer {
                 message: "Authentication successful".into(),
             }))
             .await;
-        tracing::info!(client_id = %auth.client_id, %peer, encoding = core.encoding.as_str(), "agent connected");
+        tracing::info!(client_id = %auth.client_id, %peer, encoding = core.encoding.as_str(), deflate = core.compressed(), "agent connected");
 
         let pinger = tokio::spawn(core.clone().heartbeat(self.config.ping_interval.0));
         let role_core = core.clone();

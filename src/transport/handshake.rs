@@ -1,6 +1,7 @@
 //! The RFC 6455 opening handshake, both sides, with encoding negotiation through
-//! `Sec-WebSocket-Protocol`. Written by hand (httparse) so that the chosen subprotocol
-//! (and, later, extensions) are under our control; fastwebsockets takes over after it.
+//! `Sec-WebSocket-Protocol` and permessage-deflate through `Sec-WebSocket-Extensions`.
+//! Written by hand (httparse) so that both are under our control; the ws layer takes
+//! over after it.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -8,6 +9,9 @@ use sha1::{Digest, Sha1};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use anyproxy_proto::Encoding;
+
+use super::ws::deflate::extension;
+use super::ws::{DeflateConfig, DeflateParams};
 
 /// Path agents connect to.
 pub const WS_PATH: &str = "/ws";
@@ -33,6 +37,8 @@ pub enum HandshakeError {
     BadAccept,
     #[error("gateway chose subprotocol {0:?}, which was not offered")]
     UnexpectedProtocol(String),
+    #[error("gateway's Sec-WebSocket-Extensions: {0}")]
+    Extension(String),
 }
 
 pub fn accept_key(key: &str) -> String {
@@ -78,12 +84,20 @@ fn header<'a>(headers: &'a [httparse::Header<'a>], name: &str) -> Option<&'a str
         .and_then(|h| std::str::from_utf8(h.value).ok())
 }
 
-/// All comma-separated tokens of every header called `name`, in order.
-fn header_tokens<'a>(headers: &'a [httparse::Header<'a>], name: &str) -> Vec<&'a str> {
+/// The values of every header called `name`, in order.
+fn header_values<'a>(
+    headers: &'a [httparse::Header<'a>],
+    name: &'a str,
+) -> impl Iterator<Item = &'a str> + 'a {
     headers
         .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case(name))
+        .filter(move |h| h.name.eq_ignore_ascii_case(name))
         .filter_map(|h| std::str::from_utf8(h.value).ok())
+}
+
+/// All comma-separated tokens of every header called `name`, in order.
+fn header_tokens<'a>(headers: &'a [httparse::Header<'a>], name: &'a str) -> Vec<&'a str> {
+    header_values(headers, name)
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .filter(|t| !t.is_empty())
@@ -119,16 +133,31 @@ async fn respond<S: AsyncWrite + Unpin>(
 }
 
 /// What the server side of the handshake decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {
     pub encoding: Encoding,
     /// Whether the client named the encoding (false: documented JSON mode by default).
     pub negotiated: bool,
+    /// permessage-deflate, when enabled here and offered acceptably by the client.
+    pub deflate: Option<DeflateParams>,
+}
+
+/// What the client side of the handshake agreed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connected {
+    pub encoding: Encoding,
+    pub deflate: Option<DeflateParams>,
 }
 
 /// Server side: validates the upgrade request at [`WS_PATH`], picks the encoding and
-/// answers 101; anything else is answered with 400/404/426 and an error.
-pub async fn accept<S>(stream: &mut S, allowed: &[Encoding]) -> Result<Accepted, HandshakeError>
+/// answers 101; anything else is answered with 400/404/426 and an error. With `deflate`
+/// enabled, the first acceptable permessage-deflate offer is taken; none (or only
+/// invalid ones) just means an uncompressed session.
+pub async fn accept<S>(
+    stream: &mut S,
+    allowed: &[Encoding],
+    deflate: Option<&DeflateConfig>,
+) -> Result<Accepted, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -186,7 +215,7 @@ where
         Some(e) => (e, true),
         None if allowed.contains(&Encoding::Json) => (Encoding::Json, false),
         None => {
-            let reason = "this gateway requires a negotiated encoding (Sec-WebSocket-Protocol: anyproxy-binary.v1)";
+            let reason = "this gateway requires a negotiated encoding (Sec-WebSocket-Protocol: anyproxy-binary.v2)";
             respond(stream, 400, reason, "").await?;
             return Err(refuse(400, reason));
         }
@@ -196,8 +225,18 @@ where
     } else {
         String::new()
     };
+    let agreed = deflate.and_then(|config| {
+        extension::accept(
+            &extension::parse(header_values(headers, "sec-websocket-extensions")),
+            config,
+        )
+    });
+    let extension_line = match &agreed {
+        Some((response, _)) => format!("Sec-WebSocket-Extensions: {response}\r\n"),
+        None => String::new(),
+    };
     let resp = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{protocol_line}\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{protocol_line}{extension_line}\r\n",
         accept_key(&key)
     );
     stream.write_all(resp.as_bytes()).await?;
@@ -205,23 +244,32 @@ where
     Ok(Accepted {
         encoding,
         negotiated,
+        deflate: agreed.map(|(_, params)| params),
     })
 }
 
-/// Client side: requests the upgrade, offering `offer` in preference order, and checks
-/// the answer (status, `Sec-WebSocket-Accept`, chosen subprotocol).
+/// Client side: requests the upgrade, offering `offer` in preference order and
+/// permessage-deflate when `deflate` is enabled, and checks the answer (status,
+/// `Sec-WebSocket-Accept`, chosen subprotocol, agreed extension).
 pub async fn connect<S>(
     stream: &mut S,
     host_header: &str,
     offer: &[Encoding],
-) -> Result<Encoding, HandshakeError>
+    deflate: Option<&DeflateConfig>,
+) -> Result<Connected, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let key = STANDARD.encode(rand::random::<[u8; 16]>());
     let protocols: Vec<&str> = offer.iter().map(|e| e.subprotocol()).collect();
+    let no_deflate = DeflateConfig::default();
+    let deflate = deflate.unwrap_or(&no_deflate);
+    let extension_line = match extension::offer(deflate) {
+        Some(offer) => format!("Sec-WebSocket-Extensions: {offer}\r\n"),
+        None => String::new(),
+    };
     let req = format!(
-        "GET {WS_PATH} HTTP/1.1\r\nHost: {host_header}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {}\r\nUser-Agent: anyproxy/{}\r\n\r\n",
+        "GET {WS_PATH} HTTP/1.1\r\nHost: {host_header}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {}\r\n{extension_line}User-Agent: anyproxy/{}\r\n\r\n",
         protocols.join(", "),
         env!("CARGO_PKG_VERSION"),
     );
@@ -239,12 +287,18 @@ where
     if header(resp.headers, "sec-websocket-accept").map(str::trim) != Some(&accept_key(&key)) {
         return Err(HandshakeError::BadAccept);
     }
-    match header(resp.headers, "sec-websocket-protocol").map(str::trim) {
-        None => Ok(Encoding::Json),
+    let encoding = match header(resp.headers, "sec-websocket-protocol").map(str::trim) {
+        None => Encoding::Json,
         Some(token) => Encoding::from_subprotocol(token)
             .filter(|e| offer.contains(e))
-            .ok_or_else(|| HandshakeError::UnexpectedProtocol(token.to_owned())),
-    }
+            .ok_or_else(|| HandshakeError::UnexpectedProtocol(token.to_owned()))?,
+    };
+    let deflate = extension::check_response(
+        header_values(resp.headers, "sec-websocket-extensions"),
+        deflate,
+    )
+    .map_err(HandshakeError::Extension)?;
+    Ok(Connected { encoding, deflate })
 }
 
 #[cfg(test)]
@@ -279,9 +333,10 @@ mod tests {
             ),
         ] {
             let (mut a, mut b) = tokio::io::duplex(4096);
-            let server = tokio::spawn(async move { accept(&mut b, &allowed).await.unwrap() });
-            let got = connect(&mut a, "localhost", &offer).await.unwrap();
-            assert_eq!(got, expect);
+            let server = tokio::spawn(async move { accept(&mut b, &allowed, None).await.unwrap() });
+            let got = connect(&mut a, "localhost", &offer, None).await.unwrap();
+            assert_eq!(got.encoding, expect);
+            assert_eq!(got.deflate, None);
             assert_eq!(server.await.unwrap().encoding, expect);
         }
     }
@@ -289,7 +344,7 @@ mod tests {
     #[tokio::test]
     async fn wrong_path_gets_404() {
         let (mut a, mut b) = tokio::io::duplex(4096);
-        let server = tokio::spawn(async move { accept(&mut b, &[Encoding::Json]).await });
+        let server = tokio::spawn(async move { accept(&mut b, &[Encoding::Json], None).await });
         a.write_all(b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .unwrap();
@@ -302,7 +357,7 @@ mod tests {
     #[tokio::test]
     async fn plain_get_gets_400() {
         let (mut a, mut b) = tokio::io::duplex(4096);
-        let server = tokio::spawn(async move { accept(&mut b, &[Encoding::Json]).await });
+        let server = tokio::spawn(async move { accept(&mut b, &[Encoding::Json], None).await });
         a.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .unwrap();
@@ -310,5 +365,104 @@ mod tests {
         a.read_to_string(&mut resp).await.unwrap();
         assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
         assert!(server.await.unwrap().is_err());
+    }
+
+    fn deflate_on() -> DeflateConfig {
+        DeflateConfig {
+            enabled: true,
+            ..DeflateConfig::default()
+        }
+    }
+
+    /// The 101 a server sends for a raw request.
+    async fn answer(request: &str, deflate: Option<DeflateConfig>) -> (String, Accepted) {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let server = tokio::spawn(async move {
+            accept(&mut b, &[Encoding::Json], deflate.as_ref())
+                .await
+                .unwrap()
+        });
+        a.write_all(request.as_bytes()).await.unwrap();
+        let accepted = server.await.unwrap();
+        let mut resp = vec![0; 4096];
+        let n = a.read(&mut resp).await.unwrap();
+        (String::from_utf8_lossy(&resp[..n]).into_owned(), accepted)
+    }
+
+    const REQUEST: &str = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+
+    #[tokio::test]
+    async fn server_takes_a_browser_or_python_offer() {
+        let req = format!(
+            "{REQUEST}Sec-WebSocket-Extensions: x-webkit-deflate-frame\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n"
+        );
+        let (resp, accepted) = answer(&req, Some(deflate_on())).await;
+        assert!(
+            resp.contains("\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n"),
+            "{resp}"
+        );
+        let p = accepted.deflate.unwrap();
+        assert!(p.compress_reset && p.decompress_reset);
+        // Disabled here: the offer is ignored.
+        let (resp, accepted) = answer(&req, None).await;
+        assert!(!resp.contains("Extensions"), "{resp}");
+        assert_eq!(accepted.deflate, None);
+    }
+
+    #[tokio::test]
+    async fn server_without_offer_or_with_only_bad_ones() {
+        for ext in [
+            "",
+            "Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=8\r\n",
+        ] {
+            let (resp, accepted) = answer(&format!("{REQUEST}{ext}\r\n"), Some(deflate_on())).await;
+            assert!(resp.starts_with("HTTP/1.1 101"), "{resp}");
+            assert!(!resp.contains("Extensions"), "{resp}");
+            assert_eq!(accepted.deflate, None);
+        }
+    }
+
+    /// A fake gateway answering our offer with `extensions`.
+    async fn client_against(extensions: &str) -> Result<Connected, HandshakeError> {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let extensions = extensions.to_owned();
+        tokio::spawn(async move {
+            let head = read_head(&mut b).await.unwrap();
+            let head = String::from_utf8(head).unwrap();
+            assert!(head
+                .contains("Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"));
+            let key = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                .unwrap();
+            let resp = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{extensions}\r\n",
+                accept_key(key.trim())
+            );
+            b.write_all(resp.as_bytes()).await.unwrap();
+            // Keep the pipe open until the client is done.
+            let _ = b.read(&mut [0u8; 1]).await;
+        });
+        connect(&mut a, "x", &[Encoding::Json], Some(&deflate_on())).await
+    }
+
+    #[tokio::test]
+    async fn client_checks_the_response() {
+        let ok = client_against(
+            "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n",
+        )
+        .await
+        .unwrap();
+        assert!(ok.deflate.unwrap().decompress_reset);
+        assert_eq!(client_against("").await.unwrap().deflate, None);
+        for bad in [
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+            "Sec-WebSocket-Extensions: permessage-deflate; foo\r\n",
+            "Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=7\r\n",
+            "Sec-WebSocket-Extensions: x-other\r\n",
+        ] {
+            let err = client_against(bad).await.unwrap_err();
+            assert!(matches!(err, HandshakeError::Extension(_)), "{bad}: {err}");
+        }
     }
 }

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::flow::{Inbox, InboxEnd, PushError, SendCredit};
 use super::table::ShardedMap;
 use crate::transport::ws::close_code;
+use crate::transport::ws::deflate::{CompressionCounters, CompressionStats};
 use crate::transport::{Incoming, WsError, WsReader, WsWriter};
 
 /// JSON mode has no flow control: the session reader waits while a connection has
@@ -75,6 +76,8 @@ pub struct SessionCore {
     rtt_us: AtomicU64,
     /// The timestamp of the last `ping` we sent and when, to time its `pong`.
     last_ping: Mutex<Option<(i64, Instant)>>,
+    /// Present when the session negotiated permessage-deflate.
+    compression: Option<Arc<CompressionCounters>>,
 }
 
 impl SessionCore {
@@ -85,6 +88,7 @@ impl SessionCore {
         options: SessionOptions,
     ) -> (Arc<SessionCore>, tokio::task::JoinHandle<()>) {
         let (out, rx) = mpsc::channel(OUT_QUEUE);
+        let compression = writer.compression_counters();
         let core = Arc::new(SessionCore {
             encoding,
             out,
@@ -95,6 +99,7 @@ impl SessionCore {
             last_pong_ms: AtomicU64::new(0),
             rtt_us: AtomicU64::new(0),
             last_ping: Mutex::new(None),
+            compression,
         });
         let writer_task = tokio::spawn(write_loop(writer, rx, encoding, core.closed.clone()));
         (core, writer_task)
@@ -114,6 +119,16 @@ impl SessionCore {
             r = self.out.send(item) => r.map_err(|_| SessionClosed),
             _ = self.closed.cancelled() => Err(SessionClosed),
         }
+    }
+
+    /// Whether this session's messages are compressed (permessage-deflate).
+    pub fn compressed(&self) -> bool {
+        self.compression.is_some()
+    }
+
+    /// What compression achieved so far, on compressed sessions.
+    pub fn compression_stats(&self) -> Option<CompressionStats> {
+        self.compression.as_ref().map(|c| c.snapshot())
     }
 
     pub fn is_closed(&self) -> bool {
@@ -653,7 +668,15 @@ async fn write_loop(
     encoding: Encoding,
     closed: CancellationToken,
 ) {
-    let mut batch = BytesMut::new();
+    // On a compressed session, data of two connections never share a WebSocket message
+    // (and so never a compression context): one user's chosen bytes must not become a
+    // length oracle for another user's secrets (CRIME/BREACH).
+    let isolate = ws.compression_counters().is_some();
+    let mut batch = Batch {
+        buf: BytesMut::new(),
+        conn: None,
+        isolate,
+    };
     loop {
         let first = tokio::select! {
             m = rx.recv() => m,
@@ -675,6 +698,32 @@ async fn write_loop(
     }
 }
 
+/// Binary frames waiting to go out as one WebSocket message.
+struct Batch {
+    buf: BytesMut,
+    /// The connection whose data is in `buf`, when isolating connections.
+    conn: Option<ConnId>,
+    isolate: bool,
+}
+
+impl Batch {
+    /// Whether `msg` must start a new WebSocket message. Control messages carry no
+    /// user data and may join any batch.
+    fn must_split_before(&self, msg: &Message) -> bool {
+        match (self.isolate, msg) {
+            (true, Message::Data(d)) => self.conn.is_some_and(|c| c != d.id),
+            _ => false,
+        }
+    }
+
+    fn push(&mut self, msg: &Message) {
+        if let Message::Data(d) = msg {
+            self.conn = Some(d.id);
+        }
+        binary::encode_into(msg, &mut self.buf);
+    }
+}
+
 /// Writes `first` and whatever else is already queued, up to [`BATCH_BYTES`], then
 /// flushes once. Binary messages queued together share one WebSocket message.
 /// Returns false once a close frame has been sent.
@@ -683,7 +732,7 @@ async fn write_batch(
     rx: &mut mpsc::Receiver<Outbound>,
     first: Outbound,
     encoding: Encoding,
-    batch: &mut BytesMut,
+    batch: &mut Batch,
 ) -> Result<bool, WsError> {
     let mut written = 0usize;
     let mut item = Some(first);
@@ -691,10 +740,14 @@ async fn write_batch(
         match next {
             Outbound::Msg(msg) => match encoding {
                 Encoding::Binary => {
-                    binary::encode_into(&msg, batch);
-                    if batch.len() >= BATCH_BYTES {
-                        written += batch.len();
-                        ws.send_binary(batch.split()).await?;
+                    if batch.must_split_before(&msg) {
+                        written += batch.buf.len();
+                        flush_batch(ws, batch).await?;
+                    }
+                    batch.push(&msg);
+                    if batch.buf.len() >= BATCH_BYTES {
+                        written += batch.buf.len();
+                        flush_batch(ws, batch).await?;
                     }
                 }
                 Encoding::Json => {
@@ -713,7 +766,7 @@ async fn write_batch(
                 return Ok(false);
             }
         }
-        if written + batch.len() < BATCH_BYTES {
+        if written + batch.buf.len() < BATCH_BYTES {
             item = rx.try_recv().ok();
         }
     }
@@ -722,9 +775,49 @@ async fn write_batch(
     Ok(true)
 }
 
-async fn flush_batch(ws: &mut WsWriter, batch: &mut BytesMut) -> Result<(), WsError> {
-    if !batch.is_empty() {
-        ws.send_binary(batch.split()).await?;
+async fn flush_batch(ws: &mut WsWriter, batch: &mut Batch) -> Result<(), WsError> {
+    batch.conn = None;
+    if !batch.buf.is_empty() {
+        ws.send_binary(batch.buf.split()).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(id: u32) -> Message {
+        Message::Data(Data {
+            id: ConnId(id),
+            payload: Bytes::from_static(b"x"),
+        })
+    }
+
+    #[test]
+    fn a_compressed_batch_never_mixes_two_connections_data() {
+        let mut batch = Batch {
+            buf: BytesMut::new(),
+            conn: None,
+            isolate: true,
+        };
+        assert!(!batch.must_split_before(&data(1)));
+        batch.push(&data(1));
+        assert!(!batch.must_split_before(&data(1)));
+        assert!(batch.must_split_before(&data(2)));
+        // Control messages carry no user bytes and may ride along.
+        let update = Message::WindowUpdate(WindowUpdate {
+            id: ConnId(2),
+            increment: 1,
+        });
+        assert!(!batch.must_split_before(&update));
+
+        let mut plain = Batch {
+            isolate: false,
+            ..batch
+        };
+        assert!(!plain.must_split_before(&data(2)));
+        plain.push(&data(2));
+        assert!(!plain.must_split_before(&data(3)));
+    }
 }

@@ -37,7 +37,7 @@ fn pair() -> Pair {
         max_window: 8 << 20,
     };
     let start = |io: DuplexStream, role: Role| {
-        let (mut reader, writer) = ws::split(Box::new(io), role, 4 << 20);
+        let (mut reader, writer) = ws::split(Box::new(io), role, 4 << 20, None);
         let (core, _writer) = SessionCore::start(Encoding::Binary, writer, options);
         let looped = core.clone();
         tokio::spawn(async move {

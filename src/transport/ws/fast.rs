@@ -1,4 +1,4 @@
-//! WebSocket messages over an upgraded stream, on fastwebsockets.
+//! Uncompressed sessions, on fastwebsockets.
 //!
 //! The reader reassembles fragmented messages itself so that the total size is capped
 //! (fastwebsockets' `FragmentCollector` has no cap) and hands control frames to the
@@ -6,45 +6,9 @@
 
 use bytes::{Bytes, BytesMut};
 use fastwebsockets::{OpCode, Payload, Role, WebSocketError};
-use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+use tokio::io::{ReadHalf, WriteHalf};
 
-/// Any byte stream a WebSocket can run over (TLS, plain TCP in tests, duplex pipes).
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
-
-pub type BoxIo = Box<dyn Io>;
-
-/// WebSocket close codes we send.
-pub mod close_code {
-    pub const NORMAL: u16 = 1000;
-    pub const GOING_AWAY: u16 = 1001;
-    pub const PROTOCOL_ERROR: u16 = 1002;
-    pub const POLICY: u16 = 1008;
-    pub const TOO_BIG: u16 = 1009;
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum WsError {
-    #[error("message of more than {max} bytes")]
-    TooLarge { max: usize },
-    #[error("WebSocket protocol error: {0}")]
-    Protocol(String),
-    #[error("connection lost: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("connection closed")]
-    Closed,
-}
-
-impl WsError {
-    /// The close code that tells the peer why we are leaving.
-    pub fn close_code(&self) -> u16 {
-        match self {
-            WsError::TooLarge { .. } => close_code::TOO_BIG,
-            WsError::Protocol(_) => close_code::PROTOCOL_ERROR,
-            WsError::Io(_) | WsError::Closed => close_code::GOING_AWAY,
-        }
-    }
-}
+use super::{BoxIo, Incoming, WsError};
 
 fn map_err(e: WebSocketError, max: usize) -> WsError {
     match e {
@@ -55,48 +19,30 @@ fn map_err(e: WebSocketError, max: usize) -> WsError {
     }
 }
 
-/// What the reader yields.
-#[derive(Debug)]
-pub enum Incoming {
-    /// A complete data message; `text` for opcode 1.
-    Message {
-        text: bool,
-        payload: Bytes,
-    },
-    /// A ping frame whose payload must be echoed in a pong.
-    Ping(Bytes),
-    Pong,
-    /// The peer started the closing handshake.
-    Close {
-        code: Option<u16>,
-        reason: String,
-    },
-}
-
-pub struct WsReader {
+pub struct FastReader {
     inner: fastwebsockets::WebSocketRead<ReadHalf<BoxIo>>,
     max_message: usize,
     partial: Option<(bool, BytesMut)>,
 }
 
-pub struct WsWriter {
+pub struct FastWriter {
     inner: fastwebsockets::WebSocketWrite<WriteHalf<BoxIo>>,
 }
 
 /// Splits an upgraded stream into a reader and a writer.
-pub fn split(io: BoxIo, role: Role, max_message: usize) -> (WsReader, WsWriter) {
+pub fn split(io: BoxIo, role: Role, max_message: usize) -> (FastReader, FastWriter) {
     let (r, w) = tokio::io::split(io);
     let (mut rd, wr) = fastwebsockets::after_handshake_split(r, w, role);
     rd.set_auto_close(false);
     rd.set_auto_pong(false);
     rd.set_max_message_size(max_message + 1);
     (
-        WsReader {
+        FastReader {
             inner: rd,
             max_message,
             partial: None,
         },
-        WsWriter { inner: wr },
+        FastWriter { inner: wr },
     )
 }
 
@@ -108,7 +54,7 @@ fn into_bytes(p: Payload<'_>) -> Bytes {
     }
 }
 
-impl WsReader {
+impl FastReader {
     /// The next message or control frame. Not cancel-safe: give the reader its own task.
     pub async fn next(&mut self) -> Result<Incoming, WsError> {
         loop {
@@ -176,7 +122,7 @@ impl WsReader {
     }
 }
 
-impl WsWriter {
+impl FastWriter {
     pub async fn send_text(&mut self, payload: Vec<u8>) -> Result<(), WsError> {
         self.write(fastwebsockets::Frame::text(Payload::Owned(payload)))
             .await
@@ -195,14 +141,9 @@ impl WsWriter {
     }
 
     pub async fn send_close(&mut self, code: u16, reason: &str) -> Result<(), WsError> {
-        // Close reasons are limited to 123 bytes by the control-frame size.
-        let mut end = reason.len().min(123);
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
         self.write(fastwebsockets::Frame::close(
             code,
-            &reason.as_bytes()[..end],
+            super::close_reason(reason),
         ))
         .await?;
         self.flush().await
