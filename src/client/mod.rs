@@ -167,8 +167,12 @@ impl Agent {
         attempt: &mut u32,
     ) -> Result<(), SessionError> {
         let cfg = &self.config;
+        // A group's agents authenticate with the group id as the username.
         core.send(Message::Auth(Auth {
-            username: cfg.auth_username.clone(),
+            username: cfg
+                .group_id
+                .clone()
+                .unwrap_or_else(|| cfg.auth_username.clone()),
             password: cfg.auth_password.clone(),
             client_id: client_id.to_owned(),
         }))

@@ -81,6 +81,23 @@ impl Config {
                 ));
             }
             check_max_window("client.max_window", c.max_window)?;
+            match (&c.group_id, c.auth_username.is_empty()) {
+                (Some(_), false) => return Err(ConfigError::Semantic(
+                    "client: set either auth_username (the default group) or group_id, not both"
+                        .into(),
+                )),
+                (Some(g), true) if g.is_empty() => {
+                    return Err(ConfigError::Semantic(
+                        "client.group_id must not be empty".into(),
+                    ))
+                }
+                (None, true) => {
+                    return Err(ConfigError::Semantic(
+                        "client: auth_username (the default group) or group_id is required".into(),
+                    ))
+                }
+                _ => {}
+            }
             c.deflate
                 .validate()
                 .map_err(|e| ConfigError::Semantic(format!("client.{e}")))?;
@@ -92,6 +109,7 @@ impl Config {
                 ));
             }
             check_max_window("gateway.max_window", g.max_window)?;
+            check_groups(g, self.proxy.as_ref())?;
             g.deflate
                 .validate()
                 .map_err(|e| ConfigError::Semantic(format!("gateway.{e}")))?;
@@ -157,6 +175,46 @@ impl ProxyListener {
     }
 }
 
+/// The group agents join with the gateway's own `auth_username`/`auth_password`, and
+/// that proxy users of a listener's own credentials (or of an open listener) reach.
+pub const DEFAULT_GROUP: &str = "default";
+
+/// A group of agents serving one private network.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// Agents join by authenticating with `username` = this id.
+    pub id: String,
+    /// ... and `password` = this secret. Only the gateway's configuration sets it;
+    /// nothing an agent sends can change it.
+    pub agent_password: String,
+    /// Proxy accounts bound to this group: their connections leave through its agents.
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "UserConfig({:?}, <redacted>)", self.username)
+    }
+}
+
+impl From<&UserConfig> for Credentials {
+    fn from(u: &UserConfig) -> Credentials {
+        Credentials {
+            username: u.username.clone(),
+            password: u.password.clone(),
+        }
+    }
+}
+
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     pub username: String,
@@ -193,6 +251,56 @@ fn default_encodings() -> Vec<EncodingName> {
 fn default_stall_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }
+/// Group ids and proxy usernames must be unambiguous: an agent's username selects its
+/// group, a proxy user's name selects theirs.
+fn check_groups(g: &GatewayConfig, proxy: Option<&ProxyConfig>) -> Result<(), ConfigError> {
+    let err = |m: String| Err(ConfigError::Semantic(m));
+    let mut ids = std::collections::HashSet::new();
+    let mut users = std::collections::HashSet::new();
+    if let Some(p) = proxy {
+        for l in [&p.http, &p.socks5].into_iter().flatten() {
+            if let Some(c) = l.credentials() {
+                users.insert(c.username);
+            }
+        }
+    }
+    for (i, group) in g.groups.iter().enumerate() {
+        if group.id.is_empty() || group.id == DEFAULT_GROUP {
+            return err(format!(
+                "gateway.groups[{i}].id must be non-empty and not {DEFAULT_GROUP:?}"
+            ));
+        }
+        if group.id == g.auth_username {
+            return err(format!(
+                "gateway.groups[{i}].id {:?} equals gateway.auth_username, which already selects the default group",
+                group.id
+            ));
+        }
+        if !ids.insert(group.id.as_str()) {
+            return err(format!("gateway.groups: id {:?} appears twice", group.id));
+        }
+        if group.agent_password.is_empty() {
+            return err(format!(
+                "gateway.groups[{i}].agent_password must not be empty"
+            ));
+        }
+        for (j, u) in group.users.iter().enumerate() {
+            if u.username.is_empty() || u.password.is_empty() {
+                return err(format!(
+                    "gateway.groups[{i}].users[{j}]: username and password must not be empty"
+                ));
+            }
+            if !users.insert(u.username.clone()) {
+                return err(format!(
+                    "gateway.groups[{i}].users[{j}]: proxy user {:?} is defined twice",
+                    u.username
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn default_max_window() -> ByteSize {
     ByteSize(8 << 20)
 }
@@ -255,6 +363,9 @@ pub struct GatewayConfig {
     /// permessage-deflate toward agents that offer it (off by default).
     #[serde(default)]
     pub deflate: DeflateConfig,
+    /// Further agent groups besides [`DEFAULT_GROUP`].
+    #[serde(default)]
+    pub groups: Vec<GroupConfig>,
 }
 
 impl GatewayConfig {
@@ -331,8 +442,15 @@ pub struct ClientConfig {
     pub replicas: usize,
     #[serde(default = "default_max_conns")]
     pub max_concurrent_conns: usize,
+    /// Authenticates into the default group with the gateway's credentials. Leave it
+    /// out and set `group_id` to join another group.
+    #[serde(default)]
     pub auth_username: String,
+    /// The default group's password, or with `group_id` that group's `agent_password`.
     pub auth_password: String,
+    /// The group to join; the `auth` message then carries it as the username.
+    #[serde(default)]
+    pub group_id: Option<String>,
     #[serde(default)]
     pub forbidden_hosts: Vec<String>,
     #[serde(default)]

@@ -13,40 +13,76 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{GatewayConfig, ProxyConfig};
+use anyproxy_proto::ErrorCode;
+
+use crate::config::{Credentials, GatewayConfig, ProxyConfig, ProxyListener, DEFAULT_GROUP};
+use crate::proxy::auth::Accounts;
 use crate::proxy::{ConnectError, Connector, Requester, TargetAddr};
 use crate::transport::tls;
 use crate::tunnel::{OpenError, TunnelConn};
 pub use registry::AgentRegistry;
 pub use server::AgentServer;
 
-/// Opens user connections through the least-loaded live agent.
+/// Opens user connections through the least-loaded live agent of the user's group.
 pub struct TunnelConnector {
     pub registry: Arc<AgentRegistry>,
     pub connect_timeout: Duration,
 }
 
+/// Agents one request may try: a capacity refusal or a dying session moves on to the
+/// next agent of the group, a bounded number of times.
+const MAX_ATTEMPTS: usize = 4;
+
 impl Connector for TunnelConnector {
     async fn connect(
         &self,
         target: &TargetAddr,
-        _who: &Requester,
+        who: &Requester,
     ) -> Result<TunnelConn, ConnectError> {
         target.validate()?;
-        // One retry: a session can die between being picked and carrying the connect.
-        for _ in 0..2 {
-            let agent = self.registry.pick().ok_or(ConnectError::NoAgent)?;
+        let mut tried = Vec::with_capacity(MAX_ATTEMPTS);
+        let mut last = None;
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(agent) = self.registry.pick(&who.group, &tried) else {
+                break;
+            };
+            tried.push(agent.serial);
             match agent
                 .core
                 .open(&target.host, target.port, self.connect_timeout)
                 .await
             {
-                Err(OpenError::SessionClosed) => continue,
+                // Nothing reached the target: another agent of the group may do better.
+                Err(OpenError::SessionClosed) => {}
+                Err(OpenError::Failed(f)) if f.code == ErrorCode::RateLimited => {
+                    tracing::debug!(client_id = %agent.client_id, group = %who.group, "agent at capacity; trying another");
+                    last = Some(ConnectError::from(f));
+                }
+                // It reached (or tried to reach) the target: its answer stands.
                 other => return other.map_err(ConnectError::from),
             }
         }
-        Err(ConnectError::NoAgent)
+        Err(last.unwrap_or_else(|| ConnectError::NoAgent(who.group.to_string())))
     }
+}
+
+/// Who may use one proxy listener: its own credentials lead to the default group, and
+/// every group's users to their group. With neither, the listener is open.
+fn listener_accounts(
+    listener: &ProxyListener,
+    groups: &[crate::config::GroupConfig],
+) -> Arc<Accounts> {
+    let default: Arc<str> = Arc::from(DEFAULT_GROUP);
+    let mut accounts: Vec<(Credentials, Arc<str>)> = listener
+        .credentials()
+        .map(|c| (c, default.clone()))
+        .into_iter()
+        .collect();
+    for g in groups {
+        let group: Arc<str> = Arc::from(g.id.as_str());
+        accounts.extend(g.users.iter().map(|u| (u.into(), group.clone())));
+    }
+    Arc::new(Accounts::new(accounts, default))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +136,7 @@ impl Gateway {
             registry: registry.clone(),
             connect_timeout: config.connect_timeout.0,
         });
+        let groups = config.groups.clone();
         let server = Arc::new(AgentServer::new(config, registry.clone(), tls));
         tasks.spawn(server.serve(agent_listener, shutdown.clone()));
 
@@ -108,13 +145,13 @@ impl Gateway {
         if let Some(http) = proxy.http {
             let listener = bind("http proxy", http.listen_addr.0).await?;
             http_addr = listener.local_addr().ok();
-            let creds = http.credentials();
-            if creds.is_none() {
+            let users = listener_accounts(&http, &groups);
+            if users.is_open() {
                 tracing::warn!(addr = ?http_addr, "HTTP proxy has no credentials: anyone who can reach it may use it");
             }
             tasks.spawn(crate::proxy::http::serve(
                 listener,
-                creds,
+                users,
                 connector.clone(),
                 shutdown.clone(),
             ));
@@ -123,13 +160,13 @@ impl Gateway {
         if let Some(socks) = proxy.socks5 {
             let listener = bind("socks5 proxy", socks.listen_addr.0).await?;
             socks5_addr = listener.local_addr().ok();
-            let creds = socks.credentials();
-            if creds.is_none() {
+            let users = listener_accounts(&socks, &groups);
+            if users.is_open() {
                 tracing::warn!(addr = ?socks5_addr, "SOCKS5 proxy has no credentials: anyone who can reach it may use it");
             }
             tasks.spawn(crate::proxy::socks5::serve(
                 listener,
-                creds,
+                users,
                 connector.clone(),
                 shutdown.clone(),
             ));

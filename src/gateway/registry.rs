@@ -1,13 +1,17 @@
-//! Live agent sessions, by client id. A proxy user's connection picks the least-loaded.
+//! Live agent sessions, by group and client id. A proxy user's connection picks the
+//! least-loaded live session of the user's group.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::tunnel::table::ShardedMap;
+use parking_lot::RwLock;
+
 use crate::tunnel::SessionCore;
 
 pub struct AgentHandle {
+    pub group: Arc<str>,
     pub client_id: String,
     /// Distinguishes successive sessions of one client id.
     pub serial: u64,
@@ -15,9 +19,11 @@ pub struct AgentHandle {
     pub core: Arc<SessionCore>,
 }
 
+/// Sessions per group. Read on every user connection, written when agents come and go,
+/// so a read-mostly lock; groups hold few sessions, so a scan picks.
 #[derive(Default)]
 pub struct AgentRegistry {
-    sessions: ShardedMap<String, Arc<AgentHandle>>,
+    groups: RwLock<HashMap<Arc<str>, Vec<Arc<AgentHandle>>>>,
     serials: AtomicU64,
 }
 
@@ -26,33 +32,61 @@ impl AgentRegistry {
         self.serials.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Registers a session; returns the one it replaces (same client id), which the
-    /// caller must shut down.
+    /// Registers a session; returns the one it replaces (same group and client id),
+    /// which the caller must shut down.
     pub fn register(&self, handle: Arc<AgentHandle>) -> Option<Arc<AgentHandle>> {
-        self.sessions.insert(handle.client_id.clone(), handle)
+        let mut groups = self.groups.write();
+        let sessions = groups.entry(handle.group.clone()).or_default();
+        let old = sessions
+            .iter()
+            .position(|h| h.client_id == handle.client_id)
+            .map(|i| sessions.swap_remove(i));
+        sessions.push(handle);
+        old
     }
 
     /// Removes the session only if it is still the registered one, so that a replaced
     /// session's cleanup cannot remove its successor.
-    pub fn unregister(&self, client_id: &str, serial: u64) {
-        self.sessions
-            .remove_if(&client_id.to_owned(), |h| h.serial == serial);
+    pub fn unregister(&self, handle: &AgentHandle) {
+        let mut groups = self.groups.write();
+        if let Some(sessions) = groups.get_mut(&handle.group) {
+            sessions.retain(|h| h.serial != handle.serial);
+            if sessions.is_empty() {
+                groups.remove(&handle.group);
+            }
+        }
     }
 
-    /// The live session carrying the fewest connections.
-    pub fn pick(&self) -> Option<Arc<AgentHandle>> {
-        self.sessions
-            .values()
-            .into_iter()
-            .filter(|h| !h.core.is_closed())
+    /// The live session of `group` carrying the fewest connections, skipping the
+    /// sessions in `skip` (serials already tried for this request).
+    pub fn pick(&self, group: &str, skip: &[u64]) -> Option<Arc<AgentHandle>> {
+        self.groups
+            .read()
+            .get(group)?
+            .iter()
+            .filter(|h| !h.core.is_closed() && !skip.contains(&h.serial))
             .min_by_key(|h| h.core.active_conns())
+            .cloned()
     }
 
+    /// Sessions in every group.
     pub fn len(&self) -> usize {
-        self.sessions.len()
+        self.groups.read().values().map(Vec::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.sessions.is_empty()
+        self.len() == 0
+    }
+
+    /// Live sessions per group, for status and logs.
+    pub fn group_sizes(&self) -> Vec<(Arc<str>, usize)> {
+        let mut sizes: Vec<_> = self
+            .groups
+            .read()
+            .iter()
+            .map(|(g, s)| (g.clone(), s.len()))
+            .collect();
+        sizes.sort();
+        sizes
     }
 }

@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::registry::{AgentHandle, AgentRegistry};
 use super::throttle::AuthThrottle;
-use crate::config::{Credentials, GatewayConfig};
-use crate::proxy::auth::credentials_match;
+use crate::config::{Credentials, GatewayConfig, DEFAULT_GROUP};
+use crate::proxy::auth::Accounts;
 use crate::transport::ws::{self, close_code};
 use crate::transport::{handshake, BoxIo};
 use crate::tunnel::session::{FirstMessage, Outbound};
@@ -23,7 +23,7 @@ use crate::tunnel::SessionCore;
 pub struct AgentServer {
     pub config: GatewayConfig,
     pub registry: Arc<AgentRegistry>,
-    credentials: Credentials,
+    agents: Accounts,
     throttle: AuthThrottle,
     acceptor: TlsAcceptor,
     encodings: Vec<Encoding>,
@@ -35,10 +35,26 @@ impl AgentServer {
         registry: Arc<AgentRegistry>,
         tls: Arc<rustls::ServerConfig>,
     ) -> Self {
-        let credentials = Credentials {
-            username: config.auth_username.clone(),
-            password: config.auth_password.clone(),
-        };
+        // Agents of the default group use the gateway's own credentials; agents of a
+        // configured group use its id and agent password. Only this configuration
+        // defines them.
+        let mut accounts = vec![(
+            Credentials {
+                username: config.auth_username.clone(),
+                password: config.auth_password.clone(),
+            },
+            Arc::from(DEFAULT_GROUP),
+        )];
+        accounts.extend(config.groups.iter().map(|g| {
+            (
+                Credentials {
+                    username: g.id.clone(),
+                    password: g.agent_password.clone(),
+                },
+                Arc::from(g.id.as_str()),
+            )
+        }));
+        let agents = Accounts::new(accounts, Arc::from(DEFAULT_GROUP));
         let throttle = AuthThrottle::new(
             config.max_auth_failures,
             config.auth_failure_window.0,
@@ -48,7 +64,7 @@ impl AgentServer {
         AgentServer {
             config,
             registry,
-            credentials,
+            agents,
             throttle,
             acceptor: TlsAcceptor::from(tls),
             encodings,
@@ -169,23 +185,27 @@ impl AgentServer {
             .await;
             return finish(core, writer_task, Err(m)).await;
         }
-        if !credentials_match(&self.credentials, &auth.username, &auth.password)
-            || auth.client_id.is_empty()
-        {
-            let locked = self.throttle.failure(ip);
-            if locked {
-                tracing::warn!(%peer, "agent authentication locked out after repeated failures");
+        let group = match self.agents.authenticate(&auth.username, &auth.password) {
+            Some(identity) if !auth.client_id.is_empty() => identity.group,
+            _ => {
+                let locked = self.throttle.failure(ip);
+                if locked {
+                    tracing::warn!(%peer, "agent authentication locked out after repeated failures");
+                }
+                tracing::warn!(%peer, username = %auth.username, client_id = %auth.client_id, "agent authentication failed");
+                let m = refuse(
+                    ErrorCode::AuthFailed,
+                    "authentication failed: wrong username (group), password or empty client_id"
+                        .into(),
+                )
+                .await;
+                return finish(core, writer_task, Err(m)).await;
             }
-            let m = refuse(
-                ErrorCode::AuthFailed,
-                "authentication failed: wrong username, password or empty client_id".into(),
-            )
-            .await;
-            return finish(core, writer_task, Err(m)).await;
-        }
+        };
         self.throttle.success(ip);
 
         let handle = Arc::new(AgentHandle {
+            group: group.clone(),
             client_id: auth.client_id.clone(),
             serial: self.registry.next_serial(),
             remote: peer,
@@ -198,10 +218,10 @@ impl AgentServer {
         let _ = core
             .send(Message::AuthResponse(AuthResponse {
                 success: true,
-                message: "Authentication successful".into(),
+                message: format!("Authentication successful; group {group}"),
             }))
             .await;
-        tracing::info!(client_id = %auth.client_id, %peer, encoding = core.encoding.as_str(), deflate = core.compressed(), "agent connected");
+        tracing::info!(client_id = %auth.client_id, %group, %peer, encoding = core.encoding.as_str(), deflate = core.compressed(), "agent connected");
 
         let pinger = tokio::spawn(core.clone().heartbeat(self.config.ping_interval.0));
         let role_core = core.clone();
@@ -225,7 +245,7 @@ impl AgentServer {
             _ = shutdown.cancelled() => crate::tunnel::SessionEnd::Shutdown,
         };
         pinger.abort();
-        self.registry.unregister(&handle.client_id, handle.serial);
+        self.registry.unregister(&handle);
         tracing::info!(client_id = %auth.client_id, %peer, conns = core.active_conns(), reason = %end, "agent disconnected");
         finish(core, writer_task, Ok(())).await
     }

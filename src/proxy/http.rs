@@ -17,20 +17,18 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::auth::credentials_match;
+use super::auth::{Accounts, Identity};
 use super::{ConnectError, Connector, Requester, TargetAddr};
-use crate::config::Credentials;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Accepts HTTP proxy clients until `shutdown`.
 pub async fn serve<C: Connector>(
     listener: TcpListener,
-    credentials: Option<Credentials>,
+    users: Arc<Accounts>,
     connector: Arc<C>,
     shutdown: CancellationToken,
 ) {
-    let credentials = Arc::new(credentials);
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -46,7 +44,7 @@ pub async fn serve<C: Connector>(
         let _ = stream.set_nodelay(true);
         let state = Arc::new(ConnState {
             peer,
-            credentials: credentials.clone(),
+            users: users.clone(),
             upstream: tokio::sync::Mutex::new(None),
         });
         let connector = connector.clone();
@@ -72,7 +70,7 @@ pub async fn serve<C: Connector>(
 /// Per user connection: who it is, and the upstream kept alive for its last target.
 struct ConnState {
     peer: SocketAddr,
-    credentials: Arc<Option<Credentials>>,
+    users: Arc<Accounts>,
     upstream: tokio::sync::Mutex<
         Option<(
             TargetAddr,
@@ -110,8 +108,8 @@ fn proxy_auth_required() -> Response<Body> {
     resp
 }
 
-/// Checks `Proxy-Authorization: Basic`. Returns the user on success.
-fn authenticate(headers: &HeaderMap, expected: &Credentials) -> Option<String> {
+/// Checks `Proxy-Authorization: Basic`. Returns who it is on success.
+fn authenticate(headers: &HeaderMap, users: &Accounts) -> Option<Identity> {
     let value = headers.get(header::PROXY_AUTHORIZATION)?.to_str().ok()?;
     let (scheme, encoded) = value.trim().split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {
@@ -120,7 +118,7 @@ fn authenticate(headers: &HeaderMap, expected: &Credentials) -> Option<String> {
     let decoded = STANDARD.decode(encoded.trim()).ok()?;
     let decoded = String::from_utf8(decoded).ok()?;
     let (user, pass) = decoded.split_once(':')?;
-    credentials_match(expected, user, pass).then(|| user.to_owned())
+    users.authenticate(user, pass)
 }
 
 fn split_authority(uri: &Uri, default_port: Option<u16>) -> Option<TargetAddr> {
@@ -142,17 +140,15 @@ async fn handle<C: Connector>(
     state: &ConnState,
     connector: &C,
 ) -> Response<Body> {
-    let user = match state.credentials.as_ref() {
-        Some(expected) => match authenticate(req.headers(), expected) {
-            Some(user) => Some(user),
+    let identity = if state.users.is_open() {
+        state.users.anonymous()
+    } else {
+        match authenticate(req.headers(), &state.users) {
+            Some(identity) => identity,
             None => return proxy_auth_required(),
-        },
-        None => None,
+        }
     };
-    let who = Requester {
-        peer: state.peer,
-        user,
-    };
+    let who = Requester::new(state.peer, identity);
     if req.method() == Method::CONNECT {
         connect_tunnel(req, who, connector).await
     } else {
@@ -167,7 +163,7 @@ fn log_failure(
     e: &ConnectError,
     started: Instant,
 ) {
-    tracing::info!(target: "access", proto = kind, client = %who.peer, user = who.user.as_deref().unwrap_or("-"), %target, result = %e.code(), reason = %e, ms = started.elapsed().as_millis() as u64);
+    tracing::info!(target: "access", proto = kind, client = %who.peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, %target, result = %e.code(), reason = %e, ms = started.elapsed().as_millis() as u64);
 }
 
 async fn connect_tunnel<C: Connector>(
@@ -191,7 +187,7 @@ async fn connect_tunnel<C: Connector>(
         match on_upgrade.await {
             Ok(upgraded) => {
                 let stats = crate::tunnel::relay(TokioIo::new(upgraded), conn).await;
-                tracing::info!(target: "access", proto = "connect", client = %who.peer, user = who.user.as_deref().unwrap_or("-"), %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
+                tracing::info!(target: "access", proto = "connect", client = %who.peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
@@ -305,7 +301,7 @@ async fn forward<C: Connector>(
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            tracing::info!(target: "access", proto = "http", client = %who.peer, user = who.user.as_deref().unwrap_or("-"), %target, result = "ok", status = parts.status.as_u16(), ms = started.elapsed().as_millis() as u64);
+            tracing::info!(target: "access", proto = "http", client = %who.peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, %target, result = "ok", status = parts.status.as_u16(), ms = started.elapsed().as_millis() as u64);
             Response::from_parts(parts, body.boxed())
         }
         Err(e) => {

@@ -50,11 +50,22 @@ impl std::fmt::Display for TargetAddr {
     }
 }
 
-/// Who is asking, for logs and (later) policy.
+/// Who is asking: for logs, policy, and the agent group that carries the connection.
 #[derive(Clone, Debug)]
 pub struct Requester {
     pub peer: std::net::SocketAddr,
     pub user: Option<String>,
+    pub group: std::sync::Arc<str>,
+}
+
+impl Requester {
+    pub fn new(peer: std::net::SocketAddr, identity: auth::Identity) -> Self {
+        Requester {
+            peer,
+            user: identity.user,
+            group: identity.group,
+        }
+    }
 }
 
 /// Opens connections to targets on behalf of proxy users.
@@ -69,8 +80,8 @@ pub trait Connector: Send + Sync + 'static {
 /// Why a target could not be reached, in the terms a proxy user is answered in.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConnectError {
-    #[error("no agent is connected")]
-    NoAgent,
+    #[error("no live agent in group {0:?}")]
+    NoAgent(String),
     #[error("forbidden host: {0}")]
     Forbidden(String),
     #[error("connection refused: {0}")]
@@ -91,7 +102,7 @@ impl ConnectError {
     /// HTTP status for the HTTP front end.
     pub fn http_status(&self) -> u16 {
         match self {
-            ConnectError::NoAgent => 503,
+            ConnectError::NoAgent(_) => 503,
             ConnectError::Forbidden(_) => 403,
             ConnectError::Refused(_) | ConnectError::Unreachable(_) => 502,
             ConnectError::TimedOut(_) => 504,
@@ -108,7 +119,7 @@ impl ConnectError {
             ConnectError::Unreachable(_) | ConnectError::InvalidTarget(_) => 0x04,
             ConnectError::Refused(_) => 0x05,
             ConnectError::TimedOut(_) => 0x06,
-            ConnectError::NoAgent | ConnectError::RateLimited(_) | ConnectError::Internal(_) => {
+            ConnectError::NoAgent(_) | ConnectError::RateLimited(_) | ConnectError::Internal(_) => {
                 0x01
             }
         }
@@ -122,7 +133,7 @@ impl ConnectError {
             ConnectError::Refused(_) | ConnectError::Unreachable(_) | ConnectError::TimedOut(_) => {
                 ErrorCode::ConnectionFailed
             }
-            ConnectError::NoAgent | ConnectError::Internal(_) => ErrorCode::InternalError,
+            ConnectError::NoAgent(_) | ConnectError::Internal(_) => ErrorCode::InternalError,
             ConnectError::InvalidTarget(_) => ErrorCode::InvalidMessage,
         }
     }

@@ -10,9 +10,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::auth::credentials_match;
+use super::auth::{Accounts, Identity};
 use super::{Connector, Requester, TargetAddr};
-use crate::config::Credentials;
 
 const VERSION: u8 = 0x05;
 const AUTH_VERSION: u8 = 0x01;
@@ -54,11 +53,10 @@ enum Socks5Error {
 /// Accepts SOCKS5 clients until `shutdown`.
 pub async fn serve<C: Connector>(
     listener: TcpListener,
-    credentials: Option<Credentials>,
+    users: Arc<Accounts>,
     connector: Arc<C>,
     shutdown: CancellationToken,
 ) {
-    let credentials = Arc::new(credentials);
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -72,10 +70,10 @@ pub async fn serve<C: Connector>(
             _ = shutdown.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
-        let credentials = credentials.clone();
+        let users = users.clone();
         let connector = connector.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, peer, &credentials, &*connector).await {
+            if let Err(e) = handle(stream, peer, &users, &*connector).await {
                 tracing::debug!(%peer, error = %e, "socks5 session ended");
             }
         });
@@ -85,16 +83,13 @@ pub async fn serve<C: Connector>(
 async fn handle<C: Connector>(
     mut stream: TcpStream,
     peer: SocketAddr,
-    credentials: &Option<Credentials>,
+    users: &Accounts,
     connector: &C,
 ) -> Result<(), Socks5Error> {
-    let negotiated = tokio::time::timeout(
-        NEGOTIATION_TIMEOUT,
-        negotiate(&mut stream, credentials.as_ref()),
-    )
-    .await
-    .map_err(|_| Socks5Error::Timeout)?;
-    let (target, user) = match negotiated {
+    let negotiated = tokio::time::timeout(NEGOTIATION_TIMEOUT, negotiate(&mut stream, users))
+        .await
+        .map_err(|_| Socks5Error::Timeout)?;
+    let (target, identity) = match negotiated {
         Ok(x) => x,
         Err(e) => {
             let code = match &e {
@@ -109,16 +104,16 @@ async fn handle<C: Connector>(
             return Err(e);
         }
     };
-    let who = Requester { peer, user };
+    let who = Requester::new(peer, identity);
     let started = std::time::Instant::now();
     match connector.connect(&target, &who).await {
         Ok(conn) => {
             reply(&mut stream, REPLY_OK).await?;
             let stats = crate::tunnel::relay(stream, conn).await;
-            tracing::info!(target: "access", proto = "socks5", client = %peer, user = who.user.as_deref().unwrap_or("-"), %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
+            tracing::info!(target: "access", proto = "socks5", client = %peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
         }
         Err(e) => {
-            tracing::info!(target: "access", proto = "socks5", client = %peer, user = who.user.as_deref().unwrap_or("-"), %target, result = %e.code(), reason = %e, ms = started.elapsed().as_millis() as u64);
+            tracing::info!(target: "access", proto = "socks5", client = %peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, %target, result = %e.code(), reason = %e, ms = started.elapsed().as_millis() as u64);
             reply(&mut stream, e.socks_reply()).await?;
         }
     }
@@ -127,8 +122,8 @@ async fn handle<C: Connector>(
 
 async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
-    credentials: Option<&Credentials>,
-) -> Result<(TargetAddr, Option<String>), Socks5Error> {
+    users: &Accounts,
+) -> Result<(TargetAddr, Identity), Socks5Error> {
     let version = stream.read_u8().await?;
     if version != VERSION {
         return Err(Socks5Error::Version(version));
@@ -137,23 +132,20 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     let mut methods = [0u8; 255];
     stream.read_exact(&mut methods[..n]).await?;
     let methods = &methods[..n];
-    let user = match credentials {
-        Some(expected) => {
-            if !methods.contains(&METHOD_USERPASS) {
-                stream.write_all(&[VERSION, METHOD_UNACCEPTABLE]).await?;
-                return Err(Socks5Error::NoMethod);
-            }
-            stream.write_all(&[VERSION, METHOD_USERPASS]).await?;
-            Some(sub_negotiate(stream, expected).await?)
+    let identity = if users.is_open() {
+        if !methods.contains(&METHOD_NONE) {
+            stream.write_all(&[VERSION, METHOD_UNACCEPTABLE]).await?;
+            return Err(Socks5Error::NoMethod);
         }
-        None => {
-            if !methods.contains(&METHOD_NONE) {
-                stream.write_all(&[VERSION, METHOD_UNACCEPTABLE]).await?;
-                return Err(Socks5Error::NoMethod);
-            }
-            stream.write_all(&[VERSION, METHOD_NONE]).await?;
-            None
+        stream.write_all(&[VERSION, METHOD_NONE]).await?;
+        users.anonymous()
+    } else {
+        if !methods.contains(&METHOD_USERPASS) {
+            stream.write_all(&[VERSION, METHOD_UNACCEPTABLE]).await?;
+            return Err(Socks5Error::NoMethod);
         }
+        stream.write_all(&[VERSION, METHOD_USERPASS]).await?;
+        sub_negotiate(stream, users).await?
     };
     let mut head = [0u8; 4];
     stream.read_exact(&mut head).await?;
@@ -185,13 +177,13 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
         // BIND and UDP ASSOCIATE are not carried by the tunnel yet.
         return Err(Socks5Error::Command(command));
     }
-    Ok((TargetAddr { host, port }, user))
+    Ok((TargetAddr { host, port }, identity))
 }
 
 async fn sub_negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
-    expected: &Credentials,
-) -> Result<String, Socks5Error> {
+    users: &Accounts,
+) -> Result<Identity, Socks5Error> {
     let version = stream.read_u8().await?;
     if version != AUTH_VERSION {
         return Err(Socks5Error::Version(version));
@@ -204,9 +196,9 @@ async fn sub_negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     stream.read_exact(&mut pass).await?;
     let user = String::from_utf8_lossy(&user).into_owned();
     let pass = String::from_utf8_lossy(&pass);
-    if credentials_match(expected, &user, &pass) {
+    if let Some(identity) = users.authenticate(&user, &pass) {
         stream.write_all(&[AUTH_VERSION, 0x00]).await?;
-        Ok(user)
+        Ok(identity)
     } else {
         stream.write_all(&[AUTH_VERSION, 0x01]).await?;
         Err(Socks5Error::AuthFailed(user))
