@@ -216,7 +216,7 @@ impl Agent {
             }
         };
         *attempt = 0;
-        tracing::info!(%client_id, gateway = %cfg.gateway_addr, encoding = core.encoding.as_str(), deflate = core.compressed(), "authenticated to the gateway");
+        tracing::info!(%client_id, group = cfg.group_id.as_deref().unwrap_or(crate::config::DEFAULT_GROUP), gateway = %cfg.gateway_addr, encoding = core.encoding.as_str(), deflate = core.compressed(), "authenticated to the gateway");
 
         let pinger = tokio::spawn(core.clone().heartbeat(cfg.ping_interval.0));
         for msg in leftovers {
@@ -321,7 +321,9 @@ impl Agent {
                     }))
                     .await;
                 if ok.is_ok() {
-                    relay(stream, conn).await;
+                    let started = std::time::Instant::now();
+                    let stats = relay(stream, conn).await;
+                    tracing::info!(target: "access", conn = %id, %target, result = "ok", to_target = stats.received, from_target = stats.sent, ms = started.elapsed().as_millis() as u64);
                 }
             }
             Err(e) => {
