@@ -18,7 +18,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::{
     Auth, AuthResponse, Close, ConnId, Connect, ConnectResponse, Data, DecodeError, ErrorCode,
-    ErrorMsg, Fin, Heartbeat, Message, Protocol, WindowUpdate, MAX_DATA_PAYLOAD, MAX_STRING_LEN,
+    ErrorMsg, Fin, Forward, ForwardResponse, Heartbeat, Message, Protocol, WindowUpdate,
+    MAX_DATA_PAYLOAD, MAX_STRING_LEN,
 };
 
 /// `Sec-WebSocket-Protocol` token for this encoding; the suffix is the wire version.
@@ -30,7 +31,7 @@ pub const HEADER_LEN: usize = 9;
 /// Largest body of a control (non-`data`) frame.
 pub const MAX_CONTROL_BODY: usize = 4 * (MAX_STRING_LEN + 2) + 16;
 
-/// Frame type tags. `0x00` is never used; `0x0C..=0x3F` are reserved for protocol
+/// Frame type tags. `0x00` is never used; `0x0E..=0x3F` are reserved for protocol
 /// messages added in later wire versions; `0x40..=0xFF` are reserved for extensions.
 pub mod tag {
     pub const AUTH: u8 = 0x01;
@@ -44,6 +45,8 @@ pub mod tag {
     pub const ERROR: u8 = 0x09;
     pub const WINDOW_UPDATE: u8 = 0x0A;
     pub const FIN: u8 = 0x0B;
+    pub const FORWARD: u8 = 0x0C;
+    pub const FORWARD_RESPONSE: u8 = 0x0D;
 }
 
 const PROTOCOL_TCP: u8 = 0;
@@ -160,6 +163,22 @@ pub fn encode_into(msg: &Message, out: &mut BytesMut) {
             out.reserve(HEADER_LEN);
             put_header(out, tag::FIN, m.id.0, 0);
         }
+        Message::Forward(m) => {
+            let len = 2 + 2 + str_len(&m.target_host);
+            out.reserve(HEADER_LEN + len);
+            put_header(out, tag::FORWARD, 0, len);
+            out.put_u16(m.listen_port);
+            out.put_u16(m.target_port);
+            put_str(out, &m.target_host);
+        }
+        Message::ForwardResponse(m) => {
+            let len = 2 + 1 + str_len(&m.message);
+            out.reserve(HEADER_LEN + len);
+            put_header(out, tag::FORWARD_RESPONSE, 0, len);
+            out.put_u16(m.listen_port);
+            out.put_u8(m.success as u8);
+            put_str(out, &m.message);
+        }
     }
 }
 
@@ -255,7 +274,7 @@ pub fn decode_frame(buf: &mut Bytes) -> Result<Message, DecodeError> {
             max,
         });
     }
-    if !(tag::AUTH..=tag::FIN).contains(&tag) {
+    if !(tag::AUTH..=tag::FORWARD_RESPONSE).contains(&tag) {
         return Err(DecodeError::UnknownType(format!("0x{tag:02x}")));
     }
     need(buf, HEADER_LEN + len)?;
@@ -343,6 +362,25 @@ fn decode_body(tag: u8, id: ConnId, body: &mut Bytes) -> Result<Message, DecodeE
             })
         }
         tag::FIN => Message::Fin(Fin { id }),
+        tag::FORWARD => {
+            need(body, 4)?;
+            let listen_port = body.get_u16();
+            let target_port = body.get_u16();
+            Message::Forward(Forward {
+                listen_port,
+                target_host: get_str(body, "target_host")?,
+                target_port,
+            })
+        }
+        tag::FORWARD_RESPONSE => {
+            need(body, 2)?;
+            let listen_port = body.get_u16();
+            Message::ForwardResponse(ForwardResponse {
+                listen_port,
+                success: get_bool(body, "forward_response")?,
+                message: get_str(body, "message")?,
+            })
+        }
         other => return Err(DecodeError::UnknownType(format!("0x{other:02x}"))),
     })
 }

@@ -13,8 +13,8 @@ use serde_json::value::RawValue;
 
 use crate::{
     Auth, AuthResponse, Close, ConnId, Connect, ConnectResponse, Data, DecodeError, ErrorCode,
-    ErrorMsg, Fin, Heartbeat, Message, MessageKind, Protocol, WindowUpdate, MAX_DATA_PAYLOAD,
-    MAX_STRING_LEN,
+    ErrorMsg, Fin, Forward, ForwardResponse, Heartbeat, Message, MessageKind, Protocol,
+    WindowUpdate, MAX_DATA_PAYLOAD, MAX_STRING_LEN,
 };
 
 /// `Sec-WebSocket-Protocol` token for this encoding. Offering no token at all also
@@ -82,6 +82,20 @@ struct WindowUpdateOut {
 #[derive(Serialize)]
 struct FinOut {
     connection_id: String,
+}
+
+#[derive(Serialize)]
+struct ForwardOut<'a> {
+    listen_port: u16,
+    target_host: &'a str,
+    target_port: u16,
+}
+
+#[derive(Serialize)]
+struct ForwardResponseOut<'a> {
+    listen_port: u16,
+    success: bool,
+    message: &'a str,
 }
 
 #[derive(Serialize)]
@@ -191,6 +205,24 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
             kind,
             FinOut {
                 connection_id: m.id.to_string(),
+            },
+        ),
+        Message::Forward(m) => write(
+            out,
+            kind,
+            ForwardOut {
+                listen_port: m.listen_port,
+                target_host: &m.target_host,
+                target_port: m.target_port,
+            },
+        ),
+        Message::ForwardResponse(m) => write(
+            out,
+            kind,
+            ForwardResponseOut {
+                listen_port: m.listen_port,
+                success: m.success,
+                message: &m.message,
             },
         ),
     }
@@ -314,6 +346,22 @@ struct WindowUpdateIn<'a> {
 struct FinIn<'a> {
     #[serde(borrow)]
     connection_id: WireId<'a>,
+}
+
+#[derive(Deserialize)]
+struct ForwardIn<'a> {
+    listen_port: u16,
+    #[serde(borrow)]
+    target_host: Cow<'a, str>,
+    target_port: u16,
+}
+
+#[derive(Deserialize)]
+struct ForwardResponseIn<'a> {
+    listen_port: u16,
+    success: bool,
+    #[serde(borrow)]
+    message: Cow<'a, str>,
 }
 
 #[derive(Deserialize)]
@@ -491,6 +539,22 @@ pub fn decode(input: &[u8]) -> Result<Message, DecodeError> {
             let b: FinIn = body(kind, raw)?;
             Message::Fin(Fin {
                 id: b.connection_id.to_conn_id()?,
+            })
+        }
+        MessageKind::Forward => {
+            let b: ForwardIn = body(kind, raw)?;
+            Message::Forward(Forward {
+                listen_port: b.listen_port,
+                target_host: string("target_host", b.target_host)?,
+                target_port: b.target_port,
+            })
+        }
+        MessageKind::ForwardResponse => {
+            let b: ForwardResponseIn = body(kind, raw)?;
+            Message::ForwardResponse(ForwardResponse {
+                listen_port: b.listen_port,
+                success: b.success,
+                message: string("message", b.message)?,
             })
         }
     };

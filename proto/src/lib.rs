@@ -16,7 +16,7 @@ mod message;
 pub use error::DecodeError;
 pub use message::{
     Auth, AuthResponse, Close, ConnId, Connect, ConnectResponse, Data, ErrorCode, ErrorMsg, Fin,
-    Heartbeat, Message, MessageKind, Protocol, WindowUpdate,
+    Forward, ForwardResponse, Heartbeat, Message, MessageKind, Protocol, WindowUpdate,
 };
 
 /// How messages are encoded on one WebSocket, chosen per connection at the handshake.

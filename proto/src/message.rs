@@ -194,6 +194,23 @@ pub struct Fin {
     pub id: ConnId,
 }
 
+/// `forward` (binary mode): agent → gateway, "listen on `listen_port` and carry each
+/// connection to `target_host:target_port` through me" (a reverse port forward).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forward {
+    pub listen_port: u16,
+    pub target_host: String,
+    pub target_port: u16,
+}
+
+/// `forward_response` (binary mode): gateway → agent, the outcome of a `forward`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardResponse {
+    pub listen_port: u16,
+    pub success: bool,
+    pub message: String,
+}
+
 /// `error`: either direction, optionally about one connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ErrorMsg {
@@ -216,6 +233,8 @@ pub enum Message {
     Error(ErrorMsg),
     WindowUpdate(WindowUpdate),
     Fin(Fin),
+    Forward(Forward),
+    ForwardResponse(ForwardResponse),
 }
 
 /// The kind of a [`Message`], without its body: for logs and metrics.
@@ -232,10 +251,12 @@ pub enum MessageKind {
     Error,
     WindowUpdate,
     Fin,
+    Forward,
+    ForwardResponse,
 }
 
 impl MessageKind {
-    pub const ALL: [MessageKind; 11] = [
+    pub const ALL: [MessageKind; 13] = [
         MessageKind::Auth,
         MessageKind::AuthResponse,
         MessageKind::Connect,
@@ -247,6 +268,8 @@ impl MessageKind {
         MessageKind::Error,
         MessageKind::WindowUpdate,
         MessageKind::Fin,
+        MessageKind::Forward,
+        MessageKind::ForwardResponse,
     ];
 
     /// The `type` string of the JSON encoding.
@@ -263,6 +286,8 @@ impl MessageKind {
             MessageKind::Error => "error",
             MessageKind::WindowUpdate => "window_update",
             MessageKind::Fin => "fin",
+            MessageKind::Forward => "forward",
+            MessageKind::ForwardResponse => "forward_response",
         }
     }
 
@@ -273,7 +298,13 @@ impl MessageKind {
     /// Kinds that only exist in the binary encoding's session rules (flow control and
     /// half-close); a JSON-mode session refuses them.
     pub const fn is_binary_only(self) -> bool {
-        matches!(self, MessageKind::WindowUpdate | MessageKind::Fin)
+        matches!(
+            self,
+            MessageKind::WindowUpdate
+                | MessageKind::Fin
+                | MessageKind::Forward
+                | MessageKind::ForwardResponse
+        )
     }
 }
 
@@ -291,6 +322,8 @@ impl Message {
             Message::Error(_) => MessageKind::Error,
             Message::WindowUpdate(_) => MessageKind::WindowUpdate,
             Message::Fin(_) => MessageKind::Fin,
+            Message::Forward(_) => MessageKind::Forward,
+            Message::ForwardResponse(_) => MessageKind::ForwardResponse,
         }
     }
 
@@ -304,9 +337,12 @@ impl Message {
             Message::Error(m) => m.id,
             Message::WindowUpdate(m) => Some(m.id),
             Message::Fin(m) => Some(m.id),
-            Message::Auth(_) | Message::AuthResponse(_) | Message::Ping(_) | Message::Pong(_) => {
-                None
-            }
+            Message::Auth(_)
+            | Message::AuthResponse(_)
+            | Message::Ping(_)
+            | Message::Pong(_)
+            | Message::Forward(_)
+            | Message::ForwardResponse(_) => None,
         }
     }
 }

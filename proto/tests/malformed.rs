@@ -3,8 +3,8 @@
 
 use anyproxy_proto::{
     binary, json, Auth, AuthResponse, Close, ConnId, Connect, ConnectResponse, Data, DecodeError,
-    ErrorCode, ErrorMsg, Fin, Heartbeat, Message, MessageKind, Protocol, WindowUpdate,
-    MAX_DATA_PAYLOAD, MAX_STRING_LEN,
+    ErrorCode, ErrorMsg, Fin, Forward, ForwardResponse, Heartbeat, Message, MessageKind, Protocol,
+    WindowUpdate, MAX_DATA_PAYLOAD, MAX_STRING_LEN,
 };
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -80,6 +80,16 @@ fn samples() -> Vec<Message> {
             increment: 65536,
         }),
         Message::Fin(Fin { id: ConnId(7) }),
+        Message::Forward(Forward {
+            listen_port: 8022,
+            target_host: "localhost".into(),
+            target_port: 22,
+        }),
+        Message::ForwardResponse(ForwardResponse {
+            listen_port: 8022,
+            success: true,
+            message: "listening".into(),
+        }),
     ]
 }
 
@@ -365,7 +375,7 @@ fn binary_encoder_clamps_oversized_strings_at_a_char_boundary() {
 
 #[test]
 fn binary_unknown_tag_is_unknown_type() {
-    for tag in [0x00u8, 0x0c, 0x3f, 0x40, 0x80, 0xff] {
+    for tag in [0x00u8, 0x0e, 0x3f, 0x40, 0x80, 0xff] {
         let err = decode_bin(&frame(tag, 0, &[1, 2, 3])).unwrap_err();
         assert_eq!(err, DecodeError::UnknownType(format!("0x{tag:02x}")));
         // Even with an empty body, or a header only.

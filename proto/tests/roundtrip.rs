@@ -2,7 +2,8 @@
 
 use anyproxy_proto::{
     binary, json, Auth, AuthResponse, Close, ConnId, Connect, ConnectResponse, Data, ErrorCode,
-    ErrorMsg, Fin, Heartbeat, Message, Protocol, WindowUpdate, MAX_STRING_LEN,
+    ErrorMsg, Fin, Forward, ForwardResponse, Heartbeat, Message, Protocol, WindowUpdate,
+    MAX_STRING_LEN,
 };
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
@@ -89,6 +90,20 @@ fn any_message() -> impl Strategy<Value = Message> {
         (any_id(), 1..=u32::MAX)
             .prop_map(|(id, increment)| Message::WindowUpdate(WindowUpdate { id, increment })),
         any_id().prop_map(|id| Message::Fin(Fin { id })),
+        (any::<u16>(), any_string(), any::<u16>()).prop_map(
+            |(listen_port, target_host, target_port)| Message::Forward(Forward {
+                listen_port,
+                target_host,
+                target_port
+            })
+        ),
+        (any::<u16>(), any::<bool>(), any_string()).prop_map(|(listen_port, success, message)| {
+            Message::ForwardResponse(ForwardResponse {
+                listen_port,
+                success,
+                message,
+            })
+        }),
     ]
 }
 

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use anyproxy_proto::{
     binary, json, Auth, AuthResponse, Close, ConnId, Connect, ConnectResponse, Data, ErrorCode,
-    ErrorMsg, Fin, Heartbeat, Message, MessageKind, Protocol, WindowUpdate,
+    ErrorMsg, Fin, Forward, ForwardResponse, Heartbeat, Message, MessageKind, Protocol,
+    WindowUpdate,
 };
 use bytes::Bytes;
 
@@ -166,6 +167,22 @@ fn vectors() -> Vec<(&'static str, Message)> {
             }),
         ),
         ("fin", Message::Fin(Fin { id: ConnId(5) })),
+        (
+            "forward",
+            Message::Forward(Forward {
+                listen_port: 20022,
+                target_host: "db.internal".into(),
+                target_port: 5432,
+            }),
+        ),
+        (
+            "forward_response_fail",
+            Message::ForwardResponse(ForwardResponse {
+                listen_port: 20022,
+                success: false,
+                message: "port 20022 is already forwarded by agent \"a1\"".into(),
+            }),
+        ),
     ]
 }
 

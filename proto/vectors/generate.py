@@ -14,7 +14,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 TAG = {"auth": 0x01, "auth_response": 0x02, "connect": 0x03, "connect_response": 0x04,
        "data": 0x05, "close": 0x06, "ping": 0x07, "pong": 0x08, "error": 0x09,
-       "window_update": 0x0A, "fin": 0x0B}
+       "window_update": 0x0A, "fin": 0x0B, "forward": 0x0C, "forward_response": 0x0D}
 CODE = {"AUTH_FAILED": 1, "INVALID_MESSAGE": 2, "CONNECTION_FAILED": 3,
         "FORBIDDEN_HOST": 4, "RATE_LIMITED": 5, "INTERNAL_ERROR": 6}
 PROTO = {"tcp": 0, "udp": 1}
@@ -47,6 +47,10 @@ VECTORS = {
     "window_update": ("window_update", dict(id=5, increment=262144)),
     "window_update_max": ("window_update", dict(id=4294967295, increment=4294967295)),
     "fin": ("fin", dict(id=5)),
+    "forward": ("forward", dict(listen_port=20022, host="db.internal", port=5432)),
+    "forward_response_fail": ("forward_response",
+                              dict(listen_port=20022, success=False,
+                                   message="port 20022 is already forwarded by agent \"a1\"")),
 }
 
 
@@ -76,6 +80,10 @@ def json_body(kind, f):
         return {"connection_id": cid(), "increment": f["increment"]}
     if kind == "fin":
         return {"connection_id": cid()}
+    if kind == "forward":
+        return {"listen_port": f["listen_port"], "target_host": f["host"], "target_port": f["port"]}
+    if kind == "forward_response":
+        return {"listen_port": f["listen_port"], "success": f["success"], "message": f["message"]}
     raise ValueError(kind)
 
 
@@ -114,6 +122,12 @@ def binary_fields(kind, f):
         return f["id"], [struct.pack(">I", f["increment"]).hex()]
     if kind == "fin":
         return f["id"], []
+    if kind == "forward":
+        return 0, [struct.pack(">H", f["listen_port"]).hex(), struct.pack(">H", f["port"]).hex(),
+                   s(f["host"])]
+    if kind == "forward_response":
+        return 0, [struct.pack(">H", f["listen_port"]).hex(), "%02x" % int(f["success"]),
+                   s(f["message"])]
     raise ValueError(kind)
 
 

@@ -219,6 +219,11 @@ impl Agent {
         tracing::info!(%client_id, group = cfg.group_id.as_deref().unwrap_or(crate::config::DEFAULT_GROUP), gateway = %cfg.gateway_addr, encoding = core.encoding.as_str(), deflate = core.compressed(), "authenticated to the gateway");
 
         let pinger = tokio::spawn(core.clone().heartbeat(cfg.ping_interval.0));
+        // One replica owns the forwards: the others would only meet a conflict.
+        let replicas = cfg.replicas;
+        if replicas == 1 || client_id == format!("{}.0", cfg.client_id) {
+            self.request_forwards(core).await;
+        }
         for msg in leftovers {
             if let Some(role_msg) = core.dispatch(msg).await {
                 self.on_role_message(core, role_msg).await;
@@ -242,6 +247,13 @@ impl Agent {
             Message::Connect(c) => {
                 tokio::spawn(self.clone().serve_connect(core.clone(), c));
             }
+            Message::ForwardResponse(r) => {
+                if r.success {
+                    tracing::info!(port = r.listen_port, message = %r.message, "gateway forward open");
+                } else {
+                    tracing::error!(port = r.listen_port, message = %r.message, "gateway refused a forward");
+                }
+            }
             other => {
                 let _ = core
                     .send(Message::Error(ErrorMsg {
@@ -253,6 +265,28 @@ impl Agent {
                         id: other.conn_id(),
                     }))
                     .await;
+            }
+        }
+    }
+
+    /// Asks the gateway for this agent's `open_ports`, again on every new session (the
+    /// gateway releases them when a session ends).
+    async fn request_forwards(&self, core: &Arc<SessionCore>) {
+        if self.config.open_ports.is_empty() {
+            return;
+        }
+        if !core.flow_controlled() {
+            tracing::error!("open_ports needs the binary encoding; the gateway chose JSON");
+            return;
+        }
+        for p in &self.config.open_ports {
+            let req = Message::Forward(anyproxy_proto::Forward {
+                listen_port: p.remote_port,
+                target_host: p.target.host.clone(),
+                target_port: p.target.port,
+            });
+            if core.send(req).await.is_err() {
+                return;
             }
         }
     }

@@ -110,6 +110,14 @@ impl Config {
             }
             check_max_window("gateway.max_window", g.max_window)?;
             check_groups(g, self.proxy.as_ref())?;
+            for (i, f) in g.forwards.iter().enumerate() {
+                if f.group != DEFAULT_GROUP && !g.groups.iter().any(|x| x.id == f.group) {
+                    return Err(ConfigError::Semantic(format!(
+                        "gateway.forwards[{i}].group {:?} is not a configured group",
+                        f.group
+                    )));
+                }
+            }
             g.deflate
                 .validate()
                 .map_err(|e| ConfigError::Semantic(format!("gateway.{e}")))?;
@@ -366,6 +374,107 @@ pub struct GatewayConfig {
     /// Further agent groups besides [`DEFAULT_GROUP`].
     #[serde(default)]
     pub groups: Vec<GroupConfig>,
+    /// Ports the gateway listens on and carries to a target through a group's agents.
+    #[serde(default)]
+    pub forwards: Vec<ForwardConfig>,
+    /// Lets agents ask for forwards of their own (`client.open_ports`); absent = refused.
+    #[serde(default)]
+    pub agent_forwards: Option<AgentForwards>,
+}
+
+/// A port forward declared by the gateway (the model rathole and frp users know).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardConfig {
+    pub listen_addr: ListenAddr,
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// `host:port`, dialed (and checked against its ACL) by the agent.
+    pub target: HostPort,
+}
+
+fn default_group() -> String {
+    DEFAULT_GROUP.to_owned()
+}
+
+/// Where agent-requested forwards may listen.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentForwards {
+    /// Address to bind, e.g. `127.0.0.1` or `0.0.0.0`.
+    pub bind: std::net::IpAddr,
+    /// Inclusive port range agents may ask for, e.g. `"20000-20999"`.
+    pub ports: PortRange,
+}
+
+/// `host:port` with a name or an IP literal (IPv6 in brackets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::str::FromStr for HostPort {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not HOST:PORT");
+        let (host, port) = s.trim().rsplit_once(':').ok_or_else(bad)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if host.is_empty() || port == 0 {
+            return Err(bad());
+        }
+        Ok(HostPort {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPort {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// An inclusive range of ports, written `"20000-20999"` or `"8080"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let bad =
+            || serde::de::Error::custom(format!("{s:?} is not a port range like \"20000-20999\""));
+        let (a, b) = s.split_once('-').unwrap_or((&s, &s));
+        let first: u16 = a.trim().parse().map_err(|_| bad())?;
+        let last: u16 = b.trim().parse().map_err(|_| bad())?;
+        if first == 0 || first > last {
+            return Err(bad());
+        }
+        Ok(PortRange { first, last })
+    }
 }
 
 impl GatewayConfig {
@@ -424,6 +533,15 @@ fn default_client_encoding() -> EncodingName {
     EncodingName::Binary
 }
 
+/// A forward an agent asks for: the gateway listens on `remote_port` and the agent dials
+/// `target` for each connection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenPort {
+    pub remote_port: u16,
+    pub target: HostPort,
+}
+
 /// A client agent inside a private network.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -479,6 +597,10 @@ pub struct ClientConfig {
     /// permessage-deflate offered to the gateway (off by default).
     #[serde(default)]
     pub deflate: DeflateConfig,
+    /// Ports this agent asks the gateway to listen on and forward to it (binary mode;
+    /// the gateway must allow them with `agent_forwards`).
+    #[serde(default)]
+    pub open_ports: Vec<OpenPort>,
 }
 
 /// An allowlist entry: when `limit` is non-empty only these targets may be dialed.

@@ -1,6 +1,7 @@
 //! The public side: accepts agents over WebSocket + TLS and serves the proxy front ends,
 //! whose connections it carries through the agents.
 
+pub mod forward;
 pub mod registry;
 pub mod server;
 pub mod throttle;
@@ -102,6 +103,8 @@ pub struct Gateway {
     pub agent_addr: SocketAddr,
     pub http_addr: Option<SocketAddr>,
     pub socks5_addr: Option<SocketAddr>,
+    /// The declared forwards' listeners, in configuration order.
+    pub forward_addrs: Vec<SocketAddr>,
     pub registry: Arc<AgentRegistry>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -137,7 +140,17 @@ impl Gateway {
             connect_timeout: config.connect_timeout.0,
         });
         let groups = config.groups.clone();
-        let server = Arc::new(AgentServer::new(config, registry.clone(), tls));
+        let declared = config.forwards.clone();
+        let agent_forwards = Arc::new(forward::AgentForwardTable::new(
+            config.agent_forwards.clone(),
+            config.connect_timeout.0,
+        ));
+        let server = Arc::new(AgentServer::new(
+            config,
+            registry.clone(),
+            tls,
+            agent_forwards,
+        ));
         tasks.spawn(server.serve(agent_listener, shutdown.clone()));
 
         let proxy = proxy.unwrap_or_default();
@@ -171,12 +184,27 @@ impl Gateway {
                 shutdown.clone(),
             ));
         }
+        let mut forward_addrs = Vec::new();
+        for f in declared {
+            let listener = bind("forward", f.listen_addr.0).await?;
+            let addr = listener.local_addr().unwrap_or(f.listen_addr.0);
+            tracing::info!(%addr, group = %f.group, target = %f.target, "forwarding");
+            forward_addrs.push(addr);
+            tasks.spawn(forward::serve_declared(
+                listener,
+                Arc::from(f.group.as_str()),
+                f.target,
+                connector.clone(),
+                shutdown.clone(),
+            ));
+        }
         tasks.close();
         tracing::info!(%agent_addr, ?http_addr, ?socks5_addr, "gateway listening");
         Ok(Gateway {
             agent_addr,
             http_addr,
             socks5_addr,
+            forward_addrs,
             registry,
             shutdown,
             tasks,

@@ -5,12 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyproxy_proto::{AuthResponse, Encoding, ErrorCode, ErrorMsg, Message};
+use anyproxy_proto::{AuthResponse, Encoding, ErrorCode, ErrorMsg, ForwardResponse, Message};
 use fastwebsockets::Role;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::forward::AgentForwardTable;
 use super::registry::{AgentHandle, AgentRegistry};
 use super::throttle::AuthThrottle;
 use crate::config::{Credentials, GatewayConfig, DEFAULT_GROUP};
@@ -24,6 +25,7 @@ pub struct AgentServer {
     pub config: GatewayConfig,
     pub registry: Arc<AgentRegistry>,
     agents: Accounts,
+    forwards: Arc<AgentForwardTable>,
     throttle: AuthThrottle,
     acceptor: TlsAcceptor,
     encodings: Vec<Encoding>,
@@ -34,6 +36,7 @@ impl AgentServer {
         config: GatewayConfig,
         registry: Arc<AgentRegistry>,
         tls: Arc<rustls::ServerConfig>,
+        forwards: Arc<AgentForwardTable>,
     ) -> Self {
         // Agents of the default group use the gateway's own credentials; agents of a
         // configured group use its id and agent password. Only this configuration
@@ -65,6 +68,7 @@ impl AgentServer {
             config,
             registry,
             agents,
+            forwards,
             throttle,
             acceptor: TlsAcceptor::from(tls),
             encodings,
@@ -213,6 +217,7 @@ impl AgentServer {
         });
         if let Some(old) = self.registry.register(handle.clone()) {
             tracing::warn!(client_id = %auth.client_id, old = %old.remote, new = %peer, conns = old.core.active_conns(), "client id reconnected: replacing its previous session");
+            self.forwards.release(old.serial);
             old.core.shutdown();
         }
         let _ = core
@@ -225,10 +230,28 @@ impl AgentServer {
 
         let pinger = tokio::spawn(core.clone().heartbeat(self.config.ping_interval.0));
         let role_core = core.clone();
+        let (role_handle, forwards) = (handle.clone(), self.forwards.clone());
         let end = tokio::select! {
             end = core.read_loop(&mut reader, self.config.idle_timeout.0, move |msg| {
                 let core = role_core.clone();
+                let (handle, forwards) = (role_handle.clone(), forwards.clone());
                 async move {
+                    if let Message::Forward(req) = &msg {
+                        let result = forwards.open(&handle, req).await;
+                        let (success, message) = match &result {
+                            Ok(addr) => (true, format!("listening on {addr}")),
+                            Err(e) => (false, e.clone()),
+                        };
+                        tracing::info!(client_id = %handle.client_id, group = %handle.group, port = req.listen_port, target_host = %req.target_host, target_port = req.target_port, success, %message, "agent forward");
+                        let _ = core
+                            .send(Message::ForwardResponse(ForwardResponse {
+                                listen_port: req.listen_port,
+                                success,
+                                message,
+                            }))
+                            .await;
+                        return;
+                    }
                     let what = match &msg {
                         Message::Connect(_) => "connect is sent by the gateway, not to it",
                         _ => "already authenticated",
@@ -245,6 +268,7 @@ impl AgentServer {
             _ = shutdown.cancelled() => crate::tunnel::SessionEnd::Shutdown,
         };
         pinger.abort();
+        self.forwards.release(handle.serial);
         self.registry.unregister(&handle);
         tracing::info!(client_id = %auth.client_id, %peer, conns = core.active_conns(), reason = %end, "agent disconnected");
         finish(core, writer_task, Ok(())).await

@@ -1,0 +1,235 @@
+//! Port forwards: gateway listeners whose connections leave through agents.
+//!
+//! * Declared forwards (`gateway.forwards`) listen for the gateway's whole life and pick
+//!   the least-loaded agent of their group for each connection.
+//! * Agent forwards (`client.open_ports`, the `forward` message) belong to the session
+//!   that asked: its connections go through that agent, and the port is released the
+//!   moment the session ends, so a reconnecting agent can bind it again at once.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyproxy_proto::Forward;
+use parking_lot::Mutex;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::registry::AgentHandle;
+use super::TunnelConnector;
+use crate::config::{AgentForwards, HostPort};
+use crate::proxy::auth::Identity;
+use crate::proxy::{Connector, Requester, TargetAddr};
+use crate::tunnel::relay;
+
+/// How long a takeover waits for the previous owner's listener to let go of the port.
+const REBIND_ATTEMPTS: u32 = 40;
+const REBIND_PAUSE: Duration = Duration::from_millis(25);
+
+struct Owner {
+    group: Arc<str>,
+    client_id: String,
+    serial: u64,
+    cancel: CancellationToken,
+}
+
+/// The agent forwards currently open, by port.
+pub struct AgentForwardTable {
+    policy: Option<AgentForwards>,
+    connect_timeout: Duration,
+    by_port: Mutex<HashMap<u16, Owner>>,
+}
+
+impl AgentForwardTable {
+    pub fn new(policy: Option<AgentForwards>, connect_timeout: Duration) -> Self {
+        AgentForwardTable {
+            policy,
+            connect_timeout,
+            by_port: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Opens the forward `req` for `agent`. A port held by an earlier session of the
+    /// same agent (same group and client id) is taken over; one held by another agent
+    /// is a conflict.
+    pub async fn open(
+        &self,
+        agent: &Arc<AgentHandle>,
+        req: &Forward,
+    ) -> Result<SocketAddr, String> {
+        let Some(policy) = &self.policy else {
+            return Err("this gateway does not accept forwards from agents (gateway.agent_forwards is not set)".into());
+        };
+        let port = req.listen_port;
+        if !policy.ports.contains(port) {
+            return Err(format!(
+                "port {port} is outside the range agents may forward ({}-{})",
+                policy.ports.first, policy.ports.last
+            ));
+        }
+        let target = TargetAddr {
+            host: req.target_host.clone(),
+            port: req.target_port,
+        };
+        target.validate().map_err(|e| e.to_string())?;
+        let cancel = CancellationToken::new();
+        {
+            let mut table = self.by_port.lock();
+            if let Some(held) = table.get(&port) {
+                let same_agent = held.group == agent.group && held.client_id == agent.client_id;
+                if !same_agent {
+                    return Err(format!(
+                        "port {port} is already forwarded by agent {:?} of group {:?}",
+                        held.client_id, held.group
+                    ));
+                }
+                held.cancel.cancel();
+            }
+            table.insert(
+                port,
+                Owner {
+                    group: agent.group.clone(),
+                    client_id: agent.client_id.clone(),
+                    serial: agent.serial,
+                    cancel: cancel.clone(),
+                },
+            );
+        }
+        let addr = SocketAddr::new(policy.bind, port);
+        let listener = match bind_when_free(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                self.by_port
+                    .lock()
+                    .retain(|p, o| !(*p == port && o.serial == agent.serial));
+                return Err(format!("cannot listen on {addr}: {e}"));
+            }
+        };
+        let agent = agent.clone();
+        let timeout = self.connect_timeout;
+        tokio::spawn(async move {
+            loop {
+                let (stream, peer) = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::warn!(%addr, error = %e, "forward accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                    _ = cancel.cancelled() => break,
+                };
+                if agent.core.is_closed() {
+                    break;
+                }
+                let (agent, target) = (agent.clone(), target.clone());
+                tokio::spawn(async move {
+                    match agent.core.open(&target.host, target.port, timeout).await {
+                        Ok(conn) => {
+                            carry(stream, conn, peer, &target, &agent.group).await;
+                        }
+                        Err(e) => {
+                            tracing::info!(target: "access", proto = "forward", client = %peer, group = %agent.group, agent = %agent.client_id, %target, result = "refused", reason = %e);
+                        }
+                    }
+                });
+            }
+            tracing::info!(%addr, "agent forward closed");
+        });
+        Ok(addr)
+    }
+
+    /// Closes every forward of the session `serial` (it ended or was replaced).
+    pub fn release(&self, serial: u64) {
+        self.by_port.lock().retain(|_, o| {
+            let keep = o.serial != serial;
+            if !keep {
+                o.cancel.cancel();
+            }
+            keep
+        });
+    }
+
+    /// Ports currently forwarded, for status.
+    pub fn ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self.by_port.lock().keys().copied().collect();
+        ports.sort_unstable();
+        ports
+    }
+}
+
+/// Binds `addr`, retrying briefly while a previous listener of the same agent is still
+/// shutting down.
+async fn bind_when_free(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let mut attempt = 0;
+    loop {
+        match TcpListener::bind(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempt < REBIND_ATTEMPTS => {
+                attempt += 1;
+                tokio::time::sleep(REBIND_PAUSE).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn carry(
+    stream: TcpStream,
+    conn: crate::tunnel::TunnelConn,
+    peer: SocketAddr,
+    target: &TargetAddr,
+    group: &str,
+) {
+    let _ = stream.set_nodelay(true);
+    let started = std::time::Instant::now();
+    let stats = relay(stream, conn).await;
+    tracing::info!(target: "access", proto = "forward", client = %peer, %group, %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
+}
+
+/// Serves one declared forward until `shutdown`: each connection goes to `target`
+/// through the least-loaded agent of `group`.
+pub async fn serve_declared(
+    listener: TcpListener,
+    group: Arc<str>,
+    target: HostPort,
+    connector: Arc<TunnelConnector>,
+    shutdown: CancellationToken,
+) {
+    let target = TargetAddr {
+        host: target.host,
+        port: target.port,
+    };
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "forward accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let (group, target, connector) = (group.clone(), target.clone(), connector.clone());
+        tokio::spawn(async move {
+            let who = Requester::new(
+                peer,
+                Identity {
+                    user: None,
+                    group: group.clone(),
+                },
+            );
+            match connector.connect(&target, &who).await {
+                Ok(conn) => carry(stream, conn, peer, &target, &group).await,
+                // The user's connection just closes: a raw TCP forward has no way to
+                // say why, so the reason goes to the log.
+                Err(e) => {
+                    tracing::info!(target: "access", proto = "forward", client = %peer, %group, %target, result = %e.code(), reason = %e);
+                }
+            }
+        });
+    }
+}
