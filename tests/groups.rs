@@ -197,3 +197,57 @@ async fn a_groups_agents_share_connections_and_capacity_refusals_move_on() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_are_separate_sessions_that_share_the_load() {
+    let stack = stack().await;
+    let hold = holding_target().await;
+    let _agent = group_agent(
+        &stack,
+        "office-r",
+        "office",
+        OFFICE_SECRET,
+        "  replicas: 3\n",
+    );
+    for i in 0..3 {
+        wait_for_gateway_log(&stack, &format!("client_id=office-r.{i}")).await;
+    }
+    // Held at once, the least-loaded pick spreads them over the three sessions.
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        let mut s = socks5_stream(
+            stack.socks_port,
+            "alice",
+            "alice-pw",
+            "127.0.0.1",
+            hold.port(),
+        )
+        .await
+        .expect("connect");
+        let mut first = [0u8; 1];
+        s.read_exact(&mut first).await.unwrap();
+        held.push(s);
+    }
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = stack.log("gateway");
+        let per_session: Vec<usize> = (0..3)
+            .map(|i| {
+                log.lines()
+                    .filter(|l| l.contains("proto=\"socks5\"") || l.contains("proto=socks5"))
+                    .filter(|l| {
+                        l.contains(&format!("agent=\"office-r.{i}\""))
+                            || l.contains(&format!("agent=office-r.{i} "))
+                    })
+                    .count()
+            })
+            .collect();
+        if per_session.iter().sum::<usize>() == 6 {
+            assert_eq!(per_session, vec![2, 2, 2], "{log}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{per_session:?}\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

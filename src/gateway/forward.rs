@@ -184,8 +184,9 @@ async fn carry(
 ) {
     let _ = stream.set_nodelay(true);
     let started = std::time::Instant::now();
+    let agent = conn.session().clone();
     let stats = relay(stream, conn).await;
-    tracing::info!(target: "access", proto = "forward", client = %peer, %group, %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
+    tracing::info!(target: "access", proto = "forward", client = %peer, %group, agent = agent.peer(), %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
 }
 
 /// Serves one declared forward until `shutdown`: each connection goes to `target`

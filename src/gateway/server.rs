@@ -208,6 +208,7 @@ impl AgentServer {
         };
         self.throttle.success(ip);
 
+        core.set_peer(&auth.client_id);
         let handle = Arc::new(AgentHandle {
             group: group.clone(),
             client_id: auth.client_id.clone(),

@@ -75,6 +75,7 @@ struct ConnState {
         Option<(
             TargetAddr,
             hyper::client::conn::http1::SendRequest<Incoming>,
+            Arc<crate::tunnel::SessionCore>,
         )>,
     >,
 }
@@ -186,8 +187,9 @@ async fn connect_tunnel<C: Connector>(
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
+                let agent = conn.session().clone();
                 let stats = crate::tunnel::relay(TokioIo::new(upgraded), conn).await;
-                tracing::info!(target: "access", proto = "connect", client = %who.peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
+                tracing::info!(target: "access", proto = "connect", client = %who.peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, agent = agent.peer(), %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
@@ -262,7 +264,7 @@ async fn forward<C: Connector>(
     let req = Request::from_parts(parts, body);
 
     let mut upstream = state.upstream.lock().await;
-    let reusable = matches!(&*upstream, Some((t, s)) if *t == target && !s.is_closed());
+    let reusable = matches!(&*upstream, Some((t, s, _)) if *t == target && !s.is_closed());
     if !reusable {
         *upstream = None;
         let conn = match connector.connect(&target, &who).await {
@@ -274,6 +276,7 @@ async fn forward<C: Connector>(
         };
         // hyper's client speaks over a pipe whose far end the relay carries.
         let (client_io, relay_io) = tokio::io::duplex(64 * 1024);
+        let agent = conn.session().clone();
         tokio::spawn(crate::tunnel::relay(relay_io, conn));
         match hyper::client::conn::http1::Builder::new()
             .preserve_header_case(true)
@@ -285,12 +288,12 @@ async fn forward<C: Connector>(
                 tokio::spawn(async move {
                     let _ = connection.await;
                 });
-                *upstream = Some((target.clone(), sender));
+                *upstream = Some((target.clone(), sender, agent));
             }
             Err(e) => return text_response(502, &format!("upstream handshake: {e}")),
         }
     }
-    let Some((_, sender)) = upstream.as_mut() else {
+    let Some((_, sender, agent)) = upstream.as_mut() else {
         return text_response(502, "no upstream");
     };
     if sender.ready().await.is_err() {
@@ -301,7 +304,7 @@ async fn forward<C: Connector>(
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            tracing::info!(target: "access", proto = "http", client = %who.peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, %target, result = "ok", status = parts.status.as_u16(), ms = started.elapsed().as_millis() as u64);
+            tracing::info!(target: "access", proto = "http", client = %who.peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, agent = agent.peer(), %target, result = "ok", status = parts.status.as_u16(), ms = started.elapsed().as_millis() as u64);
             Response::from_parts(parts, body.boxed())
         }
         Err(e) => {

@@ -78,6 +78,8 @@ pub struct SessionCore {
     last_ping: Mutex<Option<(i64, Instant)>>,
     /// Present when the session negotiated permessage-deflate.
     compression: Option<Arc<CompressionCounters>>,
+    /// Who is at the other end (the agent's client id on the gateway), once known.
+    peer: std::sync::OnceLock<Arc<str>>,
 }
 
 impl SessionCore {
@@ -100,6 +102,7 @@ impl SessionCore {
             rtt_us: AtomicU64::new(0),
             last_ping: Mutex::new(None),
             compression,
+            peer: std::sync::OnceLock::new(),
         });
         let writer_task = tokio::spawn(write_loop(writer, rx, encoding, core.closed.clone()));
         (core, writer_task)
@@ -119,6 +122,16 @@ impl SessionCore {
             r = self.out.send(item) => r.map_err(|_| SessionClosed),
             _ = self.closed.cancelled() => Err(SessionClosed),
         }
+    }
+
+    /// Names the peer once it has authenticated; later calls are ignored.
+    pub fn set_peer(&self, name: &str) {
+        let _ = self.peer.set(Arc::from(name));
+    }
+
+    /// The peer's name for logs, `-` before authentication.
+    pub fn peer(&self) -> &str {
+        self.peer.get().map_or("-", |p| p)
     }
 
     /// Whether this session's messages are compressed (permessage-deflate).
