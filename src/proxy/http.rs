@@ -67,17 +67,19 @@ pub async fn serve<C: Connector>(
     }
 }
 
+/// The upstream kept alive for a user connection's last target: where, the HTTP client
+/// over the tunnel, and the agent session carrying it (for the access log).
+type Upstream = (
+    TargetAddr,
+    hyper::client::conn::http1::SendRequest<Incoming>,
+    Arc<crate::tunnel::SessionCore>,
+);
+
 /// Per user connection: who it is, and the upstream kept alive for its last target.
 struct ConnState {
     peer: SocketAddr,
     users: Arc<Accounts>,
-    upstream: tokio::sync::Mutex<
-        Option<(
-            TargetAddr,
-            hyper::client::conn::http1::SendRequest<Incoming>,
-            Arc<crate::tunnel::SessionCore>,
-        )>,
-    >,
+    upstream: tokio::sync::Mutex<Option<Upstream>>,
 }
 
 fn text_response(status: u16, message: &str) -> Response<Body> {
