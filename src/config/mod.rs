@@ -81,6 +81,12 @@ impl Config {
                 ));
             }
             check_max_window("client.max_window", c.max_window)?;
+            check_heartbeat("client", c.ping_interval, c.idle_timeout)?;
+            if c.tls_client_cert.is_some() != c.tls_client_key.is_some() {
+                return Err(ConfigError::Semantic(
+                    "client.tls_client_cert and client.tls_client_key go together".into(),
+                ));
+            }
             c.deflate
                 .validate()
                 .map_err(|e| ConfigError::Semantic(format!("client.{e}")))?;
@@ -92,6 +98,7 @@ impl Config {
                 ));
             }
             check_max_window("gateway.max_window", g.max_window)?;
+            check_heartbeat("gateway", g.ping_interval, g.idle_timeout)?;
             g.deflate
                 .validate()
                 .map_err(|e| ConfigError::Semantic(format!("gateway.{e}")))?;
@@ -181,8 +188,13 @@ fn default_max_auth_failures() -> u32 {
 fn default_minute() -> HumanDuration {
     HumanDuration(Duration::from_secs(60))
 }
+/// Two missed heartbeats at the default `ping_interval` (15 s): a dead peer is noticed
+/// within half a minute.
 fn default_idle_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(45))
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_drain_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
 }
 fn default_max_message() -> ByteSize {
     ByteSize(2 << 20)
@@ -205,6 +217,21 @@ fn check_max_window(key: &str, w: ByteSize) -> Result<(), ConfigError> {
         return Err(ConfigError::Semantic(format!(
             "{key} must be between {min} bytes (the initial window) and 1GiB, got {}",
             w.0
+        )));
+    }
+    Ok(())
+}
+
+/// A peer that answers every heartbeat must never be taken for dead.
+fn check_heartbeat(
+    section: &str,
+    ping: HumanDuration,
+    idle: HumanDuration,
+) -> Result<(), ConfigError> {
+    if idle.0 <= ping.0 {
+        return Err(ConfigError::Semantic(format!(
+            "{section}.idle_timeout ({:?}) must be longer than {section}.ping_interval ({:?})",
+            idle.0, ping.0
         )));
     }
     Ok(())
@@ -255,6 +282,13 @@ pub struct GatewayConfig {
     /// permessage-deflate toward agents that offer it (off by default).
     #[serde(default)]
     pub deflate: DeflateConfig,
+    /// At shutdown, how long live tunnelled connections may take to finish.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: HumanDuration,
+    /// PEM CA(s): when set, agents must present a client certificate that chains to
+    /// one of them, checked in the TLS handshake before any `auth`.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 impl GatewayConfig {
@@ -361,6 +395,15 @@ pub struct ClientConfig {
     /// permessage-deflate offered to the gateway (off by default).
     #[serde(default)]
     pub deflate: DeflateConfig,
+    /// At shutdown, how long live tunnelled connections may take to finish.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: HumanDuration,
+    /// PEM client certificate (chain) presented to a gateway that requires one.
+    #[serde(default)]
+    pub tls_client_cert: Option<PathBuf>,
+    /// PEM private key of `tls_client_cert`.
+    #[serde(default)]
+    pub tls_client_key: Option<PathBuf>,
 }
 
 /// An allowlist entry: when `limit` is non-empty only these targets may be dialed.
