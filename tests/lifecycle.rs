@@ -30,12 +30,7 @@ fn start_transfer(args: Vec<String>) -> tokio::task::JoinHandle<Transfer> {
 }
 
 fn via_tunnel(stack: &Stack, url: &str) -> Vec<String> {
-    vec![
-        "-p".into(),
-        "-x".into(),
-        stack.http_proxy(),
-        url.into(),
-    ]
+    vec!["-p".into(), "-x".into(), stack.http_proxy(), url.into()]
 }
 
 fn via_socks(stack: &Stack, url: &str) -> Vec<String> {
@@ -45,6 +40,26 @@ fn via_socks(stack: &Stack, url: &str) -> Vec<String> {
 async fn hello(stack: &Stack, target: std::net::SocketAddr) -> String {
     let (_, body) = curl(&["-x", &stack.http_proxy(), &format!("http://{target}/")]).await;
     String::from_utf8_lossy(&body).into_owned()
+}
+
+/// A stack started with `opts`, and a download of `chunks` slow chunks (one per 100 ms)
+/// that has been under way for 500 ms.
+async fn stack_with_download(
+    opts: StackOptions,
+    chunks: usize,
+    socks: bool,
+) -> (Stack, tokio::task::JoinHandle<Transfer>) {
+    let stack = Stack::start(opts).await;
+    let target = http_target().await;
+    let url = format!("http://{target}/slow/{chunks}/100");
+    let args = if socks {
+        via_socks(&stack, &url)
+    } else {
+        via_tunnel(&stack, &url)
+    };
+    let transfer = start_transfer(args);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    (stack, transfer)
 }
 
 fn refused(port: u16) -> bool {
@@ -83,7 +98,11 @@ async fn killing_one_of_two_agents_fails_only_its_own_connections() {
     let (a, b) = (first.await.unwrap(), second.await.unwrap());
     let full = 40 * SLOW_CHUNK;
     let (ok, failed) = if a.code == 0 { (a, b) } else { (b, a) };
-    assert_eq!((ok.code, ok.len), (0, full), "the other agent's transfer completes");
+    assert_eq!(
+        (ok.code, ok.len),
+        (0, full),
+        "the other agent's transfer completes"
+    );
     assert_ne!(failed.code, 0, "the killed agent's transfer fails");
     assert!(failed.len < full);
     let failed_after = failed.ended - killed;
@@ -97,7 +116,10 @@ async fn killing_one_of_two_agents_fails_only_its_own_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_agent_is_detected_by_heartbeat_and_reconnects_after_it_thaws() {
-    let heartbeat = vec!["ping_interval: 500ms".to_string(), "idle_timeout: 2s".into()];
+    let heartbeat = vec![
+        "ping_interval: 500ms".to_string(),
+        "idle_timeout: 2s".into(),
+    ];
     let stack = Stack::start(StackOptions {
         gateway_extra: heartbeat.clone(),
         client_extra: heartbeat,
@@ -107,10 +129,7 @@ async fn a_frozen_agent_is_detected_by_heartbeat_and_reconnects_after_it_thaws()
     let target = http_target().await;
     let agent_pid = pid(stack.agent.as_ref().unwrap());
 
-    let transfer = start_transfer(via_socks(
-        &stack,
-        &format!("http://{target}/slow/80/100"),
-    ));
+    let transfer = start_transfer(via_socks(&stack, &format!("http://{target}/slow/80/100")));
     tokio::time::sleep(Duration::from_millis(700)).await;
     signal(agent_pid, "STOP");
     let stopped = Instant::now();
@@ -137,26 +156,27 @@ async fn a_frozen_agent_is_detected_by_heartbeat_and_reconnects_after_it_thaws()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_on_the_gateway_closes_listeners_and_drains_a_live_download() {
-    let mut stack = Stack::start(StackOptions {
+    let opts = StackOptions {
         gateway_extra: vec!["drain_timeout: 10s".into()],
         ..Default::default()
-    })
-    .await;
-    let target = http_target().await;
-    let transfer = start_transfer(via_tunnel(
-        &stack,
-        &format!("http://{target}/slow/30/100"),
-    ));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let (mut stack, transfer) = stack_with_download(opts, 30, false).await;
     signal(pid(&stack.gateway), "TERM");
     let termed = Instant::now();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(refused(stack.http_port), "HTTP proxy still accepting");
     assert!(refused(stack.socks_port), "SOCKS5 proxy still accepting");
-    assert!(refused(stack.gateway_port), "agent listener still accepting");
+    assert!(
+        refused(stack.gateway_port),
+        "agent listener still accepting"
+    );
 
     let t = transfer.await.unwrap();
-    assert_eq!((t.code, t.len), (0, 30 * SLOW_CHUNK), "the download completes");
+    assert_eq!(
+        (t.code, t.len),
+        (0, 30 * SLOW_CHUNK),
+        "the download completes"
+    );
     let status = exit_status(&mut stack.gateway, Duration::from_secs(15)).await;
     eprintln!(
         "download done {:?} after SIGTERM, gateway exited {:?} after that",
@@ -172,17 +192,11 @@ async fn sigterm_on_the_gateway_closes_listeners_and_drains_a_live_download() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_ends_the_gateway_drain_at_once() {
-    let mut stack = Stack::start(StackOptions {
+    let opts = StackOptions {
         gateway_extra: vec!["drain_timeout: 30s".into()],
         ..Default::default()
-    })
-    .await;
-    let target = http_target().await;
-    let transfer = start_transfer(via_tunnel(
-        &stack,
-        &format!("http://{target}/slow/100/100"),
-    ));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let (mut stack, transfer) = stack_with_download(opts, 100, false).await;
     let gw = pid(&stack.gateway);
     signal(gw, "TERM");
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -198,26 +212,25 @@ async fn a_second_signal_ends_the_gateway_drain_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_on_an_agent_drains_its_download_refuses_new_work_and_exits_zero() {
-    let mut stack = Stack::start(StackOptions {
+    let opts = StackOptions {
         client_extra: vec!["drain_timeout: 10s".into()],
         ..Default::default()
-    })
-    .await;
-    let target = http_target().await;
-    let transfer = start_transfer(via_socks(
-        &stack,
-        &format!("http://{target}/slow/30/100"),
-    ));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let (mut stack, transfer) = stack_with_download(opts, 30, true).await;
     let mut agent = stack.agent.take().unwrap();
     signal(pid(&agent), "TERM");
     let termed = Instant::now();
     stack.wait_for_log("gateway", "peer is going away", 1).await;
+    let target = http_target().await;
     let status = curl_status(&["-x", &stack.http_proxy(), &format!("http://{target}/")]).await;
     assert_eq!(status, "503", "a draining agent takes no new connection");
 
     let t = transfer.await.unwrap();
-    assert_eq!((t.code, t.len), (0, 30 * SLOW_CHUNK), "the download completes");
+    assert_eq!(
+        (t.code, t.len),
+        (0, 30 * SLOW_CHUNK),
+        "the download completes"
+    );
     let exit = exit_status(&mut agent, Duration::from_secs(15)).await;
     eprintln!(
         "agent: download done {:?} after SIGTERM, exited {:?} after that",

@@ -483,6 +483,40 @@ client:
     }
 
     #[test]
+    fn lifecycle_defaults_and_checks() {
+        let gw = "gateway:\n  listen_addr: '127.0.0.1:9'\n  tls_cert: a\n  tls_key: b\n  auth_username: u\n  auth_password: p\n";
+        let g = Config::parse(gw, Path::new("x.yaml"))
+            .unwrap()
+            .gateway
+            .unwrap();
+        assert_eq!(g.idle_timeout.0, Duration::from_secs(30));
+        assert_eq!(g.drain_timeout.0, Duration::from_secs(30));
+        assert!(g.client_ca.is_none());
+        let err = Config::parse(
+            &format!("{gw}  ping_interval: 2s\n  idle_timeout: 2s\n"),
+            Path::new("x.yaml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("gateway.idle_timeout"), "{err}");
+
+        let client = "client:\n  gateway_addr: 'g:1'\n  client_id: c\n  auth_username: u\n  auth_password: p\n";
+        let c = Config::parse(client, Path::new("x.yaml"))
+            .unwrap()
+            .client
+            .unwrap();
+        assert_eq!(c.idle_timeout.0, Duration::from_secs(30));
+        assert_eq!(c.drain_timeout.0, Duration::from_secs(30));
+        let err = Config::parse(
+            &format!("{client}  tls_client_cert: c.pem\n"),
+            Path::new("x.yaml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("go together"), "{err}");
+    }
+
+    #[test]
     fn human_units_in_fields() {
         let text = "gateway:\n  listen_addr: '127.0.0.1:9'\n  tls_cert: a\n  tls_key: b\n  auth_username: u\n  auth_password: p\n  auth_timeout: 2m30s\n  max_message_size: 64KiB\n";
         let g = Config::parse(text, Path::new("x.yaml"))

@@ -186,6 +186,7 @@ impl Gateway {
         tracing::info!("gateway stopped");
     }
 
+    /// Cancelling it closes the listeners only; sessions end through [`Self::stop`].
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }

@@ -295,7 +295,9 @@ pub fn signal(pid: u32, signal: &str) {
 
 /// Open file descriptors of a process, from `/proc/PID/fd`.
 pub fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 /// Resident memory of a process in bytes, from `/proc/PID/status`.
