@@ -266,7 +266,7 @@ impl AgentServer {
             });
             tokio::pin!(read);
             let mut listed = true;
-            let end = loop {
+            loop {
                 tokio::select! {
                     end = &mut read => break end,
                     _ = shutdown.cancelled() => break crate::tunnel::SessionEnd::Shutdown,
@@ -276,8 +276,7 @@ impl AgentServer {
                         self.registry.unregister(&handle.client_id, handle.serial);
                     }
                 }
-            };
-            end
+            }
         };
         pinger.abort();
         self.registry.unregister(&handle.client_id, handle.serial);
