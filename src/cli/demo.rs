@@ -118,7 +118,7 @@ client:
 
     let target = sample_target().await?;
     let gateway = Gateway::start(gw, config.proxy).await?;
-    let shutdown = super::shutdown_on_signal();
+    let shutdown = super::shutdown_on_signal()?;
     let agent = Agent::new(client)?;
     tokio::spawn(agent.run(shutdown.clone()));
 

@@ -59,28 +59,55 @@ pub enum Command {
     },
 }
 
-/// Cancelled on SIGINT or SIGTERM.
-pub fn shutdown_on_signal() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
+/// The first SIGINT/SIGTERM asks for a graceful stop; a second one during it means
+/// "now".
+pub struct Signals {
+    pub first: CancellationToken,
+    pub second: CancellationToken,
+}
+
+pub fn signals() -> anyhow::Result<Signals> {
+    let first = CancellationToken::new();
+    let second = CancellationToken::new();
+    #[cfg(unix)]
+    let mut streams = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        (int, term)
+    };
+    let (f, s) = (first.clone(), second.clone());
     tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("install SIGTERM handler");
+        for token in [f, s] {
+            #[cfg(unix)]
             tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
+                _ = streams.0.recv() => {}
+                _ = streams.1.recv() => {}
             }
+            #[cfg(not(unix))]
+            if tokio::signal::ctrl_c().await.is_err() {
+                return;
+            }
+            token.cancel();
         }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
-        tracing::info!("shutting down");
-        t.cancel();
     });
-    token
+    Ok(Signals { first, second })
+}
+
+/// Cancelled on SIGINT or SIGTERM.
+pub fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
+    Ok(signals()?.first)
+}
+
+/// Runs `graceful` after the first signal; a second signal ends the process at once.
+async fn until_stopped(signals: Signals, graceful: impl std::future::Future<Output = ()>) {
+    tokio::select! {
+        _ = graceful => tracing::info!("stopped"),
+        _ = signals.second.cancelled() => {
+            tracing::warn!("second signal: exiting without waiting for the drain");
+            std::process::exit(1);
+        }
+    }
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -90,11 +117,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let Some(gw) = file.gateway else {
                 bail!("{} has no `gateway:` section", config.display());
             };
+            let signals = signals()?;
             let gateway = Gateway::start(gw, file.proxy)
                 .await
                 .context("starting the gateway")?;
-            shutdown_on_signal().cancelled().await;
-            gateway.stop().await;
+            signals.first.cancelled().await;
+            tracing::info!("shutting down: closing listeners, draining");
+            until_stopped(signals, gateway.stop()).await;
             Ok(())
         }
         Command::Client { config } => {
@@ -103,7 +132,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("{} has no `client:` section", config.display());
             };
             let agent = Agent::new(client).context("starting the agent")?;
-            agent.run(shutdown_on_signal()).await;
+            let signals = signals()?;
+            let first = signals.first.clone();
+            until_stopped(signals, agent.run(first)).await;
             Ok(())
         }
         Command::Demo {

@@ -13,11 +13,13 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::ClientConfig;
+use crate::transport::ws::close_code;
 use crate::transport::{handshake, tls, ws, BoxIo};
-use crate::tunnel::session::FirstMessage;
-use crate::tunnel::{relay, SessionCore};
+use crate::tunnel::session::{FirstMessage, Outbound, GOING_AWAY};
+use crate::tunnel::{relay, SessionCore, SessionEnd};
 use acl::Acl;
 
 #[derive(Debug, thiserror::Error)]
@@ -52,12 +54,31 @@ pub struct Agent {
     server_name: rustls::pki_types::ServerName<'static>,
     /// `max_concurrent_conns`, shared by all replicas.
     permits: Arc<Semaphore>,
+    /// Every `connect` being served, so that `run` returns only once they ended.
+    conn_tasks: TaskTracker,
 }
+
+/// An authenticated session, ready to serve.
+struct Established {
+    core: Arc<SessionCore>,
+    writer_task: tokio::task::JoinHandle<()>,
+    reader: ws::WsReader,
+    /// Messages that arrived together with `auth_response`.
+    leftovers: Vec<Message>,
+}
+
+/// How long the writer may take to send its last frames (the close) at the end.
+const WRITER_GRACE: Duration = Duration::from_secs(2);
 
 impl Agent {
     pub fn new(config: ClientConfig) -> Result<Arc<Agent>, AgentError> {
         let acl = Acl::new(&config.forbidden_hosts, &config.limit)?;
-        let tls_config = tls::client_config(config.gateway_tls_cert.as_deref())?;
+        let identity = config
+            .tls_client_cert
+            .as_deref()
+            .zip(config.tls_client_key.as_deref());
+        let tls_config =
+            tls::client_config_with_identity(config.gateway_tls_cert.as_deref(), identity)?;
         let host = match &config.gateway_server_name {
             Some(name) => name.clone(),
             None => gateway_host(&config.gateway_addr)
@@ -71,10 +92,14 @@ impl Agent {
             tls: TlsConnector::from(tls_config),
             server_name,
             permits,
+            conn_tasks: TaskTracker::new(),
         }))
     }
 
-    /// Runs every replica until `shutdown`, reconnecting forever.
+    /// Runs every replica until `shutdown`, reconnecting forever. At `shutdown` each
+    /// authenticated session drains (new `connect`s refused, live connections given
+    /// `drain_timeout`), closes with 1001 and is not reconnected; returns once every
+    /// task it started has ended.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let replicas = self.config.replicas;
         let mut tasks = tokio::task::JoinSet::new();
@@ -87,15 +112,29 @@ impl Agent {
             tasks.spawn(self.clone().replica(client_id, shutdown.clone()));
         }
         while tasks.join_next().await.is_some() {}
+        self.conn_tasks.close();
+        self.conn_tasks.wait().await;
     }
 
     async fn replica(self: Arc<Self>, client_id: String, shutdown: CancellationToken) {
         let mut attempt: u32 = 0;
         loop {
-            let result = tokio::select! {
-                r = self.session(&client_id, &mut attempt) => r,
+            // Until authenticated there is nothing to drain: a shutdown simply drops it.
+            let established = tokio::select! {
+                r = self.establish(&client_id) => r,
                 _ = shutdown.cancelled() => return,
             };
+            let result = match established {
+                Ok(session) => {
+                    attempt = 0;
+                    self.serve(&client_id, session, &shutdown).await
+                }
+                Err(e) => Err(e),
+            };
+            if shutdown.is_cancelled() {
+                tracing::info!(%client_id, "session closed for shutdown");
+                return;
+            }
             if let Err(e) = &result {
                 tracing::warn!(%client_id, error = %e, "gateway session ended");
             }
@@ -113,11 +152,8 @@ impl Agent {
         }
     }
 
-    async fn session(
-        self: &Arc<Self>,
-        client_id: &str,
-        attempt: &mut u32,
-    ) -> Result<(), SessionError> {
+    /// Connects, verifies TLS, negotiates and authenticates.
+    async fn establish(&self, client_id: &str) -> Result<Established, SessionError> {
         let cfg = &self.config;
         let tcp = tokio::time::timeout(cfg.dial_timeout.0, TcpStream::connect(&cfg.gateway_addr))
             .await
@@ -142,7 +178,7 @@ impl Agent {
         )
         .await
         .map_err(|_| SessionError::Handshake("timed out".into()))?
-        .map_err(|e| SessionError::Handshake(e.to_string()))?;
+        .map_err(handshake_error)?;
         let (mut reader, writer) = ws::split(
             io,
             Role::Client,
@@ -151,21 +187,27 @@ impl Agent {
         );
         let (core, writer_task) =
             SessionCore::start(connected.encoding, writer, cfg.session_options());
-        let result = self
-            .authenticated_session(client_id, &core, &mut reader, attempt)
-            .await;
-        core.shutdown();
-        let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
-        result
+        match self.authenticate(client_id, &core, &mut reader).await {
+            Ok(leftovers) => Ok(Established {
+                core,
+                writer_task,
+                reader,
+                leftovers,
+            }),
+            Err(e) => {
+                end_session(&core, writer_task).await;
+                Err(e)
+            }
+        }
     }
 
-    async fn authenticated_session(
-        self: &Arc<Self>,
+    /// Sends `auth` and waits for the answer; returns what arrived with it.
+    async fn authenticate(
+        &self,
         client_id: &str,
         core: &Arc<SessionCore>,
         reader: &mut ws::WsReader,
-        attempt: &mut u32,
-    ) -> Result<(), SessionError> {
+    ) -> Result<Vec<Message>, SessionError> {
         let cfg = &self.config;
         // A group's agents authenticate with the group id as the username.
         core.send(Message::Auth(Auth {
@@ -180,13 +222,19 @@ impl Agent {
         .map_err(|e| SessionError::Ended(e.to_string()))?;
 
         let mut refusal = None;
-        let leftovers = loop {
+        loop {
             let first = tokio::time::timeout(cfg.idle_timeout.0, core.first_message(reader))
                 .await
                 .map_err(|_| {
                     SessionError::AuthRefused("no auth_response from the gateway".into())
                 })?;
             match first {
+                FirstMessage::Gone(reason) if refusal.is_none() && reason.contains("alert") => {
+                    // TLS 1.3: a refused client certificate shows up at the first read.
+                    return Err(SessionError::Tls(format!(
+                        "the gateway refused the TLS handshake ({reason}); check tls_client_cert"
+                    )));
+                }
                 FirstMessage::Gone(reason) => {
                     return Err(SessionError::AuthRefused(refusal.unwrap_or(reason)));
                 }
@@ -195,7 +243,7 @@ impl Agent {
                     if !r.success {
                         return Err(SessionError::AuthRefused(r.message));
                     }
-                    break rest;
+                    return Ok(rest);
                 }
                 FirstMessage::Message(Message::Error(e), rest) => {
                     let detail = format!("{}: {}", e.code, e.message);
@@ -214,38 +262,88 @@ impl Agent {
                     )))
                 }
             }
-        };
-        *attempt = 0;
+        }
+    }
+
+    /// Serves an authenticated session until it ends, or, at `shutdown`, drains it:
+    /// tells the gateway we are going away, refuses new `connect`s, lets the live
+    /// connections finish for at most `drain_timeout`, then closes with 1001.
+    async fn serve(
+        self: &Arc<Self>,
+        client_id: &str,
+        session: Established,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SessionError> {
+        let cfg = &self.config;
+        let Established {
+            core,
+            writer_task,
+            mut reader,
+            leftovers,
+        } = session;
         tracing::info!(%client_id, group = cfg.group_id.as_deref().unwrap_or(crate::config::DEFAULT_GROUP), gateway = %cfg.gateway_addr, encoding = core.encoding.as_str(), deflate = core.compressed(), "authenticated to the gateway");
 
         let pinger = tokio::spawn(core.clone().heartbeat(cfg.ping_interval.0));
         // One replica owns the forwards: the others would only meet a conflict.
         let replicas = cfg.replicas;
         if replicas == 1 || client_id == format!("{}.0", cfg.client_id) {
-            self.request_forwards(core).await;
+            self.request_forwards(&core).await;
         }
         for msg in leftovers {
             if let Some(role_msg) = core.dispatch(msg).await {
-                self.on_role_message(core, role_msg).await;
+                self.on_role_message(&core, role_msg).await;
             }
         }
         let this = self.clone();
         let role_core = core.clone();
-        let end = core
-            .read_loop(reader, cfg.idle_timeout.0, move |msg| {
-                let this = this.clone();
-                let core = role_core.clone();
-                async move { this.on_role_message(&core, msg).await }
-            })
-            .await;
+        let read = core.read_loop(&mut reader, cfg.idle_timeout.0, move |msg| {
+            let this = this.clone();
+            let core = role_core.clone();
+            async move { this.on_role_message(&core, msg).await }
+        });
+        tokio::pin!(read);
+        let end = tokio::select! {
+            end = &mut read => end,
+            _ = shutdown.cancelled() => {
+                let drain = cfg.drain_timeout.0;
+                tracing::info!(%client_id, conns = core.active_conns(), ?drain, "shutting down: draining");
+                let drained = async {
+                    core.announce_going_away("agent shutting down").await;
+                    core.drained(drain).await
+                };
+                // The reader keeps running meanwhile: the live connections need it.
+                let early_end = tokio::select! {
+                    end = &mut read => Some(end),
+                    done = tokio::time::timeout(drain, drained) => {
+                        if !matches!(done, Ok(true)) {
+                            tracing::warn!(%client_id, conns = core.active_conns(), "drain timeout: closing connections still open");
+                        }
+                        None
+                    }
+                };
+                match early_end {
+                    Some(end) => end,
+                    None => {
+                        let close = Outbound::WsClose(close_code::GOING_AWAY, "agent shutting down".into());
+                        let _ = tokio::time::timeout(WRITER_GRACE, core.send_raw(close)).await;
+                        // The gateway echoes the close; don't wait for it forever.
+                        tokio::time::timeout(WRITER_GRACE, &mut read)
+                            .await
+                            .unwrap_or(SessionEnd::Shutdown)
+                    }
+                }
+            }
+        };
         pinger.abort();
+        end_session(&core, writer_task).await;
         Err(SessionError::Ended(end.to_string()))
     }
 
     async fn on_role_message(self: &Arc<Self>, core: &Arc<SessionCore>, msg: Message) {
         match msg {
             Message::Connect(c) => {
-                tokio::spawn(self.clone().serve_connect(core.clone(), c));
+                self.conn_tasks
+                    .spawn(self.clone().serve_connect(core.clone(), c));
             }
             Message::ForwardResponse(r) => {
                 if r.success {
@@ -315,6 +413,13 @@ impl Agent {
                     .await;
             }
         };
+        if core.is_going_away() {
+            return refuse(
+                ErrorCode::InternalError,
+                format!("{GOING_AWAY} agent shutting down, not taking new connections"),
+            )
+            .await;
+        }
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             let max = self.config.max_concurrent_conns;
             return refuse(
@@ -368,6 +473,29 @@ impl Agent {
             }
         }
         drop(permit);
+    }
+}
+
+/// Cancels what the session carried and lets the writer finish (it sends the close
+/// frame) for a short while; a writer stuck on a dead gateway is aborted.
+async fn end_session(core: &SessionCore, mut writer_task: tokio::task::JoinHandle<()>) {
+    core.shutdown();
+    let _ = tokio::time::timeout(WRITER_GRACE, &mut writer_task).await;
+    writer_task.abort();
+}
+
+/// A TLS failure surfaces as an I/O error of the first write or read; name it as such.
+fn handshake_error(e: handshake::HandshakeError) -> SessionError {
+    let text = e.to_string();
+    match &e {
+        handshake::HandshakeError::Io(io)
+            if io.get_ref().is_some_and(|i| i.is::<rustls::Error>()) =>
+        {
+            SessionError::Tls(format!(
+                "the gateway refused the TLS handshake ({text}); check tls_client_cert"
+            ))
+        }
+        _ => SessionError::Handshake(text),
     }
 }
 

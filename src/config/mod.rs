@@ -98,6 +98,12 @@ impl Config {
                 }
                 _ => {}
             }
+            check_heartbeat("client", c.ping_interval, c.idle_timeout)?;
+            if c.tls_client_cert.is_some() != c.tls_client_key.is_some() {
+                return Err(ConfigError::Semantic(
+                    "client.tls_client_cert and client.tls_client_key go together".into(),
+                ));
+            }
             c.deflate
                 .validate()
                 .map_err(|e| ConfigError::Semantic(format!("client.{e}")))?;
@@ -118,6 +124,7 @@ impl Config {
                     )));
                 }
             }
+            check_heartbeat("gateway", g.ping_interval, g.idle_timeout)?;
             g.deflate
                 .validate()
                 .map_err(|e| ConfigError::Semantic(format!("gateway.{e}")))?;
@@ -247,8 +254,13 @@ fn default_max_auth_failures() -> u32 {
 fn default_minute() -> HumanDuration {
     HumanDuration(Duration::from_secs(60))
 }
+/// Two missed heartbeats at the default `ping_interval` (15 s): a dead peer is noticed
+/// within half a minute.
 fn default_idle_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(45))
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_drain_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
 }
 fn default_max_message() -> ByteSize {
     ByteSize(2 << 20)
@@ -326,6 +338,21 @@ fn check_max_window(key: &str, w: ByteSize) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// A peer that answers every heartbeat must never be taken for dead.
+fn check_heartbeat(
+    section: &str,
+    ping: HumanDuration,
+    idle: HumanDuration,
+) -> Result<(), ConfigError> {
+    if idle.0 <= ping.0 {
+        return Err(ConfigError::Semantic(format!(
+            "{section}.idle_timeout ({:?}) must be longer than {section}.ping_interval ({:?})",
+            idle.0, ping.0
+        )));
+    }
+    Ok(())
+}
+
 /// The public side: agents connect here over WebSocket + TLS.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -371,6 +398,13 @@ pub struct GatewayConfig {
     /// permessage-deflate toward agents that offer it (off by default).
     #[serde(default)]
     pub deflate: DeflateConfig,
+    /// At shutdown, how long live tunnelled connections may take to finish.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: HumanDuration,
+    /// PEM CA(s): when set, agents must present a client certificate that chains to
+    /// one of them, checked in the TLS handshake before any `auth`.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
     /// Further agent groups besides [`DEFAULT_GROUP`].
     #[serde(default)]
     pub groups: Vec<GroupConfig>,
@@ -601,6 +635,15 @@ pub struct ClientConfig {
     /// the gateway must allow them with `agent_forwards`).
     #[serde(default)]
     pub open_ports: Vec<OpenPort>,
+    /// At shutdown, how long live tunnelled connections may take to finish.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: HumanDuration,
+    /// PEM client certificate (chain) presented to a gateway that requires one.
+    #[serde(default)]
+    pub tls_client_cert: Option<PathBuf>,
+    /// PEM private key of `tls_client_cert`.
+    #[serde(default)]
+    pub tls_client_key: Option<PathBuf>,
 }
 
 /// An allowlist entry: when `limit` is non-empty only these targets may be dialed.
@@ -677,6 +720,40 @@ client:
             .to_string();
         assert!(err.contains("colour"), "{err}");
         assert!(err.contains("gateway"), "{err}");
+    }
+
+    #[test]
+    fn lifecycle_defaults_and_checks() {
+        let gw = "gateway:\n  listen_addr: '127.0.0.1:9'\n  tls_cert: a\n  tls_key: b\n  auth_username: u\n  auth_password: p\n";
+        let g = Config::parse(gw, Path::new("x.yaml"))
+            .unwrap()
+            .gateway
+            .unwrap();
+        assert_eq!(g.idle_timeout.0, Duration::from_secs(30));
+        assert_eq!(g.drain_timeout.0, Duration::from_secs(30));
+        assert!(g.client_ca.is_none());
+        let err = Config::parse(
+            &format!("{gw}  ping_interval: 2s\n  idle_timeout: 2s\n"),
+            Path::new("x.yaml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("gateway.idle_timeout"), "{err}");
+
+        let client = "client:\n  gateway_addr: 'g:1'\n  client_id: c\n  auth_username: u\n  auth_password: p\n";
+        let c = Config::parse(client, Path::new("x.yaml"))
+            .unwrap()
+            .client
+            .unwrap();
+        assert_eq!(c.idle_timeout.0, Duration::from_secs(30));
+        assert_eq!(c.drain_timeout.0, Duration::from_secs(30));
+        let err = Config::parse(
+            &format!("{client}  tls_client_cert: c.pem\n"),
+            Path::new("x.yaml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("go together"), "{err}");
     }
 
     #[test]

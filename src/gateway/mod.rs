@@ -106,8 +106,11 @@ pub struct Gateway {
     /// The declared forwards' listeners, in configuration order.
     pub forward_addrs: Vec<SocketAddr>,
     pub registry: Arc<AgentRegistry>,
+    /// Closes the listeners.
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    server: Arc<AgentServer>,
+    drain_timeout: Duration,
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -122,7 +125,12 @@ impl Gateway {
         config: GatewayConfig,
         proxy: Option<ProxyConfig>,
     ) -> Result<Gateway, StartError> {
-        let tls = tls::server_config(&config.tls_cert, &config.tls_key)?;
+        let tls = tls::server_config_with_client_ca(
+            &config.tls_cert,
+            &config.tls_key,
+            config.client_ca.as_deref(),
+        )?;
+        let drain_timeout = config.drain_timeout.0;
         let registry = Arc::new(AgentRegistry::default());
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -151,7 +159,7 @@ impl Gateway {
             tls,
             agent_forwards,
         ));
-        tasks.spawn(server.serve(agent_listener, shutdown.clone()));
+        tasks.spawn(server.clone().serve(agent_listener, shutdown.clone()));
 
         let proxy = proxy.unwrap_or_default();
         let mut http_addr = None;
@@ -208,15 +216,42 @@ impl Gateway {
             registry,
             shutdown,
             tasks,
+            server,
+            drain_timeout,
         })
     }
 
-    /// Stops accepting and ends every agent session.
+    /// Graceful stop with the configured `drain_timeout`; see [`Self::stop_within`].
     pub async fn stop(self) {
-        self.shutdown.cancel();
-        self.tasks.wait().await;
+        let drain = self.drain_timeout;
+        self.stop_within(drain).await
     }
 
+    /// Closes the agent and proxy listeners at once, tells every agent the gateway is
+    /// going away, lets the tunnelled connections finish for at most `drain`, then
+    /// closes every session (WebSocket close 1001) and returns once every task it
+    /// started has ended.
+    pub async fn stop_within(self, drain: Duration) {
+        self.shutdown.cancel();
+        self.tasks.wait().await;
+        tracing::info!(
+            agents = self.registry.len(),
+            ?drain,
+            "listeners closed; draining"
+        );
+        let left = self.server.drain(drain).await;
+        if left > 0 {
+            tracing::warn!(
+                conns = left,
+                ?drain,
+                "drain timeout: closing connections still open"
+            );
+        }
+        self.server.end_sessions().await;
+        tracing::info!("gateway stopped");
+    }
+
+    /// Cancelling it closes the listeners only; sessions end through [`Self::stop`].
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }

@@ -10,6 +10,7 @@ use fastwebsockets::Role;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::forward::AgentForwardTable;
 use super::registry::{AgentHandle, AgentRegistry};
@@ -19,6 +20,7 @@ use crate::proxy::auth::Accounts;
 use crate::transport::ws::{self, close_code};
 use crate::transport::{handshake, BoxIo};
 use crate::tunnel::session::{FirstMessage, Outbound};
+use crate::tunnel::table::ShardedMap;
 use crate::tunnel::SessionCore;
 
 pub struct AgentServer {
@@ -29,6 +31,18 @@ pub struct AgentServer {
     throttle: AuthThrottle,
     acceptor: TlsAcceptor,
     encodings: Vec<Encoding>,
+    lifecycle: Lifecycle,
+}
+
+/// What a graceful stop needs: every agent connection's task, the authenticated
+/// sessions (registered or not: a replaced session may still carry connections), and
+/// the two stages of the stop.
+#[derive(Default)]
+struct Lifecycle {
+    tasks: TaskTracker,
+    live: ShardedMap<u64, Arc<SessionCore>>,
+    draining: CancellationToken,
+    ending: CancellationToken,
 }
 
 impl AgentServer {
@@ -72,10 +86,33 @@ impl AgentServer {
             throttle,
             acceptor: TlsAcceptor::from(tls),
             encodings,
+            lifecycle: Lifecycle::default(),
         }
     }
 
-    /// Accepts agents until `shutdown`.
+    /// First stage of a stop (the listener is already closed): tells every agent we
+    /// are going away, so no new connection is opened, then waits until the tunnelled
+    /// connections end or `timeout` passes. Returns how many were still open.
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        self.lifecycle.draining.cancel();
+        let sessions = self.lifecycle.live.values();
+        let each = sessions.iter().map(|core| async move {
+            core.announce_going_away("gateway shutting down").await;
+            core.drained(timeout).await;
+        });
+        let _ = tokio::time::timeout(timeout, futures_util::future::join_all(each)).await;
+        sessions.iter().map(|c| c.active_conns()).sum()
+    }
+
+    /// Second stage: closes every session (WebSocket close 1001) and waits for every
+    /// agent connection's task to end. Safe to call more than once.
+    pub async fn end_sessions(&self) {
+        self.lifecycle.ending.cancel();
+        self.lifecycle.tasks.close();
+        self.lifecycle.tasks.wait().await;
+    }
+
+    /// Accepts agents until `shutdown`; the sessions live on until [`Self::end_sessions`].
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -90,8 +127,8 @@ impl AgentServer {
                 _ = shutdown.cancelled() => return,
             };
             let this = self.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
+            let shutdown = self.lifecycle.ending.clone();
+            self.lifecycle.tasks.spawn(async move {
                 if let Err(reason) = this.serve_agent(tcp, peer, shutdown).await {
                     tracing::info!(%peer, %reason, "agent connection refused");
                 }
@@ -228,12 +265,17 @@ impl AgentServer {
             }))
             .await;
         tracing::info!(client_id = %auth.client_id, %group, %peer, encoding = core.encoding.as_str(), deflate = core.compressed(), "agent connected");
+        self.lifecycle.live.insert(handle.serial, core.clone());
+        if self.lifecycle.draining.is_cancelled() {
+            core.announce_going_away("gateway shutting down").await;
+        }
 
         let pinger = tokio::spawn(core.clone().heartbeat(self.config.ping_interval.0));
         let role_core = core.clone();
         let (role_handle, forwards) = (handle.clone(), self.forwards.clone());
-        let end = tokio::select! {
-            end = core.read_loop(&mut reader, self.config.idle_timeout.0, move |msg| {
+        // Scoped: the read loop borrows `core`, which the teardown below consumes.
+        let end = {
+            let read = core.read_loop(&mut reader, self.config.idle_timeout.0, move |msg| {
                 let core = role_core.clone();
                 let (handle, forwards) = (role_handle.clone(), forwards.clone());
                 async move {
@@ -265,13 +307,34 @@ impl AgentServer {
                         }))
                         .await;
                 }
-            }) => end,
-            _ = shutdown.cancelled() => crate::tunnel::SessionEnd::Shutdown,
+            });
+            tokio::pin!(read);
+            let mut listed = true;
+            loop {
+                tokio::select! {
+                    end = &mut read => break end,
+                    _ = shutdown.cancelled() => break crate::tunnel::SessionEnd::Shutdown,
+                    // A draining agent keeps its live connections but takes no new ones.
+                    _ = core.peer_going_away(), if listed => {
+                        listed = false;
+                        self.registry.unregister(&handle);
+                    }
+                }
+            }
         };
         pinger.abort();
         self.forwards.release(handle.serial);
         self.registry.unregister(&handle);
+        self.lifecycle.live.remove(&handle.serial);
+        // Logged before the teardown, which cancels the connections still open: they
+        // end now, with this reason, rather than hang.
         tracing::info!(client_id = %auth.client_id, %peer, conns = core.active_conns(), reason = %end, "agent disconnected");
+        if matches!(end, crate::tunnel::SessionEnd::Shutdown) {
+            let close = Outbound::WsClose(close_code::GOING_AWAY, "gateway shutting down".into());
+            let _ = tokio::time::timeout(WRITER_GRACE, core.send_raw(close)).await;
+            flush_then_end(core, writer_task).await;
+            return Ok(());
+        }
         finish(core, writer_task, Ok(())).await
     }
 }
@@ -280,15 +343,25 @@ impl AgentServer {
 /// session down.
 async fn finish(
     core: Arc<SessionCore>,
-    writer_task: tokio::task::JoinHandle<()>,
+    mut writer_task: tokio::task::JoinHandle<()>,
     result: Result<(), String>,
 ) -> Result<(), String> {
     if result.is_err() {
-        let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
-        core.shutdown();
+        flush_then_end(core, writer_task).await;
     } else {
         core.shutdown();
-        let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
+        let _ = tokio::time::timeout(WRITER_GRACE, &mut writer_task).await;
+        // A writer stuck on a peer that stopped reading would otherwise outlive us.
+        writer_task.abort();
     }
     result
+}
+
+const WRITER_GRACE: Duration = Duration::from_secs(2);
+
+/// Lets the writer send what is queued (ending with a close frame), then tears down.
+async fn flush_then_end(core: Arc<SessionCore>, mut writer_task: tokio::task::JoinHandle<()>) {
+    let _ = tokio::time::timeout(WRITER_GRACE, &mut writer_task).await;
+    core.shutdown();
+    writer_task.abort();
 }

@@ -31,6 +31,11 @@ pub const OUT_QUEUE: usize = 256;
 /// The writer flushes after at most this many bytes in one batch.
 const BATCH_BYTES: usize = 256 * 1024;
 
+/// Starts the message of the `error` (code `INTERNAL_ERROR`, no connection id) by
+/// which a side that is shutting down tells its peer to open nothing more on this
+/// session, and of the refusal of a `connect` that arrives meanwhile (PROTOCOL.md §5.5).
+pub const GOING_AWAY: &str = "going away:";
+
 /// Settings of one session that come from the configuration.
 #[derive(Clone, Copy, Debug)]
 pub struct SessionOptions {
@@ -80,6 +85,10 @@ pub struct SessionCore {
     compression: Option<Arc<CompressionCounters>>,
     /// Who is at the other end (the agent's client id on the gateway), once known.
     peer: std::sync::OnceLock<Arc<str>>,
+    /// We announced that we are going away: open nothing more here.
+    going_away: CancellationToken,
+    /// The peer announced that it is going away.
+    peer_going_away: CancellationToken,
 }
 
 impl SessionCore {
@@ -103,6 +112,8 @@ impl SessionCore {
             last_ping: Mutex::new(None),
             compression,
             peer: std::sync::OnceLock::new(),
+            going_away: CancellationToken::new(),
+            peer_going_away: CancellationToken::new(),
         });
         let writer_task = tokio::spawn(write_loop(writer, rx, encoding, core.closed.clone()));
         (core, writer_task)
@@ -153,18 +164,58 @@ impl SessionCore {
         self.conns.len()
     }
 
-    /// Ends the session: every connection it carried is cancelled.
+    /// Ends the session: every connection it carried is cancelled at once (their
+    /// relays close the local sockets), and pending `open`s fail with
+    /// [`OpenError::SessionClosed`] so the caller may try another agent. Idempotent.
     pub fn shutdown(&self) {
         self.closed.cancel();
         for (_, slot) in self.conns.drain() {
             slot.cancel.cancel();
-            if let Some(p) = slot.pending {
-                let _ = p.send(Err(ConnectFailure {
-                    code: ErrorCode::InternalError,
-                    message: "agent session closed".into(),
-                }));
-            }
+            // Dropping `slot.pending` is what tells `open` the session is gone.
         }
+    }
+
+    /// Tells the peer we are shutting down (PROTOCOL.md §5.5); from now on this side
+    /// refuses new connections. Only the first call sends anything.
+    pub async fn announce_going_away(&self, detail: &str) {
+        if self.going_away.is_cancelled() {
+            return;
+        }
+        self.going_away.cancel();
+        self.reply_error(
+            ErrorCode::InternalError,
+            format!("{GOING_AWAY} {detail}"),
+            None,
+        )
+        .await;
+    }
+
+    /// Whether this side announced it is going away.
+    pub fn is_going_away(&self) -> bool {
+        self.going_away.is_cancelled()
+    }
+
+    /// Whether the peer announced it is going away; nothing new may be opened here.
+    pub fn peer_is_going_away(&self) -> bool {
+        self.peer_going_away.is_cancelled()
+    }
+
+    /// Resolves once the peer announces it is going away.
+    pub async fn peer_going_away(&self) {
+        self.peer_going_away.cancelled().await
+    }
+
+    /// Waits until no tunnelled connection is left or `timeout` passes; true when none
+    /// is left. Polls, because connections end in many places and a drain is rare.
+    pub async fn drained(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.active_conns() > 0 && !self.is_closed() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
     }
 
     fn alloc_id(&self) -> ConnId {
@@ -183,6 +234,9 @@ impl SessionCore {
         port: u16,
         timeout: Duration,
     ) -> Result<TunnelConn, OpenError> {
+        if self.peer_is_going_away() || self.is_closed() {
+            return Err(OpenError::SessionClosed);
+        }
         let id = self.alloc_id();
         let (ptx, prx) = oneshot::channel();
         let (slot, conn) = self.new_conn(id, Some(ptx));
@@ -201,6 +255,10 @@ impl SessionCore {
         }
         match tokio::time::timeout(timeout, prx).await {
             Ok(Ok(Ok(()))) => Ok(conn),
+            // An agent that is shutting down refuses; another agent may still take it.
+            Ok(Ok(Err(failure))) if failure.message.starts_with(GOING_AWAY) => {
+                Err(OpenError::SessionClosed)
+            }
             Ok(Ok(Err(failure))) => Err(OpenError::Failed(failure)),
             Ok(Err(_)) => Err(OpenError::SessionClosed),
             Err(_) => {
@@ -397,6 +455,15 @@ impl SessionCore {
                 if !self.resolve(id, false, code, message.clone()) {
                     tracing::warn!(conn = %id, %code, %message, "peer reported an error");
                 }
+                None
+            }
+            Message::Error(ErrorMsg {
+                code: ErrorCode::InternalError,
+                message,
+                id: None,
+            }) if message.starts_with(GOING_AWAY) => {
+                tracing::info!(%message, conns = self.active_conns(), "peer is going away");
+                self.peer_going_away.cancel();
                 None
             }
             Message::Error(ErrorMsg {

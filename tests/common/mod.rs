@@ -114,6 +114,37 @@ pub struct Stack {
     pub socks_port: u16,
     pub gateway: Proc,
     pub agent: Option<Proc>,
+    pub opts: StackOptions,
+}
+
+/// The `client:` section of a config file for an agent of this stack's gateway.
+fn client_section(
+    gateway_port: u16,
+    cert: &Path,
+    client_id: &str,
+    opts: &StackOptions,
+    forbidden: &str,
+    extra: &[String],
+) -> String {
+    format!(
+        r#"client:
+  gateway_addr: "localhost:{gateway_port}"
+  gateway_tls_cert: "{cert}"
+  client_id: "{client_id}"
+  auth_username: "{AGENT_USER}"
+  auth_password: "{AGENT_PASS}"
+  max_concurrent_conns: {max}
+  encoding: {encoding}
+  dial_timeout: 3s
+  reconnect_min: 100ms
+  reconnect_max: 1s
+  forbidden_hosts:{forbidden}{extra}
+"#,
+        cert = cert.display(),
+        max = opts.max_concurrent_conns,
+        encoding = opts.encoding,
+        extra = extra_lines(extra),
+    )
 }
 
 impl Stack {
@@ -148,25 +179,18 @@ gateway:
   auth_username: "{AGENT_USER}"
   auth_password: "{AGENT_PASS}"
   connect_timeout: 5s{gateway_extra}
-client:
-  gateway_addr: "localhost:{gateway_port}"
-  gateway_tls_cert: "{cert}"
-  client_id: "test-agent"
-  auth_username: "{AGENT_USER}"
-  auth_password: "{AGENT_PASS}"
-  max_concurrent_conns: {max}
-  encoding: {encoding}
-  dial_timeout: 3s
-  reconnect_min: 100ms
-  reconnect_max: 1s
-  forbidden_hosts:{forbidden}{client_extra}
-"#,
+{client}"#,
             cert = certs.cert.display(),
             key = certs.key.display(),
-            max = opts.max_concurrent_conns,
-            encoding = opts.encoding,
             gateway_extra = extra_lines(&opts.gateway_extra),
-            client_extra = extra_lines(&opts.client_extra),
+            client = client_section(
+                gateway_port,
+                &certs.cert,
+                "test-agent",
+                &opts,
+                &forbidden,
+                &opts.client_extra
+            ),
         );
         let config_path = certs.dir.path().join("config.yaml");
         std::fs::write(&config_path, config).unwrap();
@@ -191,8 +215,9 @@ client:
             socks_port,
             gateway,
             agent,
+            opts,
         };
-        if opts.with_agent {
+        if stack.opts.with_agent {
             stack.wait_for_agent().await;
         }
         stack
@@ -216,13 +241,39 @@ client:
 
     /// Waits until the gateway logs that an agent authenticated.
     pub async fn wait_for_agent(&self) {
+        self.wait_for_log("gateway", "agent connected", 1).await;
+    }
+
+    /// Starts one more agent process for this stack's gateway, with its own
+    /// `client_id`, config file and log (`agent-<client_id>`), and only `extra` as
+    /// additional `client:` lines.
+    pub fn spawn_agent(&self, client_id: &str, extra: &[String]) -> Proc {
+        let name = format!("agent-{client_id}");
+        let section = client_section(
+            self.gateway_port,
+            &self.certs.cert,
+            client_id,
+            &self.opts,
+            " []",
+            extra,
+        );
+        let path = self.certs.dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, section).unwrap();
+        spawn(
+            &["client", "--config", path.to_str().unwrap()],
+            &self.certs.dir.path().join(format!("{name}.log")),
+        )
+    }
+
+    /// Waits (at most 20 s) until log `which` holds `needle` at least `times` times.
+    pub async fn wait_for_log(&self, which: &str, needle: &str, times: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.log("gateway").contains("agent connected") {
+        while self.log(which).matches(needle).count() < times {
             assert!(
                 Instant::now() < deadline,
-                "agent never connected:\n{}\n{}",
+                "{which} never logged {needle:?} {times} times:\n{}\n{}",
                 self.log("gateway"),
-                self.log("agent")
+                self.log(which)
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -231,6 +282,22 @@ client:
 
 fn extra_lines(lines: &[String]) -> String {
     lines.iter().map(|l| format!("\n  {l}")).collect()
+}
+
+/// Sends `signal` (e.g. "TERM", "STOP", "CONT") to a process with the `kill` command.
+pub fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("kill command");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// Open file descriptors of a process, from `/proc/PID/fd`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 /// Resident memory of a process in bytes, from `/proc/PID/status`.
@@ -322,6 +389,9 @@ async fn target_handler(
     req: hyper::Request<hyper::body::Incoming>,
 ) -> Result<hyper::Response<BoxBody>, hyper::Error> {
     let path = req.uri().path().to_owned();
+    if let Some(rest) = path.strip_prefix("/slow/") {
+        return Ok(slow_body(rest));
+    }
     if let Some(n) = path.strip_prefix("/bytes/") {
         let n: usize = n.parse().unwrap_or(0);
         let data = Bytes::from(pattern(n, 7));
@@ -353,6 +423,32 @@ async fn target_handler(
             .map_err(|n| match n {})
             .boxed(),
     ))
+}
+
+/// `GET /slow/CHUNKS/MS`: CHUNKS chunks of [`SLOW_CHUNK`] bytes of `pattern(_, 7)`,
+/// one every MS milliseconds, with a content length, so a cut-short transfer shows.
+pub const SLOW_CHUNK: usize = 16 * 1024;
+
+fn slow_body(spec: &str) -> hyper::Response<BoxBody> {
+    let mut parts = spec.split('/').map(|p| p.parse::<u64>().unwrap_or(0));
+    let (chunks, ms) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    let chunk = Bytes::from(pattern(SLOW_CHUNK, 7));
+    let stream = futures_util::stream::unfold(0u64, move |i| {
+        let chunk = chunk.clone();
+        async move {
+            if i == chunks {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            Some((Ok::<_, hyper::Error>(Frame::data(chunk)), i + 1))
+        }
+    });
+    let mut resp = hyper::Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    resp.headers_mut()
+        .insert("content-length", (chunks as usize * SLOW_CHUNK).into());
+    resp
 }
 
 /// Plain HTTP target on 127.0.0.1.
