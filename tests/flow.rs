@@ -179,3 +179,38 @@ async fn a_stalled_reader_stops_only_itself_and_memory_stays_bounded() {
         assert_eq!(chunk, &block[..chunk.len()], "block {i} differs");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_tunnel_loses_ends_in_an_error_not_a_clean_end() {
+    let mut stack = Stack::start(StackOptions::default()).await;
+    let written = Arc::new(AtomicU64::new(0));
+    let block = Arc::new(pattern(1 << 20, 5));
+    let hose = firehose_target(written, block).await;
+    let mut s = socks5_stream(
+        stack.socks_port,
+        SOCKS_USER,
+        SOCKS_PASS,
+        "localhost",
+        hose.port(),
+    )
+    .await
+    .expect("socks5 connect");
+    let mut buf = vec![0u8; 1 << 20];
+    s.read_exact(&mut buf).await.unwrap();
+    // The agent dies mid-stream: a raw TCP user must not see a clean end of stream,
+    // which would look like a complete (truncated) transfer.
+    drop(stack.agent.take());
+    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the lost connection ends promptly");
+    let err = outcome.expect_err("a clean end of stream after the agent died");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+}

@@ -31,16 +31,69 @@ pub struct RelayStats {
     pub received: u64,
 }
 
+/// Why a connection ended before both directions finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Abort {
+    LocalClosed,
+    LocalReadFailed,
+    LocalWriteFailed,
+    SessionClosed,
+    ClosedByPeer,
+    ResetByPeer,
+    Cancelled,
+}
+
+impl Abort {
+    fn as_str(self) -> &'static str {
+        match self {
+            Abort::LocalClosed => "local side closed",
+            Abort::LocalReadFailed => "local read failed",
+            Abort::LocalWriteFailed => "local write failed",
+            Abort::SessionClosed => "session closed",
+            Abort::ClosedByPeer => "closed by peer",
+            Abort::ResetByPeer => "reset by peer",
+            Abort::Cancelled => "cancelled",
+        }
+    }
+
+    /// The tunnel, not the local socket, failed: the local peer must learn of it.
+    fn tunnel_failed(self) -> bool {
+        matches!(
+            self,
+            Abort::SessionClosed | Abort::ResetByPeer | Abort::Cancelled
+        )
+    }
+}
+
 /// One direction finished cleanly, or the whole connection must end now.
-type Step = Result<(), &'static str>;
+type Step = Result<(), Abort>;
+
+/// A local socket the relay can carry.
+pub trait LocalStream: AsyncRead + AsyncWrite + Send + Unpin {
+    /// Makes the coming close abortive (a TCP RST), so that the far end of a connection
+    /// the tunnel lost sees an error instead of a clean, truncated end of stream.
+    fn abort_on_close(&self) {}
+}
+
+impl LocalStream for tokio::net::TcpStream {
+    fn abort_on_close(&self) {
+        // Zero linger sends RST on drop without blocking the thread.
+        let _ = self.set_zero_linger();
+    }
+}
+
+/// In-memory pipes (the HTTP proxy's client side, tests): the reader sees the end of
+/// stream, which its owner interprets.
+impl LocalStream for tokio::io::DuplexStream {}
+
+/// CONNECT tunnels after hyper's upgrade. hyper hides the socket, so the user sees a
+/// close; the access log carries the reason.
+impl LocalStream for hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {}
 
 /// Relays until both directions are done (binary mode) or either ends (JSON mode), or
 /// the connection is reset. The peer is told with `close` unless the connection ended
 /// cleanly or the peer was the one that closed it.
-pub async fn relay<S>(stream: S, conn: TunnelConn) -> RelayStats
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin,
-{
+pub async fn relay<S: LocalStream>(stream: S, conn: TunnelConn) -> RelayStats {
     let TunnelConn {
         id,
         core,
@@ -62,16 +115,16 @@ where
             }
             let n = match (&mut rd).take(allowed as u64).read_buf(&mut buf).await {
                 Ok(n) => n,
-                Err(_) => return Err("local read failed"),
+                Err(_) => return Err(Abort::LocalReadFailed),
             };
             credit.give_back(allowed - n);
             if n == 0 {
                 if !half_close {
-                    return Err("local side closed");
+                    return Err(Abort::LocalClosed);
                 }
                 return match core.send(Message::Fin(Fin { id })).await {
                     Ok(()) => Ok(()),
-                    Err(_) => Err("session closed"),
+                    Err(_) => Err(Abort::SessionClosed),
                 };
             }
             sent += n as u64;
@@ -81,7 +134,7 @@ where
                 .await
                 .is_err()
             {
-                return Err("session closed");
+                return Err(Abort::SessionClosed);
             }
         }
     };
@@ -97,18 +150,18 @@ where
                     return if half_close {
                         Ok(())
                     } else {
-                        Err("closed by peer")
+                        Err(Abort::ClosedByPeer)
                     };
                 }
                 Some(InboxEnd::Reset) => {
                     let _ = wr.shutdown().await;
-                    return Err("reset by peer");
+                    return Err(Abort::ResetByPeer);
                 }
             }
             let mut written = 0usize;
             for chunk in chunks.drain(..) {
                 if wr.write_all(&chunk).await.is_err() {
-                    return Err("local write failed");
+                    return Err(Abort::LocalWriteFailed);
                 }
                 written += chunk.len();
             }
@@ -119,7 +172,7 @@ where
                     inbox.granted(increment);
                     let update = Message::WindowUpdate(WindowUpdate { id, increment });
                     if core.send(update).await.is_err() {
-                        return Err("session closed");
+                        return Err(Abort::SessionClosed);
                     }
                 }
             }
@@ -134,7 +187,7 @@ where
             let step: Step = tokio::select! {
                 r = &mut upstream, if !up_done => { up_done = true; r }
                 r = &mut downstream, if !down_done => { down_done = true; r }
-                _ = cancel.cancelled() => Err("cancelled"),
+                _ = cancel.cancelled() => Err(Abort::Cancelled),
             };
             match step {
                 Err(reason) => break Err(reason),
@@ -144,6 +197,13 @@ where
         }
     };
     let stats = RelayStats { sent, received };
+    if let Err(reason) = outcome {
+        // The tunnel side failed (peer reset, session lost, cancelled): the local peer
+        // must not mistake the end for a complete stream.
+        if reason.tunnel_failed() {
+            rd.unsplit(wr).abort_on_close();
+        }
+    }
     let removed = core.forget(id);
     match outcome {
         // Both sides sent `fin`: the peer forgets the connection by itself.
@@ -155,11 +215,11 @@ where
                 let _ = core
                     .send(Message::Close(Close {
                         id,
-                        reason: reason.into(),
+                        reason: reason.as_str().into(),
                     }))
                     .await;
             }
-            tracing::debug!(conn = %id, reason, sent = stats.sent, received = stats.received, "relay ended");
+            tracing::debug!(conn = %id, reason = reason.as_str(), sent = stats.sent, received = stats.received, "relay ended");
         }
     }
     stats
