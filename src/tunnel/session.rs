@@ -33,7 +33,7 @@ const BATCH_BYTES: usize = 256 * 1024;
 
 /// Starts the message of the `error` (code `INTERNAL_ERROR`, no connection id) by
 /// which a side that is shutting down tells its peer to open nothing more on this
-/// session, and of the refusal of a `connect` that arrives meanwhile (PROTOCOL.md §5.5).
+/// session, and of the refusal of a `connect` that arrives meanwhile (PROTOCOL.md §5.6).
 pub const GOING_AWAY: &str = "going away:";
 
 /// Settings of one session that come from the configuration.
@@ -175,7 +175,7 @@ impl SessionCore {
         }
     }
 
-    /// Tells the peer we are shutting down (PROTOCOL.md §5.5); from now on this side
+    /// Tells the peer we are shutting down (PROTOCOL.md §5.6); from now on this side
     /// refuses new connections. Only the first call sends anything.
     pub async fn announce_going_away(&self, detail: &str) {
         if self.going_away.is_cancelled() {
