@@ -11,6 +11,6 @@ pub struct GroupIpm {
 
 impl GroupIpm {
     pub fn matches(&self, user: Option<&str>) -> bool {
-        user.is_some_and(|u| self.user_db.groups(u).iter().any(|g| *g == self.group))
+        user.is_some_and(|u| self.user_db.groups(u).contains(&self.group))
     }
 }

@@ -33,8 +33,12 @@ impl UserDb {
         for (user, pass) in &c.user_pass {
             let key = || format!("userPass.{user}");
             let stored = if pass.starts_with("$argon2") {
-                PasswordHash::new(pass)
+                let parsed = PasswordHash::new(pass)
                     .map_err(|e| at.err(key(), format!("bad argon2 hash: {e}")))?;
+                // The PHC grammar allows a string without salt or hash, which no password matches.
+                if parsed.salt.is_none() || parsed.hash.is_none() {
+                    return Err(at.err(key(), "bad argon2 hash: no salt or hash part"));
+                }
                 Stored::Argon2(pass.clone())
             } else if pass.starts_with("$2") {
                 // The crate's parser accepts truncated strings that `verify` would then

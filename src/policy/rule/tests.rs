@@ -213,7 +213,8 @@ fn truth_tables() {
 
 #[test]
 fn unknown_names_leave_a_reduced_predicate() {
-    let table: [(&str, &[(&'static str, bool)], Outcome); 9] = [
+    type Known = &'static [(&'static str, bool)];
+    let table: [(&str, Known, Outcome); 9] = [
         ("x", &[], Outcome::Unresolved("x".into())),
         ("a ∧ x", &[("a", true)], Outcome::Unresolved("x".into())),
         ("x ∧ a", &[("a", false)], Outcome::Known(false)),
