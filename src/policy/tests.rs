@@ -73,15 +73,18 @@ fn clock(t: &str) -> Arc<ManualClock> {
 }
 
 /// The manual's example with its adDB swapped for a mapDB of the same name.
-fn manual_with_map_db(extra: &str, clock: Arc<ManualClock>) -> Policy {
+fn manual_text() -> String {
     let start = MANUAL_EXAMPLE.find("[adDB]").unwrap();
     let end = MANUAL_EXAMPLE.find("[[timeSpan]]").unwrap();
-    let text = format!(
-        "admins = [\"root\"]\n{}{MAP_DB}{}{extra}",
+    format!(
+        "admins = [\"root\"]\n{}{MAP_DB}{}",
         &MANUAL_EXAMPLE[..start],
         &MANUAL_EXAMPLE[end..]
-    );
-    Policy::from_toml(&text, opts(clock)).unwrap()
+    )
+}
+
+fn manual_with_map_db(clock: Arc<ManualClock>) -> Policy {
+    Policy::from_toml(&manual_text(), opts(clock)).unwrap()
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -131,7 +134,7 @@ fn manual_example_parses_and_its_ldap_is_refused_clearly() {
 #[test]
 fn manual_example_decides_by_session_time_and_quota() {
     let c = clock("2024-05-01T10:00:00-04:00");
-    let p = manual_with_map_db("", c.clone());
+    let p = manual_with_map_db(c.clone());
     // No session: denied, and nothing after `sessions` is consulted.
     let d = p.decide(&req("10.0.0.7", "example.com", "2024-05-01T10:00:00-04:00"));
     assert!(!d.allow);
@@ -311,7 +314,7 @@ fn configuration_errors_name_the_place() {
 #[test]
 fn commands_sessions_and_admin_rights() {
     let c = clock("2024-05-01T10:00:00-04:00");
-    let p = manual_with_map_db("", c.clone());
+    let p = manual_with_map_db(c.clone());
     let open = |user: &str, pass: &str, addr: &str| {
         p.cmd(cmd(
             json!({"cmd": "open", "remoteAddr": addr, "cred": {"user": user, "pass": pass}}),
@@ -426,15 +429,7 @@ fn commands_sessions_and_admin_rights() {
 fn state_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let c = clock("2024-05-01T10:00:00-04:00");
-    let text = {
-        let start = MANUAL_EXAMPLE.find("[adDB]").unwrap();
-        let end = MANUAL_EXAMPLE.find("[[timeSpan]]").unwrap();
-        format!(
-            "{}{MAP_DB}{}",
-            &MANUAL_EXAMPLE[..start],
-            &MANUAL_EXAMPLE[end..]
-        )
-    };
+    let text = manual_text();
     let mk = || {
         Policy::from_toml(
             &text,

@@ -1,5 +1,6 @@
 //! Splits a rule into tokens, each with the 1-based character column it starts at.
 
+use super::ast::BinOp;
 use super::ParseError;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -8,12 +9,7 @@ pub enum Tok {
     True,
     False,
     Not,
-    And,
-    Or,
-    Implies,
-    Follows,
-    Equiv,
-    NotEquiv,
+    Op(BinOp),
     LParen,
     RParen,
     End,
@@ -70,20 +66,20 @@ pub fn tokenize(src: &str) -> Result<Vec<Token>, ParseError> {
         let next = chars.get(i + 1).copied();
         let (tok, len) = match (c, next) {
             ('¬' | '~', _) => (Tok::Not, 1),
-            ('∧', _) => (Tok::And, 1),
-            ('∨', _) => (Tok::Or, 1),
-            ('⇒', _) => (Tok::Implies, 1),
-            ('⇐', _) => (Tok::Follows, 1),
-            ('≡', _) => (Tok::Equiv, 1),
-            ('≢', _) => (Tok::NotEquiv, 1),
+            ('∧', _) => (Tok::Op(BinOp::And), 1),
+            ('∨', _) => (Tok::Op(BinOp::Or), 1),
+            ('⇒', _) => (Tok::Op(BinOp::Implies), 1),
+            ('⇐', _) => (Tok::Op(BinOp::Follows), 1),
+            ('≡', _) => (Tok::Op(BinOp::Equiv), 1),
+            ('≢', _) => (Tok::Op(BinOp::NotEquiv), 1),
             ('(', _) => (Tok::LParen, 1),
             (')', _) => (Tok::RParen, 1),
-            ('&', Some('&')) => (Tok::And, 2),
-            ('|', Some('|')) => (Tok::Or, 2),
-            ('=', Some('>')) => (Tok::Implies, 2),
-            ('=', Some('=')) => (Tok::Equiv, 2),
-            ('<', Some('=')) => (Tok::Follows, 2),
-            ('!', Some('=')) => (Tok::NotEquiv, 2),
+            ('&', Some('&')) => (Tok::Op(BinOp::And), 2),
+            ('|', Some('|')) => (Tok::Op(BinOp::Or), 2),
+            ('=', Some('>')) => (Tok::Op(BinOp::Implies), 2),
+            ('=', Some('=')) => (Tok::Op(BinOp::Equiv), 2),
+            ('<', Some('=')) => (Tok::Op(BinOp::Follows), 2),
+            ('!', Some('=')) => (Tok::Op(BinOp::NotEquiv), 2),
             ('!', _) => (Tok::Not, 1),
             _ => {
                 let hint = match c {

@@ -78,8 +78,8 @@ impl Parser {
         let mut left = self.term()?;
         loop {
             let op = match self.peek().tok {
-                Tok::Equiv => BinOp::Equiv,
-                Tok::NotEquiv => BinOp::NotEquiv,
+                Tok::Op(BinOp::Equiv) => BinOp::Equiv,
+                Tok::Op(BinOp::NotEquiv) => BinOp::NotEquiv,
                 _ => return Ok(left),
             };
             self.bump();
@@ -91,23 +91,23 @@ impl Parser {
     fn term(&mut self) -> Result<Expr, ParseError> {
         let first = self.junction()?;
         match self.peek().tok {
-            Tok::Implies => {
+            Tok::Op(BinOp::Implies) => {
                 let mut operands = vec![first];
-                while self.peek().tok == Tok::Implies {
+                while self.peek().tok == Tok::Op(BinOp::Implies) {
                     self.bump();
                     operands.push(self.junction()?);
                 }
-                self.refuse_mix(Tok::Follows, "⇒", "⇐")?;
+                self.refuse_mix(Tok::Op(BinOp::Follows), "⇒", "⇐")?;
                 let mut acc = operands.pop().unwrap_or(Expr::Const(true));
                 while let Some(prev) = operands.pop() {
                     acc = Expr::bin(BinOp::Implies, prev, acc);
                 }
                 Ok(acc)
             }
-            Tok::Follows => {
+            Tok::Op(BinOp::Follows) => {
                 self.bump();
                 let right = self.junction()?;
-                if self.peek().tok == Tok::Follows {
+                if self.peek().tok == Tok::Op(BinOp::Follows) {
                     let t = self.peek();
                     return Err(ParseError {
                         col: t.col,
@@ -117,7 +117,7 @@ impl Parser {
                         ),
                     });
                 }
-                self.refuse_mix(Tok::Implies, "⇐", "⇒")?;
+                self.refuse_mix(Tok::Op(BinOp::Implies), "⇐", "⇒")?;
                 Ok(Expr::bin(BinOp::Follows, first, right))
             }
             _ => Ok(first),
@@ -127,8 +127,14 @@ impl Parser {
     fn junction(&mut self) -> Result<Expr, ParseError> {
         let mut left = self.factor()?;
         let (op, tok, other, sym, other_sym) = match self.peek().tok {
-            Tok::And => (BinOp::And, Tok::And, Tok::Or, "∧", "∨"),
-            Tok::Or => (BinOp::Or, Tok::Or, Tok::And, "∨", "∧"),
+            Tok::Op(BinOp::And) => (
+                BinOp::And,
+                Tok::Op(BinOp::And),
+                Tok::Op(BinOp::Or),
+                "∧",
+                "∨",
+            ),
+            Tok::Op(BinOp::Or) => (BinOp::Or, Tok::Op(BinOp::Or), Tok::Op(BinOp::And), "∨", "∧"),
             _ => return Ok(left),
         };
         while self.peek().tok == tok {
