@@ -1,0 +1,194 @@
+//! From `ManagersConf` to a ready `Policy`: every value checked, every name resolved once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::config::ManagersConf;
+use super::error::{At, ConfigError};
+use super::managers::dwn_cons_r::DwnConsR;
+use super::managers::egress::{net_iface_from_conf, ParentProxy};
+use super::managers::group_ipm::GroupIpm;
+use super::managers::host_matcher::HostMatcher;
+use super::managers::range_ipm::RangeIpm;
+use super::managers::session_ipm::SessionIpm;
+use super::managers::time_span::TimeSpan;
+use super::managers::user_db::UserDb;
+use super::managers::Manager;
+use super::rule::{is_ident_continue, is_ident_start, Rule};
+use super::{Policy, PolicyOptions};
+
+/// The upstream's default token lifetime is not documented; a working day is a usable one.
+const DEFAULT_JWT_EXPIRATION: Duration = Duration::from_secs(24 * 3600);
+
+struct Builder<'a> {
+    file: &'a str,
+    map_db: Option<Arc<UserDb>>,
+    ad_db: Option<String>,
+    names: Vec<Arc<str>>,
+    managers: Vec<Manager>,
+    by_name: HashMap<String, usize>,
+}
+
+impl Builder<'_> {
+    fn user_db(&self, at: &At, key: &str, name: &str) -> Result<Arc<UserDb>, ConfigError> {
+        match &self.map_db {
+            Some(db) if db.name() == name => return Ok(db.clone()),
+            _ => {}
+        }
+        if self.ad_db.as_deref() == Some(name) {
+            return Err(at.err(key, format!("{name:?} is an adDB (LDAP), which is not supported in this build; use a [mapDB]")));
+        }
+        Err(at.err(key, format!("no [mapDB] named {name:?}")))
+    }
+
+    fn add(&mut self, at: &At, m: Manager) -> Result<(), ConfigError> {
+        let name = at.name;
+        let mut chars = name.chars();
+        let valid = chars.next().is_some_and(is_ident_start) && chars.all(is_ident_continue);
+        if !valid || name == "true" || name == "false" {
+            return Err(at.err("name", "must be a rule identifier (a letter or _, then letters, digits, _ or -) other than true/false"));
+        }
+        if self.by_name.contains_key(name) {
+            return Err(at.err("name", "another manager has this name"));
+        }
+        self.by_name.insert(name.to_string(), self.managers.len());
+        self.names.push(Arc::from(name));
+        self.managers.push(m);
+        Ok(())
+    }
+}
+
+pub fn build(conf: ManagersConf, opts: PolicyOptions) -> Result<Policy, ConfigError> {
+    let file = opts.file_label.as_str();
+    let top = |key: &str, message: String| ConfigError::Top {
+        file: file.to_string(),
+        key: key.to_string(),
+        message,
+    };
+    let rule_text = conf.rules.as_deref().ok_or_else(|| {
+        top(
+            "rules",
+            "missing (write rules = \"true\" to allow every request)".into(),
+        )
+    })?;
+    let rule = Rule::parse(rule_text).map_err(|e| top("rules", e.to_string()))?;
+    let now = opts.clock.now();
+    let state_dir = opts.state_dir.as_deref();
+    if let Some(dir) = state_dir {
+        std::fs::create_dir_all(dir).map_err(|e| ConfigError::State {
+            path: dir.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    }
+    if conf.syslog_addr.is_some() {
+        tracing::warn!("{file}: syslogAddr is ignored: logs go to the process's log output");
+    }
+    let jwt_expiration = conf
+        .jwt_expiration
+        .map(|d| d.0)
+        .unwrap_or(DEFAULT_JWT_EXPIRATION);
+    if jwt_expiration.is_zero() {
+        return Err(top("jwtExpiration", "must be longer than 0".into()));
+    }
+
+    let mut b = Builder {
+        file,
+        map_db: conf
+            .map_db
+            .as_ref()
+            .map(|c| UserDb::from_conf(file, c).map(Arc::new))
+            .transpose()?,
+        ad_db: conf.ad_db.as_ref().map(|c| c.name.clone()),
+        names: Vec::new(),
+        managers: Vec::new(),
+        by_name: HashMap::new(),
+    };
+    let mut sessions = Vec::new();
+    macro_rules! at {
+        ($section:literal, $c:expr) => {
+            At {
+                file: b.file,
+                section: $section,
+                name: &$c.name,
+            }
+        };
+    }
+    for c in &conf.range_ipm {
+        let m = Manager::Range(RangeIpm::from_conf(file, c)?);
+        b.add(&at!("[[rangeIPM]]", c), m)?;
+    }
+    for c in &conf.session_ipm {
+        let at = at!("[[sessionIPM]]", c);
+        let db = b.user_db(&at, "auth", &c.auth)?;
+        let s = Arc::new(SessionIpm::new(&c.name, db, jwt_expiration, state_dir)?);
+        sessions.push(s.clone());
+        b.add(&at, Manager::Session(s))?;
+    }
+    for c in &conf.group_ipm {
+        let at = at!("[[groupIPM]]", c);
+        let user_db = b.user_db(&at, "userDBN", &c.user_dbn)?;
+        b.add(
+            &at,
+            Manager::Group(GroupIpm {
+                group: c.group.clone(),
+                user_db,
+            }),
+        )?;
+    }
+    for c in &conf.host_matcher {
+        let m = Manager::Host(HostMatcher::from_conf(file, c)?);
+        b.add(&at!("[[hostMatcher]]", c), m)?;
+    }
+    for c in &conf.time_span {
+        let m = Manager::Time(TimeSpan::from_conf(file, c)?);
+        b.add(&at!("[[timeSpan]]", c), m)?;
+    }
+    let mut quotas = Vec::new();
+    for c in &conf.dwn_cons_r {
+        let at = at!("[[dwnConsR]]", c);
+        let db = b.user_db(&at, "userDBN", &c.user_dbn)?;
+        let d = Arc::new(DwnConsR::from_conf(file, c, db, state_dir, now)?);
+        quotas.push(d.clone());
+        b.add(&at, Manager::DwnConsR(d))?;
+    }
+    for c in &conf.parent_proxy {
+        let m = Manager::ParentProxy(Arc::new(ParentProxy::from_conf(file, c)?));
+        b.add(&at!("[[parentProxy]]", c), m)?;
+    }
+    for c in &conf.net_iface {
+        let m = Manager::NetIface(net_iface_from_conf(file, c)?);
+        b.add(&at!("[[netIface]]", c), m)?;
+    }
+
+    let slots: Vec<Option<usize>> = rule
+        .names()
+        .iter()
+        .map(|n| b.by_name.get(n).copied())
+        .collect();
+    let missing: Vec<&str> = rule
+        .names()
+        .iter()
+        .zip(&slots)
+        .filter(|(_, s)| s.is_none())
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if !missing.is_empty() {
+        tracing::warn!(
+            "{file}: rules name {} with no manager: requests reaching them are denied",
+            missing.join(", ")
+        );
+    }
+    Ok(Policy {
+        rule,
+        slots,
+        names: b.names,
+        managers: b.managers,
+        by_name: b.by_name,
+        sessions,
+        quotas,
+        admins: conf.admins,
+        codec: opts.codec,
+        clock: opts.clock,
+    })
+}

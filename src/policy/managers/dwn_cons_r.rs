@@ -1,0 +1,306 @@
+//! `dwnConsR`: per-user download quotas, the sum of the user's groups' `groupQuota`.
+//!
+//! All connections of a user share one `Counter` (atomics behind an `Arc`), so the quota
+//! holds across concurrent downloads. A relay calls `QuotaHandle::consume` for each read
+//! before forwarding it; the counter never passes the quota, and the read that would
+//! cross it learns how many of its bytes still fit, so the user receives exactly the quota.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::time_span::unix_ns;
+use super::user_db::UserDb;
+use crate::policy::config::DwnConsRConf;
+use crate::policy::error::{At, ConfigError};
+use crate::policy::persist::{format_time, parse_time, read_json, write_json};
+
+#[derive(Debug)]
+pub struct Counter {
+    used: AtomicU64,
+    quota: u64,
+}
+
+/// One user's share of a `dwnConsR`, handed to every connection the rules let through it.
+#[derive(Clone, Debug)]
+pub struct QuotaHandle {
+    counter: Arc<Counter>,
+    user: Arc<str>,
+    manager: Arc<str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("download quota of {user:?} in dwnConsR {manager:?} reached ({}); {allowed} bytes of this read fitted", human_bytes(*.quota))]
+pub struct QuotaExceeded {
+    pub user: String,
+    pub manager: String,
+    pub quota: u64,
+    /// Bytes of the refused read that still fitted: forward these, then cut.
+    pub allowed: u64,
+}
+
+impl QuotaHandle {
+    pub fn consume(&self, n: u64) -> Result<(), QuotaExceeded> {
+        let quota = self.counter.quota;
+        let mut cur = self.counter.used.load(Ordering::Relaxed);
+        loop {
+            let take = n.min(quota.saturating_sub(cur));
+            match self.counter.used.compare_exchange_weak(
+                cur,
+                cur + take,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) if take == n => return Ok(()),
+                Ok(_) => {
+                    return Err(QuotaExceeded {
+                        user: self.user.to_string(),
+                        manager: self.manager.to_string(),
+                        quota,
+                        allowed: take,
+                    })
+                }
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    pub fn used(&self) -> u64 {
+        self.counter.used.load(Ordering::Relaxed)
+    }
+
+    pub fn quota(&self) -> u64 {
+        self.counter.quota
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    pub fn manager(&self) -> &str {
+        &self.manager
+    }
+}
+
+/// The state file, field names as the upstream's `consMap`.
+#[derive(Serialize, Deserialize)]
+struct ConsMap {
+    #[serde(rename = "lastReset")]
+    last_reset: String,
+    consumptions: BTreeMap<String, u64>,
+}
+
+struct State {
+    last_reset: SystemTime,
+    users: HashMap<Arc<str>, Arc<Counter>>,
+}
+
+pub struct DwnConsR {
+    name: Arc<str>,
+    user_db: Arc<UserDb>,
+    cycle: Duration,
+    group_quota: BTreeMap<String, u64>,
+    state: Mutex<State>,
+    /// Checked without the lock on every decision; only a due reset takes it.
+    next_reset_ns: AtomicI64,
+    state_file: Option<PathBuf>,
+}
+
+impl DwnConsR {
+    pub fn from_conf(
+        file: &str,
+        c: &DwnConsRConf,
+        user_db: Arc<UserDb>,
+        state_dir: Option<&Path>,
+        now: SystemTime,
+    ) -> Result<DwnConsR, ConfigError> {
+        let at = At {
+            file,
+            section: "[[dwnConsR]]",
+            name: &c.name,
+        };
+        if c.reset_cycle.0.is_zero() {
+            return Err(at.err("resetCycle", "must be longer than 0 (e.g. \"24h\")"));
+        }
+        let state_file = state_dir.map(|d| d.join(format!("{}.json", c.name)));
+        let mut state = State {
+            last_reset: now,
+            users: HashMap::new(),
+        };
+        let mut loaded = BTreeMap::new();
+        if let Some(path) = &state_file {
+            if let Some(map) = read_json::<ConsMap>(path)? {
+                state.last_reset =
+                    parse_time(&map.last_reset).ok_or_else(|| ConfigError::State {
+                        path: path.clone(),
+                        message: format!("lastReset: {:?} is not an RFC 3339 time", map.last_reset),
+                    })?;
+                loaded = map.consumptions;
+            }
+        }
+        let m = DwnConsR {
+            name: Arc::from(c.name.as_str()),
+            user_db,
+            cycle: c.reset_cycle.0,
+            group_quota: c
+                .group_quota
+                .iter()
+                .map(|(g, q)| (g.clone(), q.0))
+                .collect(),
+            state: Mutex::new(state),
+            next_reset_ns: AtomicI64::new(0),
+            state_file,
+        };
+        {
+            let mut st = m.state.lock();
+            for (user, used) in loaded {
+                let counter = m.new_counter(&user);
+                counter.used.store(used, Ordering::Relaxed);
+                st.users.insert(Arc::from(user.as_str()), counter);
+            }
+            m.store_next_reset(&st);
+        }
+        m.maybe_reset(now);
+        Ok(m)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn user_db(&self) -> &Arc<UserDb> {
+        &self.user_db
+    }
+
+    pub fn quota_of(&self, user: &str) -> u64 {
+        self.user_db
+            .groups(user)
+            .iter()
+            .filter_map(|g| self.group_quota.get(g))
+            .fold(0u64, |a, q| a.saturating_add(*q))
+    }
+
+    fn new_counter(&self, user: &str) -> Arc<Counter> {
+        Arc::new(Counter {
+            used: AtomicU64::new(0),
+            quota: self.quota_of(user),
+        })
+    }
+
+    fn store_next_reset(&self, st: &State) {
+        let next = unix_ns(st.last_reset).saturating_add(self.cycle.as_nanos() as i128);
+        self.next_reset_ns.store(
+            next.clamp(i64::MIN as i128, i64::MAX as i128) as i64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Resets by whole cycles: `lastReset` moves forward by a multiple of `resetCycle`, so
+    /// the cycle boundaries stay where they were however late the check runs.
+    pub fn maybe_reset(&self, now: SystemTime) {
+        if (unix_ns(now)) < self.next_reset_ns.load(Ordering::Relaxed) as i128 {
+            return;
+        }
+        let mut st = self.state.lock();
+        let elapsed = match now.duration_since(st.last_reset) {
+            Ok(d) if d >= self.cycle => d,
+            _ => return,
+        };
+        let cycles = elapsed.as_nanos() / self.cycle.as_nanos();
+        let advance = self.cycle.as_nanos().saturating_mul(cycles);
+        if let Some(t) = u64::try_from(advance)
+            .ok()
+            .and_then(|ns| st.last_reset.checked_add(Duration::from_nanos(ns)))
+        {
+            st.last_reset = t;
+        }
+        for c in st.users.values() {
+            c.used.store(0, Ordering::Relaxed);
+        }
+        self.store_next_reset(&st);
+        tracing::info!(dwnConsR = %self.name, "consumptions reset");
+    }
+
+    /// The user's shared counter, created on first use (quota 0 if no group has one).
+    pub fn handle(&self, user: &str, now: SystemTime) -> QuotaHandle {
+        self.maybe_reset(now);
+        let mut st = self.state.lock();
+        let (user, counter) = match st.users.get_key_value(user) {
+            Some((u, c)) => (u.clone(), c.clone()),
+            None => {
+                let u: Arc<str> = Arc::from(user);
+                let c = self.new_counter(user);
+                st.users.insert(u.clone(), c.clone());
+                (u, c)
+            }
+        };
+        QuotaHandle {
+            counter,
+            user,
+            manager: self.name.clone(),
+        }
+    }
+
+    pub fn set_consumption(&self, user: &str, used: u64, now: SystemTime) {
+        self.handle(user, now)
+            .counter
+            .used
+            .store(used, Ordering::Relaxed);
+    }
+
+    pub fn last_reset(&self) -> SystemTime {
+        self.state.lock().last_reset
+    }
+
+    pub fn cycle(&self) -> Duration {
+        self.cycle
+    }
+
+    pub fn group_quota(&self) -> &BTreeMap<String, u64> {
+        &self.group_quota
+    }
+
+    pub fn consumptions(&self) -> BTreeMap<String, u64> {
+        let st = self.state.lock();
+        st.users
+            .iter()
+            .map(|(u, c)| (u.to_string(), c.used.load(Ordering::Relaxed)))
+            .filter(|(_, used)| *used > 0)
+            .collect()
+    }
+
+    pub fn persist(&self) -> std::io::Result<()> {
+        let Some(path) = &self.state_file else {
+            return Ok(());
+        };
+        let map = ConsMap {
+            last_reset: format_time(self.last_reset()),
+            consumptions: self.consumptions(),
+        };
+        write_json(path, &map)
+    }
+}
+
+/// `1073741824` → `1.0 GiB`: binary units, as the configuration is read.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
+
+#[cfg(test)]
+mod tests;

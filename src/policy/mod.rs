@@ -1,0 +1,285 @@
+//! The policy engine (PMProxy): a predicate over named managers decides every request.
+//!
+//! `Policy` is built once from `managers.toml`; `decide` runs per request (no locks beyond
+//! a session lookup and a quota counter, no allocation beyond the report); `cmd` is the
+//! manual's `/api/cmd` command layer without the HTTP.
+
+mod build;
+pub mod clock;
+pub mod cmd;
+pub mod config;
+mod error;
+pub mod managers;
+mod persist;
+pub mod rule;
+pub mod token;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use cmd::{Cmd, CmdError, Credentials};
+pub use config::ManagersConf;
+pub use error::ConfigError;
+pub use managers::dwn_cons_r::{QuotaExceeded, QuotaHandle};
+pub use managers::egress::{ParentProxy, ProxyScheme};
+pub use rule::{Outcome, ParseError, Rule};
+pub use token::{Claims, OpaqueTokens, TokenCodec};
+
+use managers::dwn_cons_r::DwnConsR;
+use managers::session_ipm::SessionIpm;
+use managers::Manager;
+
+pub struct PolicyOptions {
+    /// Where `<dwnConsR>.json` and `<sessionIPM>.sessions.json` live; `None` keeps state
+    /// in memory only.
+    pub state_dir: Option<PathBuf>,
+    pub clock: Arc<dyn Clock>,
+    pub codec: Arc<dyn TokenCodec>,
+    /// Prefix of configuration errors, normally the file's name.
+    pub file_label: String,
+}
+
+impl Default for PolicyOptions {
+    fn default() -> Self {
+        PolicyOptions {
+            state_dir: None,
+            clock: Arc::new(SystemClock),
+            codec: Arc::new(OpaqueTokens),
+            file_label: "managers.toml".to_string(),
+        }
+    }
+}
+
+/// One request to decide. `user` is a user the front end already authenticated (proxy
+/// credentials); without one, the user is whoever has a session at `client_ip`.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    pub client_ip: IpAddr,
+    pub user: Option<&'a str>,
+    pub host: &'a str,
+    pub port: u16,
+    pub now: SystemTime,
+}
+
+/// How an allowed request leaves: directly unless the rules reached a `parentProxy` or
+/// `netIface` (the last one reached wins).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Egress {
+    pub proxy: Option<Arc<ParentProxy>>,
+    pub iface: Option<Arc<str>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Decision {
+    pub allow: bool,
+    /// The managers evaluation reached, in order, with their values.
+    pub consulted: Vec<(Arc<str>, bool)>,
+    /// Set when a name has no manager: the rule with everything known substituted.
+    pub reduced: Option<String>,
+    pub egress: Egress,
+    /// The quota the connection counts against (last `dwnConsR` reached that allowed it).
+    pub quota: Option<QuotaHandle>,
+    pub user: Option<Arc<str>>,
+}
+
+pub struct Policy {
+    rule: Rule,
+    /// Rule variable → manager index, resolved at load.
+    slots: Vec<Option<usize>>,
+    names: Vec<Arc<str>>,
+    managers: Vec<Manager>,
+    by_name: HashMap<String, usize>,
+    sessions: Vec<Arc<SessionIpm>>,
+    quotas: Vec<Arc<DwnConsR>>,
+    admins: Vec<String>,
+    codec: Arc<dyn TokenCodec>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Policy {
+    pub fn from_toml(text: &str, opts: PolicyOptions) -> Result<Policy, ConfigError> {
+        let conf = ManagersConf::from_toml(&opts.file_label, text)?;
+        build::build(conf, opts)
+    }
+
+    pub fn load(path: &Path, mut opts: PolicyOptions) -> Result<Policy, ConfigError> {
+        opts.file_label = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::State {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Self::from_toml(&text, opts)
+    }
+
+    pub fn rule(&self) -> &Rule {
+        &self.rule
+    }
+
+    pub fn now(&self) -> SystemTime {
+        self.clock.now()
+    }
+
+    pub fn decide(&self, req: &Request<'_>) -> Decision {
+        let mut ctx = Ctx {
+            policy: self,
+            req,
+            user: None,
+            target: None,
+            consulted: Vec::with_capacity(self.slots.len()),
+            egress: Egress::default(),
+            quota: None,
+        };
+        let outcome = self.rule.eval(&mut ctx);
+        let (allow, reduced) = match outcome {
+            Outcome::Known(b) => (b, None),
+            Outcome::Unresolved(r) => (false, Some(r)),
+        };
+        Decision {
+            allow,
+            consulted: ctx.consulted,
+            reduced,
+            egress: ctx.egress,
+            quota: ctx.quota,
+            user: ctx.user.flatten(),
+        }
+    }
+
+    fn user_for(&self, req: &Request<'_>) -> Option<Arc<str>> {
+        match req.user {
+            Some(u) => Some(Arc::from(u)),
+            None => self.sessions.iter().find_map(|s| s.user_at(req.client_ip)),
+        }
+    }
+
+    /// Starts due quota cycles; `decide` does it too, so this is for idle periods.
+    pub fn tick(&self) {
+        let now = self.clock.now();
+        for q in &self.quotas {
+            q.maybe_reset(now);
+        }
+    }
+
+    /// Writes every quota and session table to the state directory.
+    pub fn persist(&self) -> std::io::Result<()> {
+        self.tick();
+        for q in &self.quotas {
+            q.persist()?;
+        }
+        for s in &self.sessions {
+            s.persist()?;
+        }
+        Ok(())
+    }
+
+    /// Persists every `every` (the manual's `persistInterval`) and once more on `stop`.
+    pub async fn run_persist_loop(
+        self: Arc<Self>,
+        every: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let mut timer = tokio::time::interval(every.max(Duration::from_millis(10)));
+        timer.tick().await;
+        loop {
+            tokio::select! {
+                _ = timer.tick() => {}
+                _ = stop.cancelled() => break,
+            }
+            if let Err(e) = self.persist() {
+                tracing::warn!("persisting policy state: {e}");
+            }
+        }
+        if let Err(e) = self.persist() {
+            tracing::warn!("persisting policy state at shutdown: {e}");
+        }
+    }
+
+    fn manager(&self, name: &str) -> Option<(&Arc<str>, &Manager)> {
+        self.by_name
+            .get(name)
+            .map(|&i| (&self.names[i], &self.managers[i]))
+    }
+
+    fn is_admin(&self, user: &str) -> bool {
+        self.admins.iter().any(|a| a == user)
+    }
+}
+
+/// Per-decision state; the user and the `host:port` string are computed at most once,
+/// and only if a manager needs them.
+struct Ctx<'p, 'r> {
+    policy: &'p Policy,
+    req: &'r Request<'r>,
+    user: Option<Option<Arc<str>>>,
+    target: Option<String>,
+    consulted: Vec<(Arc<str>, bool)>,
+    egress: Egress,
+    quota: Option<QuotaHandle>,
+}
+
+impl Ctx<'_, '_> {
+    fn user(&mut self) -> Option<Arc<str>> {
+        if self.user.is_none() {
+            self.user = Some(self.policy.user_for(self.req));
+        }
+        self.user.clone().flatten()
+    }
+
+    fn target(&mut self) -> &str {
+        let req = self.req;
+        self.target.get_or_insert_with(|| {
+            if req.host.contains(':') {
+                format!("[{}]:{}", req.host, req.port)
+            } else {
+                format!("{}:{}", req.host, req.port)
+            }
+        })
+    }
+}
+
+impl rule::Env for Ctx<'_, '_> {
+    fn value(&mut self, var: usize) -> Option<bool> {
+        let idx = (*self.policy.slots.get(var)?)?;
+        let policy = self.policy;
+        let v = match &policy.managers[idx] {
+            Manager::Range(m) => m.matches(self.req.client_ip),
+            Manager::Session(s) => s.user_at(self.req.client_ip).is_some(),
+            Manager::Group(g) => {
+                let user = self.user();
+                g.matches(user.as_deref())
+            }
+            Manager::Host(h) => {
+                self.target();
+                h.matches(self.target.as_deref().unwrap_or_default())
+            }
+            Manager::Time(t) => t.contains(self.req.now),
+            Manager::DwnConsR(d) => match self.user() {
+                Some(user) => {
+                    let h = d.handle(&user, self.req.now);
+                    let ok = h.used() < h.quota();
+                    if ok {
+                        self.quota = Some(h);
+                    }
+                    ok
+                }
+                None => false,
+            },
+            Manager::ParentProxy(p) => {
+                self.egress.proxy = Some(p.clone());
+                true
+            }
+            Manager::NetIface(i) => {
+                self.egress.iface = Some(i.clone());
+                true
+            }
+        };
+        self.consulted.push((policy.names[idx].clone(), v));
+        Some(v)
+    }
+}
