@@ -236,10 +236,7 @@ async fn replicas_are_separate_sessions_that_share_the_load() {
             .map(|i| {
                 log.lines()
                     .filter(|l| l.contains("proto=\"socks5\"") || l.contains("proto=socks5"))
-                    .filter(|l| {
-                        l.contains(&format!("agent=\"office-r.{i}\""))
-                            || l.contains(&format!("agent=office-r.{i} "))
-                    })
+                    .filter(|l| l.contains(&format!("via=office-r.{i} ")))
                     .count()
             })
             .collect();

@@ -414,6 +414,25 @@ pub struct GatewayConfig {
     /// Lets agents ask for forwards of their own (`client.open_ports`); absent = refused.
     #[serde(default)]
     pub agent_forwards: Option<AgentForwards>,
+    /// PMProxy rules deciding every proxy request (`docs/POLICY.md`); absent = allow.
+    #[serde(default)]
+    pub policy: Option<GatewayPolicy>,
+}
+
+/// The policy engine on the gateway.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayPolicy {
+    /// The `managers.toml` with the rules and managers.
+    pub managers: PathBuf,
+    /// Where quota consumption and sessions are persisted.
+    pub state_dir: PathBuf,
+    #[serde(default = "default_persist_interval")]
+    pub persist_interval: HumanDuration,
+}
+
+fn default_persist_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(300))
 }
 
 /// A port forward declared by the gateway (the model rathole and frp users know).

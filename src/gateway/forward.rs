@@ -20,8 +20,7 @@ use super::registry::AgentHandle;
 use super::TunnelConnector;
 use crate::config::{AgentForwards, HostPort};
 use crate::proxy::auth::Identity;
-use crate::proxy::{Connector, Requester, TargetAddr};
-use crate::tunnel::relay;
+use crate::proxy::{Connector, Requester, TargetAddr, Upstream};
 
 /// How long a takeover waits for the previous owner's listener to let go of the port.
 const REBIND_ATTEMPTS: u32 = 40;
@@ -128,7 +127,8 @@ impl AgentForwardTable {
                 tokio::spawn(async move {
                     match agent.core.open(&target.host, target.port, timeout).await {
                         Ok(conn) => {
-                            carry(stream, conn, peer, &target, &agent.group).await;
+                            carry(stream, Upstream::tunnel(conn), peer, &target, &agent.group)
+                                .await;
                         }
                         Err(e) => {
                             tracing::info!(target: "access", proto = "forward", client = %peer, group = %agent.group, agent = %agent.client_id, %target, result = "refused", reason = %e);
@@ -177,16 +177,16 @@ async fn bind_when_free(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 async fn carry(
     stream: TcpStream,
-    conn: crate::tunnel::TunnelConn,
+    upstream: Upstream,
     peer: SocketAddr,
     target: &TargetAddr,
     group: &str,
 ) {
     let _ = stream.set_nodelay(true);
     let started = std::time::Instant::now();
-    let agent = conn.session().clone();
-    let stats = relay(stream, conn).await;
-    tracing::info!(target: "access", proto = "forward", client = %peer, %group, agent = agent.peer(), %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
+    let via = upstream.via();
+    let stats = upstream.carry(stream).await;
+    tracing::info!(target: "access", proto = "forward", client = %peer, %group, via = %via, %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
 }
 
 /// Serves one declared forward until `shutdown`: each connection goes to `target`

@@ -18,9 +18,9 @@ use anyproxy_proto::ErrorCode;
 
 use crate::config::{Credentials, GatewayConfig, ProxyConfig, ProxyListener, DEFAULT_GROUP};
 use crate::proxy::auth::Accounts;
-use crate::proxy::{ConnectError, Connector, Requester, TargetAddr};
+use crate::proxy::{ConnectError, Connector, Requester, TargetAddr, Upstream};
 use crate::transport::tls;
-use crate::tunnel::{OpenError, TunnelConn};
+use crate::tunnel::OpenError;
 pub use registry::AgentRegistry;
 pub use server::AgentServer;
 
@@ -39,7 +39,7 @@ impl Connector for TunnelConnector {
         &self,
         target: &TargetAddr,
         who: &Requester,
-    ) -> Result<TunnelConn, ConnectError> {
+    ) -> Result<Upstream, ConnectError> {
         target.validate()?;
         let mut tried = Vec::with_capacity(MAX_ATTEMPTS);
         let mut last = None;
@@ -60,7 +60,7 @@ impl Connector for TunnelConnector {
                     last = Some(ConnectError::from(f));
                 }
                 // It reached (or tried to reach) the target: its answer stands.
-                other => return other.map_err(ConnectError::from),
+                other => return other.map(Upstream::tunnel).map_err(ConnectError::from),
             }
         }
         Err(last.unwrap_or_else(|| ConnectError::NoAgent(who.group.to_string())))
@@ -96,6 +96,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("policy: {0}")]
+    Policy(#[from] crate::policy::ConfigError),
 }
 
 /// A running gateway: where it listens, and how to stop it.
@@ -147,6 +149,29 @@ impl Gateway {
             registry: registry.clone(),
             connect_timeout: config.connect_timeout.0,
         });
+        let policy = match &config.policy {
+            Some(p) => Some(Arc::new(crate::policy::Policy::load(
+                &p.managers,
+                crate::policy::PolicyOptions {
+                    state_dir: Some(p.state_dir.clone()),
+                    ..Default::default()
+                },
+            )?)),
+            None => None,
+        };
+        if let (Some(policy), Some(p)) = (&policy, &config.policy) {
+            tracing::info!(managers = %p.managers.display(), "policy decides every proxy request");
+            tasks.spawn(
+                policy
+                    .clone()
+                    .run_persist_loop(p.persist_interval.0, shutdown.clone()),
+            );
+        }
+        // Proxy users go through the policy; forwards are the operator's own routes.
+        let guarded = Arc::new(crate::proxy::guard::PolicyGuard {
+            policy,
+            inner: connector.clone(),
+        });
         let groups = config.groups.clone();
         let declared = config.forwards.clone();
         let agent_forwards = Arc::new(forward::AgentForwardTable::new(
@@ -173,7 +198,7 @@ impl Gateway {
             tasks.spawn(crate::proxy::http::serve(
                 listener,
                 users,
-                connector.clone(),
+                guarded.clone(),
                 shutdown.clone(),
             ));
         }
@@ -188,7 +213,7 @@ impl Gateway {
             tasks.spawn(crate::proxy::socks5::serve(
                 listener,
                 users,
-                connector.clone(),
+                guarded.clone(),
                 shutdown.clone(),
             ));
         }

@@ -68,18 +68,19 @@ pub async fn serve<C: Connector>(
 }
 
 /// The upstream kept alive for a user connection's last target: where, the HTTP client
-/// over the tunnel, and the agent session carrying it (for the access log).
-type Upstream = (
+/// over it, who carries it and the policy's verdict (for the access log).
+type KeptUpstream = (
     TargetAddr,
     hyper::client::conn::http1::SendRequest<Incoming>,
-    Arc<crate::tunnel::SessionCore>,
+    Arc<str>,
+    Option<Arc<str>>,
 );
 
 /// Per user connection: who it is, and the upstream kept alive for its last target.
 struct ConnState {
     peer: SocketAddr,
     users: Arc<Accounts>,
-    upstream: tokio::sync::Mutex<Option<Upstream>>,
+    upstream: tokio::sync::Mutex<Option<KeptUpstream>>,
 }
 
 fn text_response(status: u16, message: &str) -> Response<Body> {
@@ -189,9 +190,9 @@ async fn connect_tunnel<C: Connector>(
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                let agent = conn.session().clone();
-                let stats = crate::tunnel::relay(TokioIo::new(upgraded), conn).await;
-                tracing::info!(target: "access", proto = "connect", client = %who.peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, agent = agent.peer(), %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
+                let (via, verdict) = (conn.via(), conn.verdict.clone());
+                let stats = conn.carry(TokioIo::new(upgraded)).await;
+                tracing::info!(target: "access", proto = "connect", client = %who.peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, via = %via, policy = verdict.as_deref().unwrap_or("-"), %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
@@ -266,7 +267,7 @@ async fn forward<C: Connector>(
     let req = Request::from_parts(parts, body);
 
     let mut upstream = state.upstream.lock().await;
-    let reusable = matches!(&*upstream, Some((t, s, _)) if *t == target && !s.is_closed());
+    let reusable = matches!(&*upstream, Some((t, s, _, _)) if *t == target && !s.is_closed());
     if !reusable {
         *upstream = None;
         let conn = match connector.connect(&target, &who).await {
@@ -278,8 +279,8 @@ async fn forward<C: Connector>(
         };
         // hyper's client speaks over a pipe whose far end the relay carries.
         let (client_io, relay_io) = tokio::io::duplex(64 * 1024);
-        let agent = conn.session().clone();
-        tokio::spawn(crate::tunnel::relay(relay_io, conn));
+        let (via, verdict) = (conn.via(), conn.verdict.clone());
+        tokio::spawn(conn.carry(relay_io));
         match hyper::client::conn::http1::Builder::new()
             .preserve_header_case(true)
             .title_case_headers(true)
@@ -290,12 +291,12 @@ async fn forward<C: Connector>(
                 tokio::spawn(async move {
                     let _ = connection.await;
                 });
-                *upstream = Some((target.clone(), sender, agent));
+                *upstream = Some((target.clone(), sender, via, verdict));
             }
             Err(e) => return text_response(502, &format!("upstream handshake: {e}")),
         }
     }
-    let Some((_, sender, agent)) = upstream.as_mut() else {
+    let Some((_, sender, via, verdict)) = upstream.as_mut() else {
         return text_response(502, "no upstream");
     };
     if sender.ready().await.is_err() {
@@ -306,7 +307,7 @@ async fn forward<C: Connector>(
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            tracing::info!(target: "access", proto = "http", client = %who.peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, agent = agent.peer(), %target, result = "ok", status = parts.status.as_u16(), ms = started.elapsed().as_millis() as u64);
+            tracing::info!(target: "access", proto = "http", client = %who.peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, via = %via, policy = verdict.as_deref().unwrap_or("-"), %target, result = "ok", status = parts.status.as_u16(), ms = started.elapsed().as_millis() as u64);
             Response::from_parts(parts, body.boxed())
         }
         Err(e) => {

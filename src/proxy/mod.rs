@@ -3,14 +3,19 @@
 //! target, and relay. They never resolve names: the target leaves through the agent.
 
 pub mod auth;
+pub mod direct;
+pub mod guard;
 pub mod http;
 pub mod socks5;
+pub mod upstream;
+
+pub use upstream::{Route, Upstream};
 
 use std::future::Future;
 
 use anyproxy_proto::ErrorCode;
 
-use crate::tunnel::{ConnectFailure, OpenError, TunnelConn};
+use crate::tunnel::{ConnectFailure, OpenError};
 
 /// Where a proxy user wants to go: a name or an IP literal, unresolved.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +61,8 @@ pub struct Requester {
     pub peer: std::net::SocketAddr,
     pub user: Option<String>,
     pub group: std::sync::Arc<str>,
+    /// How the connection should leave, as a policy decided (direct egress only).
+    pub egress: crate::policy::Egress,
 }
 
 impl Requester {
@@ -64,6 +71,7 @@ impl Requester {
             peer,
             user: identity.user,
             group: identity.group,
+            egress: Default::default(),
         }
     }
 }
@@ -74,7 +82,7 @@ pub trait Connector: Send + Sync + 'static {
         &self,
         target: &TargetAddr,
         who: &Requester,
-    ) -> impl Future<Output = Result<TunnelConn, ConnectError>> + Send;
+    ) -> impl Future<Output = Result<Upstream, ConnectError>> + Send;
 }
 
 /// Why a target could not be reached, in the terms a proxy user is answered in.

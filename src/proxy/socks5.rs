@@ -109,9 +109,9 @@ async fn handle<C: Connector>(
     match connector.connect(&target, &who).await {
         Ok(conn) => {
             reply(&mut stream, REPLY_OK).await?;
-            let agent = conn.session().clone();
-            let stats = crate::tunnel::relay(stream, conn).await;
-            tracing::info!(target: "access", proto = "socks5", client = %peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, agent = agent.peer(), %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
+            let (via, verdict) = (conn.via(), conn.verdict.clone());
+            let stats = conn.carry(stream).await;
+            tracing::info!(target: "access", proto = "socks5", client = %peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, via = %via, policy = verdict.as_deref().unwrap_or("-"), %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
         }
         Err(e) => {
             tracing::info!(target: "access", proto = "socks5", client = %peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, %target, result = %e.code(), reason = %e, ms = started.elapsed().as_millis() as u64);

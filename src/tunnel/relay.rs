@@ -31,6 +31,20 @@ pub struct RelayStats {
     pub received: u64,
 }
 
+/// Counts the bytes a relay delivers to its local socket, and may cut the connection
+/// (a download quota). Called once per write, so enforcement is exact to one read.
+pub trait Meter: Send + Sync {
+    /// Admits `n` bytes, or says how many of them still fit and why the rest do not.
+    fn admit(&self, n: usize) -> Result<(), MeterCut>;
+}
+
+/// A meter's refusal: deliver `allowed` bytes of this write, then end the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeterCut {
+    pub allowed: usize,
+    pub reason: String,
+}
+
 /// Why a connection ended before both directions finished.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Abort {
@@ -41,6 +55,7 @@ enum Abort {
     ClosedByPeer,
     ResetByPeer,
     Cancelled,
+    QuotaExceeded,
 }
 
 impl Abort {
@@ -53,6 +68,7 @@ impl Abort {
             Abort::ClosedByPeer => "closed by peer",
             Abort::ResetByPeer => "reset by peer",
             Abort::Cancelled => "cancelled",
+            Abort::QuotaExceeded => "download quota exceeded",
         }
     }
 
@@ -94,6 +110,15 @@ impl LocalStream for hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {}
 /// the connection is reset. The peer is told with `close` unless the connection ended
 /// cleanly or the peer was the one that closed it.
 pub async fn relay<S: LocalStream>(stream: S, conn: TunnelConn) -> RelayStats {
+    relay_metered(stream, conn, None).await
+}
+
+/// [`relay`], with the bytes toward the local socket counted by `meter`.
+pub async fn relay_metered<S: LocalStream>(
+    stream: S,
+    conn: TunnelConn,
+    meter: Option<&dyn Meter>,
+) -> RelayStats {
     let TunnelConn {
         id,
         core,
@@ -160,10 +185,22 @@ pub async fn relay<S: LocalStream>(stream: S, conn: TunnelConn) -> RelayStats {
             }
             let mut written = 0usize;
             for chunk in chunks.drain(..) {
-                if wr.write_all(&chunk).await.is_err() {
+                let cut = meter.and_then(|m| m.admit(chunk.len()).err());
+                let allowed = cut
+                    .as_ref()
+                    .map_or(chunk.len(), |c| c.allowed.min(chunk.len()));
+                if wr.write_all(&chunk[..allowed]).await.is_err() {
                     return Err(Abort::LocalWriteFailed);
                 }
-                written += chunk.len();
+                written += allowed;
+                if let Some(cut) = cut {
+                    received += written as u64;
+                    // A plain close, not a reset: a reset could discard the bytes
+                    // just counted against the quota before the user reads them.
+                    let _ = wr.shutdown().await;
+                    tracing::info!(conn = %id, reason = %cut.reason, "cutting a connection at its quota");
+                    return Err(Abort::QuotaExceeded);
+                }
             }
             received += written as u64;
             if half_close {

@@ -1,0 +1,261 @@
+//! Direct egress for the standalone proxy: dial the target from this process (through
+//! a parent proxy or bound to an interface when the policy says so) and relay.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+use super::{ConnectError, Connector, Requester, TargetAddr, Upstream};
+use crate::policy::{Egress, ParentProxy, ProxyScheme};
+use crate::tunnel::relay::LocalStream;
+use crate::tunnel::{Meter, RelayStats};
+
+const READ_SIZE: usize = 64 * 1024;
+
+/// Dials targets itself, honouring the request's egress.
+pub struct DirectConnector {
+    pub dial_timeout: Duration,
+}
+
+impl Connector for DirectConnector {
+    async fn connect(
+        &self,
+        target: &TargetAddr,
+        who: &Requester,
+    ) -> Result<Upstream, ConnectError> {
+        target.validate()?;
+        let dial = dial(target, &who.egress);
+        let stream = tokio::time::timeout(self.dial_timeout, dial)
+            .await
+            .map_err(|_| {
+                ConnectError::TimedOut(format!(
+                    "no answer from {target} in {:?}",
+                    self.dial_timeout
+                ))
+            })??;
+        let _ = stream.set_nodelay(true);
+        Ok(Upstream::direct(stream))
+    }
+}
+
+async fn dial(target: &TargetAddr, egress: &Egress) -> Result<TcpStream, ConnectError> {
+    match &egress.proxy {
+        Some(parent) => via_parent(parent, target, egress.iface.as_deref()).await,
+        None => connect_tcp(&target.host, target.port, egress.iface.as_deref()).await,
+    }
+}
+
+fn io_error(what: String, e: std::io::Error) -> ConnectError {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => ConnectError::Refused(format!("{what}: {e}")),
+        std::io::ErrorKind::TimedOut => ConnectError::TimedOut(format!("{what}: {e}")),
+        _ => ConnectError::Unreachable(format!("{what}: {e}")),
+    }
+}
+
+/// Resolves and connects, trying every address; bound to `iface` when given.
+async fn connect_tcp(
+    host: &str,
+    port: u16,
+    iface: Option<&str>,
+) -> Result<TcpStream, ConnectError> {
+    let addrs: Vec<_> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| ConnectError::Unreachable(format!("dns: {host}: {e}")))?
+        .collect();
+    let mut last = None;
+    for addr in addrs {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        };
+        let socket = socket.map_err(|e| io_error(format!("socket for {addr}"), e))?;
+        if let Some(iface) = iface {
+            socket.bind_device(Some(iface.as_bytes())).map_err(|e| {
+                ConnectError::Internal(format!("cannot bind to interface {iface:?}: {e}"))
+            })?;
+        }
+        match socket.connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(io_error(format!("{addr}"), e)),
+        }
+    }
+    Err(last.unwrap_or_else(|| ConnectError::Unreachable(format!("dns: {host} has no address"))))
+}
+
+/// Opens the target through an HTTP (CONNECT) or SOCKS5 parent proxy.
+async fn via_parent(
+    parent: &ParentProxy,
+    target: &TargetAddr,
+    iface: Option<&str>,
+) -> Result<TcpStream, ConnectError> {
+    let mut s = connect_tcp(&parent.host, parent.port, iface).await?;
+    let fail = |m: String| ConnectError::Unreachable(format!("parent proxy {}: {m}", parent.name));
+    match parent.scheme {
+        ProxyScheme::Http => {
+            let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+            if let Some((u, p)) = &parent.credentials {
+                use base64::Engine;
+                let token = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+                req.push_str(&format!("Proxy-Authorization: Basic {token}\r\n"));
+            }
+            req.push_str("\r\n");
+            s.write_all(req.as_bytes())
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            // Read the response head byte by byte: nothing past it may be consumed.
+            let mut head = Vec::with_capacity(256);
+            while !head.ends_with(b"\r\n\r\n") {
+                if head.len() > 8192 {
+                    return Err(fail("response head too large".into()));
+                }
+                let b = s.read_u8().await.map_err(|e| fail(e.to_string()))?;
+                head.push(b);
+            }
+            let status = std::str::from_utf8(&head)
+                .ok()
+                .and_then(|h| h.split_whitespace().nth(1))
+                .and_then(|c| c.parse::<u16>().ok())
+                .unwrap_or(0);
+            match status {
+                200..=299 => Ok(s),
+                403 => Err(ConnectError::Forbidden(format!(
+                    "parent proxy {} refused {target}",
+                    parent.name
+                ))),
+                _ => Err(fail(format!("answered {status} to CONNECT {target}"))),
+            }
+        }
+        ProxyScheme::Socks5 => {
+            let auth = parent.credentials.is_some();
+            s.write_all(&[5, 1, if auth { 2 } else { 0 }])
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            let mut choice = [0u8; 2];
+            s.read_exact(&mut choice)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            if let (Some((u, p)), 2) = (&parent.credentials, choice[1]) {
+                let mut msg = vec![1, u.len().min(255) as u8];
+                msg.extend_from_slice(&u.as_bytes()[..u.len().min(255)]);
+                msg.push(p.len().min(255) as u8);
+                msg.extend_from_slice(&p.as_bytes()[..p.len().min(255)]);
+                s.write_all(&msg).await.map_err(|e| fail(e.to_string()))?;
+                let mut status = [0u8; 2];
+                s.read_exact(&mut status)
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                if status[1] != 0 {
+                    return Err(fail("refused our credentials".into()));
+                }
+            } else if choice[1] != 0 {
+                return Err(fail(format!(
+                    "offered no usable method ({:#04x})",
+                    choice[1]
+                )));
+            }
+            let host = target.host.as_bytes();
+            let mut req = vec![5, 1, 0, 3, host.len() as u8];
+            req.extend_from_slice(host);
+            req.extend_from_slice(&target.port.to_be_bytes());
+            s.write_all(&req).await.map_err(|e| fail(e.to_string()))?;
+            let mut reply = [0u8; 4];
+            s.read_exact(&mut reply)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            // Skip the bound address so the stream starts at the target's first byte.
+            let skip = match reply[3] {
+                1 => 4 + 2,
+                4 => 16 + 2,
+                3 => s.read_u8().await.map_err(|e| fail(e.to_string()))? as usize + 2,
+                other => return Err(fail(format!("bad address type {other:#04x} in its reply"))),
+            };
+            let mut rest = vec![0u8; skip];
+            s.read_exact(&mut rest)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            match reply[1] {
+                0 => Ok(s),
+                2 => Err(ConnectError::Forbidden(format!(
+                    "parent proxy {} refused {target}",
+                    parent.name
+                ))),
+                5 => Err(ConnectError::Refused(format!(
+                    "parent proxy {}: {target} refused",
+                    parent.name
+                ))),
+                code => Err(fail(format!("reply {code:#04x} for {target}"))),
+            }
+        }
+    }
+}
+
+/// Relays between the user's socket and a directly dialed target, carrying half-close;
+/// `meter` counts (and may cut) what goes toward the user.
+pub async fn relay_direct<S: LocalStream>(
+    local: S,
+    remote: TcpStream,
+    meter: Option<&dyn Meter>,
+) -> RelayStats {
+    let (mut lr, mut lw) = tokio::io::split(local);
+    let (mut rr, mut rw) = remote.into_split();
+    let mut stats = RelayStats::default();
+    let up = async {
+        let n = tokio::io::copy(&mut lr, &mut rw).await;
+        let _ = rw.shutdown().await;
+        n
+    };
+    let down = async {
+        let mut buf = vec![0u8; READ_SIZE];
+        let mut total = 0u64;
+        loop {
+            let n = match rr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let cut = meter.and_then(|m| m.admit(n).err());
+            let allowed = cut.as_ref().map_or(n, |c| c.allowed.min(n));
+            if lw.write_all(&buf[..allowed]).await.is_err() {
+                break;
+            }
+            total += allowed as u64;
+            if let Some(cut) = cut {
+                tracing::info!(reason = %cut.reason, "cutting a connection at its quota");
+                let _ = lw.shutdown().await;
+                return Err(total);
+            }
+        }
+        let _ = lw.shutdown().await;
+        Ok(total)
+    };
+    // The user failing ends both directions; either side's end of stream only ends
+    // its own direction (half-close), as in the tunnel relay.
+    tokio::pin!(up);
+    tokio::pin!(down);
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        tokio::select! {
+            r = &mut up, if !up_done => {
+                up_done = true;
+                match r {
+                    Ok(n) => stats.sent = n,
+                    Err(_) => break,
+                }
+            }
+            r = &mut down, if !down_done => {
+                down_done = true;
+                match r {
+                    Ok(n) => stats.received = n,
+                    // Cut at the quota: the whole connection ends.
+                    Err(n) => {
+                        stats.received = n;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    stats
+}
