@@ -8,10 +8,13 @@ mod build;
 pub mod clock;
 pub mod cmd;
 pub mod config;
+pub mod dir;
 mod error;
+pub mod jwt;
 pub mod managers;
 mod persist;
 pub mod rule;
+pub mod server_config;
 pub mod token;
 
 #[cfg(test)]
@@ -26,11 +29,14 @@ use std::time::{Duration, SystemTime};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use cmd::{Cmd, CmdError, Credentials};
 pub use config::ManagersConf;
+pub use dir::{DirError, FirstRun, PolicyDir};
 pub use error::ConfigError;
+pub use jwt::JwtTokens;
 pub use managers::dwn_cons_r::{QuotaExceeded, QuotaHandle};
 pub use managers::egress::{ParentProxy, ProxyScheme};
 pub use rule::{Outcome, ParseError, Rule};
-pub use token::{Claims, OpaqueTokens, TokenCodec};
+pub use server_config::ServerConf;
+pub use token::{Claims, OpaqueTokens, TokenCodec, TokenError};
 
 use managers::dwn_cons_r::DwnConsR;
 use managers::session_ipm::SessionIpm;
