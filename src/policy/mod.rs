@@ -4,6 +4,7 @@
 //! a session lookup and a quota counter, no allocation beyond the report); `cmd` is the
 //! manual's `/api/cmd` command layer without the HTTP.
 
+pub mod api;
 mod build;
 pub mod clock;
 pub mod cmd;
@@ -26,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+pub use api::{serve_api, start_api, ApiHandle, ApiOptions};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use cmd::{Cmd, CmdError, Credentials};
 pub use config::ManagersConf;
