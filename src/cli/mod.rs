@@ -1,5 +1,6 @@
 //! Command-line entry points of the `anyproxy` binary.
 
+pub mod ctl;
 pub mod demo;
 
 use std::path::PathBuf;
@@ -57,6 +58,9 @@ pub enum Command {
         #[arg(long, default_value_t = 1080)]
         socks_port: u16,
     },
+    /// Client of the policy API (PMProxy's `pmcl`): discover, login, logout, status,
+    /// reset, show. Keeps the session token in a file and renews it.
+    Ctl(ctl::CtlArgs),
 }
 
 /// The first SIGINT/SIGTERM asks for a graceful stop; a second one during it means
@@ -151,5 +155,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .await
         }
+        Command::Ctl(args) => ctl::run(args).await,
     }
 }

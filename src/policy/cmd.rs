@@ -16,6 +16,7 @@ use super::managers::dwn_cons_r::{human_bytes, DwnConsR};
 use super::managers::session_ipm::SessionIpm;
 use super::managers::Manager;
 use super::persist::format_time;
+use super::token::TokenError;
 use super::{Policy, Request};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -72,8 +73,12 @@ pub enum CmdError {
     BadRemoteAddr(String),
     #[error("wrong user or password")]
     BadCredentials,
-    #[error("invalid or expired token: log in again")]
+    #[error("token does not match an open session (closed, replaced or renewed): log in again")]
     InvalidToken,
+    #[error("invalid token: {0}")]
+    BadToken(#[from] TokenError),
+    #[error("token expired: log in again (renew before it expires to keep it)")]
+    TokenExpired,
     #[error("only administrators may do this")]
     NotAdmin,
 }
@@ -88,7 +93,8 @@ impl CmdError {
             CmdError::Missing(_) => "missing_field",
             CmdError::BadRemoteAddr(_) => "bad_remote_addr",
             CmdError::BadCredentials => "bad_credentials",
-            CmdError::InvalidToken => "invalid_token",
+            CmdError::InvalidToken | CmdError::BadToken(_) => "invalid_token",
+            CmdError::TokenExpired => "token_expired",
             CmdError::NotAdmin => "not_admin",
         }
     }
@@ -243,10 +249,14 @@ impl Policy {
             return Err(CmdError::Missing("secret"));
         }
         let now = self.clock.now();
-        self.sessions
-            .iter()
-            .find_map(|s| s.verify(secret, now, &*self.codec).ok())
-            .ok_or(CmdError::InvalidToken)
+        let mut last = CmdError::InvalidToken;
+        for s in &self.sessions {
+            match s.verify(secret, now, &*self.codec) {
+                Ok(user) => return Ok(user),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     fn session_cmd(&self, s: &Arc<SessionIpm>, cmd: &Cmd) -> Result<Value, CmdError> {

@@ -4,14 +4,18 @@
 //! a session lookup and a quota counter, no allocation beyond the report); `cmd` is the
 //! manual's `/api/cmd` command layer without the HTTP.
 
+pub mod api;
 mod build;
 pub mod clock;
 pub mod cmd;
 pub mod config;
+pub mod dir;
 mod error;
+pub mod jwt;
 pub mod managers;
 mod persist;
 pub mod rule;
+pub mod server_config;
 pub mod token;
 
 #[cfg(test)]
@@ -23,14 +27,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+pub use api::{serve_api, start_api, ApiHandle, ApiOptions};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use cmd::{Cmd, CmdError, Credentials};
 pub use config::ManagersConf;
+pub use dir::{DirError, FirstRun, PolicyDir};
 pub use error::ConfigError;
+pub use jwt::JwtTokens;
 pub use managers::dwn_cons_r::{QuotaExceeded, QuotaHandle};
 pub use managers::egress::{ParentProxy, ProxyScheme};
 pub use rule::{Outcome, ParseError, Rule};
-pub use token::{Claims, OpaqueTokens, TokenCodec};
+pub use server_config::ServerConf;
+pub use token::{Claims, OpaqueTokens, TokenCodec, TokenError};
 
 use managers::dwn_cons_r::DwnConsR;
 use managers::session_ipm::SessionIpm;

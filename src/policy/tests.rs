@@ -402,7 +402,7 @@ fn commands_sessions_and_admin_rights() {
     assert_eq!(
         p.cmd(cmd(json!({"cmd": "check", "secret": renewed})))
             .unwrap_err(),
-        CmdError::InvalidToken
+        CmdError::TokenExpired
     );
 
     assert!(matches!(

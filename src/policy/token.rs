@@ -14,10 +14,22 @@ pub struct Claims {
     pub expires: u64,
 }
 
+/// Why a token was refused before the session table was even asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("not a token issued by this server (malformed)")]
+    Malformed,
+    #[error("bad signature (signed with another key, or altered)")]
+    BadSignature,
+    #[error("signed with an algorithm this server does not accept")]
+    WrongAlgorithm,
+}
+
 pub trait TokenCodec: Send + Sync {
     fn encode(&self, claims: &Claims) -> String;
-    /// `None` for anything malformed or not issued by this codec.
-    fn decode(&self, token: &str) -> Option<Claims>;
+    /// Checks the token's form and signature only: expiry and the nonce are the session
+    /// table's business, judged against the policy's clock.
+    fn decode(&self, token: &str) -> Result<Claims, TokenError>;
 }
 
 /// `base64url(user).nonce`: unsigned, so it is only as good as the nonce (256 random
@@ -29,10 +41,14 @@ impl TokenCodec for OpaqueTokens {
         format!("{}.{}", URL_SAFE_NO_PAD.encode(c.user.as_bytes()), c.nonce)
     }
 
-    fn decode(&self, token: &str) -> Option<Claims> {
-        let (user, nonce) = token.split_once('.')?;
-        let user = String::from_utf8(URL_SAFE_NO_PAD.decode(user).ok()?).ok()?;
-        Some(Claims {
+    fn decode(&self, token: &str) -> Result<Claims, TokenError> {
+        let (user, nonce) = token.split_once('.').ok_or(TokenError::Malformed)?;
+        let user = URL_SAFE_NO_PAD
+            .decode(user)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or(TokenError::Malformed)?;
+        Ok(Claims {
             user,
             nonce: nonce.to_string(),
             expires: 0,

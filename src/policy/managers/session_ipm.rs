@@ -130,11 +130,14 @@ impl SessionIpm {
         now: SystemTime,
         codec: &dyn TokenCodec,
     ) -> Result<String, CmdError> {
-        let c = codec.decode(token).ok_or(CmdError::InvalidToken)?;
+        let c = codec.decode(token)?;
         let t = self.table.read();
         let s = t.by_user.get(&c.user).ok_or(CmdError::InvalidToken)?;
-        if !secret_eq(&s.nonce, &c.nonce) || unix_secs(now) >= s.expires {
+        if !secret_eq(&s.nonce, &c.nonce) {
             return Err(CmdError::InvalidToken);
+        }
+        if unix_secs(now) >= s.expires {
+            return Err(CmdError::TokenExpired);
         }
         Ok(c.user)
     }
@@ -258,16 +261,16 @@ mod tests {
         );
         assert_eq!(
             m.verify(&renewed, later, &OpaqueTokens),
-            Err(CmdError::InvalidToken)
+            Err(CmdError::TokenExpired)
         );
         // An expired token does not end the session itself.
         assert_eq!(m.user_at(ip("10.0.0.1")).as_deref(), Some("alice"));
         m.close(&renewed, now, &OpaqueTokens).unwrap();
         assert_eq!(m.user_at(ip("10.0.0.1")), None);
-        assert_eq!(
+        assert!(matches!(
             m.verify("garbage", now, &OpaqueTokens),
-            Err(CmdError::InvalidToken)
-        );
+            Err(CmdError::BadToken(_))
+        ));
     }
 
     #[test]

@@ -1,0 +1,272 @@
+//! `server.toml` as the PMProxy manual writes it: `[api]`, `[api.server]`, `[proxy]`,
+//! `[proxy.server]`. Unknown keys are refused and every error names the key.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::HumanDuration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerConfError {
+    #[error("{file}: {message}")]
+    Syntax { file: String, message: String },
+    #[error("{file}: {key}: {message}")]
+    Key {
+        file: String,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConf {
+    pub api: ApiConf,
+    pub proxy: ProxyConf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConf {
+    /// Relative to the config dir.
+    #[serde(rename = "httpsCert", default = "default_cert")]
+    pub https_cert: String,
+    #[serde(rename = "httpsKey", default = "default_key")]
+    pub https_key: String,
+    /// Relative to the config dir; empty serves no static files.
+    #[serde(rename = "webStaticFilesDir", default)]
+    pub web_static_files_dir: String,
+    #[serde(rename = "persistInterval", default = "default_persist")]
+    pub persist_interval: HumanDuration,
+    #[serde(rename = "excludedRoutes", default)]
+    pub excluded_routes: Vec<String>,
+    pub server: SrvConf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConf {
+    #[serde(rename = "dialTimeout", default = "default_dial")]
+    pub dial_timeout: HumanDuration,
+    pub server: SrvConf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SrvConf {
+    /// Bounds reading a request (Go's `http.Server.ReadTimeout`, which the upstream set).
+    #[serde(rename = "readTimeout", default = "default_read")]
+    pub read_timeout: HumanDuration,
+    /// Bounds writing a response (Go's `WriteTimeout`).
+    #[serde(rename = "writeTimeout", default = "default_write")]
+    pub write_timeout: HumanDuration,
+    /// `host:port`; Go's `:port` means every interface.
+    pub addr: String,
+    /// Upstream chose between two Go HTTP servers; there is one implementation here, so
+    /// the value is accepted and has no effect.
+    #[serde(rename = "fastOrStd", default)]
+    pub fast_or_std: bool,
+}
+
+fn default_cert() -> String {
+    "cert.pem".into()
+}
+fn default_key() -> String {
+    "key.pem".into()
+}
+fn default_persist() -> HumanDuration {
+    HumanDuration(Duration::from_secs(300))
+}
+fn default_dial() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_read() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_write() -> HumanDuration {
+    HumanDuration(Duration::from_secs(20))
+}
+
+/// What a fresh config dir gets: loopback only, so a first start exposes nothing.
+pub const DEFAULT_SERVER_TOML: &str = r#"# anyproxy pmproxy: server.toml (keys as in the PMProxy manual; see docs/POLICY.md).
+# Durations: "ns", "ms", "s", "m", "h". Paths are relative to this directory.
+[api]
+	httpsCert = "cert.pem"
+	httpsKey = "key.pem"
+	webStaticFilesDir = "staticFiles"
+	persistInterval = "5m"
+	excludedRoutes = []
+	[api.server]
+		addr = "127.0.0.1:4443"
+		readTimeout = "30s"
+		writeTimeout = "20s"
+		fastOrStd = false
+
+[proxy]
+	dialTimeout = "10s"
+	[proxy.server]
+		addr = "127.0.0.1:8080"
+		readTimeout = "30s"
+		writeTimeout = "20s"
+		fastOrStd = false
+"#;
+
+impl ServerConf {
+    pub fn from_toml(file: &str, text: &str) -> Result<ServerConf, ServerConfError> {
+        let conf: ServerConf = toml::from_str(text).map_err(|e| ServerConfError::Syntax {
+            file: file.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let key_err = |key: &str, message: String| ServerConfError::Key {
+            file: file.to_string(),
+            key: key.to_string(),
+            message,
+        };
+        for (key, srv) in [
+            ("api.server", &conf.api.server),
+            ("proxy.server", &conf.proxy.server),
+        ] {
+            srv.socket_addr()
+                .map_err(|m| key_err(&format!("{key}.addr"), m))?;
+            for (name, d) in [
+                ("readTimeout", srv.read_timeout),
+                ("writeTimeout", srv.write_timeout),
+            ] {
+                if d.0.is_zero() {
+                    return Err(key_err(
+                        &format!("{key}.{name}"),
+                        "must be more than 0".into(),
+                    ));
+                }
+            }
+        }
+        if conf.api.persist_interval.0.is_zero() {
+            return Err(key_err("api.persistInterval", "must be more than 0".into()));
+        }
+        if conf.proxy.dial_timeout.0.is_zero() {
+            return Err(key_err("proxy.dialTimeout", "must be more than 0".into()));
+        }
+        for r in &conf.api.excluded_routes {
+            if !r.starts_with('/') {
+                return Err(key_err(
+                    "api.excludedRoutes",
+                    format!("{r:?} must start with `/`"),
+                ));
+            }
+        }
+        Ok(conf)
+    }
+
+    pub fn load(path: &Path) -> Result<ServerConf, ServerConfError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ServerConfError::Syntax {
+            file: file.clone(),
+            message: e.to_string(),
+        })?;
+        Self::from_toml(&file, &text)
+    }
+}
+
+impl SrvConf {
+    /// The address to listen on. `:port` (Go) is every interface; a host name is
+    /// resolved and its first address used.
+    pub fn socket_addr(&self) -> Result<SocketAddr, String> {
+        let a = self.addr.trim();
+        let a = match a.strip_prefix(':') {
+            Some(port) => format!("0.0.0.0:{port}"),
+            None => a.to_string(),
+        };
+        if let Ok(sa) = a.parse::<SocketAddr>() {
+            return Ok(sa);
+        }
+        a.to_socket_addrs()
+            .map_err(|e| format!("{:?}: {e} (expected host:port or :port)", self.addr))?
+            .next()
+            .ok_or_else(|| format!("{:?}: resolves to no address", self.addr))
+    }
+
+    pub fn read_timeout(&self) -> Duration {
+        self.read_timeout.0
+    }
+
+    pub fn write_timeout(&self) -> Duration {
+        self.write_timeout.0
+    }
+}
+
+impl ApiConf {
+    /// `None` when `webStaticFilesDir` is empty.
+    pub fn static_dir(&self, config_dir: &Path) -> Option<PathBuf> {
+        (!self.web_static_files_dir.is_empty()).then(|| config_dir.join(&self.web_static_files_dir))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MANUAL: &str = r#"
+[api]
+	excludedRoutes=["/about"]
+	httpsCert="cert.pem"
+	httpsKey="key.pem"
+	webStaticFilesDir="staticFiles"
+	persistInterval="5m"
+	[api.server]
+		readTimeout="30s"
+		writeTimeout="20s"
+		addr=":4443"
+		fastOrStd=false
+
+[proxy]
+	dialTimeout="10s"
+	[proxy.server]
+		readTimeout="30s"
+		writeTimeout="20s"
+		addr=":8080"
+		fastOrStd=false
+"#;
+
+    #[test]
+    fn the_manuals_example_loads() {
+        let c = ServerConf::from_toml("server.toml", MANUAL).unwrap();
+        assert_eq!(
+            c.api.server.socket_addr().unwrap(),
+            "0.0.0.0:4443".parse().unwrap()
+        );
+        assert_eq!(c.api.persist_interval.0, Duration::from_secs(300));
+        assert_eq!(c.api.server.write_timeout(), Duration::from_secs(20));
+        assert_eq!(c.proxy.dial_timeout.0, Duration::from_secs(10));
+        assert_eq!(c.api.excluded_routes, ["/about"]);
+        assert_eq!(
+            c.api.static_dir(Path::new("/etc/pm")),
+            Some(PathBuf::from("/etc/pm/staticFiles"))
+        );
+        ServerConf::from_toml("server.toml", DEFAULT_SERVER_TOML).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = |text: &str| {
+            ServerConf::from_toml("server.toml", text)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err(&MANUAL.replace(
+            "fastOrStd=false\n\n[proxy]",
+            "fastOrStd=false\n\tloginAddr=\"x\"\n\n[proxy]",
+        ));
+        assert!(e.contains("loginAddr"), "{e}");
+        let e = err(&MANUAL.replace("readTimeout=\"30s\"", "readTimeout=\"30 parsecs\""));
+        assert!(e.contains("readTimeout"), "{e}");
+        let e = err(&MANUAL.replace("addr=\":8080\"", "addr=\"nonsense\""));
+        assert!(e.contains("proxy.server.addr"), "{e}");
+        let e = err(&MANUAL.replace("persistInterval=\"5m\"", "persistInterval=\"0s\""));
+        assert!(e.contains("api.persistInterval"), "{e}");
+        let e = err(&MANUAL.replace("[\"/about\"]", "[\"about\"]"));
+        assert!(e.contains("api.excludedRoutes"), "{e}");
+    }
+}
