@@ -38,15 +38,16 @@ staff = "2 MB"
 async fn rules_decide_each_request_and_the_quota_cuts_the_download_that_crosses_it() {
     let allowed = http_target().await;
     let blocked = http_target().await;
+    // A PMProxy config dir: our rules, and the API on a free loopback port.
     let dir = tempfile::tempdir().unwrap();
-    let managers_path = dir.path().join("managers.toml");
-    std::fs::write(&managers_path, managers(blocked.port())).unwrap();
+    std::fs::write(dir.path().join("managers.toml"), managers(blocked.port())).unwrap();
+    let api_port = free_port();
+    let server = anyproxy::policy::server_config::DEFAULT_SERVER_TOML
+        .replace("127.0.0.1:4443", &format!("127.0.0.1:{api_port}"))
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{}", free_port()));
+    std::fs::write(dir.path().join("server.toml"), server).unwrap();
     let stack = Stack::start(StackOptions {
-        gateway_extra: vec![format!(
-            "policy: {{ managers: \"{}\", state_dir: \"{}\" }}",
-            managers_path.display(),
-            dir.path().display()
-        )],
+        gateway_extra: vec![format!("policy: {{ dir: \"{}\" }}", dir.path().display())],
         ..StackOptions::default()
     })
     .await;
@@ -107,4 +108,18 @@ async fn rules_decide_each_request_and_the_quota_cuts_the_download_that_crosses_
     // huser's quota is separate and still open.
     let (code, _) = curl(&["-x", &proxy, &format!("http://{allowed}/bytes/10")]).await;
     assert_eq!(code, 0);
+
+    // The API next to the gateway reports the consumption the tunnel counted.
+    wait_for_port(api_port).await;
+    let (code, body) = curl(&[
+        "--cacert",
+        dir.path().join("cert.pem").to_str().unwrap(),
+        "-d",
+        r#"{"cmd":"show","manager":"quota"}"#,
+        &format!("https://localhost:{api_port}/api/cmd"),
+    ])
+    .await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(code, 0, "{body}");
+    assert!(body.contains("quota"), "{body}");
 }

@@ -419,20 +419,13 @@ pub struct GatewayConfig {
     pub policy: Option<GatewayPolicy>,
 }
 
-/// The policy engine on the gateway.
+/// The policy engine on the gateway: a PMProxy config dir (`managers.toml` with the
+/// rules, `server.toml` whose `[api]` section places the HTTPS `/api/cmd` API, the
+/// certificate, the JWT key and the persisted state), created with defaults if missing.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayPolicy {
-    /// The `managers.toml` with the rules and managers.
-    pub managers: PathBuf,
-    /// Where quota consumption and sessions are persisted.
-    pub state_dir: PathBuf,
-    #[serde(default = "default_persist_interval")]
-    pub persist_interval: HumanDuration,
-}
-
-fn default_persist_interval() -> HumanDuration {
-    HumanDuration(Duration::from_secs(300))
+    pub dir: PathBuf,
 }
 
 /// A port forward declared by the gateway (the model rathole and frp users know).

@@ -97,7 +97,9 @@ pub enum StartError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("policy: {0}")]
-    Policy(#[from] crate::policy::ConfigError),
+    Policy(#[from] crate::policy::DirError),
+    #[error("policy API: {0}")]
+    PolicyApi(String),
 }
 
 /// A running gateway: where it listens, and how to stop it.
@@ -150,23 +152,22 @@ impl Gateway {
             connect_timeout: config.connect_timeout.0,
         });
         let policy = match &config.policy {
-            Some(p) => Some(Arc::new(crate::policy::Policy::load(
-                &p.managers,
-                crate::policy::PolicyOptions {
-                    state_dir: Some(p.state_dir.clone()),
-                    ..Default::default()
-                },
-            )?)),
+            Some(p) => {
+                let dir = crate::policy::PolicyDir::open_or_init(&p.dir)?;
+                if let Some(first) = &dir.first_run {
+                    // Printed, never logged: it carries the generated admin password.
+                    println!("{}", first.message(&dir.path));
+                }
+                let policy = Arc::new(dir.load_policy()?);
+                let api = crate::policy::start_api(&dir, policy.clone(), shutdown.clone())
+                    .await
+                    .map_err(|e| StartError::PolicyApi(e.to_string()))?;
+                tracing::info!(dir = %p.dir.display(), api = %api.addr, "policy decides every proxy request");
+                tasks.spawn(api.join());
+                Some(policy)
+            }
             None => None,
         };
-        if let (Some(policy), Some(p)) = (&policy, &config.policy) {
-            tracing::info!(managers = %p.managers.display(), "policy decides every proxy request");
-            tasks.spawn(
-                policy
-                    .clone()
-                    .run_persist_loop(p.persist_interval.0, shutdown.clone()),
-            );
-        }
         // Proxy users go through the policy; forwards are the operator's own routes.
         let guarded = Arc::new(crate::proxy::guard::PolicyGuard {
             policy,
