@@ -2,6 +2,7 @@
 
 pub mod ctl;
 pub mod demo;
+pub mod pmproxy;
 
 use std::path::PathBuf;
 
@@ -61,6 +62,10 @@ pub enum Command {
     /// Client of the policy API (PMProxy's `pmcl`): discover, login, logout, status,
     /// reset, show. Keeps the session token in a file and renews it.
     Ctl(ctl::CtlArgs),
+    /// The policy engine as a standalone forward proxy (the upstream PMProxy): reads
+    /// `server.toml` and `managers.toml` from the config dir, serves the HTTP proxy on
+    /// `proxy.server.addr` with direct egress and the HTTPS API on `api.server.addr`.
+    Pmproxy(pmproxy::PmproxyArgs),
 }
 
 /// The first SIGINT/SIGTERM asks for a graceful stop; a second one during it means
@@ -156,5 +161,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Command::Ctl(args) => ctl::run(args).await,
+        Command::Pmproxy(args) => pmproxy::run(args).await,
     }
 }

@@ -1,0 +1,86 @@
+//! `anyproxy pmproxy`, the standalone policy proxy, through the real binary and curl:
+//! rules allow and deny, and a `parentProxy` the rules reach carries the request on
+//! (here: through an anyproxy gateway and its agent).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standalone_proxy_allows_denies_and_chains_through_a_parent_proxy() {
+    let direct = http_target().await;
+    let blocked = http_target().await;
+    let chained = http_target().await;
+    // The parent proxy: a gateway's HTTP front end, whose agent reaches loopback.
+    let stack = Stack::start(StackOptions::default()).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy_port, api_port) = (free_port(), free_port());
+    let managers = format!(
+        r#"
+rules = "¬blocked ∧ (¬tunnelled ∨ gateway)"
+
+[[hostMatcher]]
+name = "blocked"
+pattern = ':{blocked}$'
+
+[[hostMatcher]]
+name = "tunnelled"
+pattern = ':{chained}$'
+
+[[parentProxy]]
+name = "gateway"
+proxyURL = "http://{user}:{pass}@127.0.0.1:{gw}"
+"#,
+        blocked = blocked.port(),
+        chained = chained.port(),
+        user = HTTP_USER,
+        pass = HTTP_PASS,
+        gw = stack.http_port,
+    );
+    std::fs::write(dir.path().join("managers.toml"), managers).unwrap();
+    let server = anyproxy::policy::server_config::DEFAULT_SERVER_TOML
+        .replace("127.0.0.1:4443", &format!("127.0.0.1:{api_port}"))
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{proxy_port}"));
+    std::fs::write(dir.path().join("server.toml"), server).unwrap();
+    let log = dir.path().join("pmproxy.log");
+    let _pmproxy = spawn(
+        &["pmproxy", "--config-dir", dir.path().to_str().unwrap()],
+        &log,
+    );
+    wait_for_port(proxy_port).await;
+    let proxy = format!("http://127.0.0.1:{proxy_port}");
+
+    // Allowed, dialed directly.
+    let (code, body) = curl(&["-x", &proxy, &format!("http://{direct}/")]).await;
+    assert_eq!((code, body.as_slice()), (0, &b"hello"[..]));
+    // Denied by the rule, with the reason.
+    let (_, body) = curl(&["-x", &proxy, &format!("http://{blocked}/")]).await;
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.starts_with("403"), "{body}");
+    assert!(body.contains("denied by policy"), "{body}");
+    // Reaches `gateway`: leaves through the parent proxy, i.e. the tunnel.
+    let (code, body) = curl(&["-x", &proxy, &format!("http://{chained}/bytes/100000")]).await;
+    assert_eq!(code, 0);
+    assert_eq!(sha256_hex(&body), sha256_hex(&pattern(100_000, 7)));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let needle = format!(":{}", chained.port());
+    while !stack
+        .log("gateway")
+        .lines()
+        .any(|l| l.contains("access") && l.contains(&needle))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the chained request never reached the gateway:\n{}",
+            stack.log("gateway")
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // The direct request did not go through the gateway.
+    assert!(!stack
+        .log("gateway")
+        .contains(&format!(":{}", direct.port())));
+}
