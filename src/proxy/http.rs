@@ -22,6 +22,9 @@ use super::{ConnectError, Connector, Requester, TargetAddr};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
+/// How long a client may take to send a request head.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Accepts HTTP proxy clients until `shutdown`.
 pub async fn serve<C: Connector>(
     listener: TcpListener,
@@ -57,6 +60,9 @@ pub async fn serve<C: Connector>(
             let result = hyper::server::conn::http1::Builder::new()
                 .preserve_header_case(true)
                 .title_case_headers(true)
+                // A client that trickles its request head (slowloris) is dropped.
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades()
                 .await;
