@@ -11,9 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::admin::{base_status, Observed};
 use super::encode::{counters, labels};
-use super::gateway::live_conns;
 use super::stats::bump;
-use super::status::{AgentStatus, GroupStatus, Status, TrafficRing};
+use super::status::{live_conns, AgentStatus, GroupStatus, Status, TrafficRing};
 use super::table::{total, SessionTable};
 
 pub struct AgentMetrics {
@@ -79,22 +78,7 @@ impl Observed for AgentMetrics {
             let agents: Vec<_> = r
                 .live
                 .iter()
-                .map(|core| {
-                    let stats = core.stats();
-                    let s = stats.snapshot();
-                    AgentStatus {
-                        client_id: r.agent.to_string(),
-                        remote: String::new(),
-                        encoding: core.encoding.as_str(),
-                        deflate: core.compressed(),
-                        rtt_ms: core.rtt().map(|d| d.as_secs_f64() * 1e3),
-                        live_connections: core.active_conns(),
-                        connections_opened: s.conns_opened,
-                        bytes_in: s.bytes_in,
-                        bytes_out: s.bytes_out,
-                        connected_secs: stats.started.elapsed().as_secs(),
-                    }
-                })
+                .map(|core| AgentStatus::of(r.agent.to_string(), String::new(), core))
                 .collect();
             if agents.is_empty() {
                 continue;
@@ -108,13 +92,8 @@ impl Observed for AgentMetrics {
                 }),
             }
         }
-        let all = total(&rows);
-        status.totals.live_connections = live_conns(&rows);
-        status.totals.connections_opened = all.conns_opened;
-        status.totals.connections_failed =
-            self.refused.iter().map(|n| n.load(Ordering::Relaxed)).sum();
-        status.totals.bytes_in = all.bytes_in;
-        status.totals.bytes_out = all.bytes_out;
+        let refused = self.refused.iter().map(|n| n.load(Ordering::Relaxed)).sum();
+        status.totals.fill(&rows, refused);
         status
     }
 

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::admin::{base_status, Observed};
 use super::encode::{counters, gauges, labels};
 use super::stats::bump;
-use super::status::{AgentStatus, GroupStatus, Status, TrafficRing};
+use super::status::{live_conns, AgentStatus, GroupStatus, Status, TrafficRing};
 use super::table::{total, SessionTable};
 use crate::gateway::AgentRegistry;
 use crate::proxy::{ConnectError, Connector, Requester, TargetAddr, Upstream};
@@ -170,22 +170,7 @@ impl Observed for GatewayMetrics {
         for (group, handles) in self.registry.snapshot() {
             let agents = handles
                 .iter()
-                .map(|h| {
-                    let stats = h.core.stats();
-                    let s = stats.snapshot();
-                    AgentStatus {
-                        client_id: h.client_id.clone(),
-                        remote: h.remote.to_string(),
-                        encoding: h.core.encoding.as_str(),
-                        deflate: h.core.compressed(),
-                        rtt_ms: h.core.rtt().map(|d| d.as_secs_f64() * 1e3),
-                        live_connections: h.core.active_conns(),
-                        connections_opened: s.conns_opened,
-                        bytes_in: s.bytes_in,
-                        bytes_out: s.bytes_out,
-                        connected_secs: stats.started.elapsed().as_secs(),
-                    }
-                })
+                .map(|h| AgentStatus::of(h.client_id.clone(), h.remote.to_string(), &h.core))
                 .collect::<Vec<_>>();
             status.totals.agents += agents.len();
             status.groups.push(GroupStatus {
@@ -194,12 +179,7 @@ impl Observed for GatewayMetrics {
             });
         }
         let rows = self.sessions.rows();
-        let all = total(&rows);
-        status.totals.live_connections = live_conns(&rows);
-        status.totals.connections_opened = all.conns_opened;
-        status.totals.connections_failed = self.failed_total();
-        status.totals.bytes_in = all.bytes_in;
-        status.totals.bytes_out = all.bytes_out;
+        status.totals.fill(&rows, self.failed_total());
         status
     }
 
@@ -212,13 +192,6 @@ impl Observed for GatewayMetrics {
     fn traffic(&self) -> &TrafficRing {
         &self.traffic
     }
-}
-
-pub(super) fn live_conns(rows: &[super::table::Row]) -> usize {
-    rows.iter()
-        .flat_map(|r| &r.live)
-        .map(|c| c.active_conns())
-        .sum()
 }
 
 /// Counts the proxy requests a connector could not connect, by group and code.

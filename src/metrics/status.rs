@@ -7,6 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use super::table::{total, Row};
+use crate::tunnel::SessionCore;
+
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 /// Five minutes of samples.
 pub const SAMPLES_KEPT: usize = 150;
@@ -57,6 +60,45 @@ pub struct Totals {
     pub connections_failed: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+}
+
+impl AgentStatus {
+    pub fn of(client_id: String, remote: String, core: &SessionCore) -> Self {
+        let stats = core.stats();
+        let s = stats.snapshot();
+        AgentStatus {
+            client_id,
+            remote,
+            encoding: core.encoding.as_str(),
+            deflate: core.compressed(),
+            rtt_ms: core.rtt().map(|d| d.as_secs_f64() * 1e3),
+            live_connections: core.active_conns(),
+            connections_opened: s.conns_opened,
+            bytes_in: s.bytes_in,
+            bytes_out: s.bytes_out,
+            connected_secs: stats.started.elapsed().as_secs(),
+        }
+    }
+}
+
+impl Totals {
+    /// Fills the counters from the session table (agents are counted by the caller).
+    pub fn fill(&mut self, rows: &[Row], connections_failed: u64) {
+        let all = total(rows);
+        self.live_connections = live_conns(rows);
+        self.connections_opened = all.conns_opened;
+        self.connections_failed = connections_failed;
+        self.bytes_in = all.bytes_in;
+        self.bytes_out = all.bytes_out;
+    }
+}
+
+/// Connections open or being opened on the rows' live sessions.
+pub fn live_conns(rows: &[Row]) -> usize {
+    rows.iter()
+        .flat_map(|r| &r.live)
+        .map(|c| c.active_conns())
+        .sum()
 }
 
 #[derive(Serialize, Debug, Clone, Default)]

@@ -24,7 +24,9 @@ function renderTotals(t) {
     ["connections opened", t.connections_opened], ["connections failed", t.connections_failed],
     ["bytes in", bytes(t.bytes_in)], ["bytes out", bytes(t.bytes_out)],
   ];
-  for (const [k, v] of items) dl.append(el("dt", {}, k), el("dd", { id: "total-" + k.replace(/ /g, "-") }, v));
+  for (const [k, v] of items) {
+    dl.append(el("div", {}, el("dt", {}, k), el("dd", { id: "total-" + k.replace(/ /g, "-") }, v)));
+  }
 }
 
 function renderGroups(groups) {
@@ -56,7 +58,13 @@ function renderChart(traffic) {
   const ns = "http://www.w3.org/2000/svg";
   svg.replaceChildren();
   const s = traffic.samples;
-  if (s.length < 2) return;
+  if (s.length < 2) {
+    const t = document.createElementNS(ns, "text");
+    t.setAttribute("x", "8"); t.setAttribute("y", "20"); t.setAttribute("fill", "#5b6475");
+    t.textContent = "collecting samples (one every " + traffic.interval_secs + " s)…";
+    svg.append(t);
+    return;
+  }
   const W = 600, H = 120;
   const max = Math.max(1, ...s.map(x => Math.max(x.bytes_in, x.bytes_out)));
   const line = (key, color) => {
