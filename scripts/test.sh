@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what the tests drive (curl, the
-# Python `websockets` package), then runs fmt, clippy and every test.
+# Python `websockets` package, headless Chromium), then runs fmt, clippy and every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if ! command -v curl >/dev/null 2>&1; then
   echo "== installing curl"
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq curl; else sudo apt-get update -qq && sudo apt-get install -y -qq curl; fi
+fi
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  # tests/metrics.rs renders the admin status page in headless Chromium.
+  echo "== installing chromium"
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; else sudo apt-get update -qq && sudo apt-get install -y -qq chromium; fi
 fi
 if ! python3 -c 'import websockets' >/dev/null 2>&1; then
   echo "== installing the Python websockets package"

@@ -143,6 +143,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let agent = Agent::new(client).context("starting the agent")?;
             let signals = signals()?;
             let first = signals.first.clone();
+            agent
+                .start_admin(first.clone())
+                .await
+                .context("starting the agent's admin listener")?;
             until_stopped(signals, agent.run(first)).await;
             Ok(())
         }

@@ -56,6 +56,7 @@ pub struct Agent {
     permits: Arc<Semaphore>,
     /// Every `connect` being served, so that `run` returns only once they ended.
     conn_tasks: TaskTracker,
+    metrics: Arc<crate::metrics::AgentMetrics>,
 }
 
 /// An authenticated session, ready to serve.
@@ -93,7 +94,28 @@ impl Agent {
             server_name,
             permits,
             conn_tasks: TaskTracker::new(),
+            metrics: Arc::default(),
         }))
+    }
+
+    /// Starts the admin listener when `admin_addr` is set; it reports "not ready" once
+    /// `shutdown` fires and lives as long as the process.
+    pub async fn start_admin(
+        &self,
+        shutdown: CancellationToken,
+    ) -> Result<Option<std::net::SocketAddr>, crate::metrics::AdminError> {
+        let Some(admin) = self.config.admin() else {
+            return Ok(None);
+        };
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            metrics.stopping.cancel();
+        });
+        let observed = self.metrics.clone();
+        crate::metrics::admin::serve(admin, observed, CancellationToken::new())
+            .await
+            .map(Some)
     }
 
     /// Runs every replica until `shutdown`, reconnecting forever. At `shutdown` each
@@ -283,6 +305,11 @@ impl Agent {
         } = session;
         tracing::info!(%client_id, group = cfg.group_id.as_deref().unwrap_or(crate::config::DEFAULT_GROUP), gateway = %cfg.gateway_addr, encoding = core.encoding.as_str(), deflate = core.compressed(), "authenticated to the gateway");
 
+        let group = cfg
+            .group_id
+            .as_deref()
+            .unwrap_or(crate::config::DEFAULT_GROUP);
+        let _counted = self.metrics.sessions.attach(group, client_id, core.clone());
         let pinger = tokio::spawn(core.clone().heartbeat(cfg.ping_interval.0));
         // One replica owns the forwards: the others would only meet a conflict.
         let replicas = cfg.replicas;
@@ -393,6 +420,7 @@ impl Agent {
         let id = c.id;
         let target = format!("{}:{}", c.host, c.port);
         let refuse = |code: ErrorCode, message: String| {
+            self.metrics.connect_refused(code);
             let core = core.clone();
             let target = target.clone();
             async move {
@@ -460,6 +488,7 @@ impl Agent {
                     }))
                     .await;
                 if ok.is_ok() {
+                    crate::metrics::stats::bump(&core.stats().conns_opened, 1);
                     let started = std::time::Instant::now();
                     let stats = relay(stream, conn).await;
                     tracing::info!(target: "access", conn = %id, %target, result = "ok", to_target = stats.received, from_target = stats.sent, ms = started.elapsed().as_millis() as u64);

@@ -417,6 +417,14 @@ pub struct GatewayConfig {
     /// PMProxy rules deciding every proxy request (`docs/POLICY.md`); absent = allow.
     #[serde(default)]
     pub policy: Option<GatewayPolicy>,
+    /// Admin listener (metrics, health, status page); off unless set. See README.
+    #[serde(default)]
+    pub admin_addr: Option<ListenAddr>,
+    /// Basic-auth credentials for the admin listener; both or neither.
+    #[serde(default)]
+    pub admin_username: Option<String>,
+    #[serde(default)]
+    pub admin_password: Option<String>,
 }
 
 /// The policy engine on the gateway: a PMProxy config dir (`managers.toml` with the
@@ -523,7 +531,41 @@ impl<'de> Deserialize<'de> for PortRange {
     }
 }
 
+/// Where the admin listener listens and who may use it.
+#[derive(Clone)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("addr", &self.addr)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+fn admin_config(
+    addr: &Option<ListenAddr>,
+    username: &Option<String>,
+    password: &Option<String>,
+) -> Option<AdminConfig> {
+    addr.as_ref().map(|a| AdminConfig {
+        addr: a.0,
+        username: username.clone(),
+        password: password.clone(),
+    })
+}
+
 impl GatewayConfig {
+    pub fn admin(&self) -> Option<AdminConfig> {
+        admin_config(&self.admin_addr, &self.admin_username, &self.admin_password)
+    }
+
     pub fn session_options(&self) -> SessionOptions {
         SessionOptions {
             stall_timeout: self.stall_timeout.0,
@@ -533,6 +575,10 @@ impl GatewayConfig {
 }
 
 impl ClientConfig {
+    pub fn admin(&self) -> Option<AdminConfig> {
+        admin_config(&self.admin_addr, &self.admin_username, &self.admin_password)
+    }
+
     pub fn session_options(&self) -> SessionOptions {
         SessionOptions {
             stall_timeout: self.stall_timeout.0,
@@ -656,6 +702,14 @@ pub struct ClientConfig {
     /// PEM private key of `tls_client_cert`.
     #[serde(default)]
     pub tls_client_key: Option<PathBuf>,
+    /// Admin listener (metrics, health, status page); off unless set. See README.
+    #[serde(default)]
+    pub admin_addr: Option<ListenAddr>,
+    /// Basic-auth credentials for the admin listener; both or neither.
+    #[serde(default)]
+    pub admin_username: Option<String>,
+    #[serde(default)]
+    pub admin_password: Option<String>,
 }
 
 /// An allowlist entry: when `limit` is non-empty only these targets may be dialed.

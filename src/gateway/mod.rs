@@ -100,6 +100,8 @@ pub enum StartError {
     Policy(#[from] crate::policy::DirError),
     #[error("policy API: {0}")]
     PolicyApi(String),
+    #[error(transparent)]
+    Admin(#[from] crate::metrics::AdminError),
 }
 
 /// A running gateway: where it listens, and how to stop it.
@@ -110,6 +112,9 @@ pub struct Gateway {
     /// The declared forwards' listeners, in configuration order.
     pub forward_addrs: Vec<SocketAddr>,
     pub registry: Arc<AgentRegistry>,
+    /// The admin listener (metrics, health, status page), when configured.
+    pub admin_addr: Option<SocketAddr>,
+    admin_stop: CancellationToken,
     /// Closes the listeners.
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -138,6 +143,11 @@ impl Gateway {
         let registry = Arc::new(AgentRegistry::default());
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let admin = config.admin();
+        let metrics = Arc::new(crate::metrics::GatewayMetrics::new(
+            registry.clone(),
+            shutdown.clone(),
+        ));
 
         let agent_listener = bind("gateway", config.listen_addr.0).await?;
         let agent_addr = agent_listener
@@ -169,9 +179,12 @@ impl Gateway {
             None => None,
         };
         // Proxy users go through the policy; forwards are the operator's own routes.
-        let guarded = Arc::new(crate::proxy::guard::PolicyGuard {
-            policy,
-            inner: connector.clone(),
+        let guarded = Arc::new(crate::metrics::MeteredConnector {
+            inner: Arc::new(crate::proxy::guard::PolicyGuard {
+                policy,
+                inner: connector.clone(),
+            }),
+            metrics: metrics.clone(),
         });
         let groups = config.groups.clone();
         let declared = config.forwards.clone();
@@ -184,6 +197,7 @@ impl Gateway {
             registry.clone(),
             tls,
             agent_forwards,
+            metrics.clone(),
         ));
         tasks.spawn(server.clone().serve(agent_listener, shutdown.clone()));
 
@@ -232,6 +246,11 @@ impl Gateway {
                 shutdown.clone(),
             ));
         }
+        let admin_stop = CancellationToken::new();
+        let admin_addr = match admin {
+            Some(a) => Some(crate::metrics::admin::serve(a, metrics, admin_stop.clone()).await?),
+            None => None,
+        };
         tasks.close();
         tracing::info!(%agent_addr, ?http_addr, ?socks5_addr, "gateway listening");
         Ok(Gateway {
@@ -240,6 +259,8 @@ impl Gateway {
             socks5_addr,
             forward_addrs,
             registry,
+            admin_addr,
+            admin_stop,
             shutdown,
             tasks,
             server,
@@ -274,6 +295,7 @@ impl Gateway {
             );
         }
         self.server.end_sessions().await;
+        self.admin_stop.cancel();
         tracing::info!("gateway stopped");
     }
 

@@ -78,6 +78,18 @@ impl AgentRegistry {
         self.len() == 0
     }
 
+    /// Every group's sessions, groups sorted, for metrics and the status page.
+    pub fn snapshot(&self) -> Vec<(Arc<str>, Vec<Arc<AgentHandle>>)> {
+        let mut all: Vec<_> = self
+            .groups
+            .read()
+            .iter()
+            .map(|(g, s)| (g.clone(), s.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     /// Live sessions per group, for status and logs.
     pub fn group_sizes(&self) -> Vec<(Arc<str>, usize)> {
         let mut sizes: Vec<_> = self

@@ -32,6 +32,7 @@ pub struct AgentServer {
     acceptor: TlsAcceptor,
     encodings: Vec<Encoding>,
     lifecycle: Lifecycle,
+    metrics: Arc<crate::metrics::GatewayMetrics>,
 }
 
 /// What a graceful stop needs: every agent connection's task, the authenticated
@@ -51,6 +52,7 @@ impl AgentServer {
         registry: Arc<AgentRegistry>,
         tls: Arc<rustls::ServerConfig>,
         forwards: Arc<AgentForwardTable>,
+        metrics: Arc<crate::metrics::GatewayMetrics>,
     ) -> Self {
         // Agents of the default group use the gateway's own credentials; agents of a
         // configured group use its id and agent password. Only this configuration
@@ -87,6 +89,7 @@ impl AgentServer {
             acceptor: TlsAcceptor::from(tls),
             encodings,
             lifecycle: Lifecycle::default(),
+            metrics,
         }
     }
 
@@ -219,6 +222,7 @@ impl AgentServer {
 
         let ip = peer.ip();
         if self.throttle.is_locked(ip) {
+            self.metrics.auth_refused_locked();
             let m = refuse(
                 ErrorCode::RateLimited,
                 "too many failed authentications from this address; try again later".into(),
@@ -230,6 +234,7 @@ impl AgentServer {
             Some(identity) if !auth.client_id.is_empty() => identity.group,
             _ => {
                 let locked = self.throttle.failure(ip);
+                self.metrics.auth_failed(locked);
                 if locked {
                     tracing::warn!(%peer, "agent authentication locked out after repeated failures");
                 }
@@ -266,6 +271,11 @@ impl AgentServer {
             .await;
         tracing::info!(client_id = %auth.client_id, %group, %peer, encoding = core.encoding.as_str(), deflate = core.compressed(), "agent connected");
         self.lifecycle.live.insert(handle.serial, core.clone());
+        // Dropped when this function returns: the session's counters join its series.
+        let _counted = self
+            .metrics
+            .sessions
+            .attach(&group, &auth.client_id, core.clone());
         if self.lifecycle.draining.is_cancelled() {
             core.announce_going_away("gateway shutting down").await;
         }

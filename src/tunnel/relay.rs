@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::flow::{InboxEnd, RecvWindow};
 use super::session::TunnelConn;
+use crate::metrics::stats::bump;
 
 /// Largest single socket read, and so the largest data message we produce.
 pub const READ_SIZE: usize = 64 * 1024;
@@ -127,6 +128,8 @@ pub async fn relay_metered<S: LocalStream>(
         cancel,
     } = conn;
     let half_close = core.flow_controlled();
+    let started = Instant::now();
+    let counters = core.stats().clone();
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut sent = 0u64;
     let mut received = 0u64;
@@ -134,6 +137,9 @@ pub async fn relay_metered<S: LocalStream>(
     let upstream = async {
         let mut buf = BytesMut::with_capacity(READ_SIZE);
         loop {
+            if half_close && credit.available() == 0 {
+                bump(&counters.credit_stalls, 1);
+            }
             let allowed = credit.take(READ_SIZE).await;
             if buf.capacity() - buf.len() < allowed.min(READ_SIZE / 4) {
                 buf.reserve(READ_SIZE);
@@ -153,6 +159,7 @@ pub async fn relay_metered<S: LocalStream>(
                 };
             }
             sent += n as u64;
+            bump(&counters.bytes_in, n as u64);
             let payload = buf.split_to(n).freeze();
             if core
                 .send(Message::Data(Data { id, payload }))
@@ -193,6 +200,7 @@ pub async fn relay_metered<S: LocalStream>(
                     return Err(Abort::LocalWriteFailed);
                 }
                 written += allowed;
+                bump(&counters.bytes_out, allowed as u64);
                 if let Some(cut) = cut {
                     received += written as u64;
                     // A plain close, not a reset: a reset could discard the bytes
@@ -234,6 +242,7 @@ pub async fn relay_metered<S: LocalStream>(
         }
     };
     let stats = RelayStats { sent, received };
+    counters.conn_duration.observe(started.elapsed());
     if let Err(reason) = outcome {
         // The tunnel side failed (peer reset, session lost, cancelled): the local peer
         // must not mistake the end for a complete stream.

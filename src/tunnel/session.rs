@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::flow::{Inbox, InboxEnd, PushError, SendCredit};
 use super::table::ShardedMap;
+use crate::metrics::stats::{bump, SessionStats};
 use crate::transport::ws::close_code;
 use crate::transport::ws::deflate::{CompressionCounters, CompressionStats};
 use crate::transport::{Incoming, WsError, WsReader, WsWriter};
@@ -89,6 +90,8 @@ pub struct SessionCore {
     going_away: CancellationToken,
     /// The peer announced that it is going away.
     peer_going_away: CancellationToken,
+    /// Counters for metrics and the status page (relaxed atomics).
+    stats: Arc<SessionStats>,
 }
 
 impl SessionCore {
@@ -100,6 +103,7 @@ impl SessionCore {
     ) -> (Arc<SessionCore>, tokio::task::JoinHandle<()>) {
         let (out, rx) = mpsc::channel(OUT_QUEUE);
         let compression = writer.compression_counters();
+        let stats = Arc::new(SessionStats::default());
         let core = Arc::new(SessionCore {
             encoding,
             out,
@@ -114,8 +118,10 @@ impl SessionCore {
             peer: std::sync::OnceLock::new(),
             going_away: CancellationToken::new(),
             peer_going_away: CancellationToken::new(),
+            stats: stats.clone(),
         });
-        let writer_task = tokio::spawn(write_loop(writer, rx, encoding, core.closed.clone()));
+        let writer_task =
+            tokio::spawn(write_loop(writer, rx, encoding, core.closed.clone(), stats));
         (core, writer_task)
     }
 
@@ -153,6 +159,11 @@ impl SessionCore {
     /// What compression achieved so far, on compressed sessions.
     pub fn compression_stats(&self) -> Option<CompressionStats> {
         self.compression.as_ref().map(|c| c.snapshot())
+    }
+
+    /// This session's counters.
+    pub fn stats(&self) -> &Arc<SessionStats> {
+        &self.stats
     }
 
     pub fn is_closed(&self) -> bool {
@@ -237,6 +248,7 @@ impl SessionCore {
         if self.peer_is_going_away() || self.is_closed() {
             return Err(OpenError::SessionClosed);
         }
+        let started = Instant::now();
         let id = self.alloc_id();
         let (ptx, prx) = oneshot::channel();
         let (slot, conn) = self.new_conn(id, Some(ptx));
@@ -254,7 +266,11 @@ impl SessionCore {
             return Err(OpenError::SessionClosed);
         }
         match tokio::time::timeout(timeout, prx).await {
-            Ok(Ok(Ok(()))) => Ok(conn),
+            Ok(Ok(Ok(()))) => {
+                bump(&self.stats.conns_opened, 1);
+                self.stats.connect_time.observe(started.elapsed());
+                Ok(conn)
+            }
             // An agent that is shutting down refuses; another agent may still take it.
             Ok(Ok(Err(failure))) if failure.message.starts_with(GOING_AWAY) => {
                 Err(OpenError::SessionClosed)
@@ -347,6 +363,7 @@ impl SessionCore {
         let Some(timestamp) = timestamp else { return };
         let sent = self.last_ping.lock().take_if(|(ts, _)| *ts == timestamp);
         if let Some((_, at)) = sent {
+            self.stats.rtt.observe(at.elapsed());
             let sample = at.elapsed().as_micros().clamp(1, u64::MAX as u128) as u64;
             let old = self.rtt_us.load(Ordering::Relaxed);
             // The usual 7/8 smoothing, so one queued-behind-data ping does not swing it.
@@ -547,6 +564,9 @@ impl SessionCore {
             }
             return;
         }
+        if inbox.queued() >= JSON_CONN_BUFFER {
+            bump(&self.stats.json_stalls, 1);
+        }
         let room = inbox.wait_for_room(JSON_CONN_BUFFER);
         if tokio::time::timeout(self.options.stall_timeout, room)
             .await
@@ -618,6 +638,10 @@ impl SessionCore {
                     for decoded in decode_all(self.encoding, payload) {
                         match decoded {
                             Ok(msg) => {
+                                self.stats.received(msg.kind());
+                                if let Message::Error(e) = &msg {
+                                    self.stats.error_received(e.code);
+                                }
                                 if let Some(role_msg) = self.dispatch(msg).await {
                                     on_role_message(role_msg).await;
                                 }
@@ -753,6 +777,7 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Outbound>,
     encoding: Encoding,
     closed: CancellationToken,
+    stats: Arc<SessionStats>,
 ) {
     // On a compressed session, data of two connections never share a WebSocket message
     // (and so never a compression context): one user's chosen bytes must not become a
@@ -772,7 +797,7 @@ async fn write_loop(
             let _ = ws.send_close(close_code::GOING_AWAY, "session ended").await;
             return;
         };
-        match write_batch(&mut ws, &mut rx, first, encoding, &mut batch).await {
+        match write_batch(&mut ws, &mut rx, first, encoding, &mut batch, &stats).await {
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
@@ -819,29 +844,33 @@ async fn write_batch(
     first: Outbound,
     encoding: Encoding,
     batch: &mut Batch,
+    stats: &SessionStats,
 ) -> Result<bool, WsError> {
     let mut written = 0usize;
     let mut item = Some(first);
     while let Some(next) = item.take() {
         match next {
-            Outbound::Msg(msg) => match encoding {
-                Encoding::Binary => {
-                    if batch.must_split_before(&msg) {
-                        written += batch.buf.len();
-                        flush_batch(ws, batch).await?;
+            Outbound::Msg(msg) => {
+                stats.sent(msg.kind());
+                match encoding {
+                    Encoding::Binary => {
+                        if batch.must_split_before(&msg) {
+                            written += batch.buf.len();
+                            flush_batch(ws, batch).await?;
+                        }
+                        batch.push(&msg);
+                        if batch.buf.len() >= BATCH_BYTES {
+                            written += batch.buf.len();
+                            flush_batch(ws, batch).await?;
+                        }
                     }
-                    batch.push(&msg);
-                    if batch.buf.len() >= BATCH_BYTES {
-                        written += batch.buf.len();
-                        flush_batch(ws, batch).await?;
+                    Encoding::Json => {
+                        let text = json::encode(&msg);
+                        written += text.len();
+                        ws.send_text(text).await?;
                     }
                 }
-                Encoding::Json => {
-                    let text = json::encode(&msg);
-                    written += text.len();
-                    ws.send_text(text).await?;
-                }
-            },
+            }
             Outbound::WsPong(p) => {
                 flush_batch(ws, batch).await?;
                 ws.send_pong(p).await?;

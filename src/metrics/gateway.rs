@@ -1,0 +1,215 @@
+//! The gateway's metrics and status: agents from the registry, tunnel counters from
+//! the session table, and the few per-event counters (auth, failed connects) that
+//! happen at most once per connection.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use prometheus_client::encoding::DescriptorEncoder;
+use tokio_util::sync::CancellationToken;
+
+use super::admin::{base_status, Observed};
+use super::encode::{counters, gauges, labels};
+use super::stats::bump;
+use super::status::{live_conns, AgentStatus, GroupStatus, Status, TrafficRing};
+use super::table::{total, SessionTable};
+use crate::gateway::AgentRegistry;
+use crate::proxy::{ConnectError, Connector, Requester, TargetAddr, Upstream};
+
+/// (group, error code, reason) of a failed proxy request.
+type FailKey = (Arc<str>, &'static str, &'static str);
+
+pub struct GatewayMetrics {
+    pub sessions: Arc<SessionTable>,
+    registry: Arc<AgentRegistry>,
+    /// Cancelled when the gateway stops accepting (readiness).
+    accepting: CancellationToken,
+    started: Instant,
+    traffic: TrafficRing,
+    auth_failures: AtomicU64,
+    auth_lockouts: AtomicU64,
+    auth_refused_locked: AtomicU64,
+    /// Failed proxy requests by (group, code, reason); groups come from the
+    /// configuration, so the key space is bounded.
+    failed: Mutex<BTreeMap<FailKey, u64>>,
+}
+
+/// A short, stable name for why a connect failed (the metric's `reason` label).
+pub fn reason(e: &ConnectError) -> &'static str {
+    match e {
+        ConnectError::NoAgent(_) => "no_agent",
+        ConnectError::Forbidden(_) => "forbidden",
+        ConnectError::Refused(_) => "refused",
+        ConnectError::Unreachable(_) => "unreachable",
+        ConnectError::TimedOut(_) => "timed_out",
+        ConnectError::RateLimited(_) => "rate_limited",
+        ConnectError::Internal(_) => "internal",
+        ConnectError::InvalidTarget(_) => "invalid_target",
+    }
+}
+
+impl GatewayMetrics {
+    pub fn new(registry: Arc<AgentRegistry>, accepting: CancellationToken) -> Self {
+        GatewayMetrics {
+            sessions: Arc::default(),
+            registry,
+            accepting,
+            started: Instant::now(),
+            traffic: TrafficRing::default(),
+            auth_failures: AtomicU64::new(0),
+            auth_lockouts: AtomicU64::new(0),
+            auth_refused_locked: AtomicU64::new(0),
+            failed: Mutex::default(),
+        }
+    }
+
+    /// An agent failed to authenticate; `locked` when this failure locked its IP out.
+    pub fn auth_failed(&self, locked: bool) {
+        bump(&self.auth_failures, 1);
+        if locked {
+            bump(&self.auth_lockouts, 1);
+        }
+    }
+
+    /// An agent was refused because its IP is locked out.
+    pub fn auth_refused_locked(&self) {
+        bump(&self.auth_refused_locked, 1);
+    }
+
+    pub fn connect_failed(&self, group: &Arc<str>, e: &ConnectError) {
+        *self
+            .failed
+            .lock()
+            .entry((group.clone(), e.code().as_str(), reason(e)))
+            .or_default() += 1;
+    }
+
+    fn failed_total(&self) -> u64 {
+        self.failed.lock().values().sum()
+    }
+}
+
+impl Observed for GatewayMetrics {
+    fn encode(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let rows = self.sessions.rows();
+        super::tunnel::encode(enc, &rows)?;
+
+        let mut agents: BTreeMap<(Arc<str>, &'static str, bool), f64> = BTreeMap::new();
+        for (group, handles) in self.registry.snapshot() {
+            for h in handles {
+                *agents
+                    .entry((group.clone(), h.core.encoding.as_str(), h.core.compressed()))
+                    .or_default() += 1.0;
+            }
+        }
+        let agents: Vec<_> = agents
+            .into_iter()
+            .map(|((g, e, d), n)| {
+                let deflate = if d { "true" } else { "false" };
+                (
+                    labels([("group", &g), ("encoding", e), ("deflate", deflate)]),
+                    n,
+                )
+            })
+            .collect();
+        gauges(
+            enc,
+            "gateway_agents",
+            "Agent sessions taking connections, by group, encoding and deflate",
+            &agents,
+        )?;
+        let failed: Vec<_> = self
+            .failed
+            .lock()
+            .iter()
+            .map(|((g, c, r), n)| (labels([("group", g), ("code", c), ("reason", r)]), *n))
+            .collect();
+        counters(
+            enc,
+            "gateway_connections_failed",
+            "Proxy requests that could not be connected, by group, error code and reason",
+            &failed,
+        )?;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        counters(
+            enc,
+            "gateway_auth_failures",
+            "Failed agent authentications",
+            &[(vec![], load(&self.auth_failures))],
+        )?;
+        counters(
+            enc,
+            "gateway_auth_lockouts",
+            "Source IPs locked out after repeated agent authentication failures",
+            &[(vec![], load(&self.auth_lockouts))],
+        )?;
+        counters(
+            enc,
+            "gateway_auth_refused_locked",
+            "Agent authentications refused because the source IP was locked out",
+            &[(vec![], load(&self.auth_refused_locked))],
+        )?;
+        Ok(())
+    }
+
+    fn readiness(&self) -> (bool, String) {
+        if self.accepting.is_cancelled() {
+            return (false, "not ready: shutting down".into());
+        }
+        match self.registry.len() {
+            0 => (false, "not ready: no agent connected".into()),
+            n => (true, format!("ready: {n} agents")),
+        }
+    }
+
+    fn status(&self) -> Status {
+        let mut status = base_status("gateway", self, self.started);
+        for (group, handles) in self.registry.snapshot() {
+            let agents = handles
+                .iter()
+                .map(|h| AgentStatus::of(h.client_id.clone(), h.remote.to_string(), &h.core))
+                .collect::<Vec<_>>();
+            status.totals.agents += agents.len();
+            status.groups.push(GroupStatus {
+                group: group.to_string(),
+                agents,
+            });
+        }
+        let rows = self.sessions.rows();
+        status.totals.fill(&rows, self.failed_total());
+        status
+    }
+
+    fn running_totals(&self) -> (u64, u64, usize) {
+        let rows = self.sessions.rows();
+        let all = total(&rows);
+        (all.bytes_in, all.bytes_out, live_conns(&rows))
+    }
+
+    fn traffic(&self) -> &TrafficRing {
+        &self.traffic
+    }
+}
+
+/// Counts the proxy requests a connector could not connect, by group and code.
+pub struct MeteredConnector<C> {
+    pub inner: Arc<C>,
+    pub metrics: Arc<GatewayMetrics>,
+}
+
+impl<C: Connector> Connector for MeteredConnector<C> {
+    async fn connect(
+        &self,
+        target: &TargetAddr,
+        who: &Requester,
+    ) -> Result<Upstream, ConnectError> {
+        let r = self.inner.connect(target, who).await;
+        if let Err(e) = &r {
+            self.metrics.connect_failed(&who.group, e);
+        }
+        r
+    }
+}
