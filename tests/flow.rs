@@ -214,3 +214,41 @@ async fn a_connection_the_tunnel_loses_ends_in_an_error_not_a_clean_end() {
     let err = outcome.expect_err("a clean end of stream after the agent died");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_resets_is_reset_for_the_user_too() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let target = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        if let Ok((mut s, _)) = listener.accept().await {
+            let _ = s.write_all(&pattern(256 * 1024, 9)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            // An abortive close: the agent reads a reset, not an end of stream.
+            let _ = s.set_zero_linger();
+        }
+    });
+    let mut s = socks5_stream(
+        stack.socks_port,
+        SOCKS_USER,
+        SOCKS_PASS,
+        "localhost",
+        target.port(),
+    )
+    .await
+    .expect("socks5 connect");
+    let mut buf = vec![0u8; 64 * 1024];
+    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the reset arrives promptly");
+    let err = outcome.expect_err("the user saw a clean end of stream after the target's reset");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+}

@@ -8,10 +8,8 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use super::{ConnectError, Connector, Requester, TargetAddr, Upstream};
 use crate::policy::{Egress, ParentProxy, ProxyScheme};
-use crate::tunnel::relay::LocalStream;
+use crate::tunnel::relay::{LocalStream, READ_SIZE};
 use crate::tunnel::{Meter, RelayStats};
-
-const READ_SIZE: usize = 64 * 1024;
 
 /// Dials targets itself, honouring the request's egress.
 pub struct DirectConnector {
@@ -212,50 +210,69 @@ pub async fn relay_direct<S: LocalStream>(
         let mut total = 0u64;
         loop {
             let n = match rr.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break,
                 Ok(n) => n,
+                // The target reset: the user must see a reset too, not a clean end.
+                Err(_) => return Err(DownEnd::TargetFailed(total)),
             };
             let cut = meter.and_then(|m| m.admit(n).err());
             let allowed = cut.as_ref().map_or(n, |c| c.allowed.min(n));
             if lw.write_all(&buf[..allowed]).await.is_err() {
-                break;
+                return Err(DownEnd::UserFailed(total));
             }
             total += allowed as u64;
             if let Some(cut) = cut {
                 tracing::info!(reason = %cut.reason, "cutting a connection at its quota");
                 let _ = lw.shutdown().await;
-                return Err(total);
+                return Err(DownEnd::Cut(total));
             }
         }
         let _ = lw.shutdown().await;
         Ok(total)
     };
-    // The user failing ends both directions; either side's end of stream only ends
+    // Either side failing ends both directions; either side's end of stream only ends
     // its own direction (half-close), as in the tunnel relay.
-    tokio::pin!(up);
-    tokio::pin!(down);
-    let (mut up_done, mut down_done) = (false, false);
-    while !(up_done && down_done) {
-        tokio::select! {
-            r = &mut up, if !up_done => {
-                up_done = true;
-                match r {
-                    Ok(n) => stats.sent = n,
-                    Err(_) => break,
+    let mut abort = false;
+    {
+        tokio::pin!(up);
+        tokio::pin!(down);
+        let (mut up_done, mut down_done) = (false, false);
+        while !(up_done && down_done) {
+            tokio::select! {
+                r = &mut up, if !up_done => {
+                    up_done = true;
+                    match r {
+                        Ok(n) => stats.sent = n,
+                        Err(_) => break,
+                    }
                 }
-            }
-            r = &mut down, if !down_done => {
-                down_done = true;
-                match r {
-                    Ok(n) => stats.received = n,
-                    // Cut at the quota: the whole connection ends.
-                    Err(n) => {
-                        stats.received = n;
-                        break;
+                r = &mut down, if !down_done => {
+                    down_done = true;
+                    match r {
+                        Ok(n) => stats.received = n,
+                        Err(DownEnd::Cut(n)) | Err(DownEnd::UserFailed(n)) => {
+                            stats.received = n;
+                            break;
+                        }
+                        Err(DownEnd::TargetFailed(n)) => {
+                            stats.received = n;
+                            abort = true;
+                            break;
+                        }
                     }
                 }
             }
         }
     }
+    if abort {
+        lr.unsplit(lw).abort_on_close();
+    }
     stats
+}
+
+/// How the target → user direction ended, when not by the target's end of stream.
+enum DownEnd {
+    TargetFailed(u64),
+    UserFailed(u64),
+    Cut(u64),
 }

@@ -185,8 +185,9 @@ pub async fn relay_metered<S: LocalStream>(
                         Err(Abort::ClosedByPeer)
                     };
                 }
+                // No FIN first: after a FIN the user's reads end cleanly and the reset
+                // that follows would go unseen.
                 Some(InboxEnd::Reset) => {
-                    let _ = wr.shutdown().await;
                     return Err(Abort::ResetByPeer);
                 }
             }
