@@ -495,7 +495,8 @@ impl Agent {
                 }
             }
             Err(e) => {
-                drop(conn);
+                // The refusal below is this connection's answer, not an "abandoned" close.
+                conn.disarm();
                 if core.forget(id) {
                     refuse(e.code, e.message).await;
                 }

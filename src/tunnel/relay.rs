@@ -126,7 +126,10 @@ pub async fn relay_metered<S: LocalStream>(
         inbox,
         credit,
         cancel,
+        mut guard,
     } = conn;
+    // From here on the relay releases the id itself, with the right reason.
+    guard.armed = false;
     let half_close = core.flow_controlled();
     let started = Instant::now();
     let counters = core.stats().clone();

@@ -253,6 +253,8 @@ impl SessionCore {
         let (ptx, prx) = oneshot::channel();
         let (slot, conn) = self.new_conn(id, Some(ptx));
         if self.conns.try_insert(id, slot).is_err() {
+            // The id belongs to someone else: this conn must not release it.
+            conn.disarm();
             return Err(OpenError::SessionClosed);
         }
         let connect = Message::Connect(anyproxy_proto::Connect {
@@ -295,7 +297,11 @@ impl SessionCore {
     /// gateway so, so that the gateway's first data finds it.
     pub fn register(self: &Arc<Self>, id: ConnId) -> Option<TunnelConn> {
         let (slot, conn) = self.new_conn(id, None);
-        self.conns.try_insert(id, slot).ok()?;
+        if self.conns.try_insert(id, slot).is_err() {
+            // The id belongs to a live connection: this conn must not release it.
+            conn.disarm();
+            return None;
+        }
         Some(conn)
     }
 
@@ -336,6 +342,11 @@ impl SessionCore {
             inbox,
             credit,
             cancel,
+            guard: AbandonGuard {
+                id,
+                core: self.clone(),
+                armed: true,
+            },
         };
         (slot, conn)
     }
@@ -764,11 +775,49 @@ pub struct TunnelConn {
     pub(super) inbox: Arc<Inbox>,
     pub(super) credit: Arc<SendCredit>,
     pub(super) cancel: CancellationToken,
+    pub(super) guard: AbandonGuard,
 }
 
 impl TunnelConn {
     pub fn session(&self) -> &Arc<SessionCore> {
         &self.core
+    }
+
+    /// For a caller that releases the id itself (and answers the peer its own way).
+    pub fn disarm(mut self) {
+        self.guard.armed = false;
+    }
+}
+
+/// Releases a connection nobody relays: a `TunnelConn` dropped on an error path, or an
+/// `open` whose caller gave up. Without it the slot (and the agent's target socket and
+/// capacity permit) would live until the session ends.
+pub(super) struct AbandonGuard {
+    pub(super) id: ConnId,
+    pub(super) core: Arc<SessionCore>,
+    pub(super) armed: bool,
+}
+
+impl Drop for AbandonGuard {
+    fn drop(&mut self) {
+        if !self.armed || !self.core.forget(self.id) {
+            return;
+        }
+        let close = Message::Close(Close {
+            id: self.id,
+            reason: "abandoned".into(),
+        });
+        if let Err(mpsc::error::TrySendError::Full(item)) =
+            self.core.out.try_send(Outbound::Msg(close))
+        {
+            // The writer is behind: queue it from a task rather than lose it.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let core = self.core.clone();
+                rt.spawn(async move {
+                    let _ = core.send_raw(item).await;
+                });
+            }
+        }
     }
 }
 

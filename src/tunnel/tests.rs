@@ -172,3 +172,34 @@ async fn a_peer_that_ignores_its_credit_loses_only_that_connection() {
     assert_eq!(&buf, b"still here");
     assert!(!pair.a.is_closed() && !pair.b.is_closed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_dropped_without_a_relay_is_released_on_both_sides() {
+    let pair = pair();
+    let a = pair.a.register(ConnId(3)).expect("free id");
+    let _b = pair.b.register(ConnId(3)).expect("free id");
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pair.a.is_live(ConnId(3)) || pair.b.is_live(ConnId(3)) {
+        assert!(Instant::now() < deadline, "connection 3 was leaked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A taken id is refused without disturbing its owner.
+    let owner = pair.a.register(ConnId(4)).expect("free id");
+    assert!(pair.a.register(ConnId(4)).is_none());
+    assert!(pair.a.is_live(ConnId(4)));
+    drop(owner);
+
+    // An `open` whose caller gives up (the peer never answers here) leaves nothing.
+    let give_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        pair.a.open("example.invalid", 80, Duration::from_secs(60)),
+    )
+    .await;
+    assert!(give_up.is_err());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pair.a.active_conns() != 0 {
+        assert!(Instant::now() < deadline, "an abandoned open kept its slot");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
