@@ -345,9 +345,34 @@ impl AgentServer {
             flush_then_end(core, writer_task).await;
             return Ok(());
         }
+        if matches!(end, crate::tunnel::SessionEnd::Error(_)) {
+            // The read loop queued a close frame naming the error (1002, 1009...): let
+            // the writer send it before the session's teardown could replace it, then
+            // linger so that the peer reads it before the socket goes away.
+            flush_then_end(core, writer_task).await;
+            linger(&mut reader).await;
+            return Ok(());
+        }
         finish(core, writer_task, Ok(())).await
     }
 }
+
+/// After we sent a close frame: reads (and drops) what the peer still sends for a short
+/// while, until its close or end of stream. Closing a socket with unread input sends a
+/// reset, which can destroy our close frame before the peer has read it.
+async fn linger(reader: &mut crate::transport::WsReader) {
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(incoming) = reader.next().await {
+            if matches!(incoming, crate::transport::Incoming::Close { .. }) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// How long [`linger`] waits for the peer to acknowledge our close.
+const LINGER: Duration = Duration::from_millis(500);
 
 /// Lets the writer send what is queued (the refusal, the close frame), then tears the
 /// session down.
