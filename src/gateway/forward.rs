@@ -53,7 +53,7 @@ impl AgentForwardTable {
     /// same agent (same group and client id) is taken over; one held by another agent
     /// is a conflict.
     pub async fn open(
-        &self,
+        self: &Arc<Self>,
         agent: &Arc<AgentHandle>,
         req: &Forward,
     ) -> Result<SocketAddr, String> {
@@ -107,6 +107,7 @@ impl AgentForwardTable {
         };
         let agent = agent.clone();
         let timeout = self.connect_timeout;
+        let table = self.clone();
         tokio::spawn(async move {
             loop {
                 let (stream, peer) = tokio::select! {
@@ -119,10 +120,9 @@ impl AgentForwardTable {
                         }
                     },
                     _ = cancel.cancelled() => break,
+                    // The session may end before `release` could see this forward.
+                    _ = agent.core.closed() => break,
                 };
-                if agent.core.is_closed() {
-                    break;
-                }
                 let (agent, target) = (agent.clone(), target.clone());
                 tokio::spawn(async move {
                     match agent.core.open(&target.host, target.port, timeout).await {
@@ -136,6 +136,10 @@ impl AgentForwardTable {
                     }
                 });
             }
+            table
+                .by_port
+                .lock()
+                .retain(|p, o| !(*p == port && o.serial == agent.serial));
             tracing::info!(%addr, "agent forward closed");
         });
         Ok(addr)

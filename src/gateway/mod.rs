@@ -115,6 +115,9 @@ pub struct Gateway {
     /// The admin listener (metrics, health, status page), when configured.
     pub admin_addr: Option<SocketAddr>,
     admin_stop: CancellationToken,
+    /// Stops the policy API and its persist loop, after the drain.
+    policy_stop: CancellationToken,
+    policy_api: Option<crate::policy::ApiHandle>,
     /// Closes the listeners.
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -161,6 +164,8 @@ impl Gateway {
             registry: registry.clone(),
             connect_timeout: config.connect_timeout.0,
         });
+        let policy_stop = CancellationToken::new();
+        let mut policy_api = None;
         let policy = match &config.policy {
             Some(p) => {
                 let dir = crate::policy::PolicyDir::open_or_init(&p.dir)?;
@@ -169,11 +174,13 @@ impl Gateway {
                     println!("{}", first.message(&dir.path));
                 }
                 let policy = Arc::new(dir.load_policy()?);
-                let api = crate::policy::start_api(&dir, policy.clone(), shutdown.clone())
+                // Stopped after the drain, so that the last persist counts the bytes
+                // the drain still delivered.
+                let api = crate::policy::start_api(&dir, policy.clone(), policy_stop.clone())
                     .await
                     .map_err(|e| StartError::PolicyApi(e.to_string()))?;
                 tracing::info!(dir = %p.dir.display(), api = %api.addr, "policy decides every proxy request");
-                tasks.spawn(api.join());
+                policy_api = Some(api);
                 Some(policy)
             }
             None => None,
@@ -261,6 +268,8 @@ impl Gateway {
             registry,
             admin_addr,
             admin_stop,
+            policy_stop,
+            policy_api,
             shutdown,
             tasks,
             server,
@@ -295,6 +304,10 @@ impl Gateway {
             );
         }
         self.server.end_sessions().await;
+        self.policy_stop.cancel();
+        if let Some(api) = self.policy_api {
+            api.join().await;
+        }
         self.admin_stop.cancel();
         tracing::info!("gateway stopped");
     }

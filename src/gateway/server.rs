@@ -289,20 +289,24 @@ impl AgentServer {
                 let core = role_core.clone();
                 let (handle, forwards) = (role_handle.clone(), forwards.clone());
                 async move {
-                    if let Message::Forward(req) = &msg {
-                        let result = forwards.open(&handle, req).await;
-                        let (success, message) = match &result {
-                            Ok(addr) => (true, format!("listening on {addr}")),
-                            Err(e) => (false, e.clone()),
-                        };
-                        tracing::info!(client_id = %handle.client_id, group = %handle.group, port = req.listen_port, target_host = %req.target_host, target_port = req.target_port, success, %message, "agent forward");
-                        let _ = core
-                            .send(Message::ForwardResponse(ForwardResponse {
-                                listen_port: req.listen_port,
-                                success,
-                                message,
-                            }))
-                            .await;
+                    if let Message::Forward(req) = msg {
+                        // Binding may wait for a previous owner to let go of the port: off
+                        // the read loop, so the session's traffic keeps flowing.
+                        tokio::spawn(async move {
+                            let result = forwards.open(&handle, &req).await;
+                            let (success, message) = match &result {
+                                Ok(addr) => (true, format!("listening on {addr}")),
+                                Err(e) => (false, e.clone()),
+                            };
+                            tracing::info!(client_id = %handle.client_id, group = %handle.group, port = req.listen_port, target_host = %req.target_host, target_port = req.target_port, success, %message, "agent forward");
+                            let _ = core
+                                .send(Message::ForwardResponse(ForwardResponse {
+                                    listen_port: req.listen_port,
+                                    success,
+                                    message,
+                                }))
+                                .await;
+                        });
                         return;
                     }
                     let what = match &msg {

@@ -166,6 +166,11 @@ impl SessionCore {
         &self.stats
     }
 
+    /// Completes when the session has ended.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed.is_cancelled()
     }
