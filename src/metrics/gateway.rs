@@ -212,4 +212,12 @@ impl<C: Connector> Connector for MeteredConnector<C> {
         }
         r
     }
+
+    fn recheck(&self, target: &TargetAddr, who: &Requester) -> Result<(), ConnectError> {
+        let r = self.inner.recheck(target, who);
+        if let Err(e) = &r {
+            self.metrics.connect_failed(&who.group, e);
+        }
+        r
+    }
 }

@@ -31,37 +31,63 @@ impl<C: Connector> Connector for PolicyGuard<C> {
         let Some(policy) = &self.policy else {
             return self.inner.connect(target, who).await;
         };
-        let decision = policy.decide(&Request {
-            client_ip: who.peer.ip(),
-            user: who.user.as_deref(),
-            host: &target.host,
-            port: target.port,
-            now: policy.now(),
-        });
-        let consulted: Vec<String> = decision
-            .consulted
-            .iter()
-            .map(|(name, value)| format!("{name}={value}"))
-            .collect();
-        let verdict = match (&decision.reduced, decision.allow) {
-            (Some(reduced), _) => format!("deny(unresolved: {reduced})"),
-            (None, allow) => format!(
-                "{}({})",
-                if allow { "allow" } else { "deny" },
-                consulted.join(",")
-            ),
-        };
-        if !decision.allow {
-            return Err(ConnectError::Forbidden(format!(
-                "denied by policy: {verdict}"
-            )));
-        }
+        let decision = decide(policy, target, who)?;
         let mut who = who.clone();
         who.user = decision.user.as_deref().map(str::to_owned).or(who.user);
         who.egress = decision.egress.clone();
         let mut upstream = self.inner.connect(target, &who).await?;
         upstream.meter = decision.quota.map(|q| Arc::new(q) as Arc<dyn Meter>);
-        upstream.verdict = Some(Arc::from(verdict));
+        upstream.verdict = Some(decision.verdict);
         Ok(upstream)
     }
+
+    fn recheck(&self, target: &TargetAddr, who: &Requester) -> Result<(), ConnectError> {
+        match &self.policy {
+            Some(policy) => decide(policy, target, who).map(|_| ()),
+            None => self.inner.recheck(target, who),
+        }
+    }
+}
+
+struct Allowed {
+    user: Option<Arc<str>>,
+    egress: crate::policy::Egress,
+    quota: Option<QuotaHandle>,
+    verdict: Arc<str>,
+}
+
+/// Runs the rules for one request; a denial names the managers reached (or the
+/// unresolved remainder of the rule).
+fn decide(policy: &Policy, target: &TargetAddr, who: &Requester) -> Result<Allowed, ConnectError> {
+    let decision = policy.decide(&Request {
+        client_ip: who.peer.ip(),
+        user: who.user.as_deref(),
+        host: &target.host,
+        port: target.port,
+        now: policy.now(),
+    });
+    let consulted: Vec<String> = decision
+        .consulted
+        .iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect();
+    let verdict = match (&decision.reduced, decision.allow) {
+        (Some(reduced), _) => format!("deny(unresolved: {reduced})"),
+        (None, allow) => format!(
+            "{}({})",
+            if allow { "allow" } else { "deny" },
+            consulted.join(",")
+        ),
+    };
+    if !decision.allow {
+        return Err(ConnectError::Forbidden(format!(
+            "denied by policy: {verdict}"
+        )));
+    }
+    Ok(Allowed {
+        user: decision.user,
+        egress: decision.egress,
+        quota: decision.quota,
+        verdict: Arc::from(verdict),
+    })
 }

@@ -73,14 +73,17 @@ pub async fn serve<C: Connector>(
     }
 }
 
-/// The upstream kept alive for a user connection's last target: where, the HTTP client
-/// over it, who carries it and the policy's verdict (for the access log).
-type KeptUpstream = (
-    TargetAddr,
-    hyper::client::conn::http1::SendRequest<Incoming>,
-    Arc<str>,
-    Option<Arc<str>>,
-);
+/// The upstream kept alive for a user connection's last request: where and for whom
+/// (a keep-alive connection may carry several users' requests), the HTTP client over
+/// it, who carries it and the policy's verdict (for the access log).
+struct KeptUpstream {
+    target: TargetAddr,
+    user: Option<String>,
+    group: Arc<str>,
+    sender: hyper::client::conn::http1::SendRequest<Incoming>,
+    via: Arc<str>,
+    verdict: Option<Arc<str>>,
+}
 
 /// Per user connection: who it is, and the upstream kept alive for its last target.
 struct ConnState {
@@ -273,8 +276,16 @@ async fn forward<C: Connector>(
     let req = Request::from_parts(parts, body);
 
     let mut upstream = state.upstream.lock().await;
-    let reusable = matches!(&*upstream, Some((t, s, _, _)) if *t == target && !s.is_closed());
-    if !reusable {
+    let reusable = matches!(&*upstream, Some(k) if k.target == target
+        && k.user == who.user && k.group == who.group && !k.sender.is_closed());
+    if reusable {
+        // The same user and target, but the rules may have changed their answer.
+        if let Err(e) = connector.recheck(&target, &who) {
+            *upstream = None;
+            log_failure("http", &who, &target, &e, started);
+            return text_response(e.http_status(), &e.to_string());
+        }
+    } else {
         *upstream = None;
         let conn = match connector.connect(&target, &who).await {
             Ok(conn) => conn,
@@ -297,12 +308,25 @@ async fn forward<C: Connector>(
                 tokio::spawn(async move {
                     let _ = connection.await;
                 });
-                *upstream = Some((target.clone(), sender, via, verdict));
+                *upstream = Some(KeptUpstream {
+                    target: target.clone(),
+                    user: who.user.clone(),
+                    group: who.group.clone(),
+                    sender,
+                    via,
+                    verdict,
+                });
             }
             Err(e) => return text_response(502, &format!("upstream handshake: {e}")),
         }
     }
-    let Some((_, sender, via, verdict)) = upstream.as_mut() else {
+    let Some(KeptUpstream {
+        sender,
+        via,
+        verdict,
+        ..
+    }) = upstream.as_mut()
+    else {
         return text_response(502, "no upstream");
     };
     if sender.ready().await.is_err() {

@@ -83,6 +83,13 @@ pub trait Connector: Send + Sync + 'static {
         target: &TargetAddr,
         who: &Requester,
     ) -> impl Future<Output = Result<Upstream, ConnectError>> + Send;
+
+    /// Asks again whether `who` may reach `target`, for a request that would reuse an
+    /// upstream opened earlier (HTTP keep-alive): rules can change their answer (a
+    /// session closed, a time span ended, a quota spent). Nothing to re-check by default.
+    fn recheck(&self, _target: &TargetAddr, _who: &Requester) -> Result<(), ConnectError> {
+        Ok(())
+    }
 }
 
 /// Why a target could not be reached, in the terms a proxy user is answered in.
