@@ -74,7 +74,8 @@ impl UserDb {
     }
 
     /// Hash checks are constant-time in their crates; plain text goes through `secret_eq`.
-    /// An unknown user still costs a comparison, so timing says little about who exists.
+    /// An unknown user costs what a known one does (a dummy argon2 check when the DB
+    /// holds hashes), so timing does not tell which names exist.
     pub fn authenticate(&self, user: &str, pass: &str) -> bool {
         match self.passwords.get(user) {
             Some(Stored::Argon2(h)) => PasswordHash::new(h)
@@ -87,7 +88,19 @@ impl UserDb {
             Some(Stored::Bcrypt(h)) => bcrypt::verify(pass, h).unwrap_or(false),
             Some(Stored::Plain(p)) => secret_eq(p, pass),
             None => {
-                let _ = secret_eq("\u{0}no such user\u{0}", pass);
+                let hashed = self
+                    .passwords
+                    .values()
+                    .any(|p| !matches!(p, Stored::Plain(_)));
+                if hashed {
+                    let _ = PasswordHash::new(dummy_hash()).map(|p| {
+                        Argon2::default()
+                            .verify_password(pass.as_bytes(), &p)
+                            .is_ok()
+                    });
+                } else {
+                    let _ = secret_eq("\u{0}no such user\u{0}", pass);
+                }
                 false
             }
         }
@@ -100,6 +113,22 @@ impl UserDb {
     pub fn knows(&self, user: &str) -> bool {
         self.passwords.contains_key(user) || self.groups.contains_key(user)
     }
+}
+
+/// An argon2 hash with the default parameters (those the generated admin uses), built
+/// once, that no password matches in practice: unknown users are checked against it.
+fn dummy_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| {
+        use argon2::password_hash::{PasswordHasher, SaltString};
+        let salt = SaltString::encode_b64(b"anyproxy-no-such-user").unwrap_or_else(|_| {
+            SaltString::from_b64("YW55cHJveHlub3VzZXI").expect("a valid fixed salt")
+        });
+        Argon2::default()
+            .hash_password(b"\0no such user\0", &salt)
+            .map(|h| h.to_string())
+            .unwrap_or_default()
+    })
 }
 
 #[cfg(test)]
