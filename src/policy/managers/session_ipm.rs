@@ -131,7 +131,12 @@ impl SessionIpm {
         codec: &dyn TokenCodec,
     ) -> Result<String, CmdError> {
         let c = codec.decode(token)?;
-        let t = self.table.read();
+        Self::check(&self.table.read(), &c, now)?;
+        Ok(c.user)
+    }
+
+    /// The token's session is the current one of its user, and not expired.
+    fn check(t: &Table, c: &Claims, now: SystemTime) -> Result<(), CmdError> {
         let s = t.by_user.get(&c.user).ok_or(CmdError::InvalidToken)?;
         if !secret_eq(&s.nonce, &c.nonce) {
             return Err(CmdError::InvalidToken);
@@ -139,7 +144,7 @@ impl SessionIpm {
         if unix_secs(now) >= s.expires {
             return Err(CmdError::TokenExpired);
         }
-        Ok(c.user)
+        Ok(())
     }
 
     pub fn close(
@@ -148,9 +153,11 @@ impl SessionIpm {
         now: SystemTime,
         codec: &dyn TokenCodec,
     ) -> Result<(), CmdError> {
-        let user = self.verify(token, now, codec)?;
+        let claims = codec.decode(token)?;
         let mut t = self.table.write();
-        if let Some(old) = t.by_user.remove(&user) {
+        // Checked under the write lock: a session reopened meanwhile is not this token's.
+        Self::check(&t, &claims, now)?;
+        if let Some(old) = t.by_user.remove(&claims.user) {
             t.by_ip.remove(&old.ip);
         }
         Ok(())
@@ -162,9 +169,13 @@ impl SessionIpm {
         now: SystemTime,
         codec: &dyn TokenCodec,
     ) -> Result<String, CmdError> {
-        let user = self.verify(token, now, codec)?;
+        let presented = codec.decode(token)?;
         let mut t = self.table.write();
-        let s = t.by_user.get_mut(&user).ok_or(CmdError::InvalidToken)?;
+        Self::check(&t, &presented, now)?;
+        let s = t
+            .by_user
+            .get_mut(&presented.user)
+            .ok_or(CmdError::InvalidToken)?;
         s.nonce = new_nonce();
         s.expires = unix_secs(now).saturating_add(self.expiration.as_secs());
         Ok(codec.encode(&claims(s)))
