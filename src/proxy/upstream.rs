@@ -44,7 +44,7 @@ impl Upstream {
     /// Who carries the connection, for the access log: the agent, or `direct`.
     pub fn via(&self) -> Arc<str> {
         match &self.route {
-            Route::Tunnel(conn) => Arc::from(conn.session().peer()),
+            Route::Tunnel(conn) => conn.session().peer_arc(),
             Route::Direct(_) => Arc::from("direct"),
         }
     }

@@ -151,6 +151,11 @@ impl SessionCore {
         self.peer.get().map_or("-", |p| p)
     }
 
+    /// [`Self::peer`] as a shared string, without copying it.
+    pub fn peer_arc(&self) -> Arc<str> {
+        self.peer.get().cloned().unwrap_or_else(|| Arc::from("-"))
+    }
+
     /// Whether this session's messages are compressed (permessage-deflate).
     pub fn compressed(&self) -> bool {
         self.compression.is_some()
