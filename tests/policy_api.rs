@@ -333,6 +333,27 @@ async fn sessions_admin_rights_files_and_a_restart_over_https() {
         .cmd(ADMIN, json!({"cmd": "check", "secret": admin}))
         .await;
     assert_eq!(s, 400, "a closed session stays closed");
+
+    // Guessing passwords from one address is cut off after five failures; the right
+    // password is refused too while locked, and other addresses are unaffected.
+    const GUESSER: &str = "127.0.0.4";
+    for _ in 0..5 {
+        let (s, v) = api
+            .cmd(
+                GUESSER,
+                json!({"cmd": "open", "cred": {"user": "alice", "pass": "guess"}}),
+            )
+            .await;
+        assert_eq!((s, v["code"].as_str()), (400, Some("bad_credentials")));
+    }
+    let (s, v) = api
+        .cmd(
+            GUESSER,
+            json!({"cmd": "open", "cred": {"user": "alice", "pass": "alicepw"}}),
+        )
+        .await;
+    assert_eq!((s, v["code"].as_str()), (429, Some("rate_limited")));
+    api.login(ALICE, "alice", "alicepw").await;
     api.stop().await;
 }
 

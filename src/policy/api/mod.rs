@@ -279,6 +279,21 @@ async fn handle(
     r
 }
 
+/// Failed logins per source address: 5 within a minute lock the address out for a
+/// minute, so passwords cannot be guessed at argon2 speed (and argon2 cannot be used to
+/// exhaust the CPU). The same mechanism guards agent authentication on the gateway.
+fn login_throttle() -> &'static crate::gateway::throttle::AuthThrottle {
+    static THROTTLE: std::sync::OnceLock<crate::gateway::throttle::AuthThrottle> =
+        std::sync::OnceLock::new();
+    THROTTLE.get_or_init(|| {
+        crate::gateway::throttle::AuthThrottle::new(
+            5,
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_secs(60),
+        )
+    })
+}
+
 async fn api_cmd(req: Request<Incoming>, peer: SocketAddr, policy: &Arc<Policy>) -> Resp {
     let too_large = || {
         json_error(
@@ -320,6 +335,15 @@ async fn api_cmd(req: Request<Incoming>, peer: SocketAddr, policy: &Arc<Policy>)
     cmd.user.clear();
     cmd.is_admin = false;
     let name = cmd.cmd.clone();
+    let ip = peer.ip().to_canonical();
+    let is_login = name == "open";
+    if is_login && login_throttle().is_locked(ip) {
+        return json_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many failed logins from this address; try again later",
+        );
+    }
     // Argon2 verification takes tens of milliseconds of CPU: off the async workers.
     let p = policy.clone();
     let result = match tokio::task::spawn_blocking(move || p.cmd(cmd)).await {
@@ -331,6 +355,9 @@ async fn api_cmd(req: Request<Incoming>, peer: SocketAddr, policy: &Arc<Policy>)
             )
         }
         Ok(Ok(v)) => {
+            if is_login {
+                login_throttle().success(ip);
+            }
             let mut r = respond(StatusCode::OK, "application/json", v.to_string());
             r.headers_mut()
                 .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -338,6 +365,12 @@ async fn api_cmd(req: Request<Incoming>, peer: SocketAddr, policy: &Arc<Policy>)
         }
         Ok(Err(e)) => e,
     };
+    if is_login
+        && matches!(result, crate::policy::CmdError::BadCredentials)
+        && login_throttle().failure(ip)
+    {
+        tracing::warn!(%ip, "policy API logins locked out after repeated failures");
+    }
     tracing::debug!("api {name:?} from {}: {result}", peer.ip());
     let status = StatusCode::from_u16(result.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
     let mut r = respond(status, "application/json", result.to_json().to_string());
