@@ -180,6 +180,26 @@ async fn a_stalled_reader_stops_only_itself_and_memory_stays_bounded() {
     }
 }
 
+/// Reads until the stream ends: `Ok` for a clean end of stream, the error otherwise;
+/// `None` if neither happens within `limit`.
+async fn read_to_the_end(
+    s: &mut tokio::net::TcpStream,
+    limit: Duration,
+) -> Option<std::io::Result<()>> {
+    let mut buf = vec![0u8; 64 * 1024];
+    tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_the_tunnel_loses_ends_in_an_error_not_a_clean_end() {
     let mut stack = Stack::start(StackOptions::default()).await;
@@ -200,17 +220,9 @@ async fn a_connection_the_tunnel_loses_ends_in_an_error_not_a_clean_end() {
     // The agent dies mid-stream: a raw TCP user must not see a clean end of stream,
     // which would look like a complete (truncated) transfer.
     drop(stack.agent.take());
-    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) => return Ok(()),
-                Ok(_) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-    })
-    .await
-    .expect("the lost connection ends promptly");
+    let outcome = read_to_the_end(&mut s, Duration::from_secs(10))
+        .await
+        .expect("the lost connection ends promptly");
     let err = outcome.expect_err("a clean end of stream after the agent died");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 }
@@ -237,18 +249,9 @@ async fn a_target_that_resets_is_reset_for_the_user_too() {
     )
     .await
     .expect("socks5 connect");
-    let mut buf = vec![0u8; 64 * 1024];
-    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) => return Ok(()),
-                Ok(_) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-    })
-    .await
-    .expect("the reset arrives promptly");
+    let outcome = read_to_the_end(&mut s, Duration::from_secs(10))
+        .await
+        .expect("the reset arrives promptly");
     let err = outcome.expect_err("the user saw a clean end of stream after the target's reset");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 }
