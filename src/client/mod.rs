@@ -237,7 +237,7 @@ impl Agent {
                 .group_id
                 .clone()
                 .unwrap_or_else(|| cfg.auth_username.clone()),
-            password: cfg.auth_password.clone(),
+            password: cfg.auth_password.expose().to_owned(),
             client_id: client_id.to_owned(),
         }))
         .await

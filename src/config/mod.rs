@@ -13,7 +13,7 @@ use serde::{Deserialize, Deserializer};
 use crate::transport::ws::DeflateConfig;
 use crate::tunnel::SessionOptions;
 
-pub use units::{parse_duration, parse_size, ByteSize, HumanDuration};
+pub use units::{parse_duration, parse_size, ByteSize, HumanDuration, Secret};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -175,7 +175,7 @@ pub struct ProxyListener {
     #[serde(default)]
     pub auth_username: Option<String>,
     #[serde(default)]
-    pub auth_password: Option<String>,
+    pub auth_password: Option<Secret>,
 }
 
 impl ProxyListener {
@@ -183,7 +183,7 @@ impl ProxyListener {
         match (&self.auth_username, &self.auth_password) {
             (Some(u), Some(p)) if !u.is_empty() => Some(Credentials {
                 username: u.clone(),
-                password: p.clone(),
+                password: p.expose().to_owned(),
             }),
             _ => None,
         }
@@ -202,7 +202,7 @@ pub struct GroupConfig {
     pub id: String,
     /// ... and `password` = this secret. Only the gateway's configuration sets it;
     /// nothing an agent sends can change it.
-    pub agent_password: String,
+    pub agent_password: Secret,
     /// Proxy accounts bound to this group: their connections leave through its agents.
     #[serde(default)]
     pub users: Vec<UserConfig>,
@@ -361,7 +361,7 @@ pub struct GatewayConfig {
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
     pub auth_username: String,
-    pub auth_password: String,
+    pub auth_password: Secret,
     /// An agent must authenticate within this time after the WebSocket opens.
     #[serde(default = "default_auth_timeout")]
     pub auth_timeout: HumanDuration,
@@ -424,7 +424,7 @@ pub struct GatewayConfig {
     #[serde(default)]
     pub admin_username: Option<String>,
     #[serde(default)]
-    pub admin_password: Option<String>,
+    pub admin_password: Option<Secret>,
 }
 
 /// The policy engine on the gateway: a PMProxy config dir (`managers.toml` with the
@@ -552,12 +552,12 @@ impl std::fmt::Debug for AdminConfig {
 fn admin_config(
     addr: &Option<ListenAddr>,
     username: &Option<String>,
-    password: &Option<String>,
+    password: &Option<Secret>,
 ) -> Option<AdminConfig> {
     addr.as_ref().map(|a| AdminConfig {
         addr: a.0,
         username: username.clone(),
-        password: password.clone(),
+        password: password.as_ref().map(|p| p.expose().to_owned()),
     })
 }
 
@@ -657,7 +657,7 @@ pub struct ClientConfig {
     #[serde(default)]
     pub auth_username: String,
     /// The default group's password, or with `group_id` that group's `agent_password`.
-    pub auth_password: String,
+    pub auth_password: Secret,
     /// The group to join; the `auth` message then carries it as the username.
     #[serde(default)]
     pub group_id: Option<String>,
@@ -709,7 +709,7 @@ pub struct ClientConfig {
     #[serde(default)]
     pub admin_username: Option<String>,
     #[serde(default)]
-    pub admin_password: Option<String>,
+    pub admin_password: Option<Secret>,
 }
 
 /// An allowlist entry: when `limit` is non-empty only these targets may be dialed.
@@ -836,5 +836,20 @@ client:
             .unwrap_err()
             .to_string();
         assert!(err.contains("gateway.auth_timeout"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_password() {
+        let text = "proxy:\n  http: { listen_addr: ':1', auth_username: h, auth_password: http-secret }\ngateway:\n  listen_addr: '127.0.0.1:9'\n  tls_cert: a\n  tls_key: b\n  auth_username: u\n  auth_password: gw-secret\n  admin_addr: '127.0.0.1:10'\n  admin_username: ad\n  admin_password: admin-secret\n  groups:\n    - { id: office, agent_password: group-secret }\n";
+        let c = Config::parse(text, Path::new("x.yaml")).unwrap();
+        let shown = format!("{c:?}");
+        for secret in ["http-secret", "gw-secret", "admin-secret", "group-secret"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert_eq!(
+            c.gateway.unwrap().auth_password.expose(),
+            "gw-secret",
+            "the value itself is kept"
+        );
     }
 }

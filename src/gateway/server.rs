@@ -60,7 +60,7 @@ impl AgentServer {
         let mut accounts = vec![(
             Credentials {
                 username: config.auth_username.clone(),
-                password: config.auth_password.clone(),
+                password: config.auth_password.expose().to_owned(),
             },
             Arc::from(DEFAULT_GROUP),
         )];
@@ -68,7 +68,7 @@ impl AgentServer {
             (
                 Credentials {
                     username: g.id.clone(),
-                    password: g.agent_password.clone(),
+                    password: g.agent_password.expose().to_owned(),
                 },
                 Arc::from(g.id.as_str()),
             )
