@@ -2,6 +2,7 @@
 
 pub mod ctl;
 pub mod demo;
+mod logging;
 pub mod pmproxy;
 
 use std::path::PathBuf;
@@ -11,7 +12,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use anyproxy::client::Agent;
-use anyproxy::config::Config;
+use anyproxy::config::{Config, LogConfig, LogFormat};
 use anyproxy::gateway::Gateway;
 
 #[derive(Parser)]
@@ -19,9 +20,12 @@ use anyproxy::gateway::Gateway;
     name = "anyproxy",
     version,
     about = "Reverse-tunnel proxy: a public gateway serves HTTP and SOCKS5 proxies whose connections leave through client agents over WebSocket + TLS.",
-    after_help = "Quick start: `anyproxy demo` runs a gateway, an agent and both proxies on loopback and prints curl commands.\nLogs: RUST_LOG=debug (default info)."
+    after_help = "Quick start: `anyproxy demo` runs a gateway, an agent and both proxies on loopback and prints curl commands.\nLogs: the config's `log: {level, format}`; RUST_LOG=debug overrides the level."
 )]
 pub struct Cli {
+    /// Log line format on stderr, `human` or `json`; overrides the config's `log.format`.
+    #[arg(long, global = true)]
+    pub log_format: Option<LogFormat>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -120,9 +124,11 @@ async fn until_stopped(signals: Signals, graceful: impl std::future::Future<Outp
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let log_format = cli.log_format;
     match cli.command {
         Command::Gateway { config } => {
             let file = Config::load(&config)?;
+            logging::init(&file.log, log_format);
             let Some(gw) = file.gateway else {
                 bail!("{} has no `gateway:` section", config.display());
             };
@@ -137,6 +143,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Client { config } => {
             let file = Config::load(&config)?;
+            logging::init(&file.log, log_format);
             let Some(client) = file.client else {
                 bail!("{} has no `client:` section", config.display());
             };
@@ -156,6 +163,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             http_port,
             socks_port,
         } => {
+            logging::init(&LogConfig::default(), log_format);
             demo::run(demo::Options {
                 dir,
                 gateway_port,
@@ -164,7 +172,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .await
         }
-        Command::Ctl(args) => ctl::run(args).await,
-        Command::Pmproxy(args) => pmproxy::run(args).await,
+        Command::Ctl(args) => {
+            logging::init(&LogConfig::default(), log_format);
+            ctl::run(args).await
+        }
+        Command::Pmproxy(args) => {
+            logging::init(&LogConfig::default(), log_format);
+            pmproxy::run(args).await
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Configuration: the YAML shapes of the API document (`proxy`, `gateway`, `client`),
 //! any of which may stand in one file. Unknown keys are refused with their path.
 
+mod log;
 mod units;
 
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use serde::{Deserialize, Deserializer};
 use crate::transport::ws::DeflateConfig;
 use crate::tunnel::SessionOptions;
 
+pub use log::{LogConfig, LogFormat};
 pub use units::{parse_duration, parse_size, ByteSize, HumanDuration, Secret};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,8 @@ pub struct Config {
     pub gateway: Option<GatewayConfig>,
     #[serde(default)]
     pub client: Option<ClientConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
 }
 
 impl Config {

@@ -53,7 +53,8 @@ pub fn spawn(args: &[&str], log: &Path) -> Proc {
     let log = std::fs::File::create(log).unwrap();
     let child = Command::new(BIN)
         .args(args)
-        .env("RUST_LOG", "info")
+        // The config's `log.level` (default info) decides, whatever the caller's env.
+        .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(log)
         .kill_on_drop(true)
@@ -84,6 +85,8 @@ pub struct StackOptions {
     pub gateway_extra: Vec<String>,
     /// Extra YAML lines for the `client:` section.
     pub client_extra: Vec<String>,
+    /// Extra top-level YAML text (e.g. a `log:` section), shared by gateway and agent.
+    pub top_extra: String,
 }
 
 impl Default for StackOptions {
@@ -95,6 +98,7 @@ impl Default for StackOptions {
             max_concurrent_conns: 1000,
             gateway_extra: vec![],
             client_extra: vec![],
+            top_extra: String::new(),
         }
     }
 }
@@ -162,7 +166,7 @@ impl Stack {
             forbidden
         };
         let config = format!(
-            r#"
+            r#"{top_extra}
 proxy:
   http:
     listen_addr: "127.0.0.1:{http_port}"
@@ -182,6 +186,7 @@ gateway:
 {client}"#,
             cert = certs.cert.display(),
             key = certs.key.display(),
+            top_extra = opts.top_extra,
             gateway_extra = extra_lines(&opts.gateway_extra),
             client = client_section(
                 gateway_port,
