@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::browser::{chromium, run_chromium};
 use common::*;
 
 const ADMIN_USER: &str = "ops";
@@ -215,47 +215,6 @@ async fn metrics_health_and_counters_move_with_real_traffic() {
         1.0,
         "{agent_text}"
     );
-}
-
-fn chromium() -> String {
-    for name in ["chromium", "chromium-browser"] {
-        if std::process::Command::new(name)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            return name.to_owned();
-        }
-    }
-    panic!(
-        "headless Chromium is required for the status page test and was not found; \
-         `bash scripts/test.sh` installs it (apt-get install -y chromium)"
-    );
-}
-
-async fn run_chromium(browser: &str, profile: &Path, args: &[String]) -> Vec<u8> {
-    let mut cmd = tokio::process::Command::new(browser);
-    cmd.args([
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--virtual-time-budget=5000",
-    ])
-    .arg(format!("--user-data-dir={}", profile.display()))
-    .args(args)
-    .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(90), cmd.output())
-        .await
-        .expect("chromium finished within 90 s")
-        .expect("chromium runs");
-    assert!(
-        out.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

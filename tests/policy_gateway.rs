@@ -46,8 +46,12 @@ async fn rules_decide_each_request_and_the_quota_cuts_the_download_that_crosses_
         .replace("127.0.0.1:4443", &format!("127.0.0.1:{api_port}"))
         .replace("127.0.0.1:8080", &format!("127.0.0.1:{}", free_port()));
     std::fs::write(dir.path().join("server.toml"), server).unwrap();
+    let admin = free_port();
     let stack = Stack::start(StackOptions {
-        gateway_extra: vec![format!("policy: {{ dir: \"{}\" }}", dir.path().display())],
+        gateway_extra: vec![
+            format!("policy: {{ dir: \"{}\" }}", dir.path().display()),
+            format!("admin_addr: \"127.0.0.1:{admin}\""),
+        ],
         ..StackOptions::default()
     })
     .await;
@@ -122,4 +126,45 @@ async fn rules_decide_each_request_and_the_quota_cuts_the_download_that_crosses_
     let body = String::from_utf8_lossy(&body);
     assert_eq!(code, 0, "{body}");
     assert!(body.contains("quota"), "{body}");
+
+    // The admin status lists both users' consumption: suser's spent to the byte.
+    let status_url = format!("http://127.0.0.1:{admin}/api/status");
+    let (code, body) = curl(&[&status_url]).await;
+    assert_eq!(code, 0);
+    let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let quotas = status["quotas"]
+        .as_array()
+        .expect("quotas with a policy on");
+    let row = |user: &str| {
+        quotas
+            .iter()
+            .find(|q| q["user"] == user)
+            .unwrap_or_else(|| panic!("no quota row for {user}: {status:#}"))
+    };
+    assert_eq!(row(SOCKS_USER)["used"], quota as u64, "{status:#}");
+    assert_eq!(row(SOCKS_USER)["quota"], quota as u64);
+    assert_eq!(row(SOCKS_USER)["manager"], "quota");
+    let huser_used = row(HTTP_USER)["used"].as_u64().unwrap();
+    assert!(huser_used >= 1_000_010, "{status:#}");
+    assert!(row(HTTP_USER)["next_reset_unix"].as_u64().unwrap() > 0);
+    // Most used first.
+    assert_eq!(quotas[0]["user"], SOCKS_USER);
+
+    // And the page shows them in a real browser.
+    let browser = common::browser::chromium();
+    let dom = common::browser::run_chromium(
+        &browser,
+        &stack.certs.dir.path().join("chromium-quotas"),
+        &["--dump-dom".into(), format!("http://127.0.0.1:{admin}/")],
+    )
+    .await;
+    let dom = String::from_utf8_lossy(&dom);
+    assert!(
+        dom.contains(&format!(
+            r#"<tr class="quota" data-user="{SOCKS_USER}" data-manager="quota">"#
+        )),
+        "the page does not list the quota:\n{dom}"
+    );
+    assert!(dom.contains(r#"<td class="limit">2.0 MiB</td>"#), "{dom}");
+    assert!(dom.contains(r#"<td class="bad">100 %</td>"#), "{dom}");
 }

@@ -181,6 +181,7 @@ impl Gateway {
                     .map_err(|e| StartError::PolicyApi(e.to_string()))?;
                 tracing::info!(dir = %p.dir.display(), api = %api.addr, "policy decides every proxy request");
                 policy_api = Some(api);
+                metrics.show_policy(policy.clone());
                 Some(policy)
             }
             None => None,

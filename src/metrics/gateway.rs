@@ -22,6 +22,10 @@ use crate::proxy::{ConnectError, Connector, Requester, TargetAddr, Upstream};
 /// (group, error code, reason) of a failed proxy request.
 type FailKey = (Arc<str>, &'static str, &'static str);
 
+/// Users listed per quota manager on the status page, most used first: the page is
+/// polled every second or two, so it must not grow with the user base.
+pub const QUOTA_ROWS: usize = 100;
+
 pub struct GatewayMetrics {
     pub sessions: Arc<SessionTable>,
     registry: Arc<AgentRegistry>,
@@ -35,6 +39,8 @@ pub struct GatewayMetrics {
     /// Failed proxy requests by (group, code, reason); groups come from the
     /// configuration, so the key space is bounded.
     failed: Mutex<BTreeMap<FailKey, u64>>,
+    /// The policy whose quotas the status shows; set once it is loaded.
+    policy: std::sync::OnceLock<Arc<crate::policy::Policy>>,
 }
 
 /// A short, stable name for why a connect failed (the metric's `reason` label).
@@ -63,7 +69,13 @@ impl GatewayMetrics {
             auth_lockouts: AtomicU64::new(0),
             auth_refused_locked: AtomicU64::new(0),
             failed: Mutex::default(),
+            policy: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Shows this policy's quotas on `/api/status` from now on.
+    pub fn show_policy(&self, policy: Arc<crate::policy::Policy>) {
+        let _ = self.policy.set(policy);
     }
 
     /// An agent failed to authenticate; `locked` when this failure locked its IP out.
@@ -180,6 +192,7 @@ impl Observed for GatewayMetrics {
         }
         let rows = self.sessions.rows();
         status.totals.fill(&rows, self.failed_total());
+        status.quotas = self.policy.get().map(|p| p.quota_usage(QUOTA_ROWS));
         status
     }
 

@@ -25,9 +25,9 @@ pub struct Status {
     pub groups: Vec<GroupStatus>,
     pub totals: Totals,
     pub traffic: Traffic,
-    /// Present only when a policy is on and exposes its quotas (not yet: see STATUS.md).
+    /// Present only when a policy is on (gateway): its download quotas in use.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub quotas: Option<Vec<serde_json::Value>>,
+    pub quotas: Option<Vec<crate::policy::QuotaUsage>>,
 }
 
 #[derive(Serialize, Debug, Clone)]

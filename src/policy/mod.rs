@@ -34,7 +34,7 @@ pub use config::ManagersConf;
 pub use dir::{DirError, FirstRun, PolicyDir};
 pub use error::ConfigError;
 pub use jwt::JwtTokens;
-pub use managers::dwn_cons_r::{QuotaExceeded, QuotaHandle};
+pub use managers::dwn_cons_r::{QuotaExceeded, QuotaHandle, QuotaUsage};
 pub use managers::egress::{ParentProxy, ProxyScheme};
 pub use rule::{Outcome, ParseError, Rule};
 pub use server_config::ServerConf;
@@ -172,6 +172,16 @@ impl Policy {
         for q in &self.quotas {
             q.maybe_reset(now);
         }
+    }
+
+    /// Download consumption of users with a counter this cycle, per `dwnConsR` in
+    /// configuration order: the `top` most used of each.
+    pub fn quota_usage(&self, top: usize) -> Vec<QuotaUsage> {
+        let now = self.clock.now();
+        self.quotas
+            .iter()
+            .flat_map(|q| q.usage(now).into_iter().take(top))
+            .collect()
     }
 
     /// Writes every quota and session table to the state directory.

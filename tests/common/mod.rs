@@ -1,6 +1,8 @@
 //! Test harness: real `anyproxy` processes on loopback, local target servers, curl.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

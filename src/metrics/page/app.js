@@ -53,6 +53,25 @@ function renderGroups(groups) {
   }
 }
 
+// Present only when the gateway runs a policy; the most used first, per manager.
+function renderQuotas(quotas) {
+  const section = document.getElementById("quotas-section");
+  section.hidden = !quotas;
+  if (!quotas) return;
+  const table = document.getElementById("quotas");
+  table.replaceChildren(el("tr", {}, ...["manager", "user", "used", "quota", "share", "resets"].map(h => el("th", {}, h))));
+  for (const q of quotas) {
+    const share = q.quota ? Math.min(100, 100 * q.used / q.quota) : 100;
+    table.append(el("tr", { class: "quota", "data-user": q.user, "data-manager": q.manager },
+      el("td", {}, q.manager),
+      el("td", {}, q.user),
+      el("td", { class: "used" }, bytes(q.used)),
+      el("td", { class: "limit" }, bytes(q.quota)),
+      el("td", { class: share >= 100 ? "bad" : "ok" }, share.toFixed(0) + " %"),
+      el("td", {}, new Date(q.next_reset_unix * 1000).toLocaleString())));
+  }
+}
+
 function renderChart(traffic) {
   const svg = document.getElementById("chart");
   const ns = "http://www.w3.org/2000/svg";
@@ -94,6 +113,7 @@ async function poll() {
     summary.className = st.ready ? "ok" : "bad";
     renderTotals(st.totals);
     renderGroups(st.groups);
+    renderQuotas(st.quotas);
     renderChart(st.traffic);
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
   } catch (e) {

@@ -87,6 +87,17 @@ impl QuotaHandle {
     }
 }
 
+/// One user's consumption in one `dwnConsR`, as the status page shows it.
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct QuotaUsage {
+    pub manager: String,
+    pub user: String,
+    pub used: u64,
+    pub quota: u64,
+    /// When this cycle's consumptions go back to zero, Unix seconds.
+    pub next_reset_unix: u64,
+}
+
 /// The state file, field names as the upstream's `consMap`.
 #[derive(Serialize, Deserialize)]
 struct ConsMap {
@@ -272,6 +283,29 @@ impl DwnConsR {
             .map(|(u, c)| (u.to_string(), c.used.load(Ordering::Relaxed)))
             .filter(|(_, used)| *used > 0)
             .collect()
+    }
+
+    /// Every user who has a counter this cycle, most used first.
+    pub fn usage(&self, now: SystemTime) -> Vec<QuotaUsage> {
+        self.maybe_reset(now);
+        let st = self.state.lock();
+        let next_reset = st.last_reset + self.cycle;
+        let mut rows: Vec<QuotaUsage> = st
+            .users
+            .iter()
+            .map(|(u, c)| QuotaUsage {
+                manager: self.name.to_string(),
+                user: u.to_string(),
+                used: c.used.load(Ordering::Relaxed),
+                quota: c.quota,
+                next_reset_unix: next_reset
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            })
+            .collect();
+        drop(st);
+        rows.sort_by(|a, b| b.used.cmp(&a.used).then_with(|| a.user.cmp(&b.user)));
+        rows
     }
 
     pub fn persist(&self) -> std::io::Result<()> {
