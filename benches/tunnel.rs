@@ -3,9 +3,14 @@
 //! carrying user connections to a local target. Each case runs beside the same work
 //! straight to the target (`direct`), in the same run, so the ratio is the tunnel's cost.
 //!
-//! - `tunnel/download/{direct,binary,json}`: one connection reads 16 MiB from the target.
-//! - `tunnel/connect/{direct,binary,json}`: open a connection, one 1-byte round trip,
-//!   close: what a new user connection costs (the agent dials the target each time).
+//! - `tunnel/download/{direct,binary,json,binary+metrics}`: one connection reads 16 MiB
+//!   from the target.
+//! - `tunnel/connect/{...}`: open a connection, one 1-byte round trip, close: what a new
+//!   user connection costs (the agent dials the target each time).
+//!
+//! `binary+metrics` is `binary` with both admin listeners on and `/metrics` and
+//! `/api/status` of both scraped every 100 ms (Prometheus scrapes every 15 s): the
+//! counters are always kept, so this is what turning metrics on can cost.
 //!
 //! `cargo bench --bench tunnel -- --warm-up-time 1 --measurement-time 5`
 //!
@@ -80,16 +85,38 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Fetches `path` from an admin listener every 100 ms until `stop`.
+async fn scrape(port: u16, path: &'static str, stop: CancellationToken) {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut body = Vec::new();
+    while !stop.is_cancelled() {
+        if let Ok(mut s) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await {
+            let _ = s.write_all(request.as_bytes()).await;
+            body.clear();
+            let _ = s.read_to_end(&mut body).await;
+            assert!(body.starts_with(b"HTTP/1.1 200"), "admin {path} failed");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A gateway and one agent in `encoding`; returns the forward's address.
 async fn tunnel(
     dir: &Path,
     encoding: &str,
     target: SocketAddr,
+    metrics: bool,
     stop: CancellationToken,
 ) -> (Gateway, SocketAddr) {
+    let name = format!("{encoding}{}", if metrics { "-metrics" } else { "" });
+    let (gateway_admin, agent_admin) = (free_port(), free_port());
+    let admin = |port: u16| match metrics {
+        true => format!("\n  admin_addr: \"127.0.0.1:{port}\""),
+        false => String::new(),
+    };
     let cert = tls::generate_self_signed(&["localhost"]).unwrap();
-    let cert_path = dir.join(format!("{encoding}.pem"));
-    let key_path = dir.join(format!("{encoding}.key"));
+    let cert_path = dir.join(format!("{name}.pem"));
+    let key_path = dir.join(format!("{name}.key"));
     std::fs::write(&cert_path, cert.cert_pem).unwrap();
     std::fs::write(&key_path, cert.key_pem).unwrap();
     let (gateway_port, forward_port) = (free_port(), free_port());
@@ -102,7 +129,7 @@ gateway:
   auth_username: agent
   auth_password: bench-secret
   forwards:
-    - {{ listen_addr: "127.0.0.1:{forward_port}", target: "{target}" }}
+    - {{ listen_addr: "127.0.0.1:{forward_port}", target: "{target}" }}{gateway_admin}
 client:
   gateway_addr: "localhost:{gateway_port}"
   gateway_tls_cert: "{cert}"
@@ -110,21 +137,32 @@ client:
   auth_username: agent
   auth_password: bench-secret
   encoding: {encoding}
-  max_concurrent_conns: 10000
+  max_concurrent_conns: 10000{agent_admin}
 "#,
         cert = cert_path.display(),
         key = key_path.display(),
+        gateway_admin = admin(gateway_admin),
+        agent_admin = admin(agent_admin),
     );
-    let path = dir.join(format!("{encoding}.yaml"));
+    let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, text).unwrap();
     let config = Config::load(&path).unwrap();
     let gateway = Gateway::start(config.gateway.unwrap(), None).await.unwrap();
     let agent = Agent::new(config.client.unwrap()).unwrap();
-    tokio::spawn(agent.run(stop));
+    if metrics {
+        agent.start_admin(stop.clone()).await.unwrap();
+    }
+    tokio::spawn(agent.run(stop.clone()));
     let deadline = Instant::now() + Duration::from_secs(10);
     while gateway.registry.is_empty() {
         assert!(Instant::now() < deadline, "the agent did not connect");
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if metrics {
+        for port in [gateway_admin, agent_admin] {
+            tokio::spawn(scrape(port, "/metrics", stop.clone()));
+            tokio::spawn(scrape(port, "/api/status", stop.clone()));
+        }
     }
     (
         gateway,
@@ -166,14 +204,16 @@ fn bench(c: &mut Criterion) {
     let stop = CancellationToken::new();
     let (ends, target) = rt.block_on(async {
         let target = target().await;
-        let binary = tunnel(dir.path(), "binary", target, stop.clone()).await;
-        let json = tunnel(dir.path(), "json", target, stop.clone()).await;
-        ([("binary", binary), ("json", json)], target)
+        let binary = tunnel(dir.path(), "binary", target, false, stop.clone()).await;
+        let json = tunnel(dir.path(), "json", target, false, stop.clone()).await;
+        let metered = tunnel(dir.path(), "binary", target, true, stop.clone()).await;
+        ([binary, json, metered], target)
     });
     let routes = [
         ("direct", target),
-        ("binary", ends[0].1 .1),
-        ("json", ends[1].1 .1),
+        ("binary", ends[0].1),
+        ("json", ends[1].1),
+        ("binary+metrics", ends[2].1),
     ];
 
     let mut group = c.benchmark_group("tunnel/download");
@@ -192,7 +232,7 @@ fn bench(c: &mut Criterion) {
 
     stop.cancel();
     rt.block_on(async {
-        for (_, (gateway, _)) in ends {
+        for (gateway, _) in ends {
             gateway.stop_within(Duration::from_secs(1)).await;
         }
     });
