@@ -184,7 +184,8 @@ impl Agent {
         let _ = tcp.set_nodelay(true);
         let tls = tokio::time::timeout(
             cfg.dial_timeout.0,
-            self.tls.connect(self.server_name.clone(), tcp),
+            self.tls
+                .connect(self.server_name.clone(), tls::buffered(tcp)),
         )
         .await
         .map_err(|_| SessionError::Tls("handshake timed out".into()))?

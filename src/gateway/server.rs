@@ -147,10 +147,13 @@ impl AgentServer {
     ) -> Result<(), String> {
         let _ = tcp.set_nodelay(true);
         let deadline = self.config.auth_timeout.0;
-        let tls = tokio::time::timeout(deadline, self.acceptor.accept(tcp))
-            .await
-            .map_err(|_| "TLS handshake timed out".to_string())?
-            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let tls = tokio::time::timeout(
+            deadline,
+            self.acceptor.accept(crate::transport::tls::buffered(tcp)),
+        )
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
         let mut io: BoxIo = Box::new(tls);
         let accepted = tokio::time::timeout(
             deadline,

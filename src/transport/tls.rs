@@ -24,6 +24,17 @@ pub enum TlsError {
     ClientCa { path: String, detail: String },
 }
 
+/// Socket reads under the agent link's TLS, per syscall.
+pub const LINK_READ_BUF: usize = 64 * 1024;
+
+/// The TCP socket of an agent link, as TLS should read it. rustls asks its transport
+/// for at most 4 KiB per read (and shrinks its buffer whenever it drains), so a bulk
+/// stream of 16 KiB records costs four or five `recv` calls per record; reading 64 KiB
+/// at a time and handing rustls copies from memory costs one. Writes pass through.
+pub fn buffered(tcp: tokio::net::TcpStream) -> tokio::io::BufReader<tokio::net::TcpStream> {
+    tokio::io::BufReader::with_capacity(LINK_READ_BUF, tcp)
+}
+
 /// Installs ring as the process-wide provider. Idempotent; must run before any TLS
 /// config is built so that a second provider pulled in by a dependency cannot make
 /// rustls ambiguous.
