@@ -4,7 +4,6 @@
 pub mod forward;
 pub mod registry;
 pub mod server;
-pub mod throttle;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
