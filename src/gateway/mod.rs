@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use anyproxy_proto::ErrorCode;
 
 use crate::config::{Credentials, GatewayConfig, ProxyConfig, ProxyListener, DEFAULT_GROUP};
+use crate::limits::{LimitGuard, Limits};
 use crate::proxy::auth::Accounts;
 use crate::proxy::{ConnectError, Connector, Requester, TargetAddr, Upstream};
 use crate::transport::tls;
@@ -146,9 +147,11 @@ impl Gateway {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let admin = config.admin();
+        let limits = Arc::new(Limits::new(&config.limits));
         let metrics = Arc::new(crate::metrics::GatewayMetrics::new(
             registry.clone(),
             shutdown.clone(),
+            limits.clone(),
         ));
 
         let agent_listener = bind("gateway", config.listen_addr.0).await?;
@@ -184,11 +187,17 @@ impl Gateway {
             }
             None => None,
         };
-        // Proxy users go through the policy; forwards are the operator's own routes.
+        // Every connection passes the limits; inside the policy, so that caps apply to
+        // the user a policy identified too. Forwards are the operator's own routes: no
+        // policy, and only per-address caps (no user is known).
+        let limited = Arc::new(LimitGuard {
+            limits: limits.clone(),
+            inner: connector.clone(),
+        });
         let guarded = Arc::new(crate::metrics::MeteredConnector {
             inner: Arc::new(crate::proxy::guard::PolicyGuard {
                 policy,
-                inner: connector.clone(),
+                inner: limited.clone(),
             }),
             metrics: metrics.clone(),
         });
@@ -197,6 +206,7 @@ impl Gateway {
         let agent_forwards = Arc::new(forward::AgentForwardTable::new(
             config.agent_forwards.clone(),
             config.connect_timeout.0,
+            limits.clone(),
         ));
         let server = Arc::new(AgentServer::new(
             config,
@@ -219,6 +229,7 @@ impl Gateway {
             tasks.spawn(crate::proxy::http::serve(
                 listener,
                 users,
+                limits.clone(),
                 guarded.clone(),
                 shutdown.clone(),
             ));
@@ -234,6 +245,7 @@ impl Gateway {
             tasks.spawn(crate::proxy::socks5::serve(
                 listener,
                 users,
+                limits.clone(),
                 guarded.clone(),
                 shutdown.clone(),
             ));
@@ -248,7 +260,7 @@ impl Gateway {
                 listener,
                 Arc::from(f.group.as_str()),
                 f.target,
-                connector.clone(),
+                limited.clone(),
                 shutdown.clone(),
             ));
         }
