@@ -9,6 +9,7 @@
 pub mod client;
 pub mod config;
 pub mod gateway;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

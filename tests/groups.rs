@@ -24,22 +24,6 @@ async fn stack() -> Stack {
     .await
 }
 
-/// Starts an agent process in `group` with `password`; `extra` adds client keys.
-fn group_agent(stack: &Stack, client_id: &str, group: &str, password: &str, extra: &str) -> Proc {
-    let dir = stack.certs.dir.path();
-    let config = format!(
-        "client:\n  gateway_addr: \"localhost:{port}\"\n  gateway_tls_cert: \"{cert}\"\n  client_id: \"{client_id}\"\n  group_id: \"{group}\"\n  auth_password: \"{password}\"\n  reconnect_min: 100ms\n  reconnect_max: 1s\n{extra}",
-        port = stack.gateway_port,
-        cert = stack.certs.cert.display(),
-    );
-    let path = dir.join(format!("{client_id}.yaml"));
-    std::fs::write(&path, config).unwrap();
-    spawn(
-        &["client", "--config", path.to_str().unwrap()],
-        &dir.join(format!("{client_id}.log")),
-    )
-}
-
 /// Waits until the gateway logged `needle`.
 async fn wait_for_gateway_log(stack: &Stack, needle: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -62,7 +46,7 @@ async fn proxy_accounts_reach_only_their_groups_agents() {
     let stack = stack().await;
     let target = http_target().await;
     let url = format!("http://127.0.0.1:{}/", target.port());
-    let _office = group_agent(&stack, "office-1", "office", OFFICE_SECRET, "");
+    let _office = stack.spawn_group_agent("office-1", "office", OFFICE_SECRET, "");
     wait_for_gateway_log(&stack, "group=office").await;
 
     // alice is bound to office, whose agent may reach loopback.
@@ -111,7 +95,7 @@ async fn an_agent_with_the_wrong_group_secret_is_refused() {
     let stack = stack().await;
     let target = http_target().await;
     let url = format!("http://127.0.0.1:{}/", target.port());
-    let _impostor = group_agent(&stack, "impostor", "office", "lab-secret", "");
+    let _impostor = stack.spawn_group_agent("impostor", "office", "lab-secret", "");
     wait_for_gateway_log(&stack, "agent authentication failed").await;
     assert!(!stack.log("gateway").contains("group=office"));
     // With no office agent, alice is not served by anyone else.
@@ -142,14 +126,13 @@ async fn a_groups_agents_share_connections_and_capacity_refusals_move_on() {
     let stack = stack().await;
     let hold = holding_target().await;
     // One agent takes a single connection at a time, the other many.
-    let _small = group_agent(
-        &stack,
+    let _small = stack.spawn_group_agent(
         "office-small",
         "office",
         OFFICE_SECRET,
         "  max_concurrent_conns: 1\n",
     );
-    let _big = group_agent(&stack, "office-big", "office", OFFICE_SECRET, "");
+    let _big = stack.spawn_group_agent("office-big", "office", OFFICE_SECRET, "");
     wait_for_gateway_log(&stack, "client_id=office-small").await;
     wait_for_gateway_log(&stack, "client_id=office-big").await;
 
@@ -202,13 +185,7 @@ async fn a_groups_agents_share_connections_and_capacity_refusals_move_on() {
 async fn replicas_are_separate_sessions_that_share_the_load() {
     let stack = stack().await;
     let hold = holding_target().await;
-    let _agent = group_agent(
-        &stack,
-        "office-r",
-        "office",
-        OFFICE_SECRET,
-        "  replicas: 3\n",
-    );
+    let _agent = stack.spawn_group_agent("office-r", "office", OFFICE_SECRET, "  replicas: 3\n");
     for i in 0..3 {
         wait_for_gateway_log(&stack, &format!("client_id=office-r.{i}")).await;
     }

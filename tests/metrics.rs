@@ -24,45 +24,6 @@ fn creds() -> String {
     format!("{ADMIN_USER}:{ADMIN_PASS}")
 }
 
-/// `(status, body)` of a GET on the admin listener, with basic auth when given.
-async fn admin_get(port: u16, path: &str, auth: Option<&str>) -> (String, String) {
-    let url = format!("http://127.0.0.1:{port}{path}");
-    let mut args = vec!["-w", "\n%{http_code}"];
-    if let Some(a) = auth {
-        args.extend(["-u", a]);
-    }
-    args.push(&url);
-    let (_, out) = curl(&args).await;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (status.to_owned(), body.to_owned())
-}
-
-/// Sum of the samples of `name` whose labels include every pair of `want`.
-fn metric(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
-    let mut sum = 0.0;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let (series, value) = match line.rsplit_once(' ') {
-            Some(x) => x,
-            None => continue,
-        };
-        let (metric_name, labels) = match series.split_once('{') {
-            Some((n, l)) => (n, l.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        if metric_name != name {
-            continue;
-        }
-        let all = want
-            .iter()
-            .all(|(k, v)| labels.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
-        if all {
-            sum += value.parse::<f64>().unwrap_or(0.0);
-        }
-    }
-    sum
-}
-
 async fn wait_until_status(port: u16, path: &str, status: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -230,15 +191,7 @@ async fn status_api_and_page_show_the_agent_and_a_live_connection() {
 
     // A SOCKS5 stream to a target that keeps it open while nothing is sent.
     let target = http_target().await;
-    let held = socks5_stream(
-        stack.socks_port,
-        SOCKS_USER,
-        SOCKS_PASS,
-        "127.0.0.1",
-        target.port(),
-    )
-    .await
-    .expect("socks5 connect");
+    let held = stack.socks5_to(target).await.expect("socks5 connect");
 
     let (status, body) = admin_get(admin, "/api/status", None).await;
     assert_eq!(status, "200");

@@ -62,6 +62,7 @@ pub async fn run(args: PmproxyArgs) -> anyhow::Result<()> {
     let proxy = tokio::spawn(anyproxy::proxy::http::serve(
         listener,
         users,
+        Arc::new(anyproxy::limits::Limits::none()),
         connector,
         shutdown.clone(),
     ));

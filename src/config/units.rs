@@ -14,6 +14,10 @@ pub struct HumanDuration(pub Duration);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteSize(pub u64);
 
+/// Bytes per second, written as a size with an optional `/s`: `10MiB/s`, `512KiB`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteRate(pub u64);
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if s.is_empty() {
@@ -110,6 +114,20 @@ impl<'de> Deserialize<'de> for ByteSize {
             NumberOrString::String(s) => parse_size(&s)
                 .map(ByteSize)
                 .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteRate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match NumberOrString::deserialize(d)? {
+            NumberOrString::Number(n) => Ok(ByteRate(n)),
+            NumberOrString::String(s) => {
+                let size = s.trim().strip_suffix("/s").unwrap_or(&s);
+                parse_size(size)
+                    .map(ByteRate)
+                    .map_err(serde::de::Error::custom)
+            }
         }
     }
 }

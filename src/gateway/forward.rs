@@ -17,10 +17,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::registry::AgentHandle;
-use super::TunnelConnector;
 use crate::config::{AgentForwards, HostPort};
+use crate::limits::Limits;
 use crate::proxy::auth::Identity;
-use crate::proxy::{Connector, Requester, TargetAddr, Upstream};
+use crate::proxy::{ConnectError, Connector, Requester, TargetAddr, Upstream};
 
 /// How long a takeover waits for the previous owner's listener to let go of the port.
 const REBIND_ATTEMPTS: u32 = 40;
@@ -37,14 +37,20 @@ struct Owner {
 pub struct AgentForwardTable {
     policy: Option<AgentForwards>,
     connect_timeout: Duration,
+    limits: Arc<Limits>,
     by_port: Mutex<HashMap<u16, Owner>>,
 }
 
 impl AgentForwardTable {
-    pub fn new(policy: Option<AgentForwards>, connect_timeout: Duration) -> Self {
+    pub fn new(
+        policy: Option<AgentForwards>,
+        connect_timeout: Duration,
+        limits: Arc<Limits>,
+    ) -> Self {
         AgentForwardTable {
             policy,
             connect_timeout,
+            limits,
             by_port: Mutex::new(HashMap::new()),
         }
     }
@@ -124,11 +130,19 @@ impl AgentForwardTable {
                     _ = agent.core.closed() => break,
                 };
                 let (agent, target) = (agent.clone(), target.clone());
+                let who = anonymous(peer, agent.group.clone());
+                let grant = match table.limits.admit(&who) {
+                    Ok(grant) => grant,
+                    Err(e) => {
+                        refused(&who, &target, &e);
+                        continue;
+                    }
+                };
                 tokio::spawn(async move {
                     match agent.core.open(&target.host, target.port, timeout).await {
                         Ok(conn) => {
-                            carry(stream, Upstream::tunnel(conn), peer, &target, &agent.group)
-                                .await;
+                            let upstream = grant.attach(Upstream::tunnel(conn));
+                            carry(stream, upstream, peer, &target, &agent.group).await;
                         }
                         Err(e) => {
                             tracing::info!(target: "access", proto = "forward", client = %peer, group = %agent.group, agent = %agent.client_id, %target, result = "refused", reason = %e);
@@ -193,13 +207,23 @@ async fn carry(
     tracing::info!(target: "access", proto = "forward", client = %peer, %group, via = %via, %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
 }
 
+/// A forward's user: known by address only.
+fn anonymous(peer: SocketAddr, group: Arc<str>) -> Requester {
+    Requester::new(peer, Identity { user: None, group })
+}
+
+/// A raw TCP forward has no way to say why its connection closes: the log says it.
+fn refused(who: &Requester, target: &TargetAddr, e: &ConnectError) {
+    tracing::info!(target: "access", proto = "forward", client = %who.peer, group = %who.group, %target, result = %e.code(), reason = %e);
+}
+
 /// Serves one declared forward until `shutdown`: each connection goes to `target`
-/// through the least-loaded agent of `group`.
-pub async fn serve_declared(
+/// through `connector` (the least-loaded agent of `group`, behind the limits).
+pub async fn serve_declared<C: Connector>(
     listener: TcpListener,
     group: Arc<str>,
     target: HostPort,
-    connector: Arc<TunnelConnector>,
+    connector: Arc<C>,
     shutdown: CancellationToken,
 ) {
     let target = TargetAddr {
@@ -220,20 +244,10 @@ pub async fn serve_declared(
         };
         let (group, target, connector) = (group.clone(), target.clone(), connector.clone());
         tokio::spawn(async move {
-            let who = Requester::new(
-                peer,
-                Identity {
-                    user: None,
-                    group: group.clone(),
-                },
-            );
+            let who = anonymous(peer, group.clone());
             match connector.connect(&target, &who).await {
                 Ok(conn) => carry(stream, conn, peer, &target, &group).await,
-                // The user's connection just closes: a raw TCP forward has no way to
-                // say why, so the reason goes to the log.
-                Err(e) => {
-                    tracing::info!(target: "access", proto = "forward", client = %peer, %group, %target, result = %e.code(), reason = %e);
-                }
+                Err(e) => refused(&who, &target, &e),
             }
         });
     }

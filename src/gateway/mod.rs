@@ -4,7 +4,6 @@
 pub mod forward;
 pub mod registry;
 pub mod server;
-pub mod throttle;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use anyproxy_proto::ErrorCode;
 
 use crate::config::{Credentials, GatewayConfig, ProxyConfig, ProxyListener, DEFAULT_GROUP};
+use crate::limits::{LimitGuard, Limits};
 use crate::proxy::auth::Accounts;
 use crate::proxy::{ConnectError, Connector, Requester, TargetAddr, Upstream};
 use crate::transport::tls;
@@ -147,9 +147,11 @@ impl Gateway {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let admin = config.admin();
+        let limits = Arc::new(Limits::new(&config.limits));
         let metrics = Arc::new(crate::metrics::GatewayMetrics::new(
             registry.clone(),
             shutdown.clone(),
+            limits.clone(),
         ));
 
         let agent_listener = bind("gateway", config.listen_addr.0).await?;
@@ -186,11 +188,17 @@ impl Gateway {
             }
             None => None,
         };
-        // Proxy users go through the policy; forwards are the operator's own routes.
+        // Every connection passes the limits; inside the policy, so that caps apply to
+        // the user a policy identified too. Forwards are the operator's own routes: no
+        // policy, and only per-address caps (no user is known).
+        let limited = Arc::new(LimitGuard {
+            limits: limits.clone(),
+            inner: connector.clone(),
+        });
         let guarded = Arc::new(crate::metrics::MeteredConnector {
             inner: Arc::new(crate::proxy::guard::PolicyGuard {
                 policy,
-                inner: connector.clone(),
+                inner: limited.clone(),
             }),
             metrics: metrics.clone(),
         });
@@ -199,6 +207,7 @@ impl Gateway {
         let agent_forwards = Arc::new(forward::AgentForwardTable::new(
             config.agent_forwards.clone(),
             config.connect_timeout.0,
+            limits.clone(),
         ));
         let server = Arc::new(AgentServer::new(
             config,
@@ -221,6 +230,7 @@ impl Gateway {
             tasks.spawn(crate::proxy::http::serve(
                 listener,
                 users,
+                limits.clone(),
                 guarded.clone(),
                 shutdown.clone(),
             ));
@@ -236,6 +246,7 @@ impl Gateway {
             tasks.spawn(crate::proxy::socks5::serve(
                 listener,
                 users,
+                limits.clone(),
                 guarded.clone(),
                 shutdown.clone(),
             ));
@@ -250,7 +261,7 @@ impl Gateway {
                 listener,
                 Arc::from(f.group.as_str()),
                 f.target,
-                connector.clone(),
+                limited.clone(),
                 shutdown.clone(),
             ));
         }

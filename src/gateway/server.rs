@@ -14,8 +14,8 @@ use tokio_util::task::TaskTracker;
 
 use super::forward::AgentForwardTable;
 use super::registry::{AgentHandle, AgentRegistry};
-use super::throttle::AuthThrottle;
 use crate::config::{Credentials, GatewayConfig, DEFAULT_GROUP};
+use crate::limits::AuthThrottle;
 use crate::proxy::auth::Accounts;
 use crate::transport::ws::{self, close_code};
 use crate::transport::{handshake, BoxIo};

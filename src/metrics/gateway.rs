@@ -17,6 +17,7 @@ use super::stats::bump;
 use super::status::{live_conns, AgentStatus, GroupStatus, Status, TrafficRing};
 use super::table::{total, SessionTable};
 use crate::gateway::AgentRegistry;
+use crate::limits::Limits;
 use crate::proxy::{ConnectError, Connector, Requester, TargetAddr, Upstream};
 
 /// (group, error code, reason) of a failed proxy request.
@@ -41,6 +42,8 @@ pub struct GatewayMetrics {
     failed: Mutex<BTreeMap<FailKey, u64>>,
     /// The policy whose quotas the status shows; set once it is loaded.
     policy: std::sync::OnceLock<Arc<crate::policy::Policy>>,
+    /// Connection caps, proxy-auth lockout and bandwidth caps, with their counters.
+    limits: Arc<Limits>,
 }
 
 /// A short, stable name for why a connect failed (the metric's `reason` label).
@@ -58,7 +61,11 @@ pub fn reason(e: &ConnectError) -> &'static str {
 }
 
 impl GatewayMetrics {
-    pub fn new(registry: Arc<AgentRegistry>, accepting: CancellationToken) -> Self {
+    pub fn new(
+        registry: Arc<AgentRegistry>,
+        accepting: CancellationToken,
+        limits: Arc<Limits>,
+    ) -> Self {
         GatewayMetrics {
             sessions: Arc::default(),
             registry,
@@ -70,6 +77,7 @@ impl GatewayMetrics {
             auth_refused_locked: AtomicU64::new(0),
             failed: Mutex::default(),
             policy: std::sync::OnceLock::new(),
+            limits,
         }
     }
 
@@ -164,7 +172,7 @@ impl Observed for GatewayMetrics {
             "Agent authentications refused because the source IP was locked out",
             &[(vec![], load(&self.auth_refused_locked))],
         )?;
-        Ok(())
+        encode_limits(enc, &self.limits)
     }
 
     fn readiness(&self) -> (bool, String) {
@@ -205,6 +213,58 @@ impl Observed for GatewayMetrics {
     fn traffic(&self) -> &TrafficRing {
         &self.traffic
     }
+}
+
+/// `gateway.limits`: refusals by kind, the proxy-auth lockout, bandwidth waits. The
+/// families are there even when no limit is configured (all zero), so dashboards and
+/// alerts need not know the configuration.
+fn encode_limits(enc: &mut DescriptorEncoder, limits: &Limits) -> Result<(), std::fmt::Error> {
+    let s = &limits.stats;
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let kind = |k: &str, a: &AtomicU64| (labels([("kind", k)]), load(a));
+    counters(
+        enc,
+        "limit_refused",
+        "Connections refused by gateway.limits, by which cap refused them",
+        &[
+            kind("user_concurrent", &s.user_concurrent),
+            kind("user_rate", &s.user_rate),
+            kind("ip_concurrent", &s.ip_concurrent),
+            kind("ip_rate", &s.ip_rate),
+            kind("table_full", &s.table_full),
+        ],
+    )?;
+    let scope = |k: &str, a: &AtomicU64| (labels([("scope", k)]), load(a));
+    counters(
+        enc,
+        "limit_paced",
+        "Reads and writes that waited for a bandwidth budget, by the budget's scope",
+        &[scope("user", &s.paced_user), scope("group", &s.paced_group)],
+    )?;
+    counters(
+        enc,
+        "proxy_auth_failures",
+        "Wrong proxy credentials (HTTP and SOCKS5), counted while gateway.limits.proxy_auth is set",
+        &[(vec![], load(&s.proxy_auth_failures))],
+    )?;
+    counters(
+        enc,
+        "proxy_auth_lockouts",
+        "Source addresses locked out after repeated wrong proxy credentials",
+        &[(vec![], load(&s.proxy_auth_lockouts))],
+    )?;
+    counters(
+        enc,
+        "proxy_auth_refused_locked",
+        "Proxy authentications refused unchecked because the address was locked out",
+        &[(vec![], load(&s.proxy_auth_refused_locked))],
+    )?;
+    gauges(
+        enc,
+        "proxy_auth_locked_addresses",
+        "Source addresses locked out of proxy authentication now",
+        &[(vec![], limits.proxy_auth_locked() as f64)],
+    )
 }
 
 /// Counts the proxy requests a connector could not connect, by group and code.

@@ -17,18 +17,22 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use anyproxy_proto::ErrorCode;
+
 use super::auth::{Accounts, Identity};
 use super::{ConnectError, Connector, Requester, TargetAddr};
+use crate::limits::{AuthVerdict, Limits, LOCKED_OUT};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
 /// How long a client may take to send a request head.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Accepts HTTP proxy clients until `shutdown`.
+/// Accepts HTTP proxy clients until `shutdown`; `limits` guards the password check.
 pub async fn serve<C: Connector>(
     listener: TcpListener,
     users: Arc<Accounts>,
+    limits: Arc<Limits>,
     connector: Arc<C>,
     shutdown: CancellationToken,
 ) {
@@ -48,6 +52,7 @@ pub async fn serve<C: Connector>(
         let state = Arc::new(ConnState {
             peer,
             users: users.clone(),
+            limits: limits.clone(),
             upstream: tokio::sync::Mutex::new(None),
         });
         let connector = connector.clone();
@@ -89,6 +94,7 @@ struct KeptUpstream {
 struct ConnState {
     peer: SocketAddr,
     users: Arc<Accounts>,
+    limits: Arc<Limits>,
     upstream: tokio::sync::Mutex<Option<KeptUpstream>>,
 }
 
@@ -121,8 +127,9 @@ fn proxy_auth_required() -> Response<Body> {
     resp
 }
 
-/// Checks `Proxy-Authorization: Basic`. Returns who it is on success.
-fn authenticate(headers: &HeaderMap, users: &Accounts) -> Option<Identity> {
+/// The user and password of `Proxy-Authorization: Basic`, if it is there and well
+/// formed.
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     let value = headers.get(header::PROXY_AUTHORIZATION)?.to_str().ok()?;
     let (scheme, encoded) = value.trim().split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {
@@ -131,7 +138,36 @@ fn authenticate(headers: &HeaderMap, users: &Accounts) -> Option<Identity> {
     let decoded = STANDARD.decode(encoded.trim()).ok()?;
     let decoded = String::from_utf8(decoded).ok()?;
     let (user, pass) = decoded.split_once(':')?;
-    users.authenticate(user, pass)
+    Some((user.to_owned(), pass.to_owned()))
+}
+
+/// Why a request was not let through: ask for credentials (407), or refuse the
+/// locked-out address (429).
+enum AuthRefusal {
+    Ask,
+    LockedOut,
+}
+
+/// Who sent `req`. A request without credentials is asked for them and does not count
+/// as a failure: browsers always try without first.
+fn authenticate(req: &Request<Incoming>, state: &ConnState) -> Result<Identity, AuthRefusal> {
+    if state.users.is_open() {
+        return Ok(state.users.anonymous());
+    }
+    let Some((user, pass)) = basic_credentials(req.headers()) else {
+        return Err(AuthRefusal::Ask);
+    };
+    match state
+        .limits
+        .proxy_auth(state.peer.ip(), || state.users.authenticate(&user, &pass))
+    {
+        AuthVerdict::Accepted(identity) => Ok(identity),
+        AuthVerdict::Rejected => Err(AuthRefusal::Ask),
+        AuthVerdict::LockedOut => {
+            tracing::info!(target: "access", proto = "http", client = %state.peer, user = %user, result = %ErrorCode::RateLimited, reason = LOCKED_OUT);
+            Err(AuthRefusal::LockedOut)
+        }
+    }
 }
 
 fn split_authority(uri: &Uri, default_port: Option<u16>) -> Option<TargetAddr> {
@@ -153,13 +189,10 @@ async fn handle<C: Connector>(
     state: &ConnState,
     connector: &C,
 ) -> Response<Body> {
-    let identity = if state.users.is_open() {
-        state.users.anonymous()
-    } else {
-        match authenticate(req.headers(), &state.users) {
-            Some(identity) => identity,
-            None => return proxy_auth_required(),
-        }
+    let identity = match authenticate(&req, state) {
+        Ok(identity) => identity,
+        Err(AuthRefusal::Ask) => return proxy_auth_required(),
+        Err(AuthRefusal::LockedOut) => return text_response(429, LOCKED_OUT),
     };
     let who = Requester::new(state.peer, identity);
     if req.method() == Method::CONNECT {

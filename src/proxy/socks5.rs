@@ -10,8 +10,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use anyproxy_proto::ErrorCode;
+
 use super::auth::{Accounts, Identity};
 use super::{Connector, Requester, TargetAddr};
+use crate::limits::{AuthVerdict, Limits, LOCKED_OUT};
 
 const VERSION: u8 = 0x05;
 const AUTH_VERSION: u8 = 0x01;
@@ -40,6 +43,8 @@ enum Socks5Error {
     NoMethod,
     #[error("authentication failed for user {0:?}")]
     AuthFailed(String),
+    #[error("user {0:?} refused: this address is locked out after repeated failures")]
+    LockedOut(String),
     #[error("unsupported command {0:#04x}")]
     Command(u8),
     #[error("unsupported address type {0:#04x}")]
@@ -50,10 +55,11 @@ enum Socks5Error {
     Timeout,
 }
 
-/// Accepts SOCKS5 clients until `shutdown`.
+/// Accepts SOCKS5 clients until `shutdown`; `limits` guards the password check.
 pub async fn serve<C: Connector>(
     listener: TcpListener,
     users: Arc<Accounts>,
+    limits: Arc<Limits>,
     connector: Arc<C>,
     shutdown: CancellationToken,
 ) {
@@ -70,10 +76,10 @@ pub async fn serve<C: Connector>(
             _ = shutdown.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
-        let users = users.clone();
+        let (users, limits) = (users.clone(), limits.clone());
         let connector = connector.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, peer, &users, &*connector).await {
+            if let Err(e) = handle(stream, peer, &users, &limits, &*connector).await {
                 tracing::debug!(%peer, error = %e, "socks5 session ended");
             }
         });
@@ -84,9 +90,15 @@ async fn handle<C: Connector>(
     mut stream: TcpStream,
     peer: SocketAddr,
     users: &Accounts,
+    limits: &Limits,
     connector: &C,
 ) -> Result<(), Socks5Error> {
-    let negotiated = tokio::time::timeout(NEGOTIATION_TIMEOUT, negotiate(&mut stream, users))
+    let auth = Auth {
+        users,
+        limits,
+        peer,
+    };
+    let negotiated = tokio::time::timeout(NEGOTIATION_TIMEOUT, negotiate(&mut stream, &auth))
         .await
         .map_err(|_| Socks5Error::Timeout)?;
     let (target, identity) = match negotiated {
@@ -121,10 +133,18 @@ async fn handle<C: Connector>(
     Ok(())
 }
 
+/// Who may connect, and the lockout guarding the password check.
+struct Auth<'a> {
+    users: &'a Accounts,
+    limits: &'a Limits,
+    peer: SocketAddr,
+}
+
 async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
-    users: &Accounts,
+    auth: &Auth<'_>,
 ) -> Result<(TargetAddr, Identity), Socks5Error> {
+    let users = auth.users;
     let version = stream.read_u8().await?;
     if version != VERSION {
         return Err(Socks5Error::Version(version));
@@ -146,7 +166,7 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(Socks5Error::NoMethod);
         }
         stream.write_all(&[VERSION, METHOD_USERPASS]).await?;
-        sub_negotiate(stream, users).await?
+        sub_negotiate(stream, auth).await?
     };
     let mut head = [0u8; 4];
     stream.read_exact(&mut head).await?;
@@ -183,7 +203,7 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
 
 async fn sub_negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
-    users: &Accounts,
+    auth: &Auth<'_>,
 ) -> Result<Identity, Socks5Error> {
     let version = stream.read_u8().await?;
     if version != AUTH_VERSION {
@@ -197,13 +217,20 @@ async fn sub_negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     stream.read_exact(&mut pass).await?;
     let user = String::from_utf8_lossy(&user).into_owned();
     let pass = String::from_utf8_lossy(&pass);
-    if let Some(identity) = users.authenticate(&user, &pass) {
+    let verdict = auth
+        .limits
+        .proxy_auth(auth.peer.ip(), || auth.users.authenticate(&user, &pass));
+    if let AuthVerdict::Accepted(identity) = verdict {
         stream.write_all(&[AUTH_VERSION, 0x00]).await?;
-        Ok(identity)
-    } else {
-        stream.write_all(&[AUTH_VERSION, 0x01]).await?;
-        Err(Socks5Error::AuthFailed(user))
+        return Ok(identity);
     }
+    // RFC 1929 has one failure status: the reason goes to the log.
+    stream.write_all(&[AUTH_VERSION, 0x01]).await?;
+    if matches!(verdict, AuthVerdict::LockedOut) {
+        tracing::info!(target: "access", proto = "socks5", client = %auth.peer, user = %user, result = %ErrorCode::RateLimited, reason = LOCKED_OUT);
+        return Err(Socks5Error::LockedOut(user));
+    }
+    Err(Socks5Error::AuthFailed(user))
 }
 
 /// A reply with BND.ADDR 0.0.0.0:0: the bound address is on the agent's side and of

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
+use crate::limits::Grant;
 use crate::tunnel::relay::LocalStream;
 use crate::tunnel::{relay_metered, Meter, RelayStats, TunnelConn};
 
@@ -22,6 +23,9 @@ pub struct Upstream {
     pub meter: Option<Arc<dyn Meter>>,
     /// The policy's verdict for the access log, when a policy decided.
     pub verdict: Option<Arc<str>>,
+    /// Places under the connection caps and bandwidth budgets, held until the relay
+    /// ends (`gateway.limits`); empty by default.
+    pub limits: Grant,
 }
 
 impl Upstream {
@@ -30,6 +34,7 @@ impl Upstream {
             route: Route::Tunnel(conn),
             meter: None,
             verdict: None,
+            limits: Grant::default(),
         }
     }
 
@@ -38,6 +43,7 @@ impl Upstream {
             route: Route::Direct(stream),
             meter: None,
             verdict: None,
+            limits: Grant::default(),
         }
     }
 
@@ -51,10 +57,13 @@ impl Upstream {
 
     /// Relays between the user's `local` socket and the target until both directions
     /// end (half-close is carried), or either side fails.
+    /// The grant (and so the connection's places under the caps) is released when
+    /// this returns, or if the relay's task is dropped or panics.
     pub async fn carry<S: LocalStream>(self, local: S) -> RelayStats {
         let meter = self.meter.as_deref();
         match self.route {
-            Route::Tunnel(conn) => relay_metered(local, conn, meter).await,
+            Route::Tunnel(conn) => relay_metered(local, conn, meter, self.limits.pace()).await,
+            // The standalone proxy has no `limits` configuration: nothing to pace.
             Route::Direct(remote) => super::direct::relay_direct(local, remote, meter).await,
         }
     }

@@ -6,7 +6,7 @@ pub mod relay;
 pub mod session;
 pub mod table;
 
-pub use relay::{relay, relay_metered, Meter, MeterCut, RelayStats};
+pub use relay::{relay, relay_metered, Meter, MeterCut, Pace, RelayStats};
 pub use session::{ConnectFailure, OpenError, SessionCore, SessionEnd, SessionOptions, TunnelConn};
 
 /// Milliseconds on a monotonic clock since the first call; for liveness bookkeeping.

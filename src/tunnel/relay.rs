@@ -46,6 +46,23 @@ pub struct MeterCut {
     pub reason: String,
 }
 
+/// Paces the bytes a relay moves (bandwidth caps), in both directions: told of each
+/// read before its bytes are sent on, and of each write before it happens.
+pub trait Pace: Send + Sync {
+    /// Accounts for `n` bytes; the relay waits the returned time before moving them.
+    fn reserve(&self, n: usize) -> Duration;
+}
+
+/// Waits what `pace` asks for `n` bytes; nothing at all without a pace.
+async fn paced(pace: Option<&dyn Pace>, n: usize) {
+    if let Some(p) = pace {
+        let wait = p.reserve(n);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
 /// Why a connection ended before both directions finished.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Abort {
@@ -111,14 +128,16 @@ impl LocalStream for hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {}
 /// the connection is reset. The peer is told with `close` unless the connection ended
 /// cleanly or the peer was the one that closed it.
 pub async fn relay<S: LocalStream>(stream: S, conn: TunnelConn) -> RelayStats {
-    relay_metered(stream, conn, None).await
+    relay_metered(stream, conn, None, None).await
 }
 
-/// [`relay`], with the bytes toward the local socket counted by `meter`.
+/// [`relay`], with the bytes toward the local socket counted by `meter`, and the
+/// bytes both ways paced by `pace`.
 pub async fn relay_metered<S: LocalStream>(
     stream: S,
     conn: TunnelConn,
     meter: Option<&dyn Meter>,
+    pace: Option<&dyn Pace>,
 ) -> RelayStats {
     let TunnelConn {
         id,
@@ -161,6 +180,7 @@ pub async fn relay_metered<S: LocalStream>(
                     Err(_) => Err(Abort::SessionClosed),
                 };
             }
+            paced(pace, n).await;
             sent += n as u64;
             bump(&counters.bytes_in, n as u64);
             let payload = buf.split_to(n).freeze();
@@ -196,6 +216,7 @@ pub async fn relay_metered<S: LocalStream>(
             }
             let mut written = 0usize;
             for chunk in chunks.drain(..) {
+                paced(pace, chunk.len()).await;
                 let cut = meter.and_then(|m| m.admit(chunk.len()).err());
                 let allowed = cut
                     .as_ref()

@@ -241,6 +241,21 @@ gateway:
         format!("{SOCKS_USER}:{SOCKS_PASS}@127.0.0.1:{}", self.socks_port)
     }
 
+    /// A SOCKS5 connection as the stack's SOCKS user to a loopback `target`.
+    pub async fn socks5_to(
+        &self,
+        target: SocketAddr,
+    ) -> Result<tokio::net::TcpStream, Socks5Refusal> {
+        socks5_stream(
+            self.socks_port,
+            SOCKS_USER,
+            SOCKS_PASS,
+            "127.0.0.1",
+            target.port(),
+        )
+        .await
+    }
+
     pub fn log(&self, which: &str) -> String {
         std::fs::read_to_string(self.certs.dir.path().join(format!("{which}.log")))
             .unwrap_or_default()
@@ -269,6 +284,29 @@ gateway:
         spawn(
             &["client", "--config", path.to_str().unwrap()],
             &self.certs.dir.path().join(format!("{name}.log")),
+        )
+    }
+
+    /// Starts an agent process in `group` with `password` (config and log named after
+    /// `client_id`); `extra` adds `client:` keys, each line indented by two spaces.
+    pub fn spawn_group_agent(
+        &self,
+        client_id: &str,
+        group: &str,
+        password: &str,
+        extra: &str,
+    ) -> Proc {
+        let dir = self.certs.dir.path();
+        let config = format!(
+            "client:\n  gateway_addr: \"localhost:{port}\"\n  gateway_tls_cert: \"{cert}\"\n  client_id: \"{client_id}\"\n  group_id: \"{group}\"\n  auth_password: \"{password}\"\n  reconnect_min: 100ms\n  reconnect_max: 1s\n{extra}",
+            port = self.gateway_port,
+            cert = self.certs.cert.display(),
+        );
+        let path = dir.join(format!("{client_id}.yaml"));
+        std::fs::write(&path, config).unwrap();
+        spawn(
+            &["client", "--config", path.to_str().unwrap()],
+            &dir.join(format!("{client_id}.log")),
         )
     }
 
@@ -526,4 +564,50 @@ pub async fn curl_connect_status(args: &[&str]) -> String {
     all.extend_from_slice(args);
     let (_, out) = curl(&all).await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Runs curl and returns `(HTTP status, body)`.
+pub async fn curl_status_body(args: &[&str]) -> (String, String) {
+    let mut all = vec!["-w", "\n%{http_code}"];
+    all.extend_from_slice(args);
+    let (_, out) = curl(&all).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (status.to_owned(), body.to_owned())
+}
+
+/// `(status, body)` of a GET on the admin listener, with basic auth when given.
+pub async fn admin_get(port: u16, path: &str, auth: Option<&str>) -> (String, String) {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let mut args = vec![];
+    if let Some(a) = auth {
+        args.extend(["-u", a]);
+    }
+    args.push(url.as_str());
+    curl_status_body(&args).await
+}
+
+/// Sum of the samples of `name` whose labels include every pair of `want`.
+pub fn metric(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+    let mut sum = 0.0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        let (metric_name, labels) = match series.split_once('{') {
+            Some((n, l)) => (n, l.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if metric_name != name {
+            continue;
+        }
+        let all = want
+            .iter()
+            .all(|(k, v)| labels.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+        if all {
+            sum += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    sum
 }

@@ -281,12 +281,12 @@ async fn handle(
 
 /// Failed logins per source address: 5 within a minute lock the address out for a
 /// minute, so passwords cannot be guessed at argon2 speed (and argon2 cannot be used to
-/// exhaust the CPU). The same mechanism guards agent authentication on the gateway.
-fn login_throttle() -> &'static crate::gateway::throttle::AuthThrottle {
-    static THROTTLE: std::sync::OnceLock<crate::gateway::throttle::AuthThrottle> =
-        std::sync::OnceLock::new();
+/// exhaust the CPU). The same mechanism guards agent and proxy-user authentication on
+/// the gateway.
+fn login_throttle() -> &'static crate::limits::AuthThrottle {
+    static THROTTLE: std::sync::OnceLock<crate::limits::AuthThrottle> = std::sync::OnceLock::new();
     THROTTLE.get_or_init(|| {
-        crate::gateway::throttle::AuthThrottle::new(
+        crate::limits::AuthThrottle::new(
             5,
             std::time::Duration::from_secs(60),
             std::time::Duration::from_secs(60),

@@ -1,5 +1,6 @@
-//! Brute-force protection for agent authentication: after too many failures from one
-//! source IP within a window, that IP is refused with `RATE_LIMITED` for a cool-down.
+//! Brute-force protection for any password check (agents, proxy users, the policy
+//! API's logins): after too many failures from one source IP within a window, that IP
+//! is refused for a cool-down without its password being checked.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -35,6 +36,7 @@ impl AuthThrottle {
 
     /// Whether `ip` is locked out now.
     pub fn is_locked(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
         let now = Instant::now();
         self.records
             .lock()
@@ -45,6 +47,8 @@ impl AuthThrottle {
 
     /// Records a failure; returns true when this failure locked the IP out.
     pub fn failure(&self, ip: IpAddr) -> bool {
+        // An IPv4 client seen through a dual-stack socket must not get a second count.
+        let ip = ip.to_canonical();
         let now = Instant::now();
         let mut records = self.records.lock();
         if records.len() >= MAX_TRACKED && !records.contains_key(&ip) {
@@ -83,7 +87,17 @@ impl AuthThrottle {
     }
 
     pub fn success(&self, ip: IpAddr) {
-        self.records.lock().remove(&ip);
+        self.records.lock().remove(&ip.to_canonical());
+    }
+
+    /// Addresses locked out now (for a gauge; walks the table, so scrape-time only).
+    pub fn locked_count(&self) -> usize {
+        let now = Instant::now();
+        self.records
+            .lock()
+            .values()
+            .filter(|r| r.locked_until.is_some_and(|u| u > now))
+            .count()
     }
 }
 
@@ -100,6 +114,9 @@ mod tests {
         assert!(!t.is_locked(ip));
         assert!(t.failure(ip));
         assert!(t.is_locked(ip));
+        assert_eq!(t.locked_count(), 1);
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert!(t.is_locked(mapped), "one address, however it is written");
         let other: IpAddr = "192.0.2.2".parse().unwrap();
         assert!(!t.is_locked(other));
         std::thread::sleep(Duration::from_millis(80));
