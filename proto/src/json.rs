@@ -62,12 +62,6 @@ struct ConnectResponseOut<'a> {
 }
 
 #[derive(Serialize)]
-struct DataOut {
-    connection_id: String,
-    payload: String,
-}
-
-#[derive(Serialize)]
 struct CloseOut<'a> {
     connection_id: String,
     reason: &'a str,
@@ -120,6 +114,66 @@ fn write<T: Serialize>(out: &mut Vec<u8>, kind: MessageKind, data: T) {
     serde_json::to_writer(out, &envelope).expect("JSON serialization into memory");
 }
 
+// Data messages are nearly all of the bytes in JSON mode, so they skip serde both ways:
+// the payload is base64 (no character needs escaping) and the id is digits, so the
+// bytes below are exactly what serde_json writes for the same message.
+const DATA_PREFIX: &[u8] = br#"{"type":"data","data":{"connection_id":""#;
+const DATA_PAYLOAD: &[u8] = br#"","payload":""#;
+const DATA_SUFFIX: &[u8] = br#""}}"#;
+
+fn encode_data(m: &Data, out: &mut Vec<u8>) {
+    let b64 = base64_simd::STANDARD;
+    out.reserve(
+        DATA_PREFIX.len()
+            + 10
+            + DATA_PAYLOAD.len()
+            + b64.encoded_length(m.payload.len())
+            + DATA_SUFFIX.len(),
+    );
+    out.extend_from_slice(DATA_PREFIX);
+    let mut digits = [0u8; 10];
+    out.extend_from_slice(decimal(m.id.0, &mut digits));
+    out.extend_from_slice(DATA_PAYLOAD);
+    b64.encode_append(&m.payload[..], out);
+    out.extend_from_slice(DATA_SUFFIX);
+}
+
+fn decimal(mut n: u32, buf: &mut [u8; 10]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// A data message in exactly the shape [`encode_data`] writes. Anything else (other
+/// key order, spaces, escapes, a numeric id, bad base64) returns `None` and goes
+/// through the general parser, which accepts every valid form and names the error.
+fn decode_data_fast(input: &[u8]) -> Option<Message> {
+    let rest = input.strip_prefix(DATA_PREFIX)?;
+    let quote = rest.iter().take(11).position(|&b| b == b'"')?;
+    let (digits, rest) = rest.split_at(quote);
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let id = std::str::from_utf8(digits).ok()?.parse::<u32>().ok()?;
+    let b64 = rest.strip_prefix(DATA_PAYLOAD)?.strip_suffix(DATA_SUFFIX)?;
+    if b64.len() > MAX_DATA_PAYLOAD.div_ceil(3) * 4 {
+        return None;
+    }
+    // Rejects any byte outside the alphabet, so a quote or backslash inside cannot
+    // have ended the string early or hidden an escape.
+    let payload = base64_simd::STANDARD.decode_to_vec(b64).ok()?;
+    Some(Message::Data(Data {
+        id: ConnId(id),
+        payload: Bytes::from(payload),
+    }))
+}
+
 /// Appends the JSON form of `msg` to `out`.
 pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
     let kind = msg.kind();
@@ -160,14 +214,7 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
                 message: &m.message,
             },
         ),
-        Message::Data(m) => write(
-            out,
-            kind,
-            DataOut {
-                connection_id: m.id.to_string(),
-                payload: STANDARD.encode(&m.payload),
-            },
-        ),
+        Message::Data(m) => encode_data(m, out),
         Message::Close(m) => write(
             out,
             kind,
@@ -446,6 +493,9 @@ pub fn decode(input: &[u8]) -> Result<Message, DecodeError> {
             max: MAX_MESSAGE_LEN,
         });
     }
+    if let Some(msg) = decode_data_fast(input) {
+        return Ok(msg);
+    }
     let text = std::str::from_utf8(input).map_err(|_| DecodeError::InvalidUtf8("message"))?;
     let envelope: EnvelopeIn<'_> =
         serde_json::from_str(text).map_err(|e| DecodeError::Json(e.to_string()))?;
@@ -559,4 +609,94 @@ pub fn decode(input: &[u8]) -> Result<Message, DecodeError> {
         }
     };
     Ok(msg)
+}
+
+#[cfg(test)]
+mod data_fast_path {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Serialize)]
+    struct DataOut {
+        connection_id: String,
+        payload: String,
+    }
+
+    /// What serde_json writes for a data message (the encoder before the fast path):
+    /// the reference the fast path must match byte for byte.
+    fn serde_form(id: u32, payload: &[u8]) -> String {
+        let envelope = Envelope {
+            kind: "data",
+            data: DataOut {
+                connection_id: id.to_string(),
+                payload: STANDARD.encode(payload),
+            },
+        };
+        serde_json::to_string(&envelope).unwrap()
+    }
+
+    fn general(input: &[u8]) -> Result<Message, DecodeError> {
+        // The general parser alone: a leading space keeps the fast path out.
+        let mut spaced = b" ".to_vec();
+        spaced.extend_from_slice(input);
+        decode(&spaced)
+    }
+
+    proptest! {
+        #[test]
+        fn fast_encoding_is_byte_identical_to_serde_and_both_decoders_agree(
+            id in any::<u32>(),
+            payload in proptest::collection::vec(any::<u8>(), 0..3000),
+        ) {
+            let msg = Message::Data(Data { id: ConnId(id), payload: Bytes::from(payload.clone()) });
+            let fast = encode(&msg);
+            prop_assert_eq!(String::from_utf8(fast.clone()).unwrap(), serde_form(id, &payload));
+            prop_assert_eq!(decode_data_fast(&fast), Some(msg.clone()));
+            prop_assert_eq!(general(&fast).unwrap(), msg);
+        }
+
+        #[test]
+        fn whatever_the_fast_path_accepts_the_general_parser_decodes_the_same(
+            tail in proptest::collection::vec(
+                prop_oneof![Just(b'A'), Just(b'='), Just(b'"'), Just(b'\\'), Just(b'}'), Just(b'/'), any::<u8>()],
+                0..24,
+            ),
+        ) {
+            let mut input = DATA_PREFIX.to_vec();
+            input.extend_from_slice(b"12");
+            input.extend_from_slice(DATA_PAYLOAD);
+            input.extend_from_slice(&tail);
+            input.extend_from_slice(DATA_SUFFIX);
+            if let Some(fast) = decode_data_fast(&input) {
+                prop_assert_eq!(general(&input).ok(), Some(fast));
+            }
+        }
+    }
+
+    #[test]
+    fn other_valid_forms_fall_back_and_still_decode() {
+        let want = Message::Data(Data {
+            id: ConnId(7),
+            payload: Bytes::from_static(b"hi?"),
+        });
+        for text in [
+            // Python's json.dumps spacing, a numeric id, key order, an escaped slash.
+            r#"{"type": "data", "data": {"connection_id": "7", "payload": "aGk/"}}"#,
+            r#"{"type":"data","data":{"connection_id":7,"payload":"aGk/"}}"#,
+            r#"{"data":{"payload":"aGk/","connection_id":"7"},"type":"data"}"#,
+            r#"{"type":"data","data":{"connection_id":"7","payload":"aGk\/"}}"#,
+        ] {
+            assert_eq!(decode_data_fast(text.as_bytes()), None, "{text}");
+            assert_eq!(decode(text.as_bytes()).unwrap(), want, "{text}");
+        }
+        // Bad base64 in the fast shape gets the general parser's error.
+        let bad = br#"{"type":"data","data":{"connection_id":"7","payload":"aGk"}}"#;
+        assert!(matches!(decode(bad), Err(DecodeError::InvalidBase64(_))));
+        // Non-canonical trailing bits are refused by both decoders alike.
+        let loose = br#"{"type":"data","data":{"connection_id":"7","payload":"aGl="}}"#;
+        assert_eq!(decode_data_fast(loose), None);
+        assert!(decode(loose).is_err());
+        let big = br#"{"type":"data","data":{"connection_id":"4294967296","payload":""}}"#;
+        assert!(matches!(decode(big), Err(DecodeError::InvalidConnId(_))));
+    }
 }
