@@ -334,14 +334,18 @@ async fn native(
     let secs = env.knobs.bulk_secs;
     let mut conns = Vec::with_capacity(streams);
     for _ in 0..streams {
-        let mut s = dial.connect().await?;
-        s.write_all(&[if d == Direction::Down {
-            targets::BULK_DOWNLOAD
-        } else {
-            targets::BULK_UPLOAD
-        }])
-        .await?;
-        conns.push(s);
+        conns.push(dial.connect().await?);
+    }
+    // Start every stream only once all are connected: a download nobody reads yet
+    // fills its buffers, and in JSON mode (no per-connection credit) that stalls the
+    // whole session, so the next connect would time out.
+    let start_byte = if d == Direction::Down {
+        targets::BULK_DOWNLOAD
+    } else {
+        targets::BULK_UPLOAD
+    };
+    for s in &mut conns {
+        s.write_all(&[start_byte]).await?;
     }
     let meter = pids.map(|p| CpuMeter::start(p)).transpose()?;
     let start = Instant::now();

@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 use crate::procs::{self, CpuMeter};
 use crate::rathole::{Rathole, Transport};
 use crate::report::{ms, quantile, ratio, Cell, Report, Table};
-use crate::stack::{Encoding, Stack, StackOptions, HTTP_PASS, HTTP_USER, SOCKS_PASS, SOCKS_USER};
+use crate::stack::{Stack, StackOptions, HTTP_PASS, HTTP_USER, SOCKS_PASS, SOCKS_USER};
 use crate::{targets, Env};
 
 /// What one route's batch of curl runs gave.
@@ -35,12 +35,7 @@ pub async fn run(env: &Env, report: &mut Report) -> Result<Vec<Outcome>> {
 
     let mut stack = Stack::start(
         &env.anyproxy,
-        StackOptions {
-            encoding: Encoding::Binary,
-            deflate: false,
-            forwards: vec![("http", target)],
-            max_conns: env.knobs.curl_concurrency * 2 + 100,
-        },
+        StackOptions::binary(vec![("http", target)], env.knobs.curl_concurrency * 2 + 100),
     )
     .await?;
     let pids = stack.pids()?;

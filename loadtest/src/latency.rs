@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::rathole::{Rathole, Transport};
 use crate::report::{quantile, ratio, us, Cell, Report, Table};
 use crate::socks5::Dial;
-use crate::stack::{Encoding, Stack, StackOptions, SOCKS_PASS, SOCKS_USER};
+use crate::stack::{Stack, StackOptions, SOCKS_PASS, SOCKS_USER};
 use crate::{targets, Env};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -44,12 +44,7 @@ pub async fn run(env: &Env, report: &mut Report) -> Result<()> {
 
     let mut stack = Stack::start(
         &env.anyproxy,
-        StackOptions {
-            encoding: Encoding::Binary,
-            deflate: false,
-            forwards: vec![("echo", echo)],
-            max_conns: 100,
-        },
+        StackOptions::binary(vec![("echo", echo)], 100),
     )
     .await?;
     let fwd = Dial::Direct(local(stack.forward("echo")?));

@@ -81,44 +81,27 @@ pub fn spawn(name: &str, program: &Path, args: &[&str], log: &Path) -> Result<Pr
     })
 }
 
-/// Waits until something accepts on `port`, failing early if `proc` dies.
-pub async fn wait_for_port(port: u16, proc: &mut Proc) -> Result<()> {
+/// Polls `ready` until it holds, failing early if `proc` dies and after 30 s.
+async fn wait_until(proc: &mut Proc, what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Ok(());
-        }
+    while !ready() {
         proc.check_alive()?;
         if Instant::now() > deadline {
-            bail!(
-                "{} never listened on port {port}; log:\n{}",
-                proc.name,
-                log_tail(&proc.log)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits until something listens on `port`, without connecting to it (and without
-/// binding it ourselves, which could make the real owner's bind fail).
-pub async fn wait_for_listening(port: u16, proc: &mut Proc) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !is_listening(port) {
-        proc.check_alive()?;
-        if Instant::now() > deadline {
-            bail!(
-                "{} never bound port {port}; log:\n{}",
-                proc.name,
-                log_tail(&proc.log)
-            );
+            bail!("{} never {what}; log:\n{}", proc.name, log_tail(&proc.log));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
+}
+
+/// Waits until something listens on `port`, without connecting to it (a probe would
+/// count as a client: a failed TLS handshake in a log, a bogus iperf3 test) and
+/// without binding it ourselves (which could make the real owner's bind fail).
+pub async fn wait_for_listening(port: u16, proc: &mut Proc) -> Result<()> {
+    wait_until(proc, &format!("listened on port {port}"), || {
+        is_listening(port)
+    })
+    .await
 }
 
 /// Whether /proc/net/tcp shows a socket in LISTEN state on `port`.
@@ -133,22 +116,12 @@ fn is_listening(port: u16) -> bool {
 
 /// Waits until `proc`'s log holds `needle` `times` times.
 pub async fn wait_for_log(proc: &mut Proc, needle: &str, times: usize) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let log = std::fs::read_to_string(&proc.log).unwrap_or_default();
-        if log.matches(needle).count() >= times {
-            return Ok(());
-        }
-        proc.check_alive()?;
-        if Instant::now() > deadline {
-            bail!(
-                "{} never logged {needle:?}; log:\n{}",
-                proc.name,
-                log_tail(&proc.log)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let log = proc.log.clone();
+    wait_until(proc, &format!("logged {needle:?}"), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.matches(needle).count() >= times
+    })
+    .await
 }
 
 static KEEP_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

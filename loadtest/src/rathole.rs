@@ -76,7 +76,7 @@ impl Rathole {
             &["--server", &path(&server_toml)?],
             &dir.path().join("server.log"),
         )?;
-        procs::wait_for_port(control_port, &mut server).await?;
+        procs::wait_for_listening(control_port, &mut server).await?;
         let mut client = procs::spawn(
             &format!("{} client", transport.label()),
             bin,

@@ -15,7 +15,7 @@ use crate::procs::{self, fd_count, rss_kib, Proc};
 use crate::rathole::{Rathole, Transport};
 use crate::report::{Cell, Report, Table};
 use crate::socks5::Dial;
-use crate::stack::{Encoding, Stack, StackOptions, SOCKS_PASS, SOCKS_USER};
+use crate::stack::{Stack, StackOptions, SOCKS_PASS, SOCKS_USER};
 use crate::{targets, Env};
 
 /// Memory and descriptors of the two tunnel processes at one moment.
@@ -70,12 +70,7 @@ async fn measure_all(env: &Env, report: &mut Report, conns: usize) -> Result<()>
         }
         let mut stack = Stack::start(
             &env.anyproxy,
-            StackOptions {
-                encoding: Encoding::Binary,
-                deflate: false,
-                forwards: vec![("hold", hold)],
-                max_conns: ours + 100,
-            },
+            StackOptions::binary(vec![("hold", hold)], ours + 100),
         )
         .await?;
         let dial = if route == "socks5" {
@@ -138,35 +133,25 @@ async fn measure_all(env: &Env, report: &mut Report, conns: usize) -> Result<()>
         ],
     );
     for r in &rows {
-        let per = |i: usize| {
+        // Growth from idle to held, per connection, for one process's measure.
+        let per = |held: f64, idle: f64| {
             if r.conns == 0 {
                 Cell::None
             } else {
-                Cell::Num(
-                    (r.held.rss[i] as f64 - r.idle.rss[i] as f64) / r.conns as f64,
-                    2,
-                )
+                Cell::Num((held - idle) / r.conns as f64, 2)
             }
         };
-        let per_fd = |i: usize| {
-            if r.conns == 0 {
-                Cell::None
-            } else {
-                Cell::Num(
-                    (r.held.fds[i] as f64 - r.idle.fds[i] as f64) / r.conns as f64,
-                    2,
-                )
-            }
-        };
+        let rss = |i: usize| per(r.held.rss[i] as f64, r.idle.rss[i] as f64);
+        let fds = |i: usize| per(r.held.fds[i] as f64, r.idle.fds[i] as f64);
         t.rows.push(vec![
             Cell::text(&r.route),
             Cell::Num(r.conns as f64, 0),
             Cell::Num(r.idle.rss[0] as f64, 0),
             Cell::Num(r.idle.rss[1] as f64, 0),
-            per(0),
-            per(1),
-            per_fd(0),
-            per_fd(1),
+            rss(0),
+            rss(1),
+            fds(0),
+            fds(1),
             if r.conns == 0 {
                 Cell::None
             } else {

@@ -42,6 +42,16 @@ pub struct StackOptions {
 }
 
 impl StackOptions {
+    /// The default configuration (binary, no deflate) with these forwards.
+    pub fn binary(forwards: Vec<(&'static str, SocketAddr)>, max_conns: usize) -> StackOptions {
+        StackOptions {
+            encoding: Encoding::Binary,
+            deflate: false,
+            forwards,
+            max_conns,
+        }
+    }
+
     pub fn label(&self) -> String {
         format!(
             "anyproxy {}{}",
