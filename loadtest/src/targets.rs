@@ -9,7 +9,7 @@ use anyhow::Result;
 use bytes::Bytes;
 use http_body_util::Full;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 /// Size of the static page, about what a default nginx index page weighs.
 pub const PAGE_SIZE: usize = 1024;
@@ -108,17 +108,28 @@ pub async fn echo_server() -> Result<SocketAddr> {
     Ok(addr)
 }
 
-/// Accepts and holds connections, greeting each with one byte. Run as a child process
-/// (`loadtest hold`); prints its port on stdout.
+/// Accepts and holds connections, greeting each with one byte, until the client
+/// closes. Run as a child process (`loadtest hold`); prints its port on stdout.
 pub async fn hold_server() -> Result<()> {
     let (listener, addr) = listen().await?;
     println!("{}", addr.port());
-    let mut held: Vec<TcpStream> = Vec::new();
     loop {
-        let (mut s, _) = listener.accept().await?;
-        if s.write_all(&[HOLD_HELLO]).await.is_ok() {
-            held.push(s);
-        }
+        let mut s = match listener.accept().await {
+            Ok((s, _)) => s,
+            // Out of descriptors: connections being closed will free some.
+            Err(e) => {
+                eprintln!("hold server: accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            if s.write_all(&[HOLD_HELLO]).await.is_ok() {
+                // Held until the client goes away, so rounds don't pile up descriptors.
+                let mut buf = [0u8; 64];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            }
+        });
     }
 }
 
