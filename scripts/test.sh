@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what the tests drive (curl, the
-# Python `websockets` package, headless Chromium), then runs fmt, clippy and every test.
+# Python `websockets` package, headless Chromium; iperf3 and rathole for the load-test
+# smoke run), then runs fmt, clippy, a tiny load test and every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,5 +23,12 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+# The load tests are not CI tests, but a tiny run of every scenario (seconds, a few
+# connections, rathole included) keeps the harness from rotting. Before cargo test so
+# that the test summary stays the closing lines.
+echo "== loadtest all --tiny"
+bash loadtest/install-deps.sh
+cargo build --workspace --bins
+PATH="$HOME/.cargo/bin:$PATH" target/debug/loadtest all --tiny --anyproxy target/debug/anyproxy
 echo "== cargo test"
 cargo test --workspace
