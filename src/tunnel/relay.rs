@@ -23,6 +23,11 @@ use crate::metrics::stats::bump;
 pub const READ_SIZE: usize = 64 * 1024;
 const _: () = assert!(READ_SIZE <= MAX_DATA_PAYLOAD);
 
+/// The first reads of a connection. Most connections are idle or carry requests and
+/// small answers, and a buffer that waits on an idle socket is memory held per
+/// connection; a read that fills it moves the connection up to [`READ_SIZE`].
+const FIRST_READ: usize = 4 * 1024;
+
 /// How a relay ended, for the access log.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RelayStats {
@@ -157,20 +162,25 @@ pub async fn relay_metered<S: LocalStream>(
     let mut received = 0u64;
 
     let upstream = async {
-        let mut buf = BytesMut::with_capacity(READ_SIZE);
+        let mut buf = BytesMut::new();
+        let mut read_size = FIRST_READ;
         loop {
             if half_close && credit.available() == 0 {
                 bump(&counters.credit_stalls, 1);
             }
-            let allowed = credit.take(READ_SIZE).await;
-            if buf.capacity() - buf.len() < allowed.min(READ_SIZE / 4) {
-                buf.reserve(READ_SIZE);
+            let allowed = credit.take(read_size).await;
+            if buf.capacity() - buf.len() < allowed.min(read_size / 4) {
+                buf.reserve(read_size);
             }
-            let n = match (&mut rd).take(allowed as u64).read_buf(&mut buf).await {
+            let offered = allowed.min(buf.capacity() - buf.len());
+            let n = match (&mut rd).take(offered as u64).read_buf(&mut buf).await {
                 Ok(n) => n,
                 Err(_) => return Err(Abort::LocalReadFailed),
             };
             credit.give_back(allowed - n);
+            if n == offered && read_size < READ_SIZE {
+                read_size = READ_SIZE;
+            }
             if n == 0 {
                 if !half_close {
                     return Err(Abort::LocalClosed);
