@@ -10,7 +10,6 @@ use anyproxy::policy::{dir::default_dir, start_api, PolicyDir};
 use anyproxy::proxy::auth::Accounts;
 use anyproxy::proxy::direct::DirectConnector;
 use anyproxy::proxy::guard::PolicyGuard;
-use tokio::net::TcpListener;
 
 use super::{signals, until_stopped};
 
@@ -46,8 +45,7 @@ pub async fn run(args: PmproxyArgs) -> anyhow::Result<()> {
         .server
         .socket_addr()
         .map_err(|e| anyhow!("server.toml: proxy.server.addr: {e}"))?;
-    let listener = TcpListener::bind(proxy_addr)
-        .await
+    let listener = anyproxy::transport::listen::listen(proxy_addr)
         .with_context(|| format!("listening on {proxy_addr}"))?;
     let proxy_addr = listener.local_addr()?;
     let connector = Arc::new(PolicyGuard {

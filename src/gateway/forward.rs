@@ -183,7 +183,7 @@ impl AgentForwardTable {
 async fn bind_when_free(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let mut attempt = 0;
     loop {
-        match TcpListener::bind(addr).await {
+        match crate::transport::listen::listen(addr) {
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempt < REBIND_ATTEMPTS => {
                 attempt += 1;
                 tokio::time::sleep(REBIND_PAUSE).await;

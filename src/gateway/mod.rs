@@ -126,9 +126,7 @@ pub struct Gateway {
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { what, addr, source })
+    crate::transport::listen::listen(addr).map_err(|source| StartError::Bind { what, addr, source })
 }
 
 impl Gateway {

@@ -2,6 +2,7 @@
 //! encoding negotiation, and WebSocket message framing.
 
 pub mod handshake;
+pub mod listen;
 pub mod tls;
 pub mod ws;
 
