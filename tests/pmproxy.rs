@@ -44,6 +44,17 @@ proxyURL = "http://{user}:{pass}@127.0.0.1:{gw}"
     let server = anyproxy::policy::server_config::DEFAULT_SERVER_TOML
         .replace("127.0.0.1:4443", &format!("127.0.0.1:{api_port}"))
         .replace("127.0.0.1:8080", &format!("127.0.0.1:{proxy_port}"));
+    // The targets here are on loopback, which the default forbids; keep the name
+    // `localhost` and one other loopback address forbidden to see the check work.
+    let default_forbidden = server
+        .lines()
+        .find(|l| l.trim_start().starts_with("forbiddenHosts"))
+        .expect("the default server.toml lists forbiddenHosts")
+        .to_string();
+    let server = server.replace(
+        &default_forbidden,
+        r#"	forbiddenHosts = ["localhost", "127.0.0.2/32"]"#,
+    );
     std::fs::write(dir.path().join("server.toml"), server).unwrap();
     let log = dir.path().join("pmproxy.log");
     let _pmproxy = spawn(
@@ -56,6 +67,24 @@ proxyURL = "http://{user}:{pass}@127.0.0.1:{gw}"
     // Allowed, dialed directly.
     let (code, body) = curl(&["-x", &proxy, &format!("http://{direct}/")]).await;
     assert_eq!((code, body.as_slice()), (0, &b"hello"[..]));
+    // Forbidden egress: by name (the policy API's own port), and by address.
+    for (url, why) in [
+        (
+            format!("http://localhost:{api_port}/"),
+            "is a forbidden host",
+        ),
+        (
+            format!("http://127.0.0.2:{}/", direct.port()),
+            "is in a forbidden network",
+        ),
+    ] {
+        let (_, body) = curl(&["-x", &proxy, &url]).await;
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.starts_with("403") && body.contains(why),
+            "{url}: {body}"
+        );
+    }
     // Denied by the rule, with the reason.
     let (_, body) = curl(&["-x", &proxy, &format!("http://{blocked}/")]).await;
     let body = String::from_utf8_lossy(&body);

@@ -52,6 +52,11 @@ pub async fn run(args: PmproxyArgs) -> anyhow::Result<()> {
         policy: Some(policy),
         inner: Arc::new(DirectConnector {
             dial_timeout: dir.server.proxy.dial_timeout.0,
+            acl: dir
+                .server
+                .proxy
+                .acl()
+                .context("server.toml: proxy.forbiddenHosts")?,
         }),
     });
     // Users are told apart by their session at their IP (`sessionIPM`), as upstream:

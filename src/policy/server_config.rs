@@ -51,6 +51,11 @@ pub struct ApiConf {
 pub struct ProxyConf {
     #[serde(rename = "dialTimeout", default = "default_dial")]
     pub dial_timeout: HumanDuration,
+    /// Targets the proxy never dials, in the agent's `forbidden_hosts` syntax (names,
+    /// `*.suffix`, IPs, CIDRs), checked on the name and on every resolved address.
+    /// Absent: [`DEFAULT_FORBIDDEN`]; `[]` forbids nothing.
+    #[serde(rename = "forbiddenHosts", default = "default_forbidden")]
+    pub forbidden_hosts: Vec<String>,
     pub server: SrvConf,
 }
 
@@ -80,6 +85,30 @@ fn default_key() -> String {
 fn default_persist() -> HumanDuration {
     HumanDuration(Duration::from_secs(300))
 }
+/// This host and the link-local range (cloud metadata services live there): without
+/// them, any user of the proxy could reach the policy API and whatever else listens on
+/// loopback, from the proxy's own address. Private networks stay reachable; an office
+/// proxy exists to reach them.
+pub const DEFAULT_FORBIDDEN: [&str; 6] = [
+    "localhost",
+    "127.0.0.0/8",
+    "::1/128",
+    "0.0.0.0/8",
+    "169.254.0.0/16",
+    "fe80::/10",
+];
+
+fn default_forbidden() -> Vec<String> {
+    DEFAULT_FORBIDDEN.iter().map(|s| s.to_string()).collect()
+}
+
+impl ProxyConf {
+    /// The egress ACL of `forbiddenHosts`.
+    pub fn acl(&self) -> Result<crate::client::acl::Acl, crate::client::acl::AclError> {
+        crate::client::acl::Acl::new(&self.forbidden_hosts, &[])
+    }
+}
+
 fn default_dial() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
@@ -107,6 +136,8 @@ pub const DEFAULT_SERVER_TOML: &str = r#"# anyproxy pmproxy: server.toml (keys a
 
 [proxy]
 	dialTimeout = "10s"
+	# Never dialed (names, *.suffix, IPs, CIDRs); [] forbids nothing.
+	forbiddenHosts = ["localhost", "127.0.0.0/8", "::1/128", "0.0.0.0/8", "169.254.0.0/16", "fe80::/10"]
 	[proxy.server]
 		addr = "127.0.0.1:8080"
 		readTimeout = "30s"
@@ -148,6 +179,9 @@ impl ServerConf {
         }
         if conf.proxy.dial_timeout.0.is_zero() {
             return Err(key_err("proxy.dialTimeout", "must be more than 0".into()));
+        }
+        if let Err(e) = conf.proxy.acl() {
+            return Err(key_err("proxy.forbiddenHosts", e.to_string()));
         }
         for r in &conf.api.excluded_routes {
             if !r.starts_with('/') {
@@ -206,6 +240,31 @@ impl ApiConf {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_default_forbids_this_host_and_link_local_but_not_private_networks() {
+        let conf = ServerConf::from_toml("server.toml", DEFAULT_SERVER_TOML).unwrap();
+        assert_eq!(conf.proxy.forbidden_hosts, default_forbidden());
+        let acl = conf.proxy.acl().unwrap();
+        for (host, port) in [
+            ("localhost", 80),
+            ("127.0.0.1", 4443),
+            ("::1", 22),
+            ("169.254.169.254", 80),
+        ] {
+            assert!(acl.check_name(host, port).is_err(), "{host}");
+        }
+        let mapped: std::net::SocketAddr = "[::ffff:127.0.0.1]:80".parse().unwrap();
+        assert!(acl.check_addr(mapped, "sneaky.example").is_err());
+        for host in ["10.1.2.3", "192.168.1.1", "example.com"] {
+            assert!(acl.check_name(host, 443).is_ok(), "{host}");
+        }
+        let bad = DEFAULT_SERVER_TOML.replace("\"0.0.0.0/8\"", "\"10.0.0.0/99\"");
+        let err = ServerConf::from_toml("server.toml", &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("proxy.forbiddenHosts"), "{err}");
+    }
     use super::*;
 
     const MANUAL: &str = r#"

@@ -7,13 +7,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::{ConnectError, Connector, Requester, TargetAddr, Upstream};
+use crate::client::acl::Acl;
 use crate::policy::{Egress, ParentProxy, ProxyScheme};
 use crate::tunnel::relay::{LocalStream, READ_SIZE};
 use crate::tunnel::{Meter, RelayStats};
 
-/// Dials targets itself, honouring the request's egress.
+/// Dials targets itself, honouring the request's egress. `acl` is checked on the
+/// target's name and on every address it resolves to, and only checked addresses are
+/// dialed (a parent proxy, configured by the operator, is not checked: it resolves the
+/// target itself, and the name was checked).
 pub struct DirectConnector {
     pub dial_timeout: Duration,
+    pub acl: Acl,
 }
 
 impl Connector for DirectConnector {
@@ -23,7 +28,10 @@ impl Connector for DirectConnector {
         who: &Requester,
     ) -> Result<Upstream, ConnectError> {
         target.validate()?;
-        let dial = dial(target, &who.egress);
+        self.acl
+            .check_name(&target.host, target.port)
+            .map_err(ConnectError::Forbidden)?;
+        let dial = dial(target, &who.egress, &self.acl);
         let stream = tokio::time::timeout(self.dial_timeout, dial)
             .await
             .map_err(|_| {
@@ -37,10 +45,18 @@ impl Connector for DirectConnector {
     }
 }
 
-async fn dial(target: &TargetAddr, egress: &Egress) -> Result<TcpStream, ConnectError> {
+async fn dial(target: &TargetAddr, egress: &Egress, acl: &Acl) -> Result<TcpStream, ConnectError> {
     match &egress.proxy {
         Some(parent) => via_parent(parent, target, egress.iface.as_deref()).await,
-        None => connect_tcp(&target.host, target.port, egress.iface.as_deref()).await,
+        None => {
+            connect_tcp(
+                &target.host,
+                target.port,
+                egress.iface.as_deref(),
+                Some(acl),
+            )
+            .await
+        }
     }
 }
 
@@ -52,16 +68,25 @@ fn io_error(what: String, e: std::io::Error) -> ConnectError {
     }
 }
 
-/// Resolves and connects, trying every address; bound to `iface` when given.
+/// Resolves and connects, trying every address; bound to `iface` when given. With an
+/// `acl`, every resolved address is checked before any is dialed.
 async fn connect_tcp(
     host: &str,
     port: u16,
     iface: Option<&str>,
+    acl: Option<&Acl>,
 ) -> Result<TcpStream, ConnectError> {
-    let addrs: Vec<_> = tokio::net::lookup_host((host, port))
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<_> = tokio::net::lookup_host((bare, port))
         .await
         .map_err(|e| ConnectError::Unreachable(format!("dns: {host}: {e}")))?
         .collect();
+    if let Some(acl) = acl {
+        for addr in &addrs {
+            acl.check_addr(*addr, host)
+                .map_err(ConnectError::Forbidden)?;
+        }
+    }
     let mut last = None;
     for addr in addrs {
         let socket = if addr.is_ipv4() {
@@ -89,7 +114,7 @@ async fn via_parent(
     target: &TargetAddr,
     iface: Option<&str>,
 ) -> Result<TcpStream, ConnectError> {
-    let mut s = connect_tcp(&parent.host, parent.port, iface).await?;
+    let mut s = connect_tcp(&parent.host, parent.port, iface, None).await?;
     let fail = |m: String| ConnectError::Unreachable(format!("parent proxy {}: {m}", parent.name));
     match parent.scheme {
         ProxyScheme::Http => {
