@@ -110,12 +110,22 @@ pub async fn run(env: &Env, report: &mut Report, matrix: Matrix) -> Result<()> {
             pass: SOCKS_PASS,
             target: sink.addr,
         };
+        // JSON mode has no flow control (the document has none): a session's FIFO can
+        // hold one connection's new-connection reply or iperf3's control message behind
+        // megabytes of another's data. On debug builds in the CI smoke run that wait
+        // can pass the connect timeout, so there JSON gets one connection at a time.
+        let json_smoke = env.knobs.tiny && encoding == Encoding::Json;
+        let streams: &[usize] = if json_smoke { &[1] } else { &STREAMS };
         for &d in &env.knobs.directions {
-            for &n in &STREAMS {
-                let route = format!("{label} forward");
-                match iperf3_metered(env, fwd, n, d, &mut iperf, &pids).await {
-                    Ok((gbps, cpu)) => rows.push(row(&route, "iperf3", d, n, gbps, cpu)),
-                    Err(e) => report.error(&format!("bulk {route} iperf3 {} x{n}", d.name()), &e),
+            for &n in streams {
+                if !json_smoke {
+                    let route = format!("{label} forward");
+                    match iperf3_metered(env, fwd, n, d, &mut iperf, &pids).await {
+                        Ok((gbps, cpu)) => rows.push(row(&route, "iperf3", d, n, gbps, cpu)),
+                        Err(e) => {
+                            report.error(&format!("bulk {route} iperf3 {} x{n}", d.name()), &e)
+                        }
+                    }
                 }
                 let route = format!("{label} socks5");
                 match native(env, &socks, &sink, n, d, Some(&pids)).await {
