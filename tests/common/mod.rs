@@ -65,6 +65,22 @@ pub fn spawn(args: &[&str], log: &Path) -> Proc {
     Proc(child)
 }
 
+/// Waits until `port` accepts, or returns false once `proc` has exited.
+pub async fn wait_for_listener(proc: &mut Proc, port: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+        .await
+        .is_err()
+    {
+        if proc.0.try_wait().is_ok_and(|status| status.is_some()) {
+            return false;
+        }
+        assert!(Instant::now() < deadline, "port {port} never opened");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    true
+}
+
 pub async fn wait_for_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
@@ -155,6 +171,18 @@ fn client_section(
 
 impl Stack {
     pub async fn start(opts: StackOptions) -> Stack {
+        // `free_port` only finds a port that was free a moment ago; a test running in
+        // parallel can take it first. The gateway then exits at once (address in use),
+        // and a fresh set of ports is the fix, not a longer wait.
+        for _ in 0..3 {
+            if let Some(stack) = Self::try_start(opts.clone()).await {
+                return stack;
+            }
+        }
+        panic!("the gateway could not bind its ports in three attempts");
+    }
+
+    async fn try_start(opts: StackOptions) -> Option<Stack> {
         let certs = certs();
         let (gateway_port, http_port, socks_port) = (free_port(), free_port(), free_port());
         let forbidden: String = opts
@@ -202,13 +230,16 @@ gateway:
         let config_path = certs.dir.path().join("config.yaml");
         std::fs::write(&config_path, config).unwrap();
         let cfg = config_path.to_str().unwrap();
-        let gateway = spawn(
-            &["gateway", "--config", cfg],
-            &certs.dir.path().join("gateway.log"),
-        );
-        wait_for_port(gateway_port).await;
-        wait_for_port(http_port).await;
-        wait_for_port(socks_port).await;
+        let gateway_log = certs.dir.path().join("gateway.log");
+        let mut gateway = spawn(&["gateway", "--config", cfg], &gateway_log);
+        for port in [gateway_port, http_port, socks_port] {
+            if !wait_for_listener(&mut gateway, port).await {
+                let log = std::fs::read_to_string(&gateway_log).unwrap_or_default();
+                assert!(log.contains("in use"), "the gateway exited:\n{log}");
+                eprintln!("a port was taken by another test; retrying with new ports");
+                return None;
+            }
+        }
         let agent = opts.with_agent.then(|| {
             spawn(
                 &["client", "--config", cfg],
@@ -227,7 +258,7 @@ gateway:
         if stack.opts.with_agent {
             stack.wait_for_agent().await;
         }
-        stack
+        Some(stack)
     }
 
     pub fn http_proxy(&self) -> String {
