@@ -157,9 +157,20 @@ impl Acl {
         Ok(())
     }
 
+    /// Whether nothing is forbidden and nothing is limited.
+    pub fn is_empty(&self) -> bool {
+        self.forbidden.is_empty() && self.allow.is_empty()
+    }
+
     /// Checks one resolved address of a target named `host`.
     pub fn check_addr(&self, addr: SocketAddr, host: &str) -> Result<(), String> {
         let ip = canonical(addr.ip());
+        // Connecting to 0.0.0.0 or :: reaches this host itself, whatever the list says.
+        if ip.is_unspecified() {
+            return Err(format!(
+                "{host} ({ip}) is the unspecified address, i.e. this host"
+            ));
+        }
         for rule in &self.forbidden {
             if let Rule::Net(cidr) = rule {
                 if cidr.contains(ip) {

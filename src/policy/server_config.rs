@@ -89,8 +89,9 @@ fn default_persist() -> HumanDuration {
 /// them, any user of the proxy could reach the policy API and whatever else listens on
 /// loopback, from the proxy's own address. Private networks stay reachable; an office
 /// proxy exists to reach them.
-pub const DEFAULT_FORBIDDEN: [&str; 6] = [
+pub const DEFAULT_FORBIDDEN: [&str; 7] = [
     "localhost",
+    "*.localhost",
     "127.0.0.0/8",
     "::1/128",
     "0.0.0.0/8",
@@ -137,7 +138,7 @@ pub const DEFAULT_SERVER_TOML: &str = r#"# anyproxy pmproxy: server.toml (keys a
 [proxy]
 	dialTimeout = "10s"
 	# Never dialed (names, *.suffix, IPs, CIDRs); [] forbids nothing.
-	forbiddenHosts = ["localhost", "127.0.0.0/8", "::1/128", "0.0.0.0/8", "169.254.0.0/16", "fe80::/10"]
+	forbiddenHosts = ["localhost", "*.localhost", "127.0.0.0/8", "::1/128", "0.0.0.0/8", "169.254.0.0/16", "fe80::/10"]
 	[proxy.server]
 		addr = "127.0.0.1:8080"
 		readTimeout = "30s"

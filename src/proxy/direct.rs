@@ -31,6 +31,16 @@ impl Connector for DirectConnector {
         self.acl
             .check_name(&target.host, target.port)
             .map_err(ConnectError::Forbidden)?;
+        // Through a parent proxy the addresses are never seen here, so the name check is
+        // all there is: refuse the IP spellings only a resolver understands (`127.1`,
+        // `2130706433`, `0x7f000001`), which would slip past it as "names". No real host
+        // name ends in a numeric label.
+        if who.egress.proxy.is_some() && !self.acl.is_empty() && numeric_spelling(&target.host) {
+            return Err(ConnectError::Forbidden(format!(
+                "{} is an address in a form that cannot be checked before a parent proxy resolves it",
+                target.host
+            )));
+        }
         let dial = dial(target, &who.egress, &self.acl);
         let stream = tokio::time::timeout(self.dial_timeout, dial)
             .await
@@ -58,6 +68,22 @@ async fn dial(target: &TargetAddr, egress: &Egress, acl: &Acl) -> Result<TcpStre
             .await
         }
     }
+}
+
+/// A host whose last label is all digits or `0x` hex but that is not a canonical IP
+/// (those the ACL checks as addresses): an IPv4 address in one of the legacy
+/// `inet_aton` forms, not a name.
+fn numeric_spelling(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if bare.parse::<std::net::IpAddr>().is_ok() {
+        return false;
+    }
+    let last = host.trim_end_matches('.').rsplit('.').next().unwrap_or("");
+    let hex = last
+        .strip_prefix("0x")
+        .or_else(|| last.strip_prefix("0X"))
+        .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
+    hex || (!last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn io_error(what: String, e: std::io::Error) -> ConnectError {
@@ -300,4 +326,35 @@ enum DownEnd {
     TargetFailed(u64),
     UserFailed(u64),
     Cut(u64),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::numeric_spelling;
+
+    #[test]
+    fn legacy_ipv4_spellings_are_numeric_and_names_are_not() {
+        for host in [
+            "127.1",
+            "2130706433",
+            "0x7f000001",
+            "0177.0.0.1",
+            "1.2.3.4.",
+        ] {
+            assert!(numeric_spelling(host), "{host}");
+        }
+        for host in [
+            "example.com",
+            "a1.b2",
+            "0xfoo.example",
+            "localhost",
+            "x.0xz",
+            // Canonical IPs: the ACL checks these as addresses itself.
+            "10.0.0.1",
+            "::1",
+            "[::1]",
+        ] {
+            assert!(!numeric_spelling(host), "{host}");
+        }
+    }
 }

@@ -178,7 +178,9 @@ pub async fn relay_metered<S: LocalStream>(
                 Err(_) => return Err(Abort::LocalReadFailed),
             };
             credit.give_back(allowed - n);
-            if n == offered && read_size < READ_SIZE {
+            // A whole first-size read, not just the tail of a part-used buffer: light
+            // request/response traffic keeps the small reads.
+            if n >= FIRST_READ && read_size < READ_SIZE {
                 read_size = READ_SIZE;
             }
             if n == 0 {

@@ -240,6 +240,10 @@ gateway:
                 return None;
             }
         }
+        // A port that answered may be another test's listener, if ours lost the race.
+        if gateway.0.try_wait().is_ok_and(|status| status.is_some()) {
+            return None;
+        }
         let agent = opts.with_agent.then(|| {
             spawn(
                 &["client", "--config", cfg],
