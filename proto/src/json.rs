@@ -22,7 +22,10 @@ use crate::{
 pub const SUBPROTOCOL: &str = "anyproxy-json.v1";
 
 /// Largest JSON message accepted: a maximal data payload in base64 plus the envelope.
-pub const MAX_MESSAGE_LEN: usize = MAX_DATA_PAYLOAD.div_ceil(3) * 4 + 4096;
+pub const MAX_MESSAGE_LEN: usize = MAX_B64_PAYLOAD + 4096;
+
+/// Longest base64 text of a data payload: 4 characters carry 3 bytes.
+const MAX_B64_PAYLOAD: usize = MAX_DATA_PAYLOAD.div_ceil(3) * 4;
 
 // ---------------------------------------------------------------- encoding
 
@@ -162,7 +165,7 @@ fn decode_data_fast(input: &[u8]) -> Option<Message> {
     }
     let id = std::str::from_utf8(digits).ok()?.parse::<u32>().ok()?;
     let b64 = rest.strip_prefix(DATA_PAYLOAD)?.strip_suffix(DATA_SUFFIX)?;
-    if b64.len() > MAX_DATA_PAYLOAD.div_ceil(3) * 4 {
+    if b64.len() > MAX_B64_PAYLOAD {
         return None;
     }
     // Rejects any byte outside the alphabet, so a quote or backslash inside cannot
@@ -470,7 +473,7 @@ fn string(field: &'static str, s: Cow<'_, str>) -> Result<String, DecodeError> {
 
 fn decode_payload(b64: &str) -> Result<Bytes, DecodeError> {
     // Bound the allocation before decoding: 4 base64 characters carry 3 bytes.
-    let max_encoded = MAX_DATA_PAYLOAD.div_ceil(3) * 4;
+    let max_encoded = MAX_B64_PAYLOAD;
     if b64.len() > max_encoded {
         return Err(DecodeError::TooLarge {
             what: "data payload",
