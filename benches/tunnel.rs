@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
-use anyproxy::client::Agent;
+use anyproxy::agent::Agent;
 use anyproxy::config::Config;
 use anyproxy::gateway::Gateway;
 use anyproxy::transport::tls;

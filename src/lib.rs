@@ -1,17 +1,42 @@
 //! anyproxy: a reverse-tunnel proxy. A public **gateway** serves HTTP and SOCKS5 proxy
-//! listeners; every user connection is carried over WebSocket + TLS to a **client
-//! agent**, which dials the target inside its own network.
+//! listeners; every user connection is carried over WebSocket + TLS to an **agent**
+//! (the "client agent" of the API document), which dials the target inside its own
+//! network. The wire protocol lives in the `anyproxy-proto` crate.
 //!
-//! Layout: [`transport`] (TLS, WebSocket), [`tunnel`] (the multiplexer both ends share),
-//! [`gateway`], [`client`] (the agent), [`proxy`] (HTTP and SOCKS5 front ends),
-//! [`config`]. The wire protocol lives in the `anyproxy-proto` crate.
+//! The parts, lowest first. A part may import only the parts above it in this list
+//! (`tests/layers.rs` fails on any other import), so there are no cycles:
+//!
+//! 1. [`net`]: the shared vocabulary (targets, CIDRs, units, secrets, dial failures).
+//! 2. [`auth`]: credential checks.
+//! 3. [`config`]: the YAML shapes.
+//! 4. [`transport`]: TLS, the WebSocket handshake and framing, the accept loop.
+//! 5. [`tunnel`]: the multiplexer both ends share (session, flow control, relay, counters).
+//! 6. [`connect`]: the `Connector` trait every front end asks, and its `Upstream`.
+//! 7. [`dial`]: where traffic leaves (ACL, resolve and dial, direct egress).
+//! 8. [`limits`]: connection caps, lockouts, bandwidth budgets.
+//! 9. [`policy`]: PMProxy rules, managers, quotas and its `/api/cmd` API.
+//! 10. [`metrics`]: Prometheus collectors and the admin listener.
+//! 11. [`proxy`]: the HTTP and SOCKS5 front ends.
+//! 12. [`agent`]: the agent role.
+//! 13. [`gateway`]: the gateway role, which composes everything above.
+//!
+//! The binary's `cli` sits on top of all of them.
 
-pub mod client;
+pub mod net;
+
+pub mod auth;
 pub mod config;
-pub mod gateway;
-pub mod limits;
-pub mod metrics;
-pub mod policy;
-pub mod proxy;
 pub mod transport;
+
 pub mod tunnel;
+
+pub mod connect;
+pub mod dial;
+pub mod limits;
+pub mod policy;
+
+pub mod metrics;
+pub mod proxy;
+
+pub mod agent;
+pub mod gateway;

@@ -387,7 +387,7 @@ client:
     let gateway = anyproxy::gateway::Gateway::start(config.gateway.unwrap(), config.proxy)
         .await
         .unwrap();
-    let agent = anyproxy::client::Agent::new(config.client.unwrap()).unwrap();
+    let agent = anyproxy::agent::Agent::new(config.client.unwrap()).unwrap();
     let stop_agent = CancellationToken::new();
     let agent_run = tokio::spawn(agent.run(stop_agent.clone()));
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -9,7 +9,7 @@ use rand::distr::{Alphanumeric, SampleString};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use anyproxy::client::Agent;
+use anyproxy::agent::Agent;
 use anyproxy::config::Config;
 use anyproxy::gateway::Gateway;
 use anyproxy::transport::tls;

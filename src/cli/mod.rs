@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use anyproxy::client::Agent;
+use anyproxy::agent::Agent;
 use anyproxy::config::{Config, LogConfig, LogFormat};
 use anyproxy::gateway::Gateway;
 

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
+use anyproxy::auth::Accounts;
+use anyproxy::dial::direct::DirectConnector;
+use anyproxy::policy::PolicyGuard;
 use anyproxy::policy::{dir::default_dir, start_api, PolicyDir};
-use anyproxy::proxy::auth::Accounts;
-use anyproxy::proxy::direct::DirectConnector;
-use anyproxy::proxy::guard::PolicyGuard;
 
 use super::{signals, until_stopped};
 

@@ -1,8 +1,8 @@
 //! Configuration: the YAML shapes of the API document (`proxy`, `gateway`, `client`),
 //! any of which may stand in one file. Unknown keys are refused with their path.
 
+mod deflate;
 mod log;
-mod units;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,11 +11,11 @@ use std::time::Duration;
 use anyproxy_proto::Encoding;
 use serde::{Deserialize, Deserializer};
 
-use crate::transport::ws::DeflateConfig;
-use crate::tunnel::SessionOptions;
-
+pub use crate::net::{
+    parse_duration, parse_size, ByteRate, ByteSize, Credentials, HostPort, HumanDuration, Secret,
+};
+pub use deflate::{DeflateConfig, MAX_WINDOW_BITS, MIN_WINDOW_BITS};
 pub use log::{LogConfig, LogFormat};
-pub use units::{parse_duration, parse_size, ByteRate, ByteSize, HumanDuration, Secret};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -232,18 +232,6 @@ impl From<&UserConfig> for Credentials {
             username: u.username.clone(),
             password: u.password.clone(),
         }
-    }
-}
-
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub username: String,
-    pub password: String,
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Credentials({:?}, <redacted>)", self.username)
     }
 }
 
@@ -594,48 +582,6 @@ pub struct AgentForwards {
     pub ports: PortRange,
 }
 
-/// `host:port` with a name or an IP literal (IPv6 in brackets).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostPort {
-    pub host: String,
-    pub port: u16,
-}
-
-impl std::fmt::Display for HostPort {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
-
-impl std::str::FromStr for HostPort {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?} is not HOST:PORT");
-        let (host, port) = s.trim().rsplit_once(':').ok_or_else(bad)?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let port: u16 = port.parse().map_err(|_| bad())?;
-        if host.is_empty() || port == 0 {
-            return Err(bad());
-        }
-        Ok(HostPort {
-            host: host.to_owned(),
-            port,
-        })
-    }
-}
-
-impl<'de> Deserialize<'de> for HostPort {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
-
 /// An inclusive range of ports, written `"20000-20999"` or `"8080"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortRange {
@@ -698,25 +644,11 @@ impl GatewayConfig {
     pub fn admin(&self) -> Option<AdminConfig> {
         admin_config(&self.admin_addr, &self.admin_username, &self.admin_password)
     }
-
-    pub fn session_options(&self) -> SessionOptions {
-        SessionOptions {
-            stall_timeout: self.stall_timeout.0,
-            max_window: self.max_window.0 as u32,
-        }
-    }
 }
 
 impl ClientConfig {
     pub fn admin(&self) -> Option<AdminConfig> {
         admin_config(&self.admin_addr, &self.admin_username, &self.admin_password)
-    }
-
-    pub fn session_options(&self) -> SessionOptions {
-        SessionOptions {
-            stall_timeout: self.stall_timeout.0,
-            max_window: self.max_window.0 as u32,
-        }
     }
 }
 

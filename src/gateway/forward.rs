@@ -17,10 +17,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::registry::AgentHandle;
-use crate::config::{AgentForwards, HostPort};
+use crate::auth::Identity;
+use crate::config::AgentForwards;
+use crate::connect::{ConnectError, Connector, Requester, Upstream};
 use crate::limits::Limits;
-use crate::proxy::auth::Identity;
-use crate::proxy::{ConnectError, Connector, Requester, TargetAddr, Upstream};
+use crate::net::HostPort;
 
 /// How long a takeover waits for the previous owner's listener to let go of the port.
 const REBIND_ATTEMPTS: u32 = 40;
@@ -73,7 +74,7 @@ impl AgentForwardTable {
                 policy.ports.first, policy.ports.last
             ));
         }
-        let target = TargetAddr {
+        let target = HostPort {
             host: req.target_host.clone(),
             port: req.target_port,
         };
@@ -197,13 +198,13 @@ async fn carry(
     stream: TcpStream,
     upstream: Upstream,
     peer: SocketAddr,
-    target: &TargetAddr,
+    target: &HostPort,
     group: &str,
 ) {
     let _ = stream.set_nodelay(true);
     let started = std::time::Instant::now();
     let via = upstream.via();
-    let stats = upstream.carry(stream).await;
+    let stats = upstream.relay(stream).await;
     tracing::info!(target: "access", proto = "forward", client = %peer, %group, via = %via, %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
 }
 
@@ -213,7 +214,7 @@ fn anonymous(peer: SocketAddr, group: Arc<str>) -> Requester {
 }
 
 /// A raw TCP forward has no way to say why its connection closes: the log says it.
-fn refused(who: &Requester, target: &TargetAddr, e: &ConnectError) {
+fn refused(who: &Requester, target: &HostPort, e: &ConnectError) {
     tracing::info!(target: "access", proto = "forward", client = %who.peer, group = %who.group, %target, result = %e.code(), reason = %e);
 }
 
@@ -226,7 +227,7 @@ pub async fn serve_declared<C: Connector>(
     connector: Arc<C>,
     shutdown: CancellationToken,
 ) {
-    let target = TargetAddr {
+    let target = HostPort {
         host: target.host,
         port: target.port,
     };

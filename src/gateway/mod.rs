@@ -15,10 +15,11 @@ use tokio_util::task::TaskTracker;
 
 use anyproxy_proto::ErrorCode;
 
+use crate::auth::Accounts;
 use crate::config::{Credentials, GatewayConfig, ProxyConfig, ProxyListener, DEFAULT_GROUP};
+use crate::connect::{ConnectError, Connector, Requester, Upstream};
 use crate::limits::{LimitGuard, Limits};
-use crate::proxy::auth::Accounts;
-use crate::proxy::{ConnectError, Connector, Requester, TargetAddr, Upstream};
+use crate::net::HostPort;
 use crate::transport::tls;
 use crate::tunnel::OpenError;
 pub use registry::AgentRegistry;
@@ -35,11 +36,7 @@ pub struct TunnelConnector {
 const MAX_ATTEMPTS: usize = 4;
 
 impl Connector for TunnelConnector {
-    async fn connect(
-        &self,
-        target: &TargetAddr,
-        who: &Requester,
-    ) -> Result<Upstream, ConnectError> {
+    async fn connect(&self, target: &HostPort, who: &Requester) -> Result<Upstream, ConnectError> {
         target.validate()?;
         let mut tried = Vec::with_capacity(MAX_ATTEMPTS);
         let mut last = None;
@@ -194,7 +191,7 @@ impl Gateway {
             inner: connector.clone(),
         });
         let guarded = Arc::new(crate::metrics::MeteredConnector {
-            inner: Arc::new(crate::proxy::guard::PolicyGuard {
+            inner: Arc::new(crate::policy::PolicyGuard {
                 policy,
                 inner: limited.clone(),
             }),

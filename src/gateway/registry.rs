@@ -102,3 +102,26 @@ impl AgentRegistry {
         sizes
     }
 }
+
+impl crate::metrics::AgentDirectory for AgentRegistry {
+    fn sessions(&self) -> Vec<(Arc<str>, Vec<crate::metrics::AgentSession>)> {
+        self.snapshot()
+            .into_iter()
+            .map(|(group, handles)| {
+                let sessions = handles
+                    .iter()
+                    .map(|h| crate::metrics::AgentSession {
+                        client_id: h.client_id.clone(),
+                        remote: h.remote,
+                        core: h.core.clone(),
+                    })
+                    .collect();
+                (group, sessions)
+            })
+            .collect()
+    }
+
+    fn live(&self) -> usize {
+        self.len()
+    }
+}

@@ -14,14 +14,14 @@ use tokio_util::task::TaskTracker;
 
 use super::forward::AgentForwardTable;
 use super::registry::{AgentHandle, AgentRegistry};
+use crate::auth::Accounts;
 use crate::config::{Credentials, GatewayConfig, DEFAULT_GROUP};
 use crate::limits::AuthThrottle;
-use crate::proxy::auth::Accounts;
 use crate::transport::ws::{self, close_code};
 use crate::transport::{handshake, BoxIo};
 use crate::tunnel::session::{FirstMessage, Outbound};
 use crate::tunnel::table::ShardedMap;
-use crate::tunnel::SessionCore;
+use crate::tunnel::{SessionCore, SessionOptions};
 
 pub struct AgentServer {
     pub config: GatewayConfig,
@@ -164,8 +164,11 @@ impl AgentServer {
         .map_err(|e| format!("WebSocket handshake: {e}"))?;
         let max_message = self.config.max_message_size.0 as usize;
         let (mut reader, writer) = ws::split(io, Role::Server, max_message, accepted.deflate);
-        let (core, writer_task) =
-            SessionCore::start(accepted.encoding, writer, self.config.session_options());
+        let (core, writer_task) = SessionCore::start(
+            accepted.encoding,
+            writer,
+            SessionOptions::from(&self.config),
+        );
 
         let refuse = |code: ErrorCode, message: String| {
             let core = core.clone();

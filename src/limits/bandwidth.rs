@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 
 use super::bucket::TokenBucket;
 use super::LimitStats;
-use crate::metrics::stats::bump;
+use crate::tunnel::stats::bump;
 use crate::tunnel::Pace;
 
 /// The burst a byte budget allows: a tenth of a second at its rate. Small, so a cap

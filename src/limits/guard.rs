@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use super::Limits;
-use crate::proxy::{ConnectError, Connector, Requester, TargetAddr, Upstream};
+use crate::connect::{ConnectError, Connector, Requester, Upstream};
+use crate::net::HostPort;
 
 pub struct LimitGuard<C> {
     pub limits: Arc<Limits>,
@@ -13,17 +14,13 @@ pub struct LimitGuard<C> {
 }
 
 impl<C: Connector> Connector for LimitGuard<C> {
-    async fn connect(
-        &self,
-        target: &TargetAddr,
-        who: &Requester,
-    ) -> Result<Upstream, ConnectError> {
+    async fn connect(&self, target: &HostPort, who: &Requester) -> Result<Upstream, ConnectError> {
         let grant = self.limits.admit(who)?;
         let upstream = self.inner.connect(target, who).await?;
         Ok(grant.attach(upstream))
     }
 
-    fn recheck(&self, target: &TargetAddr, who: &Requester) -> Result<(), ConnectError> {
+    fn recheck(&self, target: &HostPort, who: &Requester) -> Result<(), ConnectError> {
         self.inner.recheck(target, who)
     }
 }

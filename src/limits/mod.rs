@@ -18,8 +18,8 @@ pub use guard::LimitGuard;
 pub use throttle::AuthThrottle;
 
 use crate::config::{ConnCapsConfig, LimitsConfig};
-use crate::metrics::stats::bump;
-use crate::proxy::{ConnectError, Requester, Upstream};
+use crate::connect::{ConnectError, Hold, Requester, Upstream};
+use crate::tunnel::stats::bump;
 use crate::tunnel::Pace;
 use caps::{CapRefusal, CapRule, CapSlot, KeyedCaps};
 
@@ -59,15 +59,23 @@ pub struct Grant {
 }
 
 impl Grant {
-    /// What paces this connection's bytes; `None` when no bandwidth cap applies.
-    pub fn pace(&self) -> Option<&dyn Pace> {
-        self.pacer.as_ref().map(|p| p as &dyn Pace)
+    /// Whether the grant holds nothing (no limit applies to this connection).
+    pub fn is_empty(&self) -> bool {
+        self._ip.is_none() && self._user.is_none() && self.pacer.is_none()
     }
 
-    /// Hands the grant to `upstream`.
-    pub fn attach(self, mut upstream: Upstream) -> Upstream {
-        upstream.limits = self;
-        upstream
+    /// Hands the grant to `upstream`, which keeps it until its relay ends.
+    pub fn attach(self, upstream: Upstream) -> Upstream {
+        if self.is_empty() {
+            return upstream;
+        }
+        upstream.with_hold(Box::new(self))
+    }
+}
+
+impl Hold for Grant {
+    fn pace(&self) -> Option<&dyn Pace> {
+        self.pacer.as_ref().map(|p| p as &dyn Pace)
     }
 }
 

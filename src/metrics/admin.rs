@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::process::ProcessStats;
 use super::status::{unix_secs, Status, TrafficRing, SAMPLE_EVERY};
 use crate::config::AdminConfig;
-use crate::proxy::auth::secret_eq;
+use crate::net::secret_eq;
 
 /// What a role (gateway or agent) shows on its admin listener.
 pub trait Observed: Send + Sync + 'static {

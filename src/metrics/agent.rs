@@ -11,9 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::admin::{base_status, Observed};
 use super::encode::{counters, labels};
-use super::stats::bump;
 use super::status::{live_conns, AgentStatus, GroupStatus, Status, TrafficRing};
 use super::table::{total, SessionTable};
+use crate::tunnel::stats::bump;
 
 pub struct AgentMetrics {
     pub sessions: Arc<SessionTable>,

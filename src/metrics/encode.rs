@@ -4,7 +4,7 @@
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 
-use super::stats::HistogramSnapshot;
+use crate::tunnel::stats::HistogramSnapshot;
 
 pub type Labels = Vec<(&'static str, String)>;
 

@@ -13,12 +13,28 @@ use tokio_util::sync::CancellationToken;
 
 use super::admin::{base_status, Observed};
 use super::encode::{counters, gauges, labels};
-use super::stats::bump;
 use super::status::{live_conns, AgentStatus, GroupStatus, Status, TrafficRing};
 use super::table::{total, SessionTable};
-use crate::gateway::AgentRegistry;
+use crate::connect::{ConnectError, Connector, Requester, Upstream};
 use crate::limits::Limits;
-use crate::proxy::{ConnectError, Connector, Requester, TargetAddr, Upstream};
+use crate::net::HostPort;
+use crate::tunnel::stats::bump;
+
+/// One live agent session, as `/metrics` and the status page show it.
+pub struct AgentSession {
+    pub client_id: String,
+    pub remote: std::net::SocketAddr,
+    pub core: Arc<crate::tunnel::SessionCore>,
+}
+
+/// The gateway's live agent sessions; its registry implements it. A trait, so that
+/// metrics reads the registry without depending on the gateway that owns it.
+pub trait AgentDirectory: Send + Sync {
+    /// Every group's live sessions, groups sorted.
+    fn sessions(&self) -> Vec<(Arc<str>, Vec<AgentSession>)>;
+    /// How many sessions are live.
+    fn live(&self) -> usize;
+}
 
 /// (group, error code, reason) of a failed proxy request.
 type FailKey = (Arc<str>, &'static str, &'static str);
@@ -29,7 +45,7 @@ pub const QUOTA_ROWS: usize = 100;
 
 pub struct GatewayMetrics {
     pub sessions: Arc<SessionTable>,
-    registry: Arc<AgentRegistry>,
+    registry: Arc<dyn AgentDirectory>,
     /// Cancelled when the gateway stops accepting (readiness).
     accepting: CancellationToken,
     started: Instant,
@@ -62,7 +78,7 @@ pub fn reason(e: &ConnectError) -> &'static str {
 
 impl GatewayMetrics {
     pub fn new(
-        registry: Arc<AgentRegistry>,
+        registry: Arc<dyn AgentDirectory>,
         accepting: CancellationToken,
         limits: Arc<Limits>,
     ) -> Self {
@@ -118,7 +134,7 @@ impl Observed for GatewayMetrics {
         super::tunnel::encode(enc, &rows)?;
 
         let mut agents: BTreeMap<(Arc<str>, &'static str, bool), f64> = BTreeMap::new();
-        for (group, handles) in self.registry.snapshot() {
+        for (group, handles) in self.registry.sessions() {
             for h in handles {
                 *agents
                     .entry((group.clone(), h.core.encoding.as_str(), h.core.compressed()))
@@ -179,7 +195,7 @@ impl Observed for GatewayMetrics {
         if self.accepting.is_cancelled() {
             return (false, "not ready: shutting down".into());
         }
-        match self.registry.len() {
+        match self.registry.live() {
             0 => (false, "not ready: no agent connected".into()),
             n => (true, format!("ready: {n} agents")),
         }
@@ -187,7 +203,7 @@ impl Observed for GatewayMetrics {
 
     fn status(&self) -> Status {
         let mut status = base_status("gateway", self, self.started);
-        for (group, handles) in self.registry.snapshot() {
+        for (group, handles) in self.registry.sessions() {
             let agents = handles
                 .iter()
                 .map(|h| AgentStatus::of(h.client_id.clone(), h.remote.to_string(), &h.core))
@@ -274,11 +290,7 @@ pub struct MeteredConnector<C> {
 }
 
 impl<C: Connector> Connector for MeteredConnector<C> {
-    async fn connect(
-        &self,
-        target: &TargetAddr,
-        who: &Requester,
-    ) -> Result<Upstream, ConnectError> {
+    async fn connect(&self, target: &HostPort, who: &Requester) -> Result<Upstream, ConnectError> {
         let r = self.inner.connect(target, who).await;
         if let Err(e) = &r {
             self.metrics.connect_failed(&who.group, e);
@@ -286,7 +298,7 @@ impl<C: Connector> Connector for MeteredConnector<C> {
         r
     }
 
-    fn recheck(&self, target: &TargetAddr, who: &Requester) -> Result<(), ConnectError> {
+    fn recheck(&self, target: &HostPort, who: &Requester) -> Result<(), ConnectError> {
         let r = self.inner.recheck(target, who);
         if let Err(e) = &r {
             self.metrics.connect_failed(&who.group, e);

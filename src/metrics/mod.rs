@@ -1,5 +1,5 @@
-//! Operations: counters the tunnel keeps (`stats`), the Prometheus families built from
-//! them at scrape time (`tunnel`, `gateway`, `agent`, `process`), and the admin
+//! Operations: the Prometheus families built at scrape time from the counters the
+//! tunnel keeps (`crate::tunnel::stats`) (`tunnel`, `gateway`, `agent`, `process`), and the admin
 //! listener with `/metrics`, health checks, `/api/status` and the status page
 //! (`admin`, `status`, `page/`). See `docs/STATUS.md`.
 
@@ -8,11 +8,10 @@ pub mod agent;
 mod encode;
 pub mod gateway;
 pub mod process;
-pub mod stats;
 pub mod status;
 pub mod table;
 mod tunnel;
 
 pub use admin::{AdminError, Observed};
 pub use agent::AgentMetrics;
-pub use gateway::{GatewayMetrics, MeteredConnector};
+pub use gateway::{AgentDirectory, AgentSession, GatewayMetrics, MeteredConnector};

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::stats::StatsSnapshot;
+use crate::tunnel::stats::StatsSnapshot;
 use crate::tunnel::SessionCore;
 
 /// Series (group, agent) kept at most. Agents choose their client ids, so beyond this

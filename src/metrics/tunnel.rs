@@ -7,8 +7,8 @@ use anyproxy_proto::{ErrorCode, MessageKind};
 use prometheus_client::encoding::DescriptorEncoder;
 
 use super::encode::{counters, gauges, histograms, labels, Labels};
-use super::stats::HistogramSnapshot;
 use super::table::{total, Row};
+use crate::tunnel::stats::HistogramSnapshot;
 
 pub fn encode(enc: &mut DescriptorEncoder, rows: &[Row]) -> Result<(), std::fmt::Error> {
     let agent = |r: &Row| labels([("group", &r.group), ("agent", &r.agent)]);

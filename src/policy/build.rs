@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::config::ManagersConf;
 use super::error::{At, ConfigError};
 use super::managers::dwn_cons_r::DwnConsR;
-use super::managers::egress::{net_iface_from_conf, ParentProxy};
+use super::managers::egress::{net_iface_from_conf, parent_proxy_from_conf};
 use super::managers::group_ipm::GroupIpm;
 use super::managers::host_matcher::HostMatcher;
 use super::managers::range_ipm::RangeIpm;
@@ -153,7 +153,7 @@ pub fn build(conf: ManagersConf, opts: PolicyOptions) -> Result<Policy, ConfigEr
         b.add(&at, Manager::DwnConsR(d))?;
     }
     for c in &conf.parent_proxy {
-        let m = Manager::ParentProxy(Arc::new(ParentProxy::from_conf(file, c)?));
+        let m = Manager::ParentProxy(Arc::new(parent_proxy_from_conf(file, c)?));
         b.add(&at!("[[parentProxy]]", c), m)?;
     }
     for c in &conf.net_iface {

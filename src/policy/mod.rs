@@ -11,6 +11,7 @@ pub mod cmd;
 pub mod config;
 pub mod dir;
 mod error;
+mod guard;
 pub mod jwt;
 pub mod managers;
 mod persist;
@@ -27,15 +28,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+pub use crate::connect::{Egress, ParentProxy, ProxyScheme};
 pub use api::{serve_api, start_api, ApiHandle, ApiOptions};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use cmd::{Cmd, CmdError, Credentials};
 pub use config::ManagersConf;
 pub use dir::{DirError, FirstRun, PolicyDir};
 pub use error::ConfigError;
+pub use guard::PolicyGuard;
 pub use jwt::JwtTokens;
 pub use managers::dwn_cons_r::{QuotaExceeded, QuotaHandle, QuotaUsage};
-pub use managers::egress::{ParentProxy, ProxyScheme};
 pub use rule::{Outcome, ParseError, Rule};
 pub use server_config::ServerConf;
 pub use token::{Claims, OpaqueTokens, TokenCodec, TokenError};
@@ -74,14 +76,6 @@ pub struct Request<'a> {
     pub host: &'a str,
     pub port: u16,
     pub now: SystemTime,
-}
-
-/// How an allowed request leaves: directly unless the rules reached a `parentProxy` or
-/// `netIface` (the last one reached wins).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Egress {
-    pub proxy: Option<Arc<ParentProxy>>,
-    pub iface: Option<Arc<str>>,
 }
 
 #[derive(Clone, Debug)]

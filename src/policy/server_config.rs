@@ -105,8 +105,8 @@ fn default_forbidden() -> Vec<String> {
 
 impl ProxyConf {
     /// The egress ACL of `forbiddenHosts`.
-    pub fn acl(&self) -> Result<crate::client::acl::Acl, crate::client::acl::AclError> {
-        crate::client::acl::Acl::new(&self.forbidden_hosts, &[])
+    pub fn acl(&self) -> Result<crate::dial::acl::Acl, crate::dial::acl::AclError> {
+        crate::dial::acl::Acl::new(&self.forbidden_hosts, &[])
     }
 }
 

@@ -19,9 +19,10 @@ use tokio_util::sync::CancellationToken;
 
 use anyproxy_proto::ErrorCode;
 
-use super::auth::{Accounts, Identity};
-use super::{ConnectError, Connector, Requester, TargetAddr};
+use crate::auth::{Accounts, Identity};
+use crate::connect::{ConnectError, Connector, Requester};
 use crate::limits::{AuthVerdict, Limits, LOCKED_OUT};
+use crate::net::HostPort;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -82,7 +83,7 @@ pub async fn serve<C: Connector>(
 /// (a keep-alive connection may carry several users' requests), the HTTP client over
 /// it, who carries it and the policy's verdict (for the access log).
 struct KeptUpstream {
-    target: TargetAddr,
+    target: HostPort,
     user: Option<String>,
     group: Arc<str>,
     sender: hyper::client::conn::http1::SendRequest<Incoming>,
@@ -170,7 +171,7 @@ fn authenticate(req: &Request<Incoming>, state: &ConnState) -> Result<Identity, 
     }
 }
 
-fn split_authority(uri: &Uri, default_port: Option<u16>) -> Option<TargetAddr> {
+fn split_authority(uri: &Uri, default_port: Option<u16>) -> Option<HostPort> {
     let authority = uri.authority()?;
     let host = authority.host();
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -178,7 +179,7 @@ fn split_authority(uri: &Uri, default_port: Option<u16>) -> Option<TargetAddr> {
         return None;
     }
     let port = authority.port_u16().or(default_port)?;
-    Some(TargetAddr {
+    Some(HostPort {
         host: host.to_owned(),
         port,
     })
@@ -202,13 +203,7 @@ async fn handle<C: Connector>(
     }
 }
 
-fn log_failure(
-    kind: &str,
-    who: &Requester,
-    target: &TargetAddr,
-    e: &ConnectError,
-    started: Instant,
-) {
+fn log_failure(kind: &str, who: &Requester, target: &HostPort, e: &ConnectError, started: Instant) {
     tracing::info!(target: "access", proto = kind, client = %who.peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, %target, result = %e.code(), reason = %e, ms = started.elapsed().as_millis() as u64);
 }
 
@@ -232,8 +227,8 @@ async fn connect_tunnel<C: Connector>(
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                let (via, verdict) = (conn.via(), conn.verdict.clone());
-                let stats = conn.carry(TokioIo::new(upgraded)).await;
+                let (via, verdict) = (conn.via(), conn.verdict().cloned());
+                let stats = conn.relay(TokioIo::new(upgraded)).await;
                 tracing::info!(target: "access", proto = "connect", client = %who.peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, via = %via, policy = verdict.as_deref().unwrap_or("-"), %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
@@ -329,8 +324,8 @@ async fn forward<C: Connector>(
         };
         // hyper's client speaks over a pipe whose far end the relay carries.
         let (client_io, relay_io) = tokio::io::duplex(64 * 1024);
-        let (via, verdict) = (conn.via(), conn.verdict.clone());
-        tokio::spawn(conn.carry(relay_io));
+        let (via, verdict) = (conn.via(), conn.verdict().cloned());
+        tokio::spawn(conn.relay(relay_io));
         match hyper::client::conn::http1::Builder::new()
             .preserve_header_case(true)
             .title_case_headers(true)

@@ -12,9 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use anyproxy_proto::ErrorCode;
 
-use super::auth::{Accounts, Identity};
-use super::{Connector, Requester, TargetAddr};
+use crate::auth::{Accounts, Identity};
+use crate::connect::{Connector, Requester};
 use crate::limits::{AuthVerdict, Limits, LOCKED_OUT};
+use crate::net::HostPort;
 
 const VERSION: u8 = 0x05;
 const AUTH_VERSION: u8 = 0x01;
@@ -121,8 +122,8 @@ async fn handle<C: Connector>(
     match connector.connect(&target, &who).await {
         Ok(conn) => {
             reply(&mut stream, REPLY_OK).await?;
-            let (via, verdict) = (conn.via(), conn.verdict.clone());
-            let stats = conn.carry(stream).await;
+            let (via, verdict) = (conn.via(), conn.verdict().cloned());
+            let stats = conn.relay(stream).await;
             tracing::info!(target: "access", proto = "socks5", client = %peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, via = %via, policy = verdict.as_deref().unwrap_or("-"), %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
         }
         Err(e) => {
@@ -143,7 +144,7 @@ struct Auth<'a> {
 async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     auth: &Auth<'_>,
-) -> Result<(TargetAddr, Identity), Socks5Error> {
+) -> Result<(HostPort, Identity), Socks5Error> {
     let users = auth.users;
     let version = stream.read_u8().await?;
     if version != VERSION {
@@ -198,7 +199,7 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
         // BIND and UDP ASSOCIATE are not carried by the tunnel yet.
         return Err(Socks5Error::Command(command));
     }
-    Ok((TargetAddr { host, port }, identity))
+    Ok((HostPort { host, port }, identity))
 }
 
 async fn sub_negotiate<S: AsyncRead + AsyncWrite + Unpin>(

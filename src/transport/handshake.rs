@@ -11,7 +11,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use anyproxy_proto::Encoding;
 
 use super::ws::deflate::extension;
-use super::ws::{DeflateConfig, DeflateParams};
+use super::ws::DeflateParams;
+use crate::config::DeflateConfig;
 
 /// Path agents connect to.
 pub const WS_PATH: &str = "/ws";

@@ -4,9 +4,10 @@
 pub mod flow;
 pub mod relay;
 pub mod session;
+pub mod stats;
 pub mod table;
 
-pub use relay::{relay, relay_metered, Meter, MeterCut, Pace, RelayStats};
+pub use relay::{relay_direct, relay_tunnel, Pace, Quota, QuotaCut, RelayStats};
 pub use session::{ConnectFailure, OpenError, SessionCore, SessionEnd, SessionOptions, TunnelConn};
 
 /// Milliseconds on a monotonic clock since the first call; for liveness bookkeeping.

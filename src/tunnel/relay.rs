@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 use anyproxy_proto::{Close, Data, Fin, Message, WindowUpdate, INITIAL_WINDOW, MAX_DATA_PAYLOAD};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use super::flow::{InboxEnd, RecvWindow};
 use super::session::TunnelConn;
-use crate::metrics::stats::bump;
+use crate::tunnel::stats::bump;
 
 /// Largest single socket read, and so the largest data message we produce.
 pub const READ_SIZE: usize = 64 * 1024;
@@ -39,14 +40,14 @@ pub struct RelayStats {
 
 /// Counts the bytes a relay delivers to its local socket, and may cut the connection
 /// (a download quota). Called once per write, so enforcement is exact to one read.
-pub trait Meter: Send + Sync {
+pub trait Quota: Send + Sync {
     /// Admits `n` bytes, or says how many of them still fit and why the rest do not.
-    fn admit(&self, n: usize) -> Result<(), MeterCut>;
+    fn admit(&self, n: usize) -> Result<(), QuotaCut>;
 }
 
-/// A meter's refusal: deliver `allowed` bytes of this write, then end the connection.
+/// A quota's refusal: deliver `allowed` bytes of this write, then end the connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MeterCut {
+pub struct QuotaCut {
     pub allowed: usize,
     pub reason: String,
 }
@@ -131,17 +132,12 @@ impl LocalStream for hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {}
 
 /// Relays until both directions are done (binary mode) or either ends (JSON mode), or
 /// the connection is reset. The peer is told with `close` unless the connection ended
-/// cleanly or the peer was the one that closed it.
-pub async fn relay<S: LocalStream>(stream: S, conn: TunnelConn) -> RelayStats {
-    relay_metered(stream, conn, None, None).await
-}
-
-/// [`relay`], with the bytes toward the local socket counted by `meter`, and the
-/// bytes both ways paced by `pace`.
-pub async fn relay_metered<S: LocalStream>(
+/// cleanly or the peer was the one that closed it. The bytes toward the local socket
+/// are counted by `quota`, and the bytes both ways paced by `pace`.
+pub async fn relay_tunnel<S: LocalStream>(
     stream: S,
     conn: TunnelConn,
-    meter: Option<&dyn Meter>,
+    quota: Option<&dyn Quota>,
     pace: Option<&dyn Pace>,
 ) -> RelayStats {
     let TunnelConn {
@@ -229,7 +225,7 @@ pub async fn relay_metered<S: LocalStream>(
             let mut written = 0usize;
             for chunk in chunks.drain(..) {
                 paced(pace, chunk.len()).await;
-                let cut = meter.and_then(|m| m.admit(chunk.len()).err());
+                let cut = quota.and_then(|m| m.admit(chunk.len()).err());
                 let allowed = cut
                     .as_ref()
                     .map_or(chunk.len(), |c| c.allowed.min(chunk.len()));
@@ -306,4 +302,103 @@ pub async fn relay_metered<S: LocalStream>(
         }
     }
     stats
+}
+
+/// Relays between the user's socket and a directly dialed target, carrying half-close;
+/// `quota` counts (and may cut) what goes toward the user.
+pub async fn relay_direct<S: LocalStream>(
+    local: S,
+    remote: TcpStream,
+    quota: Option<&dyn Quota>,
+    pace: Option<&dyn Pace>,
+) -> RelayStats {
+    let (mut lr, mut lw) = tokio::io::split(local);
+    let (mut rr, mut rw) = remote.into_split();
+    let mut stats = RelayStats::default();
+    let up = async {
+        let mut buf = vec![0u8; READ_SIZE];
+        let mut total = 0u64;
+        loop {
+            let n = lr.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            paced(pace, n).await;
+            rw.write_all(&buf[..n]).await?;
+            total += n as u64;
+        }
+        let _ = rw.shutdown().await;
+        Ok::<u64, std::io::Error>(total)
+    };
+    let down = async {
+        let mut buf = vec![0u8; READ_SIZE];
+        let mut total = 0u64;
+        loop {
+            let n = match rr.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => n,
+                // The target reset: the user must see a reset too, not a clean end.
+                Err(_) => return Err(DownEnd::TargetFailed(total)),
+            };
+            let cut = quota.and_then(|m| m.admit(n).err());
+            let allowed = cut.as_ref().map_or(n, |c| c.allowed.min(n));
+            paced(pace, allowed).await;
+            if lw.write_all(&buf[..allowed]).await.is_err() {
+                return Err(DownEnd::UserFailed(total));
+            }
+            total += allowed as u64;
+            if let Some(cut) = cut {
+                tracing::info!(reason = %cut.reason, "cutting a connection at its quota");
+                let _ = lw.shutdown().await;
+                return Err(DownEnd::Cut(total));
+            }
+        }
+        let _ = lw.shutdown().await;
+        Ok(total)
+    };
+    // Either side failing ends both directions; either side's end of stream only ends
+    // its own direction (half-close), as in the tunnel relay.
+    let mut abort = false;
+    {
+        tokio::pin!(up);
+        tokio::pin!(down);
+        let (mut up_done, mut down_done) = (false, false);
+        while !(up_done && down_done) {
+            tokio::select! {
+                r = &mut up, if !up_done => {
+                    up_done = true;
+                    match r {
+                        Ok(n) => stats.sent = n,
+                        Err(_) => break,
+                    }
+                }
+                r = &mut down, if !down_done => {
+                    down_done = true;
+                    match r {
+                        Ok(n) => stats.received = n,
+                        Err(DownEnd::Cut(n)) | Err(DownEnd::UserFailed(n)) => {
+                            stats.received = n;
+                            break;
+                        }
+                        Err(DownEnd::TargetFailed(n)) => {
+                            stats.received = n;
+                            abort = true;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if abort {
+        lr.unsplit(lw).abort_on_close();
+    }
+    stats
+}
+
+/// How the target → user direction ended, when not by the target's end of stream.
+enum DownEnd {
+    TargetFailed(u64),
+    UserFailed(u64),
+    Cut(u64),
 }

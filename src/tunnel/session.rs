@@ -18,10 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::flow::{Inbox, InboxEnd, PushError, SendCredit};
 use super::table::ShardedMap;
-use crate::metrics::stats::{bump, SessionStats};
 use crate::transport::ws::close_code;
 use crate::transport::ws::deflate::{CompressionCounters, CompressionStats};
 use crate::transport::{Incoming, WsError, WsReader, WsWriter};
+use crate::tunnel::stats::{bump, SessionStats};
 
 /// JSON mode has no flow control: the session reader waits while a connection has
 /// this many bytes queued toward its local socket (and closes it after the stall
@@ -44,6 +44,24 @@ pub struct SessionOptions {
     pub stall_timeout: Duration,
     /// Binary mode: the largest receive window a connection may grow to.
     pub max_window: u32,
+}
+
+impl From<&crate::config::GatewayConfig> for SessionOptions {
+    fn from(c: &crate::config::GatewayConfig) -> Self {
+        SessionOptions {
+            stall_timeout: c.stall_timeout.0,
+            max_window: c.max_window.0 as u32,
+        }
+    }
+}
+
+impl From<&crate::config::ClientConfig> for SessionOptions {
+    fn from(c: &crate::config::ClientConfig) -> Self {
+        SessionOptions {
+            stall_timeout: c.stall_timeout.0,
+            max_window: c.max_window.0 as u32,
+        }
+    }
 }
 
 /// Queued for the writer task.

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use fastwebsockets::Role;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-use super::relay::{relay, READ_SIZE};
+use super::relay::{relay_tunnel, READ_SIZE};
 use super::session::{SessionCore, SessionOptions};
 use crate::transport::ws;
 
@@ -61,8 +61,8 @@ fn connect(pair: &Pair, id: u32) -> (DuplexStream, DuplexStream) {
     let (b_user, b_local) = tokio::io::duplex(PIPE);
     let a = pair.a.register(id).expect("free id");
     let b = pair.b.register(id).expect("free id");
-    tokio::spawn(relay(a_local, a));
-    tokio::spawn(relay(b_local, b));
+    tokio::spawn(relay_tunnel(a_local, a, None, None));
+    tokio::spawn(relay_tunnel(b_local, b, None, None));
     (a_user, b_user)
 }
 

@@ -3,63 +3,46 @@
 
 use std::sync::Arc;
 
+use crate::connect::{ParentProxy, ProxyScheme};
 use crate::policy::config::{NetIfaceConf, ParentProxyConf};
 use crate::policy::error::{At, ConfigError};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProxyScheme {
-    Http,
-    Socks5,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ParentProxy {
-    pub name: String,
-    pub scheme: ProxyScheme,
-    pub host: String,
-    pub port: u16,
-    /// `user:pass@` from the URL, if any.
-    pub credentials: Option<(String, String)>,
-}
-
-impl ParentProxy {
-    pub fn from_conf(file: &str, c: &ParentProxyConf) -> Result<ParentProxy, ConfigError> {
-        let at = At {
-            file,
-            section: "[[parentProxy]]",
-            name: &c.name,
-        };
-        let bad = |m: &str| at.err("proxyURL", format!("{:?}: {m}", c.proxy_url));
-        let (scheme, rest) = c
-            .proxy_url
-            .split_once("://")
-            .ok_or_else(|| bad("expected http://host:port or socks5://host:port"))?;
-        let (scheme, default_port) = match scheme.to_ascii_lowercase().as_str() {
-            "http" => (ProxyScheme::Http, 80),
-            "socks5" | "socks5h" => (ProxyScheme::Socks5, 1080),
-            _ => return Err(bad("scheme must be http, socks5 or socks5h")),
-        };
-        let rest = rest.strip_suffix('/').unwrap_or(rest);
-        if rest.contains('/') || rest.contains('?') {
-            return Err(bad("a proxy URL has no path"));
-        }
-        let (credentials, hostport) = match rest.rsplit_once('@') {
-            Some((cred, hp)) => {
-                let (u, p) = cred.split_once(':').unwrap_or((cred, ""));
-                (Some((u.to_string(), p.to_string())), hp)
-            }
-            None => (None, rest),
-        };
-        let (host, port) = split_host_port(hostport).ok_or_else(|| bad("bad host or port"))?;
-        Ok(ParentProxy {
-            name: c.name.clone(),
-            scheme,
-            host,
-            port: port.unwrap_or(default_port),
-            credentials,
-        })
+/// Parses a `[[parentProxy]]` entry.
+pub fn parent_proxy_from_conf(file: &str, c: &ParentProxyConf) -> Result<ParentProxy, ConfigError> {
+    let at = At {
+        file,
+        section: "[[parentProxy]]",
+        name: &c.name,
+    };
+    let bad = |m: &str| at.err("proxyURL", format!("{:?}: {m}", c.proxy_url));
+    let (scheme, rest) = c
+        .proxy_url
+        .split_once("://")
+        .ok_or_else(|| bad("expected http://host:port or socks5://host:port"))?;
+    let (scheme, default_port) = match scheme.to_ascii_lowercase().as_str() {
+        "http" => (ProxyScheme::Http, 80),
+        "socks5" | "socks5h" => (ProxyScheme::Socks5, 1080),
+        _ => return Err(bad("scheme must be http, socks5 or socks5h")),
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains('/') || rest.contains('?') {
+        return Err(bad("a proxy URL has no path"));
     }
+    let (credentials, hostport) = match rest.rsplit_once('@') {
+        Some((cred, hp)) => {
+            let (u, p) = cred.split_once(':').unwrap_or((cred, ""));
+            (Some((u.to_string(), p.to_string())), hp)
+        }
+        None => (None, rest),
+    };
+    let (host, port) = split_host_port(hostport).ok_or_else(|| bad("bad host or port"))?;
+    Ok(ParentProxy {
+        name: c.name.clone(),
+        scheme,
+        host,
+        port: port.unwrap_or(default_port),
+        credentials,
+    })
 }
 
 fn split_host_port(s: &str) -> Option<(String, Option<u16>)> {
@@ -102,7 +85,7 @@ mod tests {
     use super::*;
 
     fn pp(url: &str) -> Result<ParentProxy, ConfigError> {
-        ParentProxy::from_conf(
+        parent_proxy_from_conf(
             "managers.toml",
             &ParentProxyConf {
                 name: "up".into(),

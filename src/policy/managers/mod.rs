@@ -18,7 +18,7 @@ pub enum Manager {
     Host(host_matcher::HostMatcher),
     Time(time_span::TimeSpan),
     DwnConsR(Arc<dwn_cons_r::DwnConsR>),
-    ParentProxy(Arc<egress::ParentProxy>),
+    ParentProxy(Arc<crate::connect::ParentProxy>),
     NetIface(Arc<str>),
 }
 

@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 
-use crate::client::acl::Cidr;
+use crate::net::Cidr;
 use crate::policy::config::RangeIpmConf;
 use crate::policy::error::{At, ConfigError};
 

@@ -15,11 +15,11 @@ use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
 use super::user_db::UserDb;
+use crate::net::secret_eq;
 use crate::policy::cmd::CmdError;
 use crate::policy::error::ConfigError;
 use crate::policy::persist::{read_json, write_json};
 use crate::policy::token::{new_nonce, Claims, TokenCodec};
-use crate::proxy::auth::secret_eq;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Session {

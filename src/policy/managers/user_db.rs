@@ -4,9 +4,9 @@ use std::collections::HashMap;
 
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
 
+use crate::net::secret_eq;
 use crate::policy::config::MapDbConf;
 use crate::policy::error::{At, ConfigError};
-use crate::proxy::auth::secret_eq;
 
 enum Stored {
     /// PHC string, checked at load so verification cannot fail to parse.

@@ -19,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 use fastwebsockets::Role;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 
-pub use deflate::{CompressionCounters, CompressionStats, DeflateConfig, DeflateParams};
+pub use deflate::{CompressionCounters, CompressionStats, DeflateParams};
 
 /// Any byte stream a WebSocket can run over (TLS, plain TCP in tests, duplex pipes).
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -204,6 +204,7 @@ impl WsWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DeflateConfig;
     use crate::transport::handshake::{accept, connect};
     use anyproxy_proto::Encoding;
 

@@ -1,4 +1,9 @@
-//! Resolving and dialing targets on the agent, where the traffic leaves.
+//! Where traffic leaves: the ACL (`acl`), resolving and dialing a target with every
+//! resolved address checked (this file), and the standalone proxy's direct egress
+//! (`direct`: interfaces and parent proxies).
+
+pub mod acl;
+pub mod direct;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -6,8 +11,8 @@ use std::time::Duration;
 use anyproxy_proto::ErrorCode;
 use tokio::net::TcpStream;
 
-use super::acl::Acl;
-use crate::proxy::failure_prefix;
+use crate::net::FailureKind;
+use acl::Acl;
 
 /// A failed dial: the documented code and a message with a machine-readable prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,21 +29,16 @@ impl DialError {
         }
     }
 
-    fn failed(prefix: &str, detail: impl std::fmt::Display) -> Self {
+    fn failed(kind: FailureKind, detail: impl std::fmt::Display) -> Self {
         DialError {
             code: ErrorCode::ConnectionFailed,
-            message: format!("{prefix} {detail}"),
+            message: kind.message(detail),
         }
     }
 }
 
 fn classify(e: &std::io::Error, addr: SocketAddr) -> DialError {
-    use std::io::ErrorKind::*;
-    match e.kind() {
-        ConnectionRefused => DialError::failed(failure_prefix::REFUSED, format!("{addr}: {e}")),
-        TimedOut => DialError::failed(failure_prefix::TIMEOUT, format!("{addr}: {e}")),
-        _ => DialError::failed(failure_prefix::UNREACHABLE, format!("{addr}: {e}")),
-    }
+    DialError::failed(FailureKind::of_io(e), format!("{addr}: {e}"))
 }
 
 /// Resolves `host`, checks the name and every address against the ACL, then connects
@@ -59,16 +59,16 @@ pub async fn dial(
             let lookup = tokio::time::timeout_at(deadline, tokio::net::lookup_host((bare, port)))
                 .await
                 .map_err(|_| {
-                    DialError::failed(failure_prefix::TIMEOUT, format!("resolving {host}"))
+                    DialError::failed(FailureKind::Timeout, format!("resolving {host}"))
                 })?;
             lookup
-                .map_err(|e| DialError::failed(failure_prefix::DNS, format!("{host}: {e}")))?
+                .map_err(|e| DialError::failed(FailureKind::Dns, format!("{host}: {e}")))?
                 .collect()
         }
     };
     if addrs.is_empty() {
         return Err(DialError::failed(
-            failure_prefix::DNS,
+            FailureKind::Dns,
             format!("{host}: no addresses"),
         ));
     }
@@ -85,11 +85,11 @@ pub async fn dial(
             Ok(Err(e)) => last = Some(classify(&e, addr)),
             Err(_) => {
                 return Err(DialError::failed(
-                    failure_prefix::TIMEOUT,
+                    FailureKind::Timeout,
                     format!("{host}:{port}: no answer within {timeout:?}"),
                 ))
             }
         }
     }
-    Err(last.unwrap_or_else(|| DialError::failed(failure_prefix::UNREACHABLE, host)))
+    Err(last.unwrap_or_else(|| DialError::failed(FailureKind::Unreachable, host)))
 }

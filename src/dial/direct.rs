@@ -6,11 +6,11 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::{ConnectError, Connector, Requester, TargetAddr, Upstream};
-use crate::client::acl::Acl;
-use crate::policy::{Egress, ParentProxy, ProxyScheme};
-use crate::tunnel::relay::{LocalStream, READ_SIZE};
-use crate::tunnel::{Meter, RelayStats};
+use super::acl::Acl;
+use crate::connect::{
+    ConnectError, Connector, Egress, ParentProxy, ProxyScheme, Requester, Upstream,
+};
+use crate::net::HostPort;
 
 /// Dials targets itself, honouring the request's egress. `acl` is checked on the
 /// target's name and on every address it resolves to, and only checked addresses are
@@ -22,11 +22,7 @@ pub struct DirectConnector {
 }
 
 impl Connector for DirectConnector {
-    async fn connect(
-        &self,
-        target: &TargetAddr,
-        who: &Requester,
-    ) -> Result<Upstream, ConnectError> {
+    async fn connect(&self, target: &HostPort, who: &Requester) -> Result<Upstream, ConnectError> {
         target.validate()?;
         self.acl
             .check_name(&target.host, target.port)
@@ -55,7 +51,7 @@ impl Connector for DirectConnector {
     }
 }
 
-async fn dial(target: &TargetAddr, egress: &Egress, acl: &Acl) -> Result<TcpStream, ConnectError> {
+async fn dial(target: &HostPort, egress: &Egress, acl: &Acl) -> Result<TcpStream, ConnectError> {
     match &egress.proxy {
         Some(parent) => via_parent(parent, target, egress.iface.as_deref()).await,
         None => {
@@ -137,7 +133,7 @@ async fn connect_tcp(
 /// Opens the target through an HTTP (CONNECT) or SOCKS5 parent proxy.
 async fn via_parent(
     parent: &ParentProxy,
-    target: &TargetAddr,
+    target: &HostPort,
     iface: Option<&str>,
 ) -> Result<TcpStream, ConnectError> {
     let mut s = connect_tcp(&parent.host, parent.port, iface, None).await?;
@@ -239,93 +235,6 @@ async fn via_parent(
             }
         }
     }
-}
-
-/// Relays between the user's socket and a directly dialed target, carrying half-close;
-/// `meter` counts (and may cut) what goes toward the user.
-pub async fn relay_direct<S: LocalStream>(
-    local: S,
-    remote: TcpStream,
-    meter: Option<&dyn Meter>,
-) -> RelayStats {
-    let (mut lr, mut lw) = tokio::io::split(local);
-    let (mut rr, mut rw) = remote.into_split();
-    let mut stats = RelayStats::default();
-    let up = async {
-        let n = tokio::io::copy(&mut lr, &mut rw).await;
-        let _ = rw.shutdown().await;
-        n
-    };
-    let down = async {
-        let mut buf = vec![0u8; READ_SIZE];
-        let mut total = 0u64;
-        loop {
-            let n = match rr.read(&mut buf).await {
-                Ok(0) => break,
-                Ok(n) => n,
-                // The target reset: the user must see a reset too, not a clean end.
-                Err(_) => return Err(DownEnd::TargetFailed(total)),
-            };
-            let cut = meter.and_then(|m| m.admit(n).err());
-            let allowed = cut.as_ref().map_or(n, |c| c.allowed.min(n));
-            if lw.write_all(&buf[..allowed]).await.is_err() {
-                return Err(DownEnd::UserFailed(total));
-            }
-            total += allowed as u64;
-            if let Some(cut) = cut {
-                tracing::info!(reason = %cut.reason, "cutting a connection at its quota");
-                let _ = lw.shutdown().await;
-                return Err(DownEnd::Cut(total));
-            }
-        }
-        let _ = lw.shutdown().await;
-        Ok(total)
-    };
-    // Either side failing ends both directions; either side's end of stream only ends
-    // its own direction (half-close), as in the tunnel relay.
-    let mut abort = false;
-    {
-        tokio::pin!(up);
-        tokio::pin!(down);
-        let (mut up_done, mut down_done) = (false, false);
-        while !(up_done && down_done) {
-            tokio::select! {
-                r = &mut up, if !up_done => {
-                    up_done = true;
-                    match r {
-                        Ok(n) => stats.sent = n,
-                        Err(_) => break,
-                    }
-                }
-                r = &mut down, if !down_done => {
-                    down_done = true;
-                    match r {
-                        Ok(n) => stats.received = n,
-                        Err(DownEnd::Cut(n)) | Err(DownEnd::UserFailed(n)) => {
-                            stats.received = n;
-                            break;
-                        }
-                        Err(DownEnd::TargetFailed(n)) => {
-                            stats.received = n;
-                            abort = true;
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-    }
-    if abort {
-        lr.unsplit(lw).abort_on_close();
-    }
-    stats
-}
-
-/// How the target → user direction ended, when not by the target's end of stream.
-enum DownEnd {
-    TargetFailed(u64),
-    UserFailed(u64),
-    Cut(u64),
 }
 
 #[cfg(test)]

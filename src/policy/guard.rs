@@ -1,15 +1,16 @@
 //! The policy in front of any [`Connector`]: every request is decided by the rules
-//! before a connection is opened, and an allowed one carries its quota meter.
+//! before a connection is opened, and an allowed one carries its quota.
 
 use std::sync::Arc;
 
-use super::{ConnectError, Connector, Requester, TargetAddr, Upstream};
+use crate::connect::{ConnectError, Connector, Requester, Upstream};
+use crate::net::HostPort;
 use crate::policy::{Policy, QuotaHandle, Request};
-use crate::tunnel::{Meter, MeterCut};
+use crate::tunnel::{Quota, QuotaCut};
 
-impl Meter for QuotaHandle {
-    fn admit(&self, n: usize) -> Result<(), MeterCut> {
-        self.consume(n as u64).map_err(|e| MeterCut {
+impl Quota for QuotaHandle {
+    fn admit(&self, n: usize) -> Result<(), QuotaCut> {
+        self.consume(n as u64).map_err(|e| QuotaCut {
             allowed: e.allowed as usize,
             reason: e.to_string(),
         })
@@ -23,11 +24,7 @@ pub struct PolicyGuard<C> {
 }
 
 impl<C: Connector> Connector for PolicyGuard<C> {
-    async fn connect(
-        &self,
-        target: &TargetAddr,
-        who: &Requester,
-    ) -> Result<Upstream, ConnectError> {
+    async fn connect(&self, target: &HostPort, who: &Requester) -> Result<Upstream, ConnectError> {
         let Some(policy) = &self.policy else {
             return self.inner.connect(target, who).await;
         };
@@ -35,13 +32,13 @@ impl<C: Connector> Connector for PolicyGuard<C> {
         let mut who = who.clone();
         who.user = decision.user.as_deref().map(str::to_owned).or(who.user);
         who.egress = decision.egress.clone();
-        let mut upstream = self.inner.connect(target, &who).await?;
-        upstream.meter = decision.quota.map(|q| Arc::new(q) as Arc<dyn Meter>);
-        upstream.verdict = Some(decision.verdict);
-        Ok(upstream)
+        let upstream = self.inner.connect(target, &who).await?;
+        Ok(upstream
+            .with_quota(decision.quota.map(|q| Arc::new(q) as Arc<dyn Quota>))
+            .with_verdict(decision.verdict))
     }
 
-    fn recheck(&self, target: &TargetAddr, who: &Requester) -> Result<(), ConnectError> {
+    fn recheck(&self, target: &HostPort, who: &Requester) -> Result<(), ConnectError> {
         match &self.policy {
             Some(policy) => decide(policy, target, who).map(|_| ()),
             None => self.inner.recheck(target, who),
@@ -51,14 +48,14 @@ impl<C: Connector> Connector for PolicyGuard<C> {
 
 struct Allowed {
     user: Option<Arc<str>>,
-    egress: crate::policy::Egress,
+    egress: crate::connect::Egress,
     quota: Option<QuotaHandle>,
     verdict: Arc<str>,
 }
 
 /// Runs the rules for one request; a denial names the managers reached (or the
 /// unresolved remainder of the rule).
-fn decide(policy: &Policy, target: &TargetAddr, who: &Requester) -> Result<Allowed, ConnectError> {
+fn decide(policy: &Policy, target: &HostPort, who: &Requester) -> Result<Allowed, ConnectError> {
     let decision = policy.decide(&Request {
         client_ip: who.peer.ip(),
         user: who.user.as_deref(),

@@ -1,9 +1,6 @@
 //! The client agent: keeps authenticated WebSocket sessions to the gateway and dials
 //! the targets the gateway asks for, inside its own network.
 
-pub mod acl;
-pub mod dial;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,11 +13,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ClientConfig;
+use crate::dial::{self as dial, acl, acl::Acl};
+use crate::net::FailureKind;
 use crate::transport::ws::close_code;
 use crate::transport::{handshake, tls, ws, BoxIo};
 use crate::tunnel::session::{FirstMessage, Outbound, GOING_AWAY};
-use crate::tunnel::{relay, SessionCore, SessionEnd};
-use acl::Acl;
+use crate::tunnel::{relay_tunnel, SessionCore, SessionEnd, SessionOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -209,7 +207,7 @@ impl Agent {
             connected.deflate,
         );
         let (core, writer_task) =
-            SessionCore::start(connected.encoding, writer, cfg.session_options());
+            SessionCore::start(connected.encoding, writer, SessionOptions::from(cfg));
         match self.authenticate(client_id, &core, &mut reader).await {
             Ok(leftovers) => Ok(Established {
                 core,
@@ -460,10 +458,7 @@ impl Agent {
         if c.protocol == Protocol::Udp {
             return refuse(
                 ErrorCode::ConnectionFailed,
-                format!(
-                    "{} udp is not supported by this agent",
-                    crate::proxy::failure_prefix::UNREACHABLE
-                ),
+                FailureKind::Unreachable.message("udp is not supported by this agent"),
             )
             .await;
         }
@@ -489,9 +484,9 @@ impl Agent {
                     }))
                     .await;
                 if ok.is_ok() {
-                    crate::metrics::stats::bump(&core.stats().conns_opened, 1);
+                    crate::tunnel::stats::bump(&core.stats().conns_opened, 1);
                     let started = std::time::Instant::now();
-                    let stats = relay(stream, conn).await;
+                    let stats = relay_tunnel(stream, conn, None, None).await;
                     tracing::info!(target: "access", conn = %id, %target, result = "ok", to_target = stats.received, from_target = stats.sent, ms = started.elapsed().as_millis() as u64);
                 }
             }

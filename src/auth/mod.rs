@@ -2,9 +2,7 @@
 
 use std::sync::Arc;
 
-use subtle::ConstantTimeEq;
-
-use crate::config::Credentials;
+use crate::net::{credentials_match, Credentials};
 
 /// An authenticated proxy user: who, and which agent group carries their connections.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,19 +55,6 @@ impl Accounts {
             group,
         })
     }
-}
-
-/// Compares secrets in constant time (for equal lengths; length itself is not secret
-/// enough to matter and cannot be hidden without padding).
-pub fn secret_eq(a: &str, b: &str) -> bool {
-    a.as_bytes().ct_eq(b.as_bytes()).into()
-}
-
-/// Both parts compared without short-circuit, so timing does not tell which was wrong.
-pub fn credentials_match(expected: &Credentials, username: &str, password: &str) -> bool {
-    let user_ok = secret_eq(&expected.username, username);
-    let pass_ok = secret_eq(&expected.password, password);
-    user_ok & pass_ok
 }
 
 #[cfg(test)]
