@@ -10,6 +10,9 @@ use anyproxy::auth::Accounts;
 use anyproxy::dial::direct::DirectConnector;
 use anyproxy::policy::PolicyGuard;
 use anyproxy::policy::{dir::default_dir, start_api, PolicyDir};
+use anyproxy::proxy::http::HttpProxy;
+use anyproxy::transport::listen::AcceptLoop;
+use tokio_util::task::TaskTracker;
 
 use super::{signals, until_stopped};
 
@@ -62,12 +65,15 @@ pub async fn run(args: PmproxyArgs) -> anyhow::Result<()> {
     // Users are told apart by their session at their IP (`sessionIPM`), as upstream:
     // the proxy itself asks for no credentials.
     let users = Arc::new(Accounts::new(vec![], Arc::from("direct")));
-    let proxy = tokio::spawn(anyproxy::proxy::http::serve(
-        listener,
+    let role = Arc::new(HttpProxy {
         users,
-        Arc::new(anyproxy::limits::Limits::none()),
+        limits: Arc::new(anyproxy::limits::Limits::none()),
         connector,
-        shutdown.clone(),
+    });
+    let proxy = tokio::spawn(AcceptLoop::new(listener, "http proxy").run(
+        role,
+        shutdown.clone().cancelled_owned(),
+        TaskTracker::new(),
     ));
     tracing::info!(proxy = %proxy_addr, api = %api.addr, "pmproxy running");
     println!(

@@ -15,6 +15,7 @@ use anyproxy_proto::Forward;
 use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::registry::AgentHandle;
 use crate::auth::Identity;
@@ -22,6 +23,7 @@ use crate::config::AgentForwards;
 use crate::connect::{ConnectError, Connector, Requester, Upstream};
 use crate::limits::Limits;
 use crate::net::HostPort;
+use crate::transport::listen::{AcceptLoop, Serve};
 
 /// How long a takeover waits for the previous owner's listener to let go of the port.
 const REBIND_ATTEMPTS: u32 = 40;
@@ -112,45 +114,25 @@ impl AgentForwardTable {
                 return Err(format!("cannot listen on {addr}: {e}"));
             }
         };
-        let agent = agent.clone();
-        let timeout = self.connect_timeout;
+        let role = Arc::new(AgentForward {
+            agent: agent.clone(),
+            target,
+            timeout: self.connect_timeout,
+            limits: self.limits.clone(),
+        });
         let table = self.clone();
+        let agent = agent.clone();
         tokio::spawn(async move {
-            loop {
-                let (stream, peer) = tokio::select! {
-                    r = listener.accept() => match r {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::warn!(%addr, error = %e, "forward accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                    _ = cancel.cancelled() => break,
-                    // The session may end before `release` could see this forward.
-                    _ = agent.core.closed() => break,
-                };
-                let (agent, target) = (agent.clone(), target.clone());
-                let who = anonymous(peer, agent.group.clone());
-                let grant = match table.limits.admit(&who) {
-                    Ok(grant) => grant,
-                    Err(e) => {
-                        refused(&who, &target, &e);
-                        continue;
-                    }
-                };
-                tokio::spawn(async move {
-                    match agent.core.open(&target.host, target.port, timeout).await {
-                        Ok(conn) => {
-                            let upstream = grant.attach(Upstream::tunnel(conn));
-                            carry(stream, upstream, peer, &target, &agent.group).await;
-                        }
-                        Err(e) => {
-                            tracing::info!(target: "access", proto = "forward", client = %peer, group = %agent.group, agent = %agent.client_id, %target, result = "refused", reason = %e);
-                        }
-                    }
-                });
-            }
+            // The session may end before `release` could see this forward.
+            let stop = async {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = agent.core.closed() => {}
+                }
+            };
+            AcceptLoop::new(listener, "agent forward")
+                .run(role, stop, TaskTracker::new())
+                .await;
             table
                 .by_port
                 .lock()
@@ -194,14 +176,13 @@ async fn bind_when_free(addr: SocketAddr) -> std::io::Result<TcpListener> {
     }
 }
 
-async fn carry(
+async fn relay(
     stream: TcpStream,
     upstream: Upstream,
     peer: SocketAddr,
     target: &HostPort,
     group: &str,
 ) {
-    let _ = stream.set_nodelay(true);
     let started = std::time::Instant::now();
     let via = upstream.via();
     let stats = upstream.relay(stream).await;
@@ -218,38 +199,53 @@ fn refused(who: &Requester, target: &HostPort, e: &ConnectError) {
     tracing::info!(target: "access", proto = "forward", client = %who.peer, group = %who.group, %target, result = %e.code(), reason = %e);
 }
 
-/// Serves one declared forward until `shutdown`: each connection goes to `target`
-/// through `connector` (the least-loaded agent of `group`, behind the limits).
-pub async fn serve_declared<C: Connector>(
-    listener: TcpListener,
-    group: Arc<str>,
+/// A declared forward's role: each connection goes to `target` through `connector`
+/// (the least-loaded agent of `group`, behind the limits).
+pub struct DeclaredForward<C> {
+    pub group: Arc<str>,
+    pub target: HostPort,
+    pub connector: Arc<C>,
+}
+
+impl<C: Connector> Serve for DeclaredForward<C> {
+    async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let who = anonymous(peer, self.group.clone());
+        match self.connector.connect(&self.target, &who).await {
+            Ok(conn) => relay(stream, conn, peer, &self.target, &self.group).await,
+            Err(e) => refused(&who, &self.target, &e),
+        }
+    }
+}
+
+/// An agent forward's role: each connection goes through that agent's session, after
+/// the per-address limits admitted it.
+struct AgentForward {
+    agent: Arc<AgentHandle>,
     target: HostPort,
-    connector: Arc<C>,
-    shutdown: CancellationToken,
-) {
-    let target = HostPort {
-        host: target.host,
-        port: target.port,
-    };
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "forward accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
+    timeout: Duration,
+    limits: Arc<Limits>,
+}
+
+impl Serve for AgentForward {
+    async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let (agent, target) = (&self.agent, &self.target);
+        let who = anonymous(peer, agent.group.clone());
+        let grant = match self.limits.admit(&who) {
+            Ok(grant) => grant,
+            Err(e) => return refused(&who, target, &e),
         };
-        let (group, target, connector) = (group.clone(), target.clone(), connector.clone());
-        tokio::spawn(async move {
-            let who = anonymous(peer, group.clone());
-            match connector.connect(&target, &who).await {
-                Ok(conn) => carry(stream, conn, peer, &target, &group).await,
-                Err(e) => refused(&who, &target, &e),
+        match agent
+            .core
+            .open(&target.host, target.port, self.timeout)
+            .await
+        {
+            Ok(conn) => {
+                let upstream = grant.attach(Upstream::tunnel(conn));
+                relay(stream, upstream, peer, target, &agent.group).await;
             }
-        });
+            Err(e) => {
+                tracing::info!(target: "access", proto = "forward", client = %peer, group = %agent.group, agent = %agent.client_id, %target, result = "refused", reason = %e);
+            }
+        }
     }
 }

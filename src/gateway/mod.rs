@@ -20,6 +20,9 @@ use crate::config::{Credentials, GatewayConfig, ProxyConfig, ProxyListener, DEFA
 use crate::connect::{ConnectError, Connector, Requester, Upstream};
 use crate::limits::{LimitGuard, Limits};
 use crate::net::HostPort;
+use crate::proxy::http::HttpProxy;
+use crate::proxy::socks5::Socks5Proxy;
+use crate::transport::listen::AcceptLoop;
 use crate::transport::tls;
 use crate::tunnel::OpenError;
 pub use registry::AgentRegistry;
@@ -211,7 +214,10 @@ impl Gateway {
             agent_forwards,
             metrics.clone(),
         ));
-        tasks.spawn(server.clone().serve(agent_listener, shutdown.clone()));
+        tasks.spawn(server.clone().accept(agent_listener, shutdown.clone()));
+        // Proxy users' and forwards' connections end with their tunnels; nobody waits
+        // for them (a keep-alive client could hold a stop forever).
+        let conns = TaskTracker::new();
 
         let proxy = proxy.unwrap_or_default();
         let mut http_addr = None;
@@ -222,12 +228,15 @@ impl Gateway {
             if users.is_open() {
                 tracing::warn!(addr = ?http_addr, "HTTP proxy has no credentials: anyone who can reach it may use it");
             }
-            tasks.spawn(crate::proxy::http::serve(
-                listener,
+            let role = Arc::new(HttpProxy {
                 users,
-                limits.clone(),
-                guarded.clone(),
-                shutdown.clone(),
+                limits: limits.clone(),
+                connector: guarded.clone(),
+            });
+            tasks.spawn(AcceptLoop::new(listener, "http proxy").run(
+                role,
+                shutdown.clone().cancelled_owned(),
+                conns.clone(),
             ));
         }
         let mut socks5_addr = None;
@@ -238,12 +247,15 @@ impl Gateway {
             if users.is_open() {
                 tracing::warn!(addr = ?socks5_addr, "SOCKS5 proxy has no credentials: anyone who can reach it may use it");
             }
-            tasks.spawn(crate::proxy::socks5::serve(
-                listener,
+            let role = Arc::new(Socks5Proxy {
                 users,
-                limits.clone(),
-                guarded.clone(),
-                shutdown.clone(),
+                limits: limits.clone(),
+                connector: guarded.clone(),
+            });
+            tasks.spawn(AcceptLoop::new(listener, "socks5 proxy").run(
+                role,
+                shutdown.clone().cancelled_owned(),
+                conns.clone(),
             ));
         }
         let mut forward_addrs = Vec::new();
@@ -252,12 +264,15 @@ impl Gateway {
             let addr = listener.local_addr().unwrap_or(f.listen_addr.0);
             tracing::info!(%addr, group = %f.group, target = %f.target, "forwarding");
             forward_addrs.push(addr);
-            tasks.spawn(forward::serve_declared(
-                listener,
-                Arc::from(f.group.as_str()),
-                f.target,
-                limited.clone(),
-                shutdown.clone(),
+            let role = Arc::new(forward::DeclaredForward {
+                group: Arc::from(f.group.as_str()),
+                target: f.target,
+                connector: limited.clone(),
+            });
+            tasks.spawn(AcceptLoop::new(listener, "forward").run(
+                role,
+                shutdown.clone().cancelled_owned(),
+                conns.clone(),
             ));
         }
         let admin_stop = CancellationToken::new();

@@ -17,6 +17,7 @@ use super::registry::{AgentHandle, AgentRegistry};
 use crate::auth::Accounts;
 use crate::config::{Credentials, GatewayConfig, DEFAULT_GROUP};
 use crate::limits::AuthThrottle;
+use crate::transport::listen::{AcceptLoop, Serve};
 use crate::transport::ws::{self, close_code};
 use crate::transport::{handshake, BoxIo};
 use crate::tunnel::session::{FirstMessage, Outbound};
@@ -44,6 +45,15 @@ struct Lifecycle {
     live: ShardedMap<u64, Arc<SessionCore>>,
     draining: CancellationToken,
     ending: CancellationToken,
+}
+
+impl Serve for AgentServer {
+    async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        let ending = self.lifecycle.ending.clone();
+        if let Err(reason) = self.serve_agent(tcp, peer, ending).await {
+            tracing::info!(%peer, %reason, "agent connection refused");
+        }
+    }
 }
 
 impl AgentServer {
@@ -116,27 +126,11 @@ impl AgentServer {
     }
 
     /// Accepts agents until `shutdown`; the sessions live on until [`Self::end_sessions`].
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "gateway accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.cancelled() => return,
-            };
-            let this = self.clone();
-            let shutdown = self.lifecycle.ending.clone();
-            self.lifecycle.tasks.spawn(async move {
-                if let Err(reason) = this.serve_agent(tcp, peer, shutdown).await {
-                    tracing::info!(%peer, %reason, "agent connection refused");
-                }
-            });
-        }
+    pub async fn accept(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        let tasks = self.lifecycle.tasks.clone();
+        AcceptLoop::new(listener, "gateway")
+            .run(self, shutdown.cancelled_owned(), tasks)
+            .await
     }
 
     async fn serve_agent(
@@ -145,7 +139,6 @@ impl AgentServer {
         peer: SocketAddr,
         shutdown: CancellationToken,
     ) -> Result<(), String> {
-        let _ = tcp.set_nodelay(true);
         let deadline = self.config.auth_timeout.0;
         let tls = tokio::time::timeout(
             deadline,

@@ -15,7 +15,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::TaskTracker;
+
+use crate::transport::listen::{AcceptLoop, Serve};
 use tokio_util::sync::CancellationToken;
 
 use super::process::ProcessStats;
@@ -119,7 +122,11 @@ pub async fn serve(
         credentials,
     });
     tokio::spawn(sample_traffic(observed, stop.clone()));
-    tokio::spawn(accept_loop(listener, admin, stop));
+    tokio::spawn(AcceptLoop::new(listener, "admin").run(
+        admin,
+        stop.cancelled_owned(),
+        TaskTracker::new(),
+    ));
     tracing::info!(%addr, "admin listener (metrics, health, status page)");
     Ok(addr)
 }
@@ -138,29 +145,15 @@ async fn sample_traffic(observed: Arc<dyn Observed>, stop: CancellationToken) {
     }
 }
 
-async fn accept_loop(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.cancelled() => return,
-        };
-        let admin = admin.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.handle(&req)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                .await;
+impl Serve for Admin {
+    async fn serve(self: Arc<Self>, tcp: TcpStream, _peer: std::net::SocketAddr) {
+        let service = hyper::service::service_fn(move |req| {
+            let admin = self.clone();
+            async move { Ok::<_, Infallible>(admin.handle(&req)) }
         });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+            .await;
     }
 }
 

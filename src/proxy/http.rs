@@ -14,8 +14,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpStream;
 
 use anyproxy_proto::ErrorCode;
 
@@ -23,59 +22,47 @@ use crate::auth::{Accounts, Identity};
 use crate::connect::{ConnectError, Connector, Requester};
 use crate::limits::{AuthVerdict, Limits, LOCKED_OUT};
 use crate::net::HostPort;
+use crate::transport::listen::Serve;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
 /// How long a client may take to send a request head.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Accepts HTTP proxy clients until `shutdown`; `limits` guards the password check.
-pub async fn serve<C: Connector>(
-    listener: TcpListener,
-    users: Arc<Accounts>,
-    limits: Arc<Limits>,
-    connector: Arc<C>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "http proxy accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let _ = stream.set_nodelay(true);
+/// The HTTP proxy listener's role: each accepted connection is served by hyper, and
+/// `limits` guards the password check.
+pub struct HttpProxy<C> {
+    pub users: Arc<Accounts>,
+    pub limits: Arc<Limits>,
+    pub connector: Arc<C>,
+}
+
+impl<C: Connector> Serve for HttpProxy<C> {
+    async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let state = Arc::new(ConnState {
             peer,
-            users: users.clone(),
-            limits: limits.clone(),
+            users: self.users.clone(),
+            limits: self.limits.clone(),
             upstream: tokio::sync::Mutex::new(None),
         });
-        let connector = connector.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                let connector = connector.clone();
-                async move { Ok::<_, Infallible>(handle(req, &state, &*connector).await) }
-            });
-            let result = hyper::server::conn::http1::Builder::new()
-                .preserve_header_case(true)
-                .title_case_headers(true)
-                // A client that trickles its request head (slowloris) is dropped.
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "http proxy connection ended");
-            }
+        let connector = self.connector.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let state = state.clone();
+            let connector = connector.clone();
+            async move { Ok::<_, Infallible>(handle(req, &state, &*connector).await) }
         });
+        let result = hyper::server::conn::http1::Builder::new()
+            .preserve_header_case(true)
+            .title_case_headers(true)
+            // A client that trickles its request head (slowloris) is dropped.
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades()
+            .await;
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "http proxy connection ended");
+        }
     }
 }
 

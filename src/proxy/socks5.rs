@@ -7,8 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpStream;
 
 use anyproxy_proto::ErrorCode;
 
@@ -16,6 +15,7 @@ use crate::auth::{Accounts, Identity};
 use crate::connect::{Connector, Requester};
 use crate::limits::{AuthVerdict, Limits, LOCKED_OUT};
 use crate::net::HostPort;
+use crate::transport::listen::Serve;
 
 const VERSION: u8 = 0x05;
 const AUTH_VERSION: u8 = 0x01;
@@ -56,34 +56,18 @@ enum Socks5Error {
     Timeout,
 }
 
-/// Accepts SOCKS5 clients until `shutdown`; `limits` guards the password check.
-pub async fn serve<C: Connector>(
-    listener: TcpListener,
-    users: Arc<Accounts>,
-    limits: Arc<Limits>,
-    connector: Arc<C>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "socks5 accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let _ = stream.set_nodelay(true);
-        let (users, limits) = (users.clone(), limits.clone());
-        let connector = connector.clone();
-        tokio::spawn(async move {
-            if let Err(e) = handle(stream, peer, &users, &limits, &*connector).await {
-                tracing::debug!(%peer, error = %e, "socks5 session ended");
-            }
-        });
+/// The SOCKS5 listener's role; `limits` guards the password check.
+pub struct Socks5Proxy<C> {
+    pub users: Arc<Accounts>,
+    pub limits: Arc<Limits>,
+    pub connector: Arc<C>,
+}
+
+impl<C: Connector> Serve for Socks5Proxy<C> {
+    async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        if let Err(e) = handle(stream, peer, &self.users, &self.limits, &*self.connector).await {
+            tracing::debug!(%peer, error = %e, "socks5 session ended");
+        }
     }
 }
 

@@ -20,13 +20,14 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::dir::{DirError, PolicyDir};
 use super::{Cmd, Policy};
+use crate::transport::listen::{AcceptLoop, Serve};
 
 /// Commands are a few hundred bytes; anything near this is not a command.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -147,71 +148,64 @@ pub async fn serve_api(
     opts: ApiOptions,
     shutdown: CancellationToken,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let opts = Arc::new(opts);
+    let role = Arc::new(ApiServer {
+        acceptor: tokio_rustls::TlsAcceptor::from(tls),
+        policy,
+        opts,
+        stop: shutdown.clone(),
+    });
     let tracker = TaskTracker::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = shutdown.cancelled() => break,
-        };
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!("policy API accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        let _ = tcp.set_nodelay(true);
-        let (acceptor, policy, opts, stop) = (
-            acceptor.clone(),
-            policy.clone(),
-            opts.clone(),
-            shutdown.clone(),
-        );
-        tracker.spawn(async move {
-            let _permit = permit;
-            let tls = match tokio::time::timeout(opts.read_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!("policy API TLS handshake with {peer}: {e}");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let io = timeout_io::TimeoutIo::new(tls, opts.read_timeout, opts.write_timeout);
-            let header_timeout = opts.read_timeout;
-            let service = hyper::service::service_fn(move |req| {
-                let (policy, opts) = (policy.clone(), opts.clone());
-                async move { Ok::<_, Infallible>(handle(req, peer, &policy, &opts).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .max_buf_size(MAX_BODY.max(8192) * 2)
-                .serve_connection(TokioIo::new(io), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    tokio::time::timeout(DRAIN, conn.as_mut()).await.unwrap_or(Ok(()))
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!("policy API connection from {peer}: {e}");
-            }
-        });
-    }
-    drop(listener);
+    AcceptLoop::new(listener, "policy API")
+        .max_connections(MAX_CONNECTIONS)
+        .run(role, shutdown.cancelled_owned(), tracker.clone())
+        .await;
     tracker.close();
     let _ = tokio::time::timeout(DRAIN + Duration::from_secs(1), tracker.wait()).await;
+}
+
+/// The policy API listener's role: TLS with the read and write timeouts, then hyper.
+struct ApiServer {
+    acceptor: tokio_rustls::TlsAcceptor,
+    policy: Arc<Policy>,
+    opts: ApiOptions,
+    stop: CancellationToken,
+}
+
+impl Serve for ApiServer {
+    async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        let opts = &self.opts;
+        let tls = match tokio::time::timeout(opts.read_timeout, self.acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!("policy API TLS handshake with {peer}: {e}");
+                return;
+            }
+            Err(_) => return,
+        };
+        let io = timeout_io::TimeoutIo::new(tls, opts.read_timeout, opts.write_timeout);
+        let header_timeout = opts.read_timeout;
+        let this = self.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let this = this.clone();
+            async move { Ok::<_, Infallible>(handle(req, peer, &this.policy, &this.opts).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(MAX_BODY.max(8192) * 2)
+            .serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = self.stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                tokio::time::timeout(DRAIN, conn.as_mut()).await.unwrap_or(Ok(()))
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!("policy API connection from {peer}: {e}");
+        }
+    }
 }
 
 type Resp = Response<Full<Bytes>>;
