@@ -16,8 +16,10 @@ use crate::config::ClientConfig;
 use crate::dial::{self as dial, acl, acl::Acl};
 use crate::net::FailureKind;
 use crate::transport::ws::close_code;
-use crate::transport::{handshake, tls, ws, BoxIo};
-use crate::tunnel::session::{FirstMessage, Outbound, GOING_AWAY};
+use crate::transport::{handshake, tls, ws, BoxIo, WsReader};
+use crate::tunnel::session::{
+    FirstMessage, Role as SessionRole, Session, GOING_AWAY, WRITER_GRACE,
+};
 use crate::tunnel::{relay_tunnel, SessionCore, SessionEnd, SessionOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -59,15 +61,11 @@ pub struct Agent {
 
 /// An authenticated session, ready to serve.
 struct Established {
-    core: Arc<SessionCore>,
-    writer_task: tokio::task::JoinHandle<()>,
-    reader: ws::WsReader,
+    session: Session,
+    reader: WsReader,
     /// Messages that arrived together with `auth_response`.
     leftovers: Vec<Message>,
 }
-
-/// How long the writer may take to send its last frames (the close) at the end.
-const WRITER_GRACE: Duration = Duration::from_secs(2);
 
 impl Agent {
     pub fn new(config: ClientConfig) -> Result<Arc<Agent>, AgentError> {
@@ -172,23 +170,54 @@ impl Agent {
         }
     }
 
-    /// Connects, verifies TLS, negotiates and authenticates.
+    /// Connects, verifies TLS, negotiates and authenticates: the gateway's phases,
+    /// seen from the other side.
     async fn establish(&self, client_id: &str) -> Result<Established, SessionError> {
+        let tcp = self.connect_tcp().await?;
+        let io = self.tls_handshake(tcp).await?;
+        let (mut reader, session) = self.upgrade(io).await?;
+        match self
+            .authenticate(client_id, session.core(), &mut reader)
+            .await
+        {
+            Ok(leftovers) => Ok(Established {
+                session,
+                reader,
+                leftovers,
+            }),
+            Err(e) => {
+                session.end().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn connect_tcp(&self) -> Result<TcpStream, SessionError> {
         let cfg = &self.config;
         let tcp = tokio::time::timeout(cfg.dial_timeout.0, TcpStream::connect(&cfg.gateway_addr))
             .await
             .map_err(|_| SessionError::Connect(format!("{} timed out", cfg.gateway_addr)))?
             .map_err(|e| SessionError::Connect(format!("{}: {e}", cfg.gateway_addr)))?;
         let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
+
+    async fn tls_handshake(&self, tcp: TcpStream) -> Result<BoxIo, SessionError> {
         let tls = tokio::time::timeout(
-            cfg.dial_timeout.0,
+            self.config.dial_timeout.0,
             self.tls
                 .connect(self.server_name.clone(), tls::buffered(tcp)),
         )
         .await
         .map_err(|_| SessionError::Tls("handshake timed out".into()))?
         .map_err(|e| SessionError::Tls(e.to_string()))?;
-        let mut io: BoxIo = Box::new(tls);
+        Ok(Box::new(tls))
+    }
+
+    /// The WebSocket upgrade, offering our encodings and compression; starts the
+    /// session (and its writer).
+    async fn upgrade(&self, mut io: BoxIo) -> Result<(WsReader, Session), SessionError> {
+        let cfg = &self.config;
         let offer: &[Encoding] = match Encoding::from(cfg.encoding) {
             Encoding::Binary => &[Encoding::Binary, Encoding::Json],
             Encoding::Json => &[Encoding::Json],
@@ -200,26 +229,17 @@ impl Agent {
         .await
         .map_err(|_| SessionError::Handshake("timed out".into()))?
         .map_err(handshake_error)?;
-        let (mut reader, writer) = ws::split(
+        let (reader, writer) = ws::split(
             io,
             Role::Client,
             cfg.max_message_size.0 as usize,
             connected.deflate,
         );
-        let (core, writer_task) =
-            SessionCore::start(connected.encoding, writer, SessionOptions::from(cfg));
-        match self.authenticate(client_id, &core, &mut reader).await {
-            Ok(leftovers) => Ok(Established {
-                core,
-                writer_task,
-                reader,
-                leftovers,
-            }),
-            Err(e) => {
-                end_session(&core, writer_task).await;
-                Err(e)
-            }
-        }
+        let options = SessionOptions::from(cfg);
+        Ok((
+            reader,
+            SessionCore::start(connected.encoding, writer, options),
+        ))
     }
 
     /// Sends `auth` and waits for the answer; returns what arrived with it.
@@ -297,12 +317,12 @@ impl Agent {
     ) -> Result<(), SessionError> {
         let cfg = &self.config;
         let Established {
-            core,
-            writer_task,
+            session,
             mut reader,
             leftovers,
         } = session;
-        tracing::info!(%client_id, group = cfg.group_id.as_deref().unwrap_or(crate::config::DEFAULT_GROUP), gateway = %cfg.gateway_addr, encoding = core.encoding.as_str(), deflate = core.compressed(), "authenticated to the gateway");
+        let core = session.core().clone();
+        tracing::info!(gateway = %cfg.gateway_addr, encoding = core.encoding.as_str(), deflate = core.compressed(), "authenticated to the gateway");
 
         let group = cfg
             .group_id
@@ -320,19 +340,14 @@ impl Agent {
                 self.on_role_message(&core, role_msg).await;
             }
         }
-        let this = self.clone();
-        let role_core = core.clone();
-        let read = core.read_loop(&mut reader, cfg.idle_timeout.0, move |msg| {
-            let this = this.clone();
-            let core = role_core.clone();
-            async move { this.on_role_message(&core, msg).await }
-        });
+        let role = AgentRole(self.clone());
+        let read = core.read_loop(&mut reader, cfg.idle_timeout.0, &role);
         tokio::pin!(read);
         let end = tokio::select! {
             end = &mut read => end,
             _ = shutdown.cancelled() => {
                 let drain = cfg.drain_timeout.0;
-                tracing::info!(%client_id, conns = core.active_conns(), ?drain, "shutting down: draining");
+                tracing::info!(conns = core.active_conns(), ?drain, "shutting down: draining");
                 let drained = async {
                     core.announce_going_away("agent shutting down").await;
                     core.drained(drain).await
@@ -342,7 +357,7 @@ impl Agent {
                     end = &mut read => Some(end),
                     done = tokio::time::timeout(drain, drained) => {
                         if !matches!(done, Ok(true)) {
-                            tracing::warn!(%client_id, conns = core.active_conns(), "drain timeout: closing connections still open");
+                            tracing::warn!(conns = core.active_conns(), "drain timeout: closing connections still open");
                         }
                         None
                     }
@@ -350,8 +365,7 @@ impl Agent {
                 match early_end {
                     Some(end) => end,
                     None => {
-                        let close = Outbound::WsClose(close_code::GOING_AWAY, "agent shutting down".into());
-                        let _ = tokio::time::timeout(WRITER_GRACE, core.send_raw(close)).await;
+                        session.send_close(close_code::GOING_AWAY, "agent shutting down").await;
                         // The gateway echoes the close; don't wait for it forever.
                         tokio::time::timeout(WRITER_GRACE, &mut read)
                             .await
@@ -361,7 +375,7 @@ impl Agent {
             }
         };
         pinger.abort();
-        end_session(&core, writer_task).await;
+        session.end().await;
         Err(SessionError::Ended(end.to_string()))
     }
 
@@ -502,12 +516,13 @@ impl Agent {
     }
 }
 
-/// Cancels what the session carried and lets the writer finish (it sends the close
-/// frame) for a short while; a writer stuck on a dead gateway is aborted.
-async fn end_session(core: &SessionCore, mut writer_task: tokio::task::JoinHandle<()>) {
-    core.shutdown();
-    let _ = tokio::time::timeout(WRITER_GRACE, &mut writer_task).await;
-    writer_task.abort();
+/// The agent's side of a session: `connect`s to serve and answers to our `forward`s.
+struct AgentRole(Arc<Agent>);
+
+impl SessionRole for AgentRole {
+    async fn on_message(&self, core: &Arc<SessionCore>, msg: Message) {
+        self.0.on_role_message(core, msg).await
+    }
 }
 
 /// A TLS failure surfaces as an I/O error of the first write or read; name it as such.

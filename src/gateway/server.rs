@@ -5,12 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyproxy_proto::{AuthResponse, Encoding, ErrorCode, ErrorMsg, ForwardResponse, Message};
+use anyproxy_proto::{Auth, AuthResponse, Encoding, ErrorCode, ErrorMsg, ForwardResponse, Message};
 use fastwebsockets::Role;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::forward::AgentForwardTable;
 use super::registry::{AgentHandle, AgentRegistry};
@@ -19,8 +20,8 @@ use crate::config::{Credentials, GatewayConfig, DEFAULT_GROUP};
 use crate::limits::AuthThrottle;
 use crate::transport::listen::{AcceptLoop, Serve};
 use crate::transport::ws::{self, close_code};
-use crate::transport::{handshake, BoxIo};
-use crate::tunnel::session::{FirstMessage, Outbound};
+use crate::transport::{handshake, BoxIo, WsReader};
+use crate::tunnel::session::{FirstMessage, Role as SessionRole, Session, SessionEnd};
 use crate::tunnel::table::ShardedMap;
 use crate::tunnel::{SessionCore, SessionOptions};
 
@@ -133,12 +134,41 @@ impl AgentServer {
             .await
     }
 
+    /// One agent connection, phase by phase: TLS, the WebSocket upgrade (which
+    /// negotiates the encoding and compression), `auth`, registration, the session's
+    /// read loop, teardown. An `Err` is why the connection was refused.
     async fn serve_agent(
         &self,
         tcp: TcpStream,
         peer: SocketAddr,
         shutdown: CancellationToken,
     ) -> Result<(), String> {
+        let io = self.tls_handshake(tcp).await?;
+        let (mut reader, session) = self.upgrade(io).await?;
+        let (auth, group) = match self.authenticate(&session, &mut reader, peer).await {
+            Ok(x) => x,
+            Err(refusal) => {
+                if let Some(reason) = &refusal.close {
+                    session.close(close_code::POLICY, reason).await;
+                } else {
+                    session.flush().await;
+                }
+                return Err(refusal.reason);
+            }
+        };
+        let registered = self.register(session.core(), &auth, group, peer).await;
+        let span = tracing::info_span!("agent", client_id = %auth.client_id, group = %registered.handle.group, %peer);
+        let end = self
+            .run(session.core(), &mut reader, &registered.handle, shutdown)
+            .instrument(span.clone())
+            .await;
+        self.teardown(session, reader, registered, end)
+            .instrument(span)
+            .await;
+        Ok(())
+    }
+
+    async fn tls_handshake(&self, tcp: TcpStream) -> Result<BoxIo, String> {
         let deadline = self.config.auth_timeout.0;
         let tls = tokio::time::timeout(
             deadline,
@@ -147,90 +177,66 @@ impl AgentServer {
         .await
         .map_err(|_| "TLS handshake timed out".to_string())?
         .map_err(|e| format!("TLS handshake failed: {e}"))?;
-        let mut io: BoxIo = Box::new(tls);
+        Ok(Box::new(tls))
+    }
+
+    /// The WebSocket upgrade at `/ws`; starts the session (and its writer).
+    async fn upgrade(&self, mut io: BoxIo) -> Result<(WsReader, Session), String> {
         let accepted = tokio::time::timeout(
-            deadline,
+            self.config.auth_timeout.0,
             handshake::accept(&mut io, &self.encodings, Some(&self.config.deflate)),
         )
         .await
         .map_err(|_| "WebSocket handshake timed out".to_string())?
         .map_err(|e| format!("WebSocket handshake: {e}"))?;
         let max_message = self.config.max_message_size.0 as usize;
-        let (mut reader, writer) = ws::split(io, Role::Server, max_message, accepted.deflate);
-        let (core, writer_task) = SessionCore::start(
-            accepted.encoding,
-            writer,
-            SessionOptions::from(&self.config),
-        );
+        let (reader, writer) = ws::split(io, Role::Server, max_message, accepted.deflate);
+        let options = SessionOptions::from(&self.config);
+        Ok((
+            reader,
+            SessionCore::start(accepted.encoding, writer, options),
+        ))
+    }
 
-        let refuse = |code: ErrorCode, message: String| {
-            let core = core.clone();
-            async move {
-                let _ = core
-                    .send(Message::Error(ErrorMsg {
-                        code,
-                        message: message.clone(),
-                        id: None,
-                    }))
-                    .await;
-                if code == ErrorCode::AuthFailed || code == ErrorCode::RateLimited {
-                    let _ = core
-                        .send(Message::AuthResponse(AuthResponse {
-                            success: false,
-                            message: message.clone(),
-                        }))
-                        .await;
-                }
-                let _ = core
-                    .send_raw(Outbound::WsClose(close_code::POLICY, message.clone()))
-                    .await;
-                message
-            }
-        };
-
-        let first = tokio::time::timeout(deadline, core.first_message(&mut reader)).await;
-        let auth = match first {
+    /// Reads the first message, which must be `auth`, and checks it (deadline,
+    /// lockout, constant-time credentials); the username names the agent's group.
+    async fn authenticate(
+        &self,
+        session: &Session,
+        reader: &mut WsReader,
+        peer: SocketAddr,
+    ) -> Result<(Auth, Arc<str>), Refusal> {
+        let core = session.core();
+        let deadline = self.config.auth_timeout.0;
+        let auth = match tokio::time::timeout(deadline, core.first_message(reader)).await {
             Err(_) => {
-                let m = refuse(
-                    ErrorCode::AuthFailed,
-                    format!("no auth message within {deadline:?}"),
-                )
-                .await;
-                return finish(core, writer_task, Err(m)).await;
+                let m = format!("no auth message within {deadline:?}");
+                return Err(refuse(core, ErrorCode::AuthFailed, m).await);
             }
-            Ok(FirstMessage::Gone(reason)) => {
-                return finish(core, writer_task, Err(reason)).await;
-            }
+            Ok(FirstMessage::Gone(reason)) => return Err(Refusal::silent(reason)),
             Ok(FirstMessage::Invalid(e)) => {
-                let m = refuse(ErrorCode::InvalidMessage, e).await;
-                return finish(core, writer_task, Err(m)).await;
+                return Err(refuse(core, ErrorCode::InvalidMessage, e).await)
             }
             Ok(FirstMessage::Message(Message::Auth(auth), _)) => auth,
             Ok(FirstMessage::Message(other, _)) => {
-                let m = refuse(
-                    ErrorCode::InvalidMessage,
-                    format!(
-                        "the first message must be auth, got {}",
-                        other.kind().as_str()
-                    ),
-                )
-                .await;
-                return finish(core, writer_task, Err(m)).await;
+                let m = format!(
+                    "the first message must be auth, got {}",
+                    other.kind().as_str()
+                );
+                return Err(refuse(core, ErrorCode::InvalidMessage, m).await);
             }
         };
-
         let ip = peer.ip();
         if self.throttle.is_locked(ip) {
             self.metrics.auth_refused_locked();
-            let m = refuse(
-                ErrorCode::RateLimited,
-                "too many failed authentications from this address; try again later".into(),
-            )
-            .await;
-            return finish(core, writer_task, Err(m)).await;
+            let m = "too many failed authentications from this address; try again later";
+            return Err(refuse(core, ErrorCode::RateLimited, m.into()).await);
         }
-        let group = match self.agents.authenticate(&auth.username, &auth.password) {
-            Some(identity) if !auth.client_id.is_empty() => identity.group,
+        match self.agents.authenticate(&auth.username, &auth.password) {
+            Some(identity) if !auth.client_id.is_empty() => {
+                self.throttle.success(ip);
+                Ok((auth, identity.group))
+            }
             _ => {
                 let locked = self.throttle.failure(ip);
                 self.metrics.auth_failed(locked);
@@ -238,17 +244,22 @@ impl AgentServer {
                     tracing::warn!(%peer, "agent authentication locked out after repeated failures");
                 }
                 tracing::warn!(%peer, username = %auth.username, client_id = %auth.client_id, "agent authentication failed");
-                let m = refuse(
-                    ErrorCode::AuthFailed,
-                    "authentication failed: wrong username (group), password or empty client_id"
-                        .into(),
-                )
-                .await;
-                return finish(core, writer_task, Err(m)).await;
+                let m =
+                    "authentication failed: wrong username (group), password or empty client_id";
+                Err(refuse(core, ErrorCode::AuthFailed, m.into()).await)
             }
-        };
-        self.throttle.success(ip);
+        }
+    }
 
+    /// Makes the session reachable: the registry (replacing an earlier session of the
+    /// same client id), the drain's list, the metrics table; answers `auth_response`.
+    async fn register(
+        &self,
+        core: &Arc<SessionCore>,
+        auth: &Auth,
+        group: Arc<str>,
+        peer: SocketAddr,
+    ) -> Registered {
         core.set_peer(&auth.client_id);
         let handle = Arc::new(AgentHandle {
             group: group.clone(),
@@ -270,100 +281,190 @@ impl AgentServer {
             .await;
         tracing::info!(client_id = %auth.client_id, %group, %peer, encoding = core.encoding.as_str(), deflate = core.compressed(), "agent connected");
         self.lifecycle.live.insert(handle.serial, core.clone());
-        // Dropped when this function returns: the session's counters join its series.
-        let _counted = self
+        let counted = self
             .metrics
             .sessions
             .attach(&group, &auth.client_id, core.clone());
         if self.lifecycle.draining.is_cancelled() {
             core.announce_going_away("gateway shutting down").await;
         }
+        Registered {
+            handle,
+            _counted: counted,
+        }
+    }
 
-        let pinger = tokio::spawn(core.clone().heartbeat(self.config.ping_interval.0));
-        let role_core = core.clone();
-        let (role_handle, forwards) = (handle.clone(), self.forwards.clone());
-        // Scoped: the read loop borrows `core`, which the teardown below consumes.
-        let end = {
-            let read = core.read_loop(&mut reader, self.config.idle_timeout.0, move |msg| {
-                let core = role_core.clone();
-                let (handle, forwards) = (role_handle.clone(), forwards.clone());
-                async move {
-                    if let Message::Forward(req) = msg {
-                        // Binding may wait for a previous owner to let go of the port: off
-                        // the read loop, so the session's traffic keeps flowing.
-                        tokio::spawn(async move {
-                            let result = forwards.open(&handle, &req).await;
-                            let (success, message) = match &result {
-                                Ok(addr) => (true, format!("listening on {addr}")),
-                                Err(e) => (false, e.clone()),
-                            };
-                            tracing::info!(client_id = %handle.client_id, group = %handle.group, port = req.listen_port, target_host = %req.target_host, target_port = req.target_port, success, %message, "agent forward");
-                            let _ = core
-                                .send(Message::ForwardResponse(ForwardResponse {
-                                    listen_port: req.listen_port,
-                                    success,
-                                    message,
-                                }))
-                                .await;
-                        });
-                        return;
-                    }
-                    let what = match &msg {
-                        Message::Connect(_) => "connect is sent by the gateway, not to it",
-                        _ => "already authenticated",
-                    };
-                    let _ = core
-                        .send(Message::Error(ErrorMsg {
-                            code: ErrorCode::InvalidMessage,
-                            message: format!("unexpected {}: {what}", msg.kind().as_str()),
-                            id: msg.conn_id(),
-                        }))
-                        .await;
-                }
-            });
-            tokio::pin!(read);
-            let mut listed = true;
-            loop {
-                tokio::select! {
-                    end = &mut read => break end,
-                    _ = shutdown.cancelled() => break crate::tunnel::SessionEnd::Shutdown,
-                    // A draining agent keeps its live connections but takes no new ones.
-                    _ = core.peer_going_away(), if listed => {
-                        listed = false;
-                        self.registry.unregister(&handle);
-                    }
+    /// The session's life: heartbeat and read loop until the agent leaves, the gateway
+    /// ends the sessions, or the agent announces it is going away (it is then
+    /// unregistered, but its live connections keep flowing).
+    async fn run(
+        &self,
+        core: &Arc<SessionCore>,
+        reader: &mut WsReader,
+        handle: &Arc<AgentHandle>,
+        shutdown: CancellationToken,
+    ) -> SessionEnd {
+        let _pinger = AbortOnDrop(tokio::spawn(
+            core.clone().heartbeat(self.config.ping_interval.0),
+        ));
+        let role = GatewayRole {
+            handle: handle.clone(),
+            forwards: self.forwards.clone(),
+        };
+        let read = core.read_loop(reader, self.config.idle_timeout.0, &role);
+        tokio::pin!(read);
+        let mut listed = true;
+        loop {
+            tokio::select! {
+                end = &mut read => return end,
+                _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+                // A draining agent keeps its live connections but takes no new ones.
+                _ = core.peer_going_away(), if listed => {
+                    listed = false;
+                    self.registry.unregister(handle);
                 }
             }
-        };
-        pinger.abort();
+        }
+    }
+
+    /// Unregisters the session and ends it in the way its end calls for.
+    async fn teardown(
+        &self,
+        session: Session,
+        mut reader: WsReader,
+        registered: Registered,
+        end: SessionEnd,
+    ) {
+        let handle = &registered.handle;
         self.forwards.release(handle.serial);
-        self.registry.unregister(&handle);
+        self.registry.unregister(handle);
         self.lifecycle.live.remove(&handle.serial);
         // Logged before the teardown, which cancels the connections still open: they
         // end now, with this reason, rather than hang.
-        tracing::info!(client_id = %auth.client_id, %peer, conns = core.active_conns(), reason = %end, "agent disconnected");
-        if matches!(end, crate::tunnel::SessionEnd::Shutdown) {
-            let close = Outbound::WsClose(close_code::GOING_AWAY, "gateway shutting down".into());
-            let _ = tokio::time::timeout(WRITER_GRACE, core.send_raw(close)).await;
-            flush_then_end(core, writer_task).await;
-            return Ok(());
+        tracing::info!(conns = session.core().active_conns(), reason = %end, "agent disconnected");
+        match end {
+            SessionEnd::Shutdown => {
+                session
+                    .close(close_code::GOING_AWAY, "gateway shutting down")
+                    .await
+            }
+            SessionEnd::Error(_) => {
+                // The read loop queued a close frame naming the error (1002, 1009...):
+                // let the writer send it, then linger so that the peer reads it before
+                // the socket goes away.
+                session.flush().await;
+                linger(&mut reader).await;
+            }
+            _ => session.end().await,
         }
-        if matches!(end, crate::tunnel::SessionEnd::Error(_)) {
-            // The read loop queued a close frame naming the error (1002, 1009...): let
-            // the writer send it before the session's teardown could replace it, then
-            // linger so that the peer reads it before the socket goes away.
-            flush_then_end(core, writer_task).await;
-            linger(&mut reader).await;
-            return Ok(());
+    }
+}
+
+/// A registered session: its registry entry, and its place in the metrics table
+/// (dropped at teardown, when its counters join its series).
+struct Registered {
+    handle: Arc<AgentHandle>,
+    _counted: crate::metrics::table::Attached,
+}
+
+/// Why an agent was refused, and the close frame's reason when one is to be sent.
+struct Refusal {
+    reason: String,
+    close: Option<String>,
+}
+
+impl Refusal {
+    /// The agent left (or broke the socket) before anything could be answered.
+    fn silent(reason: String) -> Self {
+        Refusal {
+            reason,
+            close: None,
         }
-        finish(core, writer_task, Ok(())).await
+    }
+}
+
+/// Tells the agent why it is refused: `error`, and `auth_response` for credential
+/// refusals (what an agent written from the document waits for).
+async fn refuse(core: &SessionCore, code: ErrorCode, message: String) -> Refusal {
+    let _ = core
+        .send(Message::Error(ErrorMsg {
+            code,
+            message: message.clone(),
+            id: None,
+        }))
+        .await;
+    if code == ErrorCode::AuthFailed || code == ErrorCode::RateLimited {
+        let _ = core
+            .send(Message::AuthResponse(AuthResponse {
+                success: false,
+                message: message.clone(),
+            }))
+            .await;
+    }
+    Refusal {
+        reason: message.clone(),
+        close: Some(message),
+    }
+}
+
+/// The gateway's side of a session: `forward` requests, and anything only a gateway
+/// sends is answered as unexpected.
+struct GatewayRole {
+    handle: Arc<AgentHandle>,
+    forwards: Arc<AgentForwardTable>,
+}
+
+impl SessionRole for GatewayRole {
+    async fn on_message(&self, core: &Arc<SessionCore>, msg: Message) {
+        if let Message::Forward(req) = msg {
+            // Binding may wait for a previous owner to let go of the port: off the
+            // read loop, so the session's traffic keeps flowing.
+            let (core, handle, forwards) =
+                (core.clone(), self.handle.clone(), self.forwards.clone());
+            tokio::spawn(async move {
+                let result = forwards.open(&handle, &req).await;
+                let (success, message) = match &result {
+                    Ok(addr) => (true, format!("listening on {addr}")),
+                    Err(e) => (false, e.clone()),
+                };
+                tracing::info!(client_id = %handle.client_id, group = %handle.group, port = req.listen_port, target_host = %req.target_host, target_port = req.target_port, success, %message, "agent forward");
+                let _ = core
+                    .send(Message::ForwardResponse(ForwardResponse {
+                        listen_port: req.listen_port,
+                        success,
+                        message,
+                    }))
+                    .await;
+            });
+            return;
+        }
+        let what = match &msg {
+            Message::Connect(_) => "connect is sent by the gateway, not to it",
+            _ => "already authenticated",
+        };
+        let _ = core
+            .send(Message::Error(ErrorMsg {
+                code: ErrorCode::InvalidMessage,
+                message: format!("unexpected {}: {what}", msg.kind().as_str()),
+                id: msg.conn_id(),
+            }))
+            .await;
+    }
+}
+
+/// Aborts a helper task (the heartbeat) when the phase that started it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
 /// After we sent a close frame: reads (and drops) what the peer still sends for a short
 /// while, until its close or end of stream. Closing a socket with unread input sends a
 /// reset, which can destroy our close frame before the peer has read it.
-async fn linger(reader: &mut crate::transport::WsReader) {
+async fn linger(reader: &mut WsReader) {
     let _ = tokio::time::timeout(LINGER, async {
         while let Ok(incoming) = reader.next().await {
             if matches!(incoming, crate::transport::Incoming::Close { .. }) {
@@ -376,30 +477,3 @@ async fn linger(reader: &mut crate::transport::WsReader) {
 
 /// How long [`linger`] waits for the peer to acknowledge our close.
 const LINGER: Duration = Duration::from_millis(500);
-
-/// Lets the writer send what is queued (the refusal, the close frame), then tears the
-/// session down.
-async fn finish(
-    core: Arc<SessionCore>,
-    mut writer_task: tokio::task::JoinHandle<()>,
-    result: Result<(), String>,
-) -> Result<(), String> {
-    if result.is_err() {
-        flush_then_end(core, writer_task).await;
-    } else {
-        core.shutdown();
-        let _ = tokio::time::timeout(WRITER_GRACE, &mut writer_task).await;
-        // A writer stuck on a peer that stopped reading would otherwise outlive us.
-        writer_task.abort();
-    }
-    result
-}
-
-const WRITER_GRACE: Duration = Duration::from_secs(2);
-
-/// Lets the writer send what is queued (ending with a close frame), then tears down.
-async fn flush_then_end(core: Arc<SessionCore>, mut writer_task: tokio::task::JoinHandle<()>) {
-    let _ = tokio::time::timeout(WRITER_GRACE, &mut writer_task).await;
-    core.shutdown();
-    writer_task.abort();
-}

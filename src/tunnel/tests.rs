@@ -30,6 +30,13 @@ impl Drop for Pair {
     }
 }
 
+/// A role that ignores what only a role would handle.
+struct Ignore;
+
+impl super::session::Role for Ignore {
+    async fn on_message(&self, _: &Arc<SessionCore>, _: anyproxy_proto::Message) {}
+}
+
 fn pair() -> Pair {
     let (x, y) = tokio::io::duplex(1 << 20);
     let options = SessionOptions {
@@ -38,11 +45,14 @@ fn pair() -> Pair {
     };
     let start = |io: DuplexStream, role: Role| {
         let (mut reader, writer) = ws::split(Box::new(io), role, 4 << 20, None);
-        let (core, _writer) = SessionCore::start(Encoding::Binary, writer, options);
+        let session = SessionCore::start(Encoding::Binary, writer, options);
+        let core = session.core().clone();
         let looped = core.clone();
         tokio::spawn(async move {
+            // The session lives as long as its read loop.
+            let _session = session;
             looped
-                .read_loop(&mut reader, Duration::from_secs(600), |_| async {})
+                .read_loop(&mut reader, Duration::from_secs(600), &Ignore)
                 .await
         });
         core

@@ -1,0 +1,338 @@
+//! The shared state of one session: its connection table, the queue toward the
+//! writer, and the lifecycle flags (closed, going away). Opening (`open`, gateway) and
+//! registering (`register`, agent) a tunnelled connection live here.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyproxy_proto::{Close, ConnId, Encoding, ErrorCode, ErrorMsg, Message, INITIAL_WINDOW};
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::conn::{AbandonGuard, TunnelConn};
+use super::writer::write_loop;
+use super::{
+    is_going_away, ConnectFailure, OpenError, Outbound, Session, SessionClosed, SessionOptions,
+    GOING_AWAY, OUT_QUEUE,
+};
+use crate::transport::ws::deflate::{CompressionCounters, CompressionStats};
+use crate::transport::WsWriter;
+use crate::tunnel::flow::{Inbox, SendCredit};
+use crate::tunnel::stats::{bump, SessionStats};
+use crate::tunnel::table::ShardedMap;
+
+pub(super) struct Slot {
+    pub(super) inbox: Arc<Inbox>,
+    pub(super) credit: Arc<SendCredit>,
+    /// Present until the agent answers the `connect` (gateway side only).
+    pub(super) pending: Option<oneshot::Sender<Result<(), ConnectFailure>>>,
+    pub(super) cancel: CancellationToken,
+}
+
+/// Shared state of one session. Cheap to clone behind an `Arc`.
+pub struct SessionCore {
+    pub encoding: Encoding,
+    pub(super) out: mpsc::Sender<Outbound>,
+    pub(super) conns: ShardedMap<ConnId, Slot>,
+    pub(super) next_id: AtomicU32,
+    pub(super) closed: CancellationToken,
+    pub(super) options: SessionOptions,
+    pub(super) last_pong_ms: AtomicU64,
+    /// Smoothed heartbeat round trip in microseconds; 0 until the first pong.
+    pub(super) rtt_us: AtomicU64,
+    /// The timestamp of the last `ping` we sent and when, to time its `pong`.
+    pub(super) last_ping: Mutex<Option<(i64, Instant)>>,
+    /// Present when the session negotiated permessage-deflate.
+    pub(super) compression: Option<Arc<CompressionCounters>>,
+    /// Who is at the other end (the agent's client id on the gateway), once known.
+    pub(super) peer: std::sync::OnceLock<Arc<str>>,
+    /// We announced that we are going away: open nothing more here.
+    pub(super) going_away: CancellationToken,
+    /// The peer announced that it is going away.
+    pub(super) peer_going_away: CancellationToken,
+    /// Counters for metrics and the status page (relaxed atomics).
+    pub(super) stats: Arc<SessionStats>,
+}
+
+impl SessionCore {
+    /// Creates the session state and spawns its writer task on `writer`; the
+    /// [`Session`] returned owns both.
+    pub fn start(encoding: Encoding, writer: WsWriter, options: SessionOptions) -> Session {
+        let (out, rx) = mpsc::channel(OUT_QUEUE);
+        let compression = writer.compression_counters();
+        let stats = Arc::new(SessionStats::default());
+        let core = Arc::new(SessionCore {
+            encoding,
+            out,
+            conns: ShardedMap::default(),
+            next_id: AtomicU32::new(1),
+            closed: CancellationToken::new(),
+            options,
+            last_pong_ms: AtomicU64::new(0),
+            rtt_us: AtomicU64::new(0),
+            last_ping: Mutex::new(None),
+            compression,
+            peer: std::sync::OnceLock::new(),
+            going_away: CancellationToken::new(),
+            peer_going_away: CancellationToken::new(),
+            stats: stats.clone(),
+        });
+        let writer_task =
+            tokio::spawn(write_loop(writer, rx, encoding, core.closed.clone(), stats));
+        Session::new(core, writer_task)
+    }
+
+    /// Queues a message for the peer. Waits while the writer is behind (backpressure);
+    /// fails only when the session is gone.
+    pub async fn send(&self, msg: Message) -> Result<(), SessionClosed> {
+        tokio::select! {
+            r = self.out.send(Outbound::Msg(msg)) => r.map_err(|_| SessionClosed),
+            _ = self.closed.cancelled() => Err(SessionClosed),
+        }
+    }
+
+    pub(super) async fn send_raw(&self, item: Outbound) -> Result<(), SessionClosed> {
+        tokio::select! {
+            r = self.out.send(item) => r.map_err(|_| SessionClosed),
+            _ = self.closed.cancelled() => Err(SessionClosed),
+        }
+    }
+
+    /// Names the peer once it has authenticated; later calls are ignored.
+    pub fn set_peer(&self, name: &str) {
+        let _ = self.peer.set(Arc::from(name));
+    }
+
+    /// The peer's name for logs, `-` before authentication.
+    pub fn peer(&self) -> &str {
+        self.peer.get().map_or("-", |p| p)
+    }
+
+    /// [`Self::peer`] as a shared string, without copying it.
+    pub fn peer_arc(&self) -> Arc<str> {
+        self.peer.get().cloned().unwrap_or_else(|| Arc::from("-"))
+    }
+
+    /// Whether this session's messages are compressed (permessage-deflate).
+    pub fn compressed(&self) -> bool {
+        self.compression.is_some()
+    }
+
+    /// What compression achieved so far, on compressed sessions.
+    pub fn compression_stats(&self) -> Option<CompressionStats> {
+        self.compression.as_ref().map(|c| c.snapshot())
+    }
+
+    /// This session's counters.
+    pub fn stats(&self) -> &Arc<SessionStats> {
+        &self.stats
+    }
+
+    /// Completes when the session has ended.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Tunnelled connections currently open or being opened.
+    pub fn active_conns(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Ends the session: every connection it carried is cancelled at once (their
+    /// relays close the local sockets), and pending `open`s fail with
+    /// [`OpenError::SessionClosed`] so the caller may try another agent. Idempotent.
+    pub fn shutdown(&self) {
+        self.closed.cancel();
+        for (_, slot) in self.conns.drain() {
+            slot.cancel.cancel();
+            // Dropping `slot.pending` is what tells `open` the session is gone.
+        }
+    }
+
+    /// Tells the peer we are shutting down (PROTOCOL.md §5.6); from now on this side
+    /// refuses new connections. Only the first call sends anything.
+    pub async fn announce_going_away(&self, detail: &str) {
+        if self.going_away.is_cancelled() {
+            return;
+        }
+        self.going_away.cancel();
+        self.reply_error(
+            ErrorCode::InternalError,
+            format!("{GOING_AWAY} {detail}"),
+            None,
+        )
+        .await;
+    }
+
+    /// Whether this side announced it is going away.
+    pub fn is_going_away(&self) -> bool {
+        self.going_away.is_cancelled()
+    }
+
+    /// Whether the peer announced it is going away; nothing new may be opened here.
+    pub fn peer_is_going_away(&self) -> bool {
+        self.peer_going_away.is_cancelled()
+    }
+
+    /// Resolves once the peer announces it is going away.
+    pub async fn peer_going_away(&self) {
+        self.peer_going_away.cancelled().await
+    }
+
+    /// Waits until no tunnelled connection is left or `timeout` passes; true when none
+    /// is left. Polls, because connections end in many places and a drain is rare.
+    pub async fn drained(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.active_conns() > 0 && !self.is_closed() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    pub(super) fn alloc_id(&self) -> ConnId {
+        loop {
+            let id = ConnId(self.next_id.fetch_add(1, Ordering::Relaxed));
+            if id.0 != 0 && !self.conns.contains(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Gateway side: asks the agent to connect to `host:port` and waits for its answer.
+    pub async fn open(
+        self: &Arc<Self>,
+        host: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<TunnelConn, OpenError> {
+        if self.peer_is_going_away() || self.is_closed() {
+            return Err(OpenError::SessionClosed);
+        }
+        let started = Instant::now();
+        let id = self.alloc_id();
+        let (ptx, prx) = oneshot::channel();
+        let (slot, conn) = self.new_conn(id, Some(ptx));
+        if self.conns.try_insert(id, slot).is_err() {
+            // The id belongs to someone else: this conn must not release it.
+            conn.disarm();
+            return Err(OpenError::SessionClosed);
+        }
+        let connect = Message::Connect(anyproxy_proto::Connect {
+            id,
+            host: host.to_owned(),
+            port,
+            protocol: anyproxy_proto::Protocol::Tcp,
+        });
+        if self.send(connect).await.is_err() {
+            self.conns.remove(&id);
+            return Err(OpenError::SessionClosed);
+        }
+        match tokio::time::timeout(timeout, prx).await {
+            Ok(Ok(Ok(()))) => {
+                bump(&self.stats.conns_opened, 1);
+                self.stats.connect_time.observe(started.elapsed());
+                Ok(conn)
+            }
+            // An agent that is shutting down refuses; another agent may still take it.
+            Ok(Ok(Err(failure))) if is_going_away(&failure.message) => {
+                Err(OpenError::SessionClosed)
+            }
+            Ok(Ok(Err(failure))) => Err(OpenError::Failed(failure)),
+            Ok(Err(_)) => Err(OpenError::SessionClosed),
+            Err(_) => {
+                if self.conns.remove(&id).is_some() {
+                    let _ = self
+                        .send(Message::Close(Close {
+                            id,
+                            reason: "connect timed out at the gateway".into(),
+                        }))
+                        .await;
+                }
+                Err(OpenError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// Agent side: registers a connection the agent has dialed, before it tells the
+    /// gateway so, so that the gateway's first data finds it.
+    pub fn register(self: &Arc<Self>, id: ConnId) -> Option<TunnelConn> {
+        let (slot, conn) = self.new_conn(id, None);
+        if self.conns.try_insert(id, slot).is_err() {
+            // The id belongs to a live connection: this conn must not release it.
+            conn.disarm();
+            return None;
+        }
+        Some(conn)
+    }
+
+    /// Binary mode has per-connection flow control and half-close; JSON mode has not.
+    pub fn flow_controlled(&self) -> bool {
+        self.encoding == Encoding::Binary
+    }
+
+    pub fn max_window(&self) -> u32 {
+        self.options.max_window
+    }
+
+    pub(super) fn new_conn(
+        self: &Arc<Self>,
+        id: ConnId,
+        pending: Option<oneshot::Sender<Result<(), ConnectFailure>>>,
+    ) -> (Slot, TunnelConn) {
+        let (allowance, credit) = if self.flow_controlled() {
+            (
+                u64::from(INITIAL_WINDOW),
+                SendCredit::new(u64::from(INITIAL_WINDOW)),
+            )
+        } else {
+            (u64::MAX, SendCredit::unlimited())
+        };
+        let inbox = Arc::new(Inbox::new(allowance));
+        let credit = Arc::new(credit);
+        let cancel = self.closed.child_token();
+        let slot = Slot {
+            inbox: inbox.clone(),
+            credit: credit.clone(),
+            pending,
+            cancel: cancel.clone(),
+        };
+        let conn = TunnelConn {
+            id,
+            core: self.clone(),
+            inbox,
+            credit,
+            cancel,
+            guard: AbandonGuard {
+                id,
+                core: self.clone(),
+                armed: true,
+            },
+        };
+        (slot, conn)
+    }
+
+    pub fn is_live(&self, id: ConnId) -> bool {
+        self.conns.contains(&id)
+    }
+
+    /// Forgets `id` locally. True when this call removed it, i.e. the caller is the one
+    /// who must tell the peer.
+    pub fn forget(&self, id: ConnId) -> bool {
+        self.conns.remove(&id).is_some()
+    }
+
+    pub(super) async fn reply_error(&self, code: ErrorCode, message: String, id: Option<ConnId>) {
+        let _ = self
+            .send(Message::Error(ErrorMsg { code, message, id }))
+            .await;
+    }
+}

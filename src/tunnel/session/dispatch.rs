@@ -1,0 +1,336 @@
+//! Incoming messages: the read loop, what both sides do with each message (data into
+//! a connection's inbox, credit, half-close, answers to `connect`, heartbeats), and the
+//! [`Role`] that handles what only one side may receive.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyproxy_proto::{
+    binary, json, Close, ConnId, ConnectResponse, Data, Encoding, ErrorCode, ErrorMsg, Fin,
+    Heartbeat, Message, WindowUpdate,
+};
+use bytes::Bytes;
+
+use super::{is_going_away, ConnectFailure, Outbound, SessionCore, SessionEnd, JSON_CONN_BUFFER};
+use crate::transport::ws::close_code;
+use crate::transport::{Incoming, WsReader};
+use crate::tunnel::flow::{InboxEnd, PushError};
+use crate::tunnel::stats::bump;
+
+/// What differs between the gateway and the agent: the messages only one side may
+/// receive (`connect` on the agent, `forward` on the gateway; anything else there is
+/// answered as unexpected).
+pub trait Role: Send + Sync {
+    fn on_message(
+        &self,
+        session: &Arc<SessionCore>,
+        msg: Message,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+impl SessionCore {
+    /// Handles one decoded message that is common to both roles. Returns the message
+    /// back when the role must handle it (`connect`, `auth`, `auth_response`).
+    pub async fn dispatch(&self, msg: Message) -> Option<Message> {
+        match msg {
+            Message::Data(Data { id, payload }) => {
+                self.deliver(id, payload).await;
+                None
+            }
+            Message::Close(Close { id, reason }) => {
+                if let Some(slot) = self.conns.remove(&id) {
+                    tracing::debug!(conn = %id, %reason, "closed by peer");
+                    if let Some(p) = slot.pending {
+                        let _ = p.send(Err(ConnectFailure {
+                            code: ErrorCode::ConnectionFailed,
+                            message: reason,
+                        }));
+                    }
+                    // The relay still delivers what was queued, then ends. In JSON mode
+                    // `close` is the only way a stream ends, so it counts as a finish.
+                    slot.inbox.end(if self.flow_controlled() {
+                        InboxEnd::Reset
+                    } else {
+                        InboxEnd::Finished
+                    });
+                }
+                None
+            }
+            Message::WindowUpdate(WindowUpdate { id, increment }) => {
+                if self.refuse_in_json("window_update").await {
+                    return None;
+                }
+                // Unknown ids are normal: the connection may have just ended here.
+                if let Some(credit) = self.conns.with(&id, |s| s.credit.clone()) {
+                    credit.grant(u64::from(increment));
+                }
+                None
+            }
+            Message::Fin(Fin { id }) => {
+                if self.refuse_in_json("fin").await {
+                    return None;
+                }
+                if let Some(inbox) = self.conns.with(&id, |s| s.inbox.clone()) {
+                    inbox.end(InboxEnd::Finished);
+                }
+                None
+            }
+            Message::ConnectResponse(ConnectResponse {
+                id,
+                success,
+                message,
+            }) => {
+                self.resolve(id, success, ErrorCode::ConnectionFailed, message);
+                None
+            }
+            Message::Error(ErrorMsg {
+                code,
+                message,
+                id: Some(id),
+            }) => {
+                if !self.resolve(id, false, code, message.clone()) {
+                    tracing::warn!(conn = %id, %code, %message, "peer reported an error");
+                }
+                None
+            }
+            Message::Error(ErrorMsg {
+                code: ErrorCode::InternalError,
+                message,
+                id: None,
+            }) if is_going_away(&message) => {
+                tracing::info!(%message, conns = self.active_conns(), "peer is going away");
+                self.peer_going_away.cancel();
+                None
+            }
+            Message::Error(ErrorMsg {
+                code,
+                message,
+                id: None,
+            }) => {
+                tracing::warn!(%code, %message, "peer reported an error");
+                None
+            }
+            Message::Ping(h) => {
+                let _ = self.send(Message::Pong(h)).await;
+                None
+            }
+            Message::Pong(Heartbeat { timestamp }) => {
+                self.pong_received(Some(timestamp));
+                None
+            }
+            other @ (Message::Connect(_) | Message::Auth(_) | Message::AuthResponse(_)) => {
+                Some(other)
+            }
+            other @ (Message::Forward(_) | Message::ForwardResponse(_)) => {
+                if self.refuse_in_json(other.kind().as_str()).await {
+                    return None;
+                }
+                Some(other)
+            }
+        }
+    }
+
+    /// Flow-control and half-close messages exist only in binary mode; a JSON-mode peer
+    /// that sends them is told so. Returns true when the message was refused.
+    async fn refuse_in_json(&self, kind: &str) -> bool {
+        if self.flow_controlled() {
+            return false;
+        }
+        self.reply_error(
+            ErrorCode::InvalidMessage,
+            format!("{kind} is only valid in binary mode"),
+            None,
+        )
+        .await;
+        true
+    }
+
+    /// Settles a pending `open`. Returns false when nothing was pending for `id`.
+    fn resolve(&self, id: ConnId, success: bool, code: ErrorCode, message: String) -> bool {
+        let pending = self.conns.with(&id, |slot| slot.pending.take()).flatten();
+        let Some(pending) = pending else {
+            return false;
+        };
+        if success {
+            let _ = pending.send(Ok(()));
+        } else {
+            self.conns.remove(&id);
+            let _ = pending.send(Err(ConnectFailure { code, message }));
+        }
+        true
+    }
+
+    /// Hands a payload to its connection's inbox.
+    ///
+    /// Binary mode never waits: the peer may only send what we granted, so the inbox has
+    /// room by construction, and a peer that oversteps has that one connection reset.
+    /// JSON mode has no credit: the reader waits while the connection is full (lossless
+    /// backpressure), and a connection that stays full past the stall timeout is closed
+    /// so that it cannot hold the whole session hostage.
+    async fn deliver(&self, id: ConnId, payload: Bytes) {
+        let Some(inbox) = self.conns.with(&id, |s| s.inbox.clone()) else {
+            let _ = self
+                .send(Message::Close(Close {
+                    id,
+                    reason: "unknown connection".into(),
+                }))
+                .await;
+            return;
+        };
+        if self.flow_controlled() {
+            if let Err(e) = inbox.push(payload, true) {
+                self.reset(id, &e).await;
+            }
+            return;
+        }
+        if inbox.queued() >= JSON_CONN_BUFFER {
+            bump(&self.stats.json_stalls, 1);
+        }
+        let room = inbox.wait_for_room(JSON_CONN_BUFFER);
+        if tokio::time::timeout(self.options.stall_timeout, room)
+            .await
+            .is_err()
+        {
+            if let Some(slot) = self.conns.remove(&id) {
+                slot.cancel.cancel();
+                tracing::warn!(conn = %id, timeout = ?self.options.stall_timeout, "closing a connection whose reader stalled");
+                let _ = self
+                    .send(Message::Close(Close {
+                        id,
+                        reason: "stalled: the receiving side stopped reading".into(),
+                    }))
+                    .await;
+            }
+            return;
+        }
+        // A JSON-mode inbox only ends when its slot is gone, and then the relay no
+        // longer reads it: nothing to report.
+        let _ = inbox.push(payload, false);
+    }
+
+    /// Resets one connection because its peer broke the flow-control or half-close
+    /// rules. Only that connection suffers.
+    async fn reset(&self, id: ConnId, why: &PushError) {
+        let Some(slot) = self.conns.remove(&id) else {
+            return;
+        };
+        slot.cancel.cancel();
+        tracing::warn!(conn = %id, error = %why, "resetting a connection whose peer broke the protocol");
+        self.reply_error(ErrorCode::InvalidMessage, why.to_string(), Some(id))
+            .await;
+        let _ = self
+            .send(Message::Close(Close {
+                id,
+                reason: why.to_string(),
+            }))
+            .await;
+    }
+
+    /// Reads and dispatches messages until the socket closes, fails or stays silent
+    /// for `idle_timeout`. Messages only a role can handle go to `role`.
+    pub async fn read_loop<R: Role>(
+        self: &Arc<Self>,
+        reader: &mut WsReader,
+        idle_timeout: Duration,
+        role: &R,
+    ) -> SessionEnd {
+        loop {
+            let incoming = tokio::select! {
+                r = tokio::time::timeout(idle_timeout, reader.next()) => r,
+                _ = self.closed.cancelled() => return SessionEnd::Shutdown,
+            };
+            let incoming = match incoming {
+                Err(_) => return SessionEnd::IdleTimeout(idle_timeout),
+                Ok(Err(e)) => {
+                    let code = e.close_code();
+                    let _ = self.out.try_send(Outbound::WsClose(code, e.to_string()));
+                    return SessionEnd::Error(e);
+                }
+                Ok(Ok(i)) => i,
+            };
+            match incoming {
+                Incoming::Message { payload, .. } => {
+                    for decoded in decode_all(self.encoding, payload) {
+                        match decoded {
+                            Ok(msg) => {
+                                self.stats.received(msg.kind());
+                                if let Message::Error(e) = &msg {
+                                    self.stats.error_received(e.code);
+                                }
+                                if let Some(role_msg) = self.dispatch(msg).await {
+                                    role.on_message(self, role_msg).await;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "undecodable message from peer");
+                                self.reply_error(e.code(), e.to_string(), None).await;
+                            }
+                        }
+                    }
+                }
+                Incoming::Ping(p) => {
+                    let _ = self.send_raw(Outbound::WsPong(p)).await;
+                }
+                Incoming::Pong => self.pong_received(None),
+                Incoming::Close { code, reason } => {
+                    let _ = self
+                        .out
+                        .try_send(Outbound::WsClose(close_code::NORMAL, String::new()));
+                    return SessionEnd::PeerClosed { code, reason };
+                }
+            }
+        }
+    }
+
+    /// Reads until the first protocol message, answering WebSocket pings meanwhile.
+    pub async fn first_message(&self, reader: &mut WsReader) -> FirstMessage {
+        loop {
+            match reader.next().await {
+                Err(e) => return FirstMessage::Gone(e.to_string()),
+                Ok(Incoming::Ping(p)) => {
+                    let _ = self.send_raw(Outbound::WsPong(p)).await;
+                }
+                Ok(Incoming::Pong) => {}
+                Ok(Incoming::Close { code, reason }) => {
+                    return FirstMessage::Gone(format!(
+                        "peer closed the WebSocket (code {code:?}, {reason:?})"
+                    ))
+                }
+                Ok(Incoming::Message { payload, .. }) => {
+                    let mut decoded = decode_all(self.encoding, payload);
+                    match decoded.next() {
+                        None => continue,
+                        Some(Err(e)) => return FirstMessage::Invalid(e.to_string()),
+                        Some(Ok(first)) => {
+                            let rest = decoded.filter_map(Result::ok).collect();
+                            return FirstMessage::Message(first, rest);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The first message of a session, read before the role's loop starts.
+pub enum FirstMessage {
+    /// The first message, and any that arrived with it in the same WebSocket message.
+    Message(Message, Vec<Message>),
+    /// It could not be decoded.
+    Invalid(String),
+    /// The socket closed or failed first.
+    Gone(String),
+}
+
+/// Decodes every message in one WebSocket message (binary mode may carry several).
+pub fn decode_all(
+    encoding: Encoding,
+    payload: Bytes,
+) -> impl Iterator<Item = Result<Message, anyproxy_proto::DecodeError>> {
+    let (json_msg, frames) = match encoding {
+        Encoding::Json => (Some(json::decode(&payload)), None),
+        Encoding::Binary => (None, Some(binary::Frames::new(payload))),
+    };
+    json_msg.into_iter().chain(frames.into_iter().flatten())
+}

@@ -1,0 +1,189 @@
+//! One WebSocket session between the gateway and an agent: the table of tunnelled
+//! connections it carries (`core`), the single writer task that owns the socket's write
+//! side (`writer`), the dispatch of incoming messages (`dispatch`), the heartbeat
+//! (`heartbeat`) and the connection a relay holds (`conn`). Gateway and agent share all
+//! of it; what they do with the messages only one side receives is a [`Role`].
+//!
+//! A [`Session`] owns the writer task: closing it (or dropping it) ends the session.
+
+mod conn;
+mod core;
+mod dispatch;
+mod heartbeat;
+mod writer;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyproxy_proto::{ErrorCode, Message};
+use bytes::Bytes;
+use tokio::task::JoinHandle;
+
+use crate::transport::WsError;
+
+pub use self::core::SessionCore;
+pub use conn::TunnelConn;
+pub use dispatch::{decode_all, FirstMessage, Role};
+
+/// JSON mode has no flow control: the session reader waits while a connection has
+/// this many bytes queued toward its local socket (and closes it after the stall
+/// timeout), so one connection's memory stays bounded.
+pub const JSON_CONN_BUFFER: usize = 1 << 20;
+/// Messages queued toward the WebSocket writer, shared by all connections.
+pub const OUT_QUEUE: usize = 256;
+
+/// Starts the message of the `error` (code `INTERNAL_ERROR`, no connection id) by
+/// which a side that is shutting down tells its peer to open nothing more on this
+/// session, and of the refusal of a `connect` that arrives meanwhile (PROTOCOL.md §5.6).
+pub const GOING_AWAY: &str = "going away:";
+
+/// Whether an error message is the going-away notice (PROTOCOL.md §5.6).
+pub fn is_going_away(message: &str) -> bool {
+    message.starts_with(GOING_AWAY)
+}
+
+/// Settings of one session that come from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionOptions {
+    /// JSON mode: how long a connection may keep the session reader waiting.
+    pub stall_timeout: Duration,
+    /// Binary mode: the largest receive window a connection may grow to.
+    pub max_window: u32,
+}
+
+impl From<&crate::config::GatewayConfig> for SessionOptions {
+    fn from(c: &crate::config::GatewayConfig) -> Self {
+        SessionOptions {
+            stall_timeout: c.stall_timeout.0,
+            max_window: c.max_window.0 as u32,
+        }
+    }
+}
+
+impl From<&crate::config::ClientConfig> for SessionOptions {
+    fn from(c: &crate::config::ClientConfig) -> Self {
+        SessionOptions {
+            stall_timeout: c.stall_timeout.0,
+            max_window: c.max_window.0 as u32,
+        }
+    }
+}
+
+/// Queued for the writer task.
+#[derive(Debug)]
+pub(super) enum Outbound {
+    Msg(Message),
+    WsPong(Bytes),
+    WsClose(u16, String),
+}
+
+/// Why an `open` failed, as the agent (or the session) reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectFailure {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("session closed")]
+pub struct SessionClosed;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("agent session closed")]
+    SessionClosed,
+    #[error("agent did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{}: {}", .0.code, .0.message)]
+    Failed(ConnectFailure),
+}
+
+/// Why a session's read loop ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    Shutdown,
+    IdleTimeout(Duration),
+    PeerClosed { code: Option<u16>, reason: String },
+    Error(WsError),
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionEnd::Shutdown => write!(f, "shut down"),
+            SessionEnd::IdleTimeout(d) => write!(f, "peer silent for {d:?}"),
+            SessionEnd::PeerClosed { code, reason } => {
+                write!(f, "peer closed the WebSocket (code {code:?}, {reason:?})")
+            }
+            SessionEnd::Error(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// How long the writer may take to deliver its last frames (the close) when a
+/// session ends; a writer stuck on a peer that stopped reading is then aborted.
+pub const WRITER_GRACE: Duration = Duration::from_secs(2);
+
+/// A running session: its shared state and the writer task it owns. Ending it is
+/// one of three calls, each consuming it; dropping it tears the session down at
+/// once (connections cancelled, the writer aborted).
+pub struct Session {
+    core: Arc<SessionCore>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl Session {
+    fn new(core: Arc<SessionCore>, writer: JoinHandle<()>) -> Self {
+        Session {
+            core,
+            writer: Some(writer),
+        }
+    }
+
+    pub fn core(&self) -> &Arc<SessionCore> {
+        &self.core
+    }
+
+    /// Sends a close frame with `code` and `reason` after everything already queued
+    /// (a refusal, say), lets the writer deliver it, then tears the session down.
+    pub async fn close(self, code: u16, reason: &str) {
+        self.send_close(code, reason).await;
+        self.flush().await
+    }
+
+    /// Queues a close frame and keeps the session running: the read loop goes on
+    /// until the peer answers with its own close.
+    pub async fn send_close(&self, code: u16, reason: &str) {
+        let close = Outbound::WsClose(code, reason.to_owned());
+        let _ = tokio::time::timeout(WRITER_GRACE, self.core.send_raw(close)).await;
+    }
+
+    /// Lets the writer deliver what is queued, ending with the close frame someone
+    /// queued already (the read loop does, naming a protocol error), then tears down.
+    pub async fn flush(mut self) {
+        if let Some(mut writer) = self.writer.take() {
+            let _ = tokio::time::timeout(WRITER_GRACE, &mut writer).await;
+            self.core.shutdown();
+            writer.abort();
+        }
+    }
+
+    /// Tears down now: every connection is cancelled, and the writer sends its own
+    /// close (1001, "session ended") within the grace.
+    pub async fn end(mut self) {
+        self.core.shutdown();
+        if let Some(mut writer) = self.writer.take() {
+            let _ = tokio::time::timeout(WRITER_GRACE, &mut writer).await;
+            writer.abort();
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.core.shutdown();
+        if let Some(writer) = self.writer.take() {
+            writer.abort();
+        }
+    }
+}
