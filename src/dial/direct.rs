@@ -1,12 +1,14 @@
-//! Direct egress for the standalone proxy: dial the target from this process (through
-//! a parent proxy or bound to an interface when the policy says so) and relay.
+//! Direct egress for the standalone proxy: dial the target from this process with the
+//! agent's dialer (through a parent proxy or bound to an interface when the policy says
+//! so); the relay is the one in `tunnel::relay`.
 
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 use super::acl::Acl;
+use super::dial_from;
 use crate::connect::{
     ConnectError, Connector, Egress, ParentProxy, ProxyScheme, Requester, Upstream,
 };
@@ -24,6 +26,8 @@ pub struct DirectConnector {
 impl Connector for DirectConnector {
     async fn connect(&self, target: &HostPort, who: &Requester) -> Result<Upstream, ConnectError> {
         target.validate()?;
+        // Checked here too (the dialer checks it again) because a parent proxy's path
+        // never reaches the dialer with the target's name.
         self.acl
             .check_name(&target.host, target.port)
             .map_err(ConnectError::Forbidden)?;
@@ -37,7 +41,7 @@ impl Connector for DirectConnector {
                 target.host
             )));
         }
-        let dial = dial(target, &who.egress, &self.acl);
+        let dial = dial(target, &who.egress, &self.acl, self.dial_timeout);
         let stream = tokio::time::timeout(self.dial_timeout, dial)
             .await
             .map_err(|_| {
@@ -51,18 +55,16 @@ impl Connector for DirectConnector {
     }
 }
 
-async fn dial(target: &HostPort, egress: &Egress, acl: &Acl) -> Result<TcpStream, ConnectError> {
+async fn dial(
+    target: &HostPort,
+    egress: &Egress,
+    acl: &Acl,
+    timeout: Duration,
+) -> Result<TcpStream, ConnectError> {
+    let iface = egress.iface.as_deref();
     match &egress.proxy {
-        Some(parent) => via_parent(parent, target, egress.iface.as_deref()).await,
-        None => {
-            connect_tcp(
-                &target.host,
-                target.port,
-                egress.iface.as_deref(),
-                Some(acl),
-            )
-            .await
-        }
+        Some(parent) => via_parent(parent, target, iface, timeout).await,
+        None => Ok(dial_from(acl, &target.host, target.port, timeout, iface).await?),
     }
 }
 
@@ -82,61 +84,16 @@ fn numeric_spelling(host: &str) -> bool {
     hex || (!last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()))
 }
 
-fn io_error(what: String, e: std::io::Error) -> ConnectError {
-    match e.kind() {
-        std::io::ErrorKind::ConnectionRefused => ConnectError::Refused(format!("{what}: {e}")),
-        std::io::ErrorKind::TimedOut => ConnectError::TimedOut(format!("{what}: {e}")),
-        _ => ConnectError::Unreachable(format!("{what}: {e}")),
-    }
-}
-
-/// Resolves and connects, trying every address; bound to `iface` when given. With an
-/// `acl`, every resolved address is checked before any is dialed.
-async fn connect_tcp(
-    host: &str,
-    port: u16,
-    iface: Option<&str>,
-    acl: Option<&Acl>,
-) -> Result<TcpStream, ConnectError> {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let addrs: Vec<_> = tokio::net::lookup_host((bare, port))
-        .await
-        .map_err(|e| ConnectError::Unreachable(format!("dns: {host}: {e}")))?
-        .collect();
-    if let Some(acl) = acl {
-        for addr in &addrs {
-            acl.check_addr(*addr, host)
-                .map_err(ConnectError::Forbidden)?;
-        }
-    }
-    let mut last = None;
-    for addr in addrs {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        };
-        let socket = socket.map_err(|e| io_error(format!("socket for {addr}"), e))?;
-        if let Some(iface) = iface {
-            socket.bind_device(Some(iface.as_bytes())).map_err(|e| {
-                ConnectError::Internal(format!("cannot bind to interface {iface:?}: {e}"))
-            })?;
-        }
-        match socket.connect(addr).await {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(io_error(format!("{addr}"), e)),
-        }
-    }
-    Err(last.unwrap_or_else(|| ConnectError::Unreachable(format!("dns: {host} has no address"))))
-}
-
 /// Opens the target through an HTTP (CONNECT) or SOCKS5 parent proxy.
 async fn via_parent(
     parent: &ParentProxy,
     target: &HostPort,
     iface: Option<&str>,
+    timeout: Duration,
 ) -> Result<TcpStream, ConnectError> {
-    let mut s = connect_tcp(&parent.host, parent.port, iface, None).await?;
+    // The operator configured the parent: it is not subject to the users' ACL.
+    let unrestricted = Acl::default();
+    let mut s = dial_from(&unrestricted, &parent.host, parent.port, timeout, iface).await?;
     let fail = |m: String| ConnectError::Unreachable(format!("parent proxy {}: {m}", parent.name));
     match parent.scheme {
         ProxyScheme::Http => {

@@ -9,7 +9,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyproxy_proto::ErrorCode;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::connect::ConnectError;
+use crate::tunnel::ConnectFailure;
 
 use crate::net::FailureKind;
 use acl::Acl;
@@ -25,6 +28,13 @@ impl DialError {
     fn forbidden(message: String) -> Self {
         DialError {
             code: ErrorCode::ForbiddenHost,
+            message,
+        }
+    }
+
+    fn internal(message: String) -> Self {
+        DialError {
+            code: ErrorCode::InternalError,
             message,
         }
     }
@@ -49,6 +59,18 @@ pub async fn dial(
     host: &str,
     port: u16,
     timeout: Duration,
+) -> Result<TcpStream, DialError> {
+    dial_from(acl, host, port, timeout, None).await
+}
+
+/// [`dial`], with the sockets bound to the network interface `iface` when given (the
+/// policy's `netIface`).
+pub async fn dial_from(
+    acl: &Acl,
+    host: &str,
+    port: u16,
+    timeout: Duration,
+    iface: Option<&str>,
 ) -> Result<TcpStream, DialError> {
     acl.check_name(host, port).map_err(DialError::forbidden)?;
     let bare = host.trim_start_matches('[').trim_end_matches(']');
@@ -77,7 +99,8 @@ pub async fn dial(
     }
     let mut last = None;
     for addr in addrs {
-        match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+        let socket = socket_for(addr, iface)?;
+        match tokio::time::timeout_at(deadline, socket.connect(addr)).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
                 return Ok(stream);
@@ -92,4 +115,30 @@ pub async fn dial(
         }
     }
     Err(last.unwrap_or_else(|| DialError::failed(FailureKind::Unreachable, host)))
+}
+
+fn socket_for(addr: SocketAddr, iface: Option<&str>) -> Result<TcpSocket, DialError> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    };
+    let socket = socket.map_err(|e| DialError::internal(format!("socket for {addr}: {e}")))?;
+    if let Some(iface) = iface {
+        socket
+            .bind_device(Some(iface.as_bytes()))
+            .map_err(|e| DialError::internal(format!("cannot bind to interface {iface:?}: {e}")))?;
+    }
+    Ok(socket)
+}
+
+/// A proxy user is answered as the agent's answer would be answered.
+impl From<DialError> for ConnectError {
+    fn from(e: DialError) -> Self {
+        ConnectFailure {
+            code: e.code,
+            message: e.message,
+        }
+        .into()
+    }
 }
