@@ -84,8 +84,9 @@ async fn an_agent_killed_mid_transfer_fails_its_users_and_spares_other_agents_us
     let _office = stack.spawn_group_agent("office-1", "office", OFFICE_SECRET, "");
     stack.wait_for_log("gateway", "group=office", 1).await;
     let target = http_target().await;
-    // 100 chunks of 16 KiB, one per 50 ms: about 5 s, so all three are mid-transfer.
-    const CHUNKS: usize = 100;
+    // 200 chunks of 16 KiB, one per 50 ms: about 10 s, so all three are mid-transfer
+    // when the agent dies, even on a slow machine.
+    const CHUNKS: usize = 200;
     let full = CHUNKS * SLOW_CHUNK;
     let url = format!("http://{target}/slow/{CHUNKS}/50");
     let dir = stack.certs.dir.path().to_path_buf();
