@@ -99,6 +99,8 @@ pub async fn run(env: &Env, report: &mut Report, matrix: Matrix) -> Result<()> {
             deflate,
             forwards: vec![("iperf", iperf_addr)],
             max_conns: 100,
+            gateway_extra: vec![],
+            client_extra: vec![],
         };
         let label = opts.label();
         let mut stack = Stack::start(&env.anyproxy, opts).await?;

@@ -9,6 +9,7 @@ mod procs;
 mod rathole;
 mod report;
 mod scale;
+mod soak;
 mod socks5;
 mod stack;
 mod targets;
@@ -66,6 +67,9 @@ struct Args {
     /// latency: exchanges per second.
     #[arg(long, global = true)]
     rate: Option<u64>,
+    /// soak: minutes to run (default 10; 1 with --tiny).
+    #[arg(long, global = true)]
+    minutes: Option<u64>,
 }
 
 #[derive(Subcommand, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +86,8 @@ enum Cmd {
     Peers,
     /// Every scenario, with rathole unless --no-rathole.
     All,
+    /// Minutes of mixed work with agent and gateway restarts: growth and stray failures.
+    Soak,
     /// (internal) Hold every accepted connection open; prints the port.
     #[command(hide = true)]
     Hold,
@@ -174,6 +180,12 @@ async fn run(args: Args) -> Result<()> {
             latency::run(&env, &mut rep).await?;
             scale::run(&env, &mut rep).await?;
         }
+        Cmd::Soak => {
+            let minutes = args
+                .minutes
+                .unwrap_or_else(|| soak::default_minutes(args.tiny));
+            soak::run(&env, &mut rep, minutes).await?;
+        }
         Cmd::Hold => unreachable!("handled above"),
     }
     rep.print_checks();
@@ -226,10 +238,15 @@ fn env(args: &Args, nofile: u64) -> Result<Env> {
         procs::which(name).with_context(|| format!("{name} not found on PATH: {how}"))
     };
     let curl = need("curl", "apt-get install -y curl")?;
-    let iperf3 = need(
-        "iperf3",
-        "DEBIAN_FRONTEND=noninteractive apt-get install -y iperf3",
-    )?;
+    // The soak drives curl and its own clients only.
+    let iperf3 = if args.cmd == Cmd::Soak {
+        procs::which("iperf3").unwrap_or_default()
+    } else {
+        need(
+            "iperf3",
+            "DEBIAN_FRONTEND=noninteractive apt-get install -y iperf3",
+        )?
+    };
     let t = args.tiny;
     let pick =
         |v: Option<usize>, tiny: usize, full: usize| v.unwrap_or(if t { tiny } else { full });
@@ -254,6 +271,9 @@ fn env(args: &Args, nofile: u64) -> Result<Env> {
     };
     if knobs.curl_count == 0 || knobs.curl_concurrency == 0 || knobs.bulk_secs == 0 {
         bail!("--count, --concurrency and --duration must be at least 1");
+    }
+    if args.minutes == Some(0) {
+        bail!("--minutes must be at least 1");
     }
     Ok(Env {
         anyproxy,

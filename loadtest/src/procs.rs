@@ -36,6 +36,31 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// Sends SIGTERM and waits at most `within` for the process to exit; past that it
+    /// is killed and the stop counts as failed.
+    pub async fn terminate(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let pid = self.pid()?;
+        // SAFETY: kill(2) on our own child's pid, which we have not yet reaped.
+        if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } != 0 {
+            bail!("SIGTERM to {} ({pid}) failed", self.name);
+        }
+        match tokio::time::timeout(within, self.child.wait()).await {
+            Ok(status) => Ok(status?),
+            Err(_) => {
+                let _ = self.child.start_kill();
+                let _ = self.child.wait().await;
+                bail!(
+                    "{} did not exit within {within:?} of SIGTERM; log {}:\n{}",
+                    self.name,
+                    self.log.display(),
+                    log_tail(&self.log)
+                )
+            }
+        }
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
@@ -157,6 +182,17 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// Thread count (`Threads:` in /proc/PID/status).
+pub fn threads(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("read /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no Threads in /proc/{pid}/status"))
 }
 
 pub fn fd_count(pid: u32) -> Result<usize> {

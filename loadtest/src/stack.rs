@@ -39,6 +39,9 @@ pub struct StackOptions {
     pub forwards: Vec<(&'static str, SocketAddr)>,
     /// The agent's `max_concurrent_conns`; the scale scenario needs it above its count.
     pub max_conns: usize,
+    /// Extra `key: value` lines for the `gateway:` and the `client:` section.
+    pub gateway_extra: Vec<String>,
+    pub client_extra: Vec<String>,
 }
 
 impl StackOptions {
@@ -49,6 +52,8 @@ impl StackOptions {
             deflate: false,
             forwards,
             max_conns,
+            gateway_extra: vec![],
+            client_extra: vec![],
         }
     }
 
@@ -80,10 +85,20 @@ pub fn write_certs(dir: &Path) -> Result<Certs> {
 pub struct Stack {
     pub http_port: u16,
     pub socks_port: u16,
+    pub gateway_port: u16,
     pub forward_ports: BTreeMap<&'static str, u16>,
     pub gateway: Proc,
     pub agent: Proc,
-    _dir: tempfile::TempDir,
+    bin: PathBuf,
+    config: PathBuf,
+    /// How many gateway and agent processes this stack has started (log names).
+    gateway_starts: usize,
+    agent_starts: usize,
+    dir: tempfile::TempDir,
+}
+
+fn extra_lines(lines: &[String]) -> String {
+    lines.iter().map(|l| format!("\n  {l}")).collect()
 }
 
 impl Stack {
@@ -123,7 +138,7 @@ gateway:
   tls_cert: "{cert}"
   tls_key: "{key}"
   auth_username: "{AGENT_USER}"
-  auth_password: "{AGENT_PASS}"{deflate}{forwards}
+  auth_password: "{AGENT_PASS}"{deflate}{forwards}{gateway_extra}
 client:
   gateway_addr: "localhost:{gateway_port}"
   gateway_tls_cert: "{cert}"
@@ -133,12 +148,14 @@ client:
   max_concurrent_conns: {max}
   encoding: {encoding}
   reconnect_min: 100ms
-  reconnect_max: 1s{deflate}
+  reconnect_max: 1s{deflate}{client_extra}
 "#,
             cert = certs.cert.display(),
             key = certs.key.display(),
             max = opts.max_conns,
             encoding = opts.encoding.name(),
+            gateway_extra = extra_lines(&opts.gateway_extra),
+            client_extra = extra_lines(&opts.client_extra),
         );
         let config_path = dir.path().join("config.yaml");
         std::fs::write(&config_path, config)?;
@@ -168,11 +185,77 @@ client:
         Ok(Stack {
             http_port,
             socks_port,
+            gateway_port,
             forward_ports,
             gateway,
             agent,
-            _dir: dir,
+            bin: bin.to_path_buf(),
+            config: config_path,
+            gateway_starts: 1,
+            agent_starts: 1,
+            dir,
         })
+    }
+
+    /// How many times the gateway's current log says an agent authenticated.
+    pub fn agent_connections_logged(&self) -> usize {
+        std::fs::read_to_string(&self.gateway.log)
+            .unwrap_or_default()
+            .matches("agent connected")
+            .count()
+    }
+
+    /// Stops the gateway with SIGTERM (waiting at most `within` for it to exit) and
+    /// starts a new one on the same ports, with the same config; returns once it
+    /// listens again and the agent has reconnected. The exit status is returned so the
+    /// caller can tell a graceful stop (status 0) from anything else.
+    pub async fn restart_gateway(
+        &mut self,
+        within: std::time::Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let status = self.gateway.terminate(within).await?;
+        self.gateway_starts += 1;
+        let log = self
+            .dir
+            .path()
+            .join(format!("gateway-{}.log", self.gateway_starts));
+        let cfg = self.config.to_str().context("temp path is not UTF-8")?;
+        self.gateway = procs::spawn(
+            "anyproxy gateway",
+            &self.bin,
+            &["gateway", "--config", cfg],
+            &log,
+        )?;
+        for port in [self.gateway_port, self.http_port, self.socks_port] {
+            procs::wait_for_listening(port, &mut self.gateway).await?;
+        }
+        procs::wait_for_log(&mut self.gateway, "agent connected", 1).await?;
+        Ok(status)
+    }
+
+    /// Stops the agent with SIGTERM (at most `within`) and starts a new one; returns
+    /// once the gateway has logged its connection.
+    pub async fn restart_agent(
+        &mut self,
+        within: std::time::Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let before = self.agent_connections_logged();
+        let status = self.agent.terminate(within).await?;
+        self.agent_starts += 1;
+        let log = self
+            .dir
+            .path()
+            .join(format!("agent-{}.log", self.agent_starts));
+        let cfg = self.config.to_str().context("temp path is not UTF-8")?;
+        self.agent = procs::spawn(
+            "anyproxy agent",
+            &self.bin,
+            &["client", "--config", cfg],
+            &log,
+        )?;
+        procs::wait_for_log(&mut self.gateway, "agent connected", before + 1).await?;
+        self.agent.check_alive()?;
+        Ok(status)
     }
 
     pub fn forward(&self, name: &str) -> Result<u16> {

@@ -55,6 +55,70 @@ pub async fn http_server() -> Result<SocketAddr> {
     Ok(addr)
 }
 
+/// The chunk the bytes server repeats: `GET /bytes/N` answers N bytes of it, over
+/// and over, so a client can check every byte without storing the body.
+pub const BYTES_CHUNK: usize = 64 * 1024;
+pub const BYTES_SEED: u64 = 0x5eed_0001;
+
+/// A body of `left` bytes: `chunk` repeated, cut at the end.
+struct Repeat {
+    chunk: Bytes,
+    left: u64,
+}
+
+impl hyper::body::Body for Repeat {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.left.min(self.chunk.len() as u64) as usize;
+        self.left -= n as u64;
+        let data = self.chunk.slice(..n);
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(data))))
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.left)
+    }
+}
+
+/// An HTTP/1.1 server answering `GET /bytes/N` with N bytes (`BYTES_CHUNK` of noise,
+/// repeated) and a content length, so a cut-short download shows as an error.
+pub async fn bytes_server() -> Result<SocketAddr> {
+    let (listener, addr) = listen().await?;
+    let chunk = Bytes::from(noise(BYTES_CHUNK, BYTES_SEED));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let chunk = chunk.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                    let left = req
+                        .uri()
+                        .path()
+                        .strip_prefix("/bytes/")
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0);
+                    let body = Repeat {
+                        chunk: chunk.clone(),
+                        left,
+                    };
+                    async move { Ok::<_, std::convert::Infallible>(hyper::Response::new(body)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
 /// Bulk source and sink: after the direction byte it streams data until the client
 /// goes away (download), or swallows everything (upload). `received` counts what the
 /// sink saw, which is what an upload measures.
