@@ -102,19 +102,9 @@ fn vectors() -> Vec<(&'static str, Message)> {
                 reason: "peer said \"bye\"\n".into(),
             }),
         ),
-        (
-            "ping",
-            Message::Ping(Heartbeat {
-                timestamp: 1_640_995_200,
-            }),
-        ),
-        (
-            "pong",
-            Message::Pong(Heartbeat {
-                timestamp: 1_640_995_200,
-            }),
-        ),
-        ("ping_negative", Message::Ping(Heartbeat { timestamp: -2 })),
+        ("ping", Message::Ping(Heartbeat::new(1_640_995_200))),
+        ("pong", Message::Pong(Heartbeat::new(1_640_995_200))),
+        ("ping_negative", Message::Ping(Heartbeat::new(-2))),
         (
             "error_auth_failed",
             error(ErrorCode::AuthFailed, "invalid credentials", None),

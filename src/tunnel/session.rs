@@ -410,7 +410,7 @@ impl SessionCore {
                 .unwrap_or(0);
             *self.last_ping.lock() = Some((timestamp, Instant::now()));
             if self
-                .send(Message::Ping(Heartbeat { timestamp }))
+                .send(Message::Ping(Heartbeat::new(timestamp)))
                 .await
                 .is_err()
             {
@@ -516,7 +516,7 @@ impl SessionCore {
                 let _ = self.send(Message::Pong(h)).await;
                 None
             }
-            Message::Pong(Heartbeat { timestamp }) => {
+            Message::Pong(Heartbeat { timestamp, .. }) => {
                 self.pong_received(Some(timestamp));
                 None
             }
