@@ -90,7 +90,8 @@ async fn firehose_target(written: Arc<AtomicU64>, block: Arc<Vec<u8>>) -> Socket
     addr
 }
 
-/// Waits until `counter` stops moving (the tunnel stopped pulling from the target).
+/// Waits until `counter` moved and then stopped moving (the tunnel stopped pulling from
+/// the target). A counter still at zero has not started: a slow start is not a stall.
 async fn wait_until_still(counter: &AtomicU64) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut last = counter.load(Ordering::Relaxed);
@@ -98,7 +99,7 @@ async fn wait_until_still(counter: &AtomicU64) -> u64 {
     while still < 5 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let now = counter.load(Ordering::Relaxed);
-        if now == last {
+        if now == last && now > 0 {
             still += 1;
         } else {
             still = 0;

@@ -419,8 +419,24 @@ client:
         eprintln!("target-closed request {i} ok in {:?}", t.elapsed());
     }
 
-    // Let at least one agent ping through and the report be rewritten (every second).
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Wait (bounded) until the report, rewritten every second, counts at least one of
+    // each message kind below (an agent ping included), instead of sleeping a guess.
+    let kinds = ["auth", "connect_response", "data", "close", "ping"];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let complete = std::fs::read_to_string(&report)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|r| {
+                kinds
+                    .iter()
+                    .all(|k| r["received"][k].as_u64().unwrap_or(0) >= 1)
+            });
+        if complete || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let text = std::fs::read_to_string(&report)
         .unwrap_or_else(|e| panic!("read {}: {e}\n{}", report.display(), logs()));
     let rep: serde_json::Value = serde_json::from_str(&text)
@@ -437,7 +453,7 @@ client:
             .join("\n"),
         logs()
     );
-    for kind in ["auth", "connect_response", "data", "close", "ping"] {
+    for kind in kinds {
         let n = rep["received"][kind].as_u64().unwrap_or(0);
         assert!(
             n >= 1,

@@ -43,7 +43,7 @@ async fn hello(stack: &Stack, target: std::net::SocketAddr) -> String {
 }
 
 /// A stack started with `opts`, and a download of `chunks` slow chunks (one per 100 ms)
-/// that has been under way for 500 ms.
+/// that is under way (the target received its request).
 async fn stack_with_download(
     opts: StackOptions,
     chunks: usize,
@@ -58,7 +58,7 @@ async fn stack_with_download(
         via_tunnel(&stack, &url)
     };
     let transfer = start_transfer(args);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for_slow_requests(target, 1).await;
     (stack, transfer)
 }
 
@@ -86,10 +86,11 @@ async fn killing_one_of_two_agents_fails_only_its_own_connections() {
     let url = format!("http://{target}/slow/40/100");
 
     // The least-loaded pick sends the second transfer to the other agent.
+    // Each waits until its connection is established, so the pick sees the first.
     let first = start_transfer(via_tunnel(&stack, &url));
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    wait_for_slow_requests(target, 1).await;
     let second = start_transfer(via_tunnel(&stack, &url));
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    wait_for_slow_requests(target, 2).await;
     let mut agent = stack.agent.take().unwrap();
     agent.0.start_kill().unwrap();
     let killed = Instant::now();
@@ -130,7 +131,7 @@ async fn a_frozen_agent_is_detected_by_heartbeat_and_reconnects_after_it_thaws()
     let agent_pid = pid(stack.agent.as_ref().unwrap());
 
     let transfer = start_transfer(via_socks(&stack, &format!("http://{target}/slow/80/100")));
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    wait_for_slow_requests(target, 1).await;
     signal(agent_pid, "STOP");
     let stopped = Instant::now();
     let t = transfer.await.unwrap();
@@ -163,7 +164,13 @@ async fn sigterm_on_the_gateway_closes_listeners_and_drains_a_live_download() {
     let (mut stack, transfer) = stack_with_download(opts, 30, false).await;
     signal(pid(&stack.gateway), "TERM");
     let termed = Instant::now();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The listeners close once the signal is handled: poll (bounded) rather than guess.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(refused(stack.http_port) && refused(stack.socks_port) && refused(stack.gateway_port))
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(refused(stack.http_port), "HTTP proxy still accepting");
     assert!(refused(stack.socks_port), "SOCKS5 proxy still accepting");
     assert!(
@@ -199,7 +206,10 @@ async fn a_second_signal_ends_the_gateway_drain_at_once() {
     let (mut stack, transfer) = stack_with_download(opts, 100, false).await;
     let gw = pid(&stack.gateway);
     signal(gw, "TERM");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The second signal must come after the first was handled, not merely sent.
+    stack
+        .wait_for_log("gateway", "shutting down: closing listeners, draining", 1)
+        .await;
     signal(gw, "INT");
     let second = Instant::now();
     let status = exit_status(&mut stack.gateway, Duration::from_secs(3)).await;
@@ -412,7 +422,7 @@ client:
         assert!(r.await.unwrap().ends_with(b"hello"));
     }
     let download = tokio::spawn(get("/slow/20/50".into()));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_for_slow_requests(target, 1).await;
     let busy = metrics.num_alive_tasks();
 
     let stopping = Instant::now();

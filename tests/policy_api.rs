@@ -238,10 +238,20 @@ async fn sessions_admin_rights_files_and_a_restart_over_https() {
         .await;
     assert_eq!(s, 200);
 
-    // A token with a changed signature says so.
-    let mut forged = renewed.clone();
-    let last = forged.pop().unwrap();
-    forged.push(if last == 'A' { 'B' } else { 'A' });
+    // A token with a changed signature says so. The signature's bytes are changed, not
+    // its text: flipping the last base64url character can touch only padding bits (an
+    // `A` becoming `B`), which makes a malformed token rather than a bad signature.
+    let forged = {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine;
+        let (signed, signature) = renewed.rsplit_once('.').expect("a JWT has three parts");
+        let mut sig = URL_SAFE_NO_PAD
+            .decode(signature)
+            .expect("base64url signature");
+        sig[0] ^= 0x01;
+        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sig))
+    };
+    assert_ne!(forged, renewed);
     let (s, v) = api
         .cmd(ALICE, json!({"cmd": "check", "secret": forged}))
         .await;

@@ -334,9 +334,7 @@ fn decode_body(tag: u8, id: ConnId, body: &mut Bytes) -> Result<Message, DecodeE
         }),
         tag::PING | tag::PONG => {
             need(body, 8)?;
-            let h = Heartbeat {
-                timestamp: body.get_i64(),
-            };
+            let h = Heartbeat::new(body.get_i64());
             if tag == tag::PING {
                 Message::Ping(h)
             } else {

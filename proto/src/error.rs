@@ -1,4 +1,4 @@
-use crate::ErrorCode;
+use crate::{ConnId, ErrorCode};
 
 /// Why a message could not be decoded. Every variant maps to
 /// [`ErrorCode::InvalidMessage`] and names the problem so that the peer can be told.
@@ -31,11 +31,55 @@ pub enum DecodeError {
     UnknownErrorCode(String),
     #[error("unknown protocol {0:?} (expected \"tcp\" or \"udp\")")]
     UnknownProtocol(String),
+    /// A `connection_id` string that a [`ConnIdMap`](crate::ConnIdMap) refused: empty,
+    /// longer than [`MAX_WIRE_ID_LEN`](crate::MAX_WIRE_ID_LEN), or too many live ids.
+    #[error("connection_id {id:?} refused: {reason}")]
+    ConnIdRefused { id: String, reason: String },
+    /// A message about connection `id` (its `connection_id` was readable) that could not
+    /// be decoded for the reason in `error`, so that the receiver can fail that
+    /// connection at once. Produced only by [`json::decode_with`](crate::json::decode_with);
+    /// it displays as `error` alone.
+    #[error("{error}")]
+    ForConnection { id: ConnId, error: Box<DecodeError> },
 }
 
 impl DecodeError {
     /// The documented error code a peer receives for this failure.
     pub const fn code(&self) -> ErrorCode {
         ErrorCode::InvalidMessage
+    }
+
+    /// The connection the undecodable message was about, when its `connection_id` could
+    /// be read (local id; with an interning [`ConnIdMap`](crate::ConnIdMap), encoding a
+    /// reply for it writes the peer's own string).
+    pub fn conn_id(&self) -> Option<ConnId> {
+        match self {
+            DecodeError::ForConnection { id, .. } => Some(*id),
+            _ => None,
+        }
+    }
+
+    /// Why the message could not be decoded, without the connection it was about.
+    pub fn cause(&self) -> &DecodeError {
+        match self {
+            DecodeError::ForConnection { error, .. } => error.cause(),
+            other => other,
+        }
+    }
+
+    /// [`DecodeError::cause`], by value.
+    pub fn into_cause(self) -> DecodeError {
+        match self {
+            DecodeError::ForConnection { error, .. } => error.into_cause(),
+            other => other,
+        }
+    }
+
+    /// Attaches the connection the message was about.
+    pub(crate) fn for_connection(self, id: ConnId) -> DecodeError {
+        DecodeError::ForConnection {
+            id,
+            error: Box::new(self.into_cause()),
+        }
     }
 }

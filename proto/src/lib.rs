@@ -10,10 +10,14 @@
 
 pub mod binary;
 mod error;
+mod ids;
 pub mod json;
 mod message;
 
 pub use error::DecodeError;
+pub use ids::{
+    ConnIdMap, InternedIds, NumericIds, DEFAULT_MAX_INTERNED, INTERNED_BASE, MAX_WIRE_ID_LEN,
+};
 pub use message::{
     Auth, AuthResponse, Close, ConnId, Connect, ConnectResponse, Data, ErrorCode, ErrorMsg, Fin,
     Forward, ForwardResponse, Heartbeat, Message, MessageKind, Protocol, WindowUpdate,

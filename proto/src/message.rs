@@ -1,4 +1,5 @@
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -173,9 +174,62 @@ pub struct Close {
 }
 
 /// Body of `ping` and `pong`; a pong echoes the ping's timestamp.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+///
+/// anyproxy sends integer Unix seconds. The API document leaves the JSON number open, so
+/// a peer's `timestamp` may be any JSON number (`1640995200.5`, `-3`, `1e9`); its exact
+/// text is kept so that the `pong` answering it carries the same number back, digit for
+/// digit. [`Heartbeat::timestamp`] is always an integer: the number itself when the text is
+/// a plain `i64` literal, else the number truncated toward zero and saturated to the
+/// `i64` range (what a binary frame, which has no room for the text, carries).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Heartbeat {
     pub timestamp: i64,
+    /// The peer's JSON number text, when it is not exactly `timestamp.to_string()`.
+    /// Private so that it always holds a valid JSON number.
+    raw: Option<Arc<str>>,
+}
+
+impl Heartbeat {
+    /// A heartbeat with an integer timestamp, as anyproxy sends them.
+    pub const fn new(timestamp: i64) -> Self {
+        Heartbeat {
+            timestamp,
+            raw: None,
+        }
+    }
+
+    /// A heartbeat from the text of a JSON number (RFC 8259 `number`: `-?int frac? exp?`,
+    /// no surrounding whitespace); `None` if `text` is not one.
+    pub fn from_json_number(text: &str) -> Option<Self> {
+        if !crate::json::is_json_number(text) {
+            return None;
+        }
+        let is_integer = !text.bytes().any(|b| matches!(b, b'.' | b'e' | b'E'));
+        let timestamp = match text.parse::<i64>() {
+            Ok(n) if is_integer => n,
+            // A fraction, an exponent or an integer beyond i64: `as` truncates toward
+            // zero and saturates (JSON has no NaN or infinity; "1e999" parses as inf).
+            _ => text.parse::<f64>().map(|f| f as i64).unwrap_or(0),
+        };
+        let exact = is_integer && text.parse::<i64>().is_ok() && timestamp.to_string() == text;
+        Some(Heartbeat {
+            timestamp,
+            raw: (!exact).then(|| Arc::from(text)),
+        })
+    }
+
+    /// The peer's exact JSON number text, when it was not a plain `i64` integer literal
+    /// (`1640995200.5`, `1e3`, `-0`, `99999999999999999999`). The JSON encoder writes this
+    /// text instead of [`Heartbeat::timestamp`]; the binary encoder writes `timestamp`.
+    pub fn raw_json(&self) -> Option<&str> {
+        self.raw.as_deref()
+    }
+
+    /// The timestamp when it is exactly the integer the peer sent (always, for ours);
+    /// `None` for a foreign number kept as text. Use this for round-trip timing.
+    pub fn integer(&self) -> Option<i64> {
+        self.raw.is_none().then_some(self.timestamp)
+    }
 }
 
 /// `window_update` (binary mode): either direction, the sender may now send

@@ -63,8 +63,8 @@ fn samples() -> Vec<Message> {
             id: ConnId(7),
             reason: "eof".into(),
         }),
-        Message::Ping(Heartbeat { timestamp: 42 }),
-        Message::Pong(Heartbeat { timestamp: -42 }),
+        Message::Ping(Heartbeat::new(42)),
+        Message::Pong(Heartbeat::new(-42)),
         Message::Error(ErrorMsg {
             code: ErrorCode::ConnectionFailed,
             message: "refused: nope".into(),
@@ -529,7 +529,7 @@ fn binary_error_without_id_flag_ignores_the_header_id() {
 fn binary_data_payload_is_a_zero_copy_slice_of_the_input() {
     let payload: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
     let mut buf = BytesMut::new();
-    binary::encode_into(&Message::Ping(Heartbeat { timestamp: 1 }), &mut buf);
+    binary::encode_into(&Message::Ping(Heartbeat::new(1)), &mut buf);
     binary::encode_into(
         &Message::Data(Data {
             id: ConnId(5),
@@ -617,22 +617,24 @@ fn json_fields() -> Vec<(MessageKind, &'static str, FieldType, bool)> {
         (K::Auth, "password", Str, true),
         (K::Auth, "client_id", Str, true),
         (K::AuthResponse, "success", Bool, true),
-        (K::AuthResponse, "message", Str, true),
+        // The texts for people are optional (absent or null: empty), as the API document
+        // leaves them open.
+        (K::AuthResponse, "message", Str, false),
         (K::Connect, "connection_id", Id, true),
         (K::Connect, "target_host", Str, true),
         (K::Connect, "target_port", Port, true),
         (K::Connect, "protocol", Protocol, true),
         (K::ConnectResponse, "connection_id", Id, true),
         (K::ConnectResponse, "success", Bool, true),
-        (K::ConnectResponse, "message", Str, true),
+        (K::ConnectResponse, "message", Str, false),
         (K::Data, "connection_id", Id, true),
         (K::Data, "payload", Payload, true),
         (K::Close, "connection_id", Id, true),
-        (K::Close, "reason", Str, true),
+        (K::Close, "reason", Str, false),
         (K::Ping, "timestamp", Timestamp, true),
         (K::Pong, "timestamp", Timestamp, true),
         (K::Error, "code", Code, true),
-        (K::Error, "message", Str, true),
+        (K::Error, "message", Str, false),
         (K::Error, "connection_id", Id, false),
     ]
 }
@@ -688,25 +690,22 @@ fn json_missing_required_field_is_invalid_field_naming_it() {
 #[test]
 fn json_wrong_type_is_invalid_field_naming_it() {
     use FieldType::*;
-    for (kind, field, ty, _) in json_fields() {
+    for (kind, field, ty, required) in json_fields() {
         let wrong: Vec<Value> = match ty {
             Str | Code | Protocol | Payload => vec![j!(5), j!(true), j!(["x"]), j!({"a": "b"})],
             Bool => vec![j!("true"), j!(1), j!(null)],
             Port => vec![j!("80"), j!(-1), j!(65536), j!(80.5), j!(null)],
-            Timestamp => vec![
-                j!("1640995200"),
-                j!(1.5),
-                j!(9_223_372_036_854_775_808u64),
-                j!(null),
-            ],
+            // Any JSON number is a timestamp (1.5 and 2^63 included); nothing else is.
+            Timestamp => vec![j!("1640995200"), j!(true), j!([1]), j!({"t": 1}), j!(null)],
             Id => vec![j!(true), j!(-1), j!(1.5), j!(["1"]), j!({"id": "1"})],
         };
         for w in wrong {
             let result = decode_value(&with_field(kind, field, w.clone()));
             assert_invalid_field(result, kind, field);
         }
-        // `null` for a required string field is a wrong type too.
-        if matches!(ty, Str | Code | Protocol | Payload) {
+        // `null` for a required string field is a wrong type too (for an optional one it
+        // means absent).
+        if required && matches!(ty, Str | Code | Protocol | Payload) {
             assert_invalid_field(
                 decode_value(&with_field(kind, field, j!(null))),
                 kind,
@@ -939,7 +938,7 @@ fn json_unknown_protocol() {
 #[test]
 fn json_over_max_message_len_is_too_large() {
     // Valid JSON, but one byte over the limit (padded with whitespace).
-    let mut input = json::encode(&Message::Ping(Heartbeat { timestamp: 1 }));
+    let mut input = json::encode(&Message::Ping(Heartbeat::new(1)));
     input.resize(json::MAX_MESSAGE_LEN + 1, b' ');
     assert_eq!(
         json::decode(&input),
@@ -951,10 +950,7 @@ fn json_over_max_message_len_is_too_large() {
     );
     // At the limit it decodes.
     input.truncate(json::MAX_MESSAGE_LEN);
-    assert_eq!(
-        json::decode(&input),
-        Ok(Message::Ping(Heartbeat { timestamp: 1 }))
-    );
+    assert_eq!(json::decode(&input), Ok(Message::Ping(Heartbeat::new(1))));
 }
 
 #[test]
@@ -1046,7 +1042,7 @@ fn json_whitespace_and_escapes_are_accepted() {
     let input = "\n{ \"type\" : \"p\\u0069ng\" ,\r\n\t\"data\" : { \"timestamp\" : 5 } }\n";
     assert_eq!(
         json::decode(input.as_bytes()),
-        Ok(Message::Ping(Heartbeat { timestamp: 5 }))
+        Ok(Message::Ping(Heartbeat::new(5)))
     );
     let input =
         r#"{"type":"close","data":{"connection_id":"1\u0030","reason":"\ud83e\udd80\"\\\/"}}"#;
@@ -1133,9 +1129,7 @@ fn json_document_examples() {
     let ping = "{\n  \"type\": \"ping\",\n  \"data\": {\n    \"timestamp\": 1640995200\n  }\n}";
     assert_eq!(
         json::decode(ping.as_bytes()),
-        Ok(Message::Ping(Heartbeat {
-            timestamp: 1_640_995_200
-        }))
+        Ok(Message::Ping(Heartbeat::new(1_640_995_200)))
     );
     // The document's placeholder id is not a connection id anyproxy accepts.
     let connect = r#"{

@@ -83,8 +83,8 @@ fn any_message() -> impl Strategy<Value = Message> {
         }),
         (any_id(), any_payload()).prop_map(|(id, payload)| Message::Data(Data { id, payload })),
         (any_id(), any_string()).prop_map(|(id, reason)| Message::Close(Close { id, reason })),
-        any::<i64>().prop_map(|timestamp| Message::Ping(Heartbeat { timestamp })),
-        any::<i64>().prop_map(|timestamp| Message::Pong(Heartbeat { timestamp })),
+        any::<i64>().prop_map(|timestamp| Message::Ping(Heartbeat::new(timestamp))),
+        any::<i64>().prop_map(|timestamp| Message::Pong(Heartbeat::new(timestamp))),
         (any_code(), any_string(), proptest::option::of(any_id()))
             .prop_map(|(code, message, id)| Message::Error(ErrorMsg { code, message, id })),
         (any_id(), 1..=u32::MAX)
@@ -158,11 +158,11 @@ fn frames_of_an_empty_message_is_empty() {
 #[test]
 fn frames_stop_at_the_first_bad_frame() {
     let mut buf = BytesMut::new();
-    binary::encode_into(&Message::Ping(Heartbeat { timestamp: 1 }), &mut buf);
+    binary::encode_into(&Message::Ping(Heartbeat::new(1)), &mut buf);
     buf.extend_from_slice(&[0x7f, 0, 0, 0, 0, 0, 0, 0, 0]); // reserved tag
-    binary::encode_into(&Message::Pong(Heartbeat { timestamp: 2 }), &mut buf);
+    binary::encode_into(&Message::Pong(Heartbeat::new(2)), &mut buf);
     let items: Vec<_> = binary::Frames::new(buf.freeze()).collect();
     assert_eq!(items.len(), 2, "nothing after the bad frame: {items:?}");
-    assert_eq!(items[0], Ok(Message::Ping(Heartbeat { timestamp: 1 })));
+    assert_eq!(items[0], Ok(Message::Ping(Heartbeat::new(1))));
     assert!(items[1].is_err());
 }

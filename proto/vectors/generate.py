@@ -139,12 +139,80 @@ def encode_binary_hex(kind, f):
     return "\n".join([header] + [x for x in fields if x]) + "\n"
 
 
+# Forms a peer written from the API document alone may send, which anyproxy accepts
+# (PROTOCOL.md section 3.1). name -> (input text exactly as the peer sends it, the body
+# anyproxy's encoder writes for the decoded message with the same connection-id map).
+# A number written as {"raw": "..."} is JSON number text that must come back verbatim.
+UUID = "3f2b8c1e-9d4a-4b7e-8c21-5a6f0e9d1b2c"
+ACCEPTED = {
+    "auth_response_no_message": (
+        '{"type":"auth_response","data":{"success":true}}',
+        ("auth_response", {"success": True, "message": ""})),
+    "connect_response_no_message": (
+        '{"type":"connect_response","data":{"connection_id":"1","success":true}}',
+        ("connect_response", {"connection_id": "1", "success": True, "message": ""})),
+    "close_no_reason": (
+        '{"type":"close","data":{"connection_id":"9","reason":null}}',
+        ("close", {"connection_id": "9", "reason": ""})),
+    "error_no_message": (
+        '{"type":"error","data":{"code":"CONNECTION_FAILED","connection_id":7}}',
+        ("error", {"code": "CONNECTION_FAILED", "message": "", "connection_id": "7"})),
+    "ping_float": (
+        '{"type":"ping","data":{"timestamp":1640995200.5}}',
+        ("ping", {"timestamp": {"raw": "1640995200.5"}})),
+    "ping_exponent": (
+        '{"type": "ping", "data": {"timestamp": 1.6409952E+9}}',
+        ("ping", {"timestamp": {"raw": "1.6409952E+9"}})),
+    "pong_negative_zero": (
+        '{"type":"pong","data":{"timestamp":-0}}',
+        ("pong", {"timestamp": {"raw": "-0"}})),
+    "connect_string_id": (
+        '{\n  "data": {\n    "protocol": "tcp",\n    "target_port": 80,\n'
+        '    "target_host": "target.example.com",\n    "connection_id": "' + UUID + '",\n'
+        '    "priority": 3\n  },\n  "type": "connect",\n  "version": 1\n}\n',
+        ("connect", {"connection_id": UUID, "target_host": "target.example.com",
+                     "target_port": 80, "protocol": "tcp"})),
+    "data_string_id": (
+        '{"type":"data","data":{"connection_id":"' + UUID + '","payload":"aGVsbG8="}}',
+        ("data", {"connection_id": UUID, "payload": "aGVsbG8="})),
+    "data_escaped_string_id": (
+        '{"type":"data","data":{"payload":"aGVsbG8=","connection_id":"conn\\u002f\\"7\\""}}',
+        ("data", {"connection_id": 'conn/"7"', "payload": "aGVsbG8="})),
+    "close_string_id_extra_fields": (
+        '{"type":"close","id":42,"data":{"connection_id":"' + UUID + '","reason":"done",'
+        '"extra":{"nested":[1,2]}}}',
+        ("close", {"connection_id": UUID, "reason": "done"})),
+}
+
+
+def encode_accepted_out(kind, body):
+    raws = {}
+    def sub(v):
+        if isinstance(v, dict) and set(v) == {"raw"}:
+            key = "@RAW%d@" % len(raws)
+            raws[key] = v["raw"]
+            return key
+        return v
+    body = {k: sub(v) for k, v in body.items()}
+    text = json.dumps({"type": kind, "data": body}, separators=(",", ":"), ensure_ascii=False)
+    for key, raw in raws.items():
+        text = text.replace('"%s"' % key, raw)
+    return text.encode()
+
+
 def main():
     for name, (kind, fields) in VECTORS.items():
         with open(os.path.join(HERE, name + ".json"), "wb") as out:
             out.write(encode_json(kind, fields))
         with open(os.path.join(HERE, name + ".bin.hex"), "w") as out:
             out.write(encode_binary_hex(kind, fields))
+    os.makedirs(os.path.join(HERE, "accepted"), exist_ok=True)
+    for name, (given, (kind, body)) in ACCEPTED.items():
+        json.loads(given)  # every input is valid JSON
+        with open(os.path.join(HERE, "accepted", name + ".in.json"), "wb") as out:
+            out.write(given.encode())
+        with open(os.path.join(HERE, "accepted", name + ".out.json"), "wb") as out:
+            out.write(encode_accepted_out(kind, body))
 
 
 if __name__ == "__main__":

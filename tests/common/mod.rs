@@ -18,7 +18,37 @@ use tokio::process::{Child, Command};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_anyproxy");
 
+/// A port that is free now, for a process the test starts to listen on.
+///
+/// Not from the kernel's ephemeral range: a port from `bind(0)` is exactly what the
+/// kernel hands next to some outgoing connection (curl, an agent) in the moment before
+/// the child binds it. Below that range, each port is handed out once per test process
+/// (an atomic cursor that starts at a pid-dependent offset, so concurrent test binaries
+/// start apart), and checked free by binding it. Falls back to `bind(0)` when the
+/// ephemeral range leaves no room below it.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_start > LOW + 2_000 {
+        let span = ephemeral_start - LOW;
+        let _ = NEXT.compare_exchange(
+            0,
+            1 + std::process::id() * 7919 % span,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        for _ in 0..span {
+            let port = LOW + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+            if std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port as u16)).is_ok() {
+                return port as u16;
+            }
+        }
+    }
     std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .unwrap()
         .local_addr()
@@ -465,11 +495,45 @@ type BoxBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
 /// Local target: `GET /bytes/N` streams `pattern(N, 7)`, `POST /sha256` answers the body's
 /// SHA-256, anything else answers "hello".
+/// `/slow/` requests each target server received, by its address: tests wait for a
+/// download to be under way instead of sleeping a guessed time.
+static SLOW_REQUESTS: std::sync::Mutex<Vec<(SocketAddr, usize)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn slow_requests(target: SocketAddr) -> usize {
+    let seen = SLOW_REQUESTS.lock().unwrap();
+    seen.iter()
+        .find(|(a, _)| *a == target)
+        .map_or(0, |(_, n)| *n)
+}
+
+/// Waits (at most 20 s) until the target at `target` has received `n` `/slow/`
+/// requests: the tunnelled connections carrying them are established end to end.
+pub async fn wait_for_slow_requests(target: SocketAddr, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while slow_requests(target) < n {
+        assert!(
+            Instant::now() < deadline,
+            "{target} received {} of {n} /slow/ requests",
+            slow_requests(target)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn target_handler(
     req: hyper::Request<hyper::body::Incoming>,
+    target: SocketAddr,
 ) -> Result<hyper::Response<BoxBody>, hyper::Error> {
     let path = req.uri().path().to_owned();
     if let Some(rest) = path.strip_prefix("/slow/") {
+        {
+            let mut seen = SLOW_REQUESTS.lock().unwrap();
+            match seen.iter_mut().find(|(a, _)| *a == target) {
+                Some((_, n)) => *n += 1,
+                None => seen.push((target, 1)),
+            }
+        }
         return Ok(slow_body(rest));
     }
     if let Some(n) = path.strip_prefix("/bytes/") {
@@ -549,7 +613,7 @@ async fn serve_target(tls: Option<Arc<tokio_rustls::TlsAcceptor>>) -> SocketAddr
         while let Ok((stream, _)) = listener.accept().await {
             let tls = tls.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(target_handler);
+                let service = hyper::service::service_fn(move |req| target_handler(req, addr));
                 let builder = hyper::server::conn::http1::Builder::new();
                 match tls {
                     Some(acceptor) => {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyproxy_proto::{
     binary, json, Close, ConnId, ConnectResponse, Data, Encoding, ErrorCode, ErrorMsg, Fin,
-    Heartbeat, Message, WindowUpdate,
+    Message, WindowUpdate,
 };
 use bytes::Bytes;
 
@@ -115,8 +115,9 @@ impl SessionCore {
                 let _ = self.send(Message::Pong(h)).await;
                 None
             }
-            Message::Pong(Heartbeat { timestamp }) => {
-                self.pong_received(Some(timestamp));
+            Message::Pong(h) => {
+                // A foreign peer's non-integer timestamp never matches one of ours.
+                self.pong_received(h.integer());
                 None
             }
             other @ (Message::Connect(_) | Message::Auth(_) | Message::AuthResponse(_)) => {

@@ -55,7 +55,7 @@ impl SessionCore {
                 .unwrap_or(0);
             *self.last_ping.lock() = Some((timestamp, Instant::now()));
             if self
-                .send(Message::Ping(Heartbeat { timestamp }))
+                .send(Message::Ping(Heartbeat::new(timestamp)))
                 .await
                 .is_err()
             {
