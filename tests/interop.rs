@@ -308,8 +308,7 @@ async fn python_doc_agent_serves_curl_through_our_gateway() {
     assert_eq!(extensions, "none");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn our_agent_against_python_doc_gateway() {
+async fn against_doc_gateway(id_style: &str) {
     let started = Instant::now();
     let certs = common::certs();
     let dir = certs.dir.path().to_path_buf();
@@ -336,6 +335,8 @@ async fn our_agent_against_python_doc_gateway() {
             format!("{fwd_port}:127.0.0.1:{}", target.port()),
             "--report".into(),
             report.display().to_string(),
+            "--ids".into(),
+            id_style.into(),
         ],
         &dir,
     );
@@ -549,4 +550,16 @@ async fn a_deflate_bomb_closes_only_its_own_session_with_1009() {
         "the innocent agent lost its session:\n{}",
         stack.log("agent")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_agent_against_python_doc_gateway() {
+    against_doc_gateway("numeric").await
+}
+
+/// The document makes `connection_id` a string: a gateway that uses UUIDs is served
+/// the same way, and answered with its own strings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_agent_against_a_doc_gateway_that_uses_uuid_ids() {
+    against_doc_gateway("uuid").await
 }

@@ -42,6 +42,7 @@ fn pair() -> Pair {
     let options = SessionOptions {
         stall_timeout: Duration::from_secs(600),
         max_window: 8 << 20,
+        ids: super::session::IdSpace::Ours,
     };
     let start = |io: DuplexStream, role: Role| {
         let (mut reader, writer) = ws::split(Box::new(io), role, 4 << 20, None);

@@ -20,6 +20,7 @@ The report is rewritten every second and on SIGTERM/SIGINT (exit code 0):
 """
 
 import argparse
+import uuid
 import asyncio
 import base64
 import binascii
@@ -195,6 +196,7 @@ class Gateway:
         self.report = Report(args.report)
         self.current = None  # most recently authenticated Session
         self.next_id = 1
+        self.ids = args.ids
         self.all_ids = set()  # every connection id issued, across sessions
         self.stop = asyncio.Event()
         self.tasks = set()
@@ -468,7 +470,7 @@ class Gateway:
             log("no authenticated agent; dropping TCP connection")
             writer.close()
             return
-        cid = str(self.next_id)
+        cid = str(uuid.uuid4()) if self.ids == "uuid" else str(self.next_id)
         self.next_id += 1
         self.all_ids.add(cid)
         conn = Conn(cid, session)
@@ -646,6 +648,7 @@ def main():
         help="LISTEN_PORT:TARGET_HOST:TARGET_PORT (repeatable); listens on 127.0.0.1:LISTEN_PORT",
     )
     p.add_argument("--report", required=True, help="JSON report path (rewritten every second)")
+    p.add_argument("--ids", choices=["numeric", "uuid"], default="numeric", help="connection_id style: decimal strings or UUIDs")
     p.add_argument(
         "--ping-interval",
         type=float,

@@ -6,7 +6,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyproxy_proto::{Close, ConnId, Encoding, ErrorCode, ErrorMsg, Message, INITIAL_WINDOW};
+use anyproxy_proto::{
+    Close, ConnId, ConnIdMap, Encoding, ErrorCode, ErrorMsg, InternedIds, Message, NumericIds,
+    INITIAL_WINDOW,
+};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -14,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use super::conn::{AbandonGuard, TunnelConn};
 use super::writer::write_loop;
 use super::{
-    is_going_away, ConnectFailure, OpenError, Outbound, Session, SessionClosed, SessionOptions,
-    GOING_AWAY, OUT_QUEUE,
+    is_going_away, ConnectFailure, IdSpace, OpenError, Outbound, Session, SessionClosed,
+    SessionOptions, GOING_AWAY, OUT_QUEUE,
 };
 use crate::transport::ws::deflate::{CompressionCounters, CompressionStats};
 use crate::transport::WsWriter;
@@ -52,6 +55,8 @@ pub struct SessionCore {
     pub(super) going_away: CancellationToken,
     /// The peer announced that it is going away.
     pub(super) peer_going_away: CancellationToken,
+    /// How JSON `connection_id`s map to local ids (PROTOCOL.md §3.2).
+    pub(super) ids: Arc<dyn ConnIdMap + Send + Sync>,
     /// Counters for metrics and the status page (relaxed atomics).
     pub(super) stats: Arc<SessionStats>,
 }
@@ -78,9 +83,19 @@ impl SessionCore {
             going_away: CancellationToken::new(),
             peer_going_away: CancellationToken::new(),
             stats: stats.clone(),
+            ids: match (encoding, options.ids) {
+                (Encoding::Json, IdSpace::Peers) => Arc::new(InternedIds::new()),
+                _ => Arc::new(NumericIds),
+            },
         });
-        let writer_task =
-            tokio::spawn(write_loop(writer, rx, encoding, core.closed.clone(), stats));
+        let writer_task = tokio::spawn(write_loop(
+            writer,
+            rx,
+            encoding,
+            core.ids.clone(),
+            core.closed.clone(),
+            stats,
+        ));
         Session::new(core, writer_task)
     }
 

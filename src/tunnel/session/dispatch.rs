@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyproxy_proto::{
-    binary, json, Close, ConnId, ConnectResponse, Data, Encoding, ErrorCode, ErrorMsg, Fin,
-    Message, WindowUpdate,
+    binary, json, Close, ConnId, ConnIdMap, ConnectResponse, Data, Encoding, ErrorCode, ErrorMsg,
+    Fin, Message, WindowUpdate,
 };
 use bytes::Bytes;
 
@@ -55,6 +55,9 @@ impl SessionCore {
                         InboxEnd::Finished
                     });
                 }
+                // Whatever we still queued for it goes out first (FIFO), then its
+                // string is forgotten.
+                let _ = self.send_raw(Outbound::Release(id)).await;
                 None
             }
             Message::WindowUpdate(WindowUpdate { id, increment }) => {
@@ -210,6 +213,37 @@ impl SessionCore {
         let _ = inbox.push(payload, false);
     }
 
+    /// Answers a message that could not be decoded. One that names a live connection
+    /// fails that connection at once, with the reason, rather than leave its user
+    /// waiting; the session goes on.
+    async fn undecodable(&self, e: anyproxy_proto::DecodeError) {
+        tracing::warn!(error = %e, "undecodable message from peer");
+        let id = e.conn_id();
+        self.reply_error(e.code(), e.to_string(), id).await;
+        let Some(id) = id else { return };
+        match self.conns.remove(&id) {
+            Some(slot) => {
+                slot.cancel.cancel();
+                if let Some(p) = slot.pending {
+                    let _ = p.send(Err(ConnectFailure {
+                        code: e.code(),
+                        message: e.to_string(),
+                    }));
+                }
+                let _ = self
+                    .send(Message::Close(Close {
+                        id,
+                        reason: e.to_string(),
+                    }))
+                    .await;
+            }
+            // An id the decoder interned only for this error: forget it again.
+            None => {
+                let _ = self.send_raw(Outbound::Release(id)).await;
+            }
+        }
+    }
+
     /// Resets one connection because its peer broke the flow-control or half-close
     /// rules. Only that connection suffers.
     async fn reset(&self, id: ConnId, why: &PushError) {
@@ -252,7 +286,7 @@ impl SessionCore {
             };
             match incoming {
                 Incoming::Message { payload, .. } => {
-                    for decoded in decode_all(self.encoding, payload) {
+                    for decoded in decode_all(self.encoding, &*self.ids, payload) {
                         match decoded {
                             Ok(msg) => {
                                 self.stats.received(msg.kind());
@@ -263,10 +297,7 @@ impl SessionCore {
                                     role.on_message(self, role_msg).await;
                                 }
                             }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "undecodable message from peer");
-                                self.reply_error(e.code(), e.to_string(), None).await;
-                            }
+                            Err(e) => self.undecodable(e).await,
                         }
                     }
                 }
@@ -299,7 +330,7 @@ impl SessionCore {
                     ))
                 }
                 Ok(Incoming::Message { payload, .. }) => {
-                    let mut decoded = decode_all(self.encoding, payload);
+                    let mut decoded = decode_all(self.encoding, &*self.ids, payload);
                     match decoded.next() {
                         None => continue,
                         Some(Err(e)) => return FirstMessage::Invalid(e.to_string()),
@@ -324,13 +355,15 @@ pub enum FirstMessage {
     Gone(String),
 }
 
-/// Decodes every message in one WebSocket message (binary mode may carry several).
-pub fn decode_all(
+/// Decodes every message in one WebSocket message (binary mode may carry several);
+/// JSON ids are read through `ids`.
+pub fn decode_all<'a>(
     encoding: Encoding,
+    ids: &'a (dyn ConnIdMap + Send + Sync),
     payload: Bytes,
-) -> impl Iterator<Item = Result<Message, anyproxy_proto::DecodeError>> {
+) -> impl Iterator<Item = Result<Message, anyproxy_proto::DecodeError>> + 'a {
     let (json_msg, frames) = match encoding {
-        Encoding::Json => (Some(json::decode(&payload)), None),
+        Encoding::Json => (Some(json::decode_with(&payload, ids)), None),
         Encoding::Binary => (None, Some(binary::Frames::new(payload))),
     };
     json_msg.into_iter().chain(frames.into_iter().flatten())

@@ -15,7 +15,7 @@ mod writer;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyproxy_proto::{ErrorCode, Message};
+use anyproxy_proto::{ConnId, ErrorCode, Message};
 use bytes::Bytes;
 use tokio::task::JoinHandle;
 
@@ -49,6 +49,19 @@ pub struct SessionOptions {
     pub stall_timeout: Duration,
     /// Binary mode: the largest receive window a connection may grow to.
     pub max_window: u32,
+    /// Who chooses the connection ids this side receives in `connect`.
+    pub ids: IdSpace,
+}
+
+/// Who chooses connection ids, and so how they are read in JSON mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdSpace {
+    /// This side allocates them (the gateway): numbers, on our own wire.
+    Ours,
+    /// The peer does (the agent): the API document makes `connection_id` a string,
+    /// so a gateway written from it may send any, UUIDs included. In JSON mode each
+    /// string is interned per session, and answered with the peer's own string.
+    Peers,
 }
 
 impl From<&crate::config::GatewayConfig> for SessionOptions {
@@ -56,6 +69,7 @@ impl From<&crate::config::GatewayConfig> for SessionOptions {
         SessionOptions {
             stall_timeout: c.stall_timeout.0,
             max_window: c.max_window.0 as u32,
+            ids: IdSpace::Ours,
         }
     }
 }
@@ -65,6 +79,7 @@ impl From<&crate::config::ClientConfig> for SessionOptions {
         SessionOptions {
             stall_timeout: c.stall_timeout.0,
             max_window: c.max_window.0 as u32,
+            ids: IdSpace::Peers,
         }
     }
 }
@@ -75,6 +90,8 @@ pub(super) enum Outbound {
     Msg(Message),
     WsPong(Bytes),
     WsClose(u16, String),
+    /// Nothing more will be written for this id: forget the peer's string for it.
+    Release(ConnId),
 }
 
 /// Why an `open` failed, as the agent (or the session) reported it.

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use anyproxy_proto::{binary, json, ConnId, Encoding, Message};
+use anyproxy_proto::{binary, json, ConnId, ConnIdMap, Encoding, Message};
 use bytes::BytesMut;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -21,6 +21,7 @@ pub(super) async fn write_loop(
     mut ws: WsWriter,
     mut rx: mpsc::Receiver<Outbound>,
     encoding: Encoding,
+    ids: Arc<dyn ConnIdMap + Send + Sync>,
     closed: CancellationToken,
     stats: Arc<SessionStats>,
 ) {
@@ -42,7 +43,7 @@ pub(super) async fn write_loop(
             let _ = ws.send_close(close_code::GOING_AWAY, "session ended").await;
             return;
         };
-        match write_batch(&mut ws, &mut rx, first, encoding, &mut batch, &stats).await {
+        match write_batch(&mut ws, &mut rx, first, encoding, &*ids, &mut batch, &stats).await {
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
@@ -88,6 +89,7 @@ async fn write_batch(
     rx: &mut mpsc::Receiver<Outbound>,
     first: Outbound,
     encoding: Encoding,
+    ids: &(dyn ConnIdMap + Send + Sync),
     batch: &mut Batch,
     stats: &SessionStats,
 ) -> Result<bool, WsError> {
@@ -110,12 +112,16 @@ async fn write_batch(
                         }
                     }
                     Encoding::Json => {
-                        let text = json::encode(&msg);
+                        let text = json::encode_with(&msg, ids);
                         written += text.len();
                         ws.send_text(text).await?;
+                        if let Some(id) = last_for_connection(&msg) {
+                            ids.release(id);
+                        }
                     }
                 }
             }
+            Outbound::Release(id) => ids.release(id),
             Outbound::WsPong(p) => {
                 flush_batch(ws, batch).await?;
                 ws.send_pong(p).await?;
@@ -133,6 +139,16 @@ async fn write_batch(
     flush_batch(ws, batch).await?;
     ws.flush().await?;
     Ok(true)
+}
+
+/// The id of a message after which nothing more is written for its connection: our
+/// `close`, or a failed `connect_response`.
+fn last_for_connection(msg: &Message) -> Option<ConnId> {
+    match msg {
+        Message::Close(c) => Some(c.id),
+        Message::ConnectResponse(r) if !r.success => Some(r.id),
+        _ => None,
+    }
 }
 
 async fn flush_batch(ws: &mut WsWriter, batch: &mut Batch) -> Result<(), WsError> {
