@@ -30,5 +30,9 @@ echo "== loadtest all --tiny"
 bash loadtest/install-deps.sh
 cargo build --workspace --bins
 PATH="$HOME/.cargo/bin:$PATH" target/debug/loadtest all --tiny --anyproxy target/debug/anyproxy
+# A one-minute soak: mixed curl sessions, downloads, held connections, an agent and a
+# gateway restart; fails on any unexpected failure or on descriptor or memory growth.
+echo "== loadtest soak --minutes 1"
+target/debug/loadtest soak --minutes 1 --anyproxy target/debug/anyproxy
 echo "== cargo test"
 cargo test --workspace
