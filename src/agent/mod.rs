@@ -13,14 +13,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ClientConfig;
+use crate::connect::Access;
 use crate::dial::{self as dial, acl, acl::Acl};
-use crate::net::FailureKind;
+use crate::net::{FailureKind, HostPort};
 use crate::transport::ws::close_code;
 use crate::transport::{handshake, tls, ws, BoxIo, WsReader};
 use crate::tunnel::session::{
     FirstMessage, Role as SessionRole, Session, GOING_AWAY, WRITER_GRACE,
 };
-use crate::tunnel::{relay_tunnel, SessionCore, SessionEnd, SessionOptions};
+use crate::tunnel::{relay_tunnel, RelayStats, SessionCore, SessionEnd, SessionOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -431,13 +432,16 @@ impl Agent {
 
     async fn serve_connect(self: Arc<Self>, core: Arc<SessionCore>, c: anyproxy_proto::Connect) {
         let id = c.id;
-        let target = format!("{}:{}", c.host, c.port);
+        let target = HostPort::new(c.host.clone(), c.port);
         let refuse = |code: ErrorCode, message: String| {
             self.metrics.connect_refused(code);
             let core = core.clone();
             let target = target.clone();
             async move {
-                tracing::info!(conn = %id, %target, %code, %message, "connect refused");
+                Access::new("agent")
+                    .target(&target)
+                    .conn(id)
+                    .refused(code, &message);
                 let _ = core
                     .send(Message::Error(ErrorMsg {
                         code,
@@ -501,7 +505,17 @@ impl Agent {
                     crate::tunnel::stats::bump(&core.stats().conns_opened, 1);
                     let started = std::time::Instant::now();
                     let stats = relay_tunnel(stream, conn, None, None).await;
-                    tracing::info!(target: "access", conn = %id, %target, result = "ok", to_target = stats.received, from_target = stats.sent, ms = started.elapsed().as_millis() as u64);
+                    // The user's point of view, as on the gateway: what they sent
+                    // reached the target.
+                    let stats = RelayStats {
+                        sent: stats.received,
+                        received: stats.sent,
+                    };
+                    Access::new("agent")
+                        .target(&target)
+                        .conn(id)
+                        .since(started)
+                        .relayed(stats);
                 }
             }
             Err(e) => {

@@ -3,9 +3,11 @@
 //! is answered with. The layers (limits, policy, metrics) and the two ends (through an
 //! agent, dialed directly) implement it in their own parts; the gateway composes them.
 
+mod access;
 mod egress;
 mod upstream;
 
+pub use access::Access;
 pub use egress::{Egress, ParentProxy, ProxyScheme};
 pub use upstream::{Hold, Route, Upstream};
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
+use super::Access;
 use crate::tunnel::relay::{relay_direct, relay_tunnel, LocalStream, Pace};
 use crate::tunnel::{Quota, RelayStats, TunnelConn};
 
@@ -86,6 +87,15 @@ impl Upstream {
             Route::Tunnel(conn) => conn.session().peer_arc(),
             Route::Direct(_) => Arc::from("direct"),
         }
+    }
+
+    /// [`Self::relay`], then writes `access` with who carried the connection, the
+    /// policy's verdict and the bytes each way.
+    pub async fn relay_logged<S: LocalStream>(self, local: S, access: Access<'_>) -> RelayStats {
+        let (via, verdict) = (self.via(), self.verdict.clone());
+        let stats = self.relay(local).await;
+        access.via(&via).policy(verdict.as_deref()).relayed(stats);
+        stats
     }
 
     /// Relays between the user's `local` socket and the target until both directions

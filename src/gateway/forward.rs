@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use super::registry::AgentHandle;
 use crate::auth::Identity;
 use crate::config::AgentForwards;
-use crate::connect::{ConnectError, Connector, Requester, Upstream};
+use crate::connect::{Access, ConnectError, Connector, Requester, Upstream};
 use crate::limits::Limits;
 use crate::net::HostPort;
 use crate::transport::listen::{AcceptLoop, Serve};
@@ -183,10 +183,12 @@ async fn relay(
     target: &HostPort,
     group: &str,
 ) {
-    let started = std::time::Instant::now();
-    let via = upstream.via();
-    let stats = upstream.relay(stream).await;
-    tracing::info!(target: "access", proto = "forward", client = %peer, %group, via = %via, %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
+    let access = Access::new("forward")
+        .client(peer)
+        .group(group)
+        .target(target)
+        .since(std::time::Instant::now());
+    upstream.relay_logged(stream, access).await;
 }
 
 /// A forward's user: known by address only.
@@ -196,7 +198,10 @@ fn anonymous(peer: SocketAddr, group: Arc<str>) -> Requester {
 
 /// A raw TCP forward has no way to say why its connection closes: the log says it.
 fn refused(who: &Requester, target: &HostPort, e: &ConnectError) {
-    tracing::info!(target: "access", proto = "forward", client = %who.peer, group = %who.group, %target, result = %e.code(), reason = %e);
+    Access::new("forward")
+        .requester(who)
+        .target(target)
+        .refused(e.code(), e);
 }
 
 /// A declared forward's role: each connection goes to `target` through `connector`
@@ -244,7 +249,13 @@ impl Serve for AgentForward {
                 relay(stream, upstream, peer, target, &agent.group).await;
             }
             Err(e) => {
-                tracing::info!(target: "access", proto = "forward", client = %peer, group = %agent.group, agent = %agent.client_id, %target, result = "refused", reason = %e);
+                let e = ConnectError::from(e);
+                Access::new("forward")
+                    .client(peer)
+                    .group(&agent.group)
+                    .via(&agent.client_id)
+                    .target(target)
+                    .refused(e.code(), &e);
             }
         }
     }

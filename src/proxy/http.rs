@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use anyproxy_proto::ErrorCode;
 
 use crate::auth::{Accounts, Identity};
-use crate::connect::{ConnectError, Connector, Requester};
+use crate::connect::{Access, ConnectError, Connector, Requester};
 use crate::limits::{AuthVerdict, Limits, LOCKED_OUT};
 use crate::net::HostPort;
 use crate::transport::listen::Serve;
@@ -152,7 +152,10 @@ fn authenticate(req: &Request<Incoming>, state: &ConnState) -> Result<Identity, 
         AuthVerdict::Accepted(identity) => Ok(identity),
         AuthVerdict::Rejected => Err(AuthRefusal::Ask),
         AuthVerdict::LockedOut => {
-            tracing::info!(target: "access", proto = "http", client = %state.peer, user = %user, result = %ErrorCode::RateLimited, reason = LOCKED_OUT);
+            Access::new("http")
+                .client(state.peer)
+                .user(&user)
+                .refused(ErrorCode::RateLimited, &LOCKED_OUT);
             Err(AuthRefusal::LockedOut)
         }
     }
@@ -190,8 +193,18 @@ async fn handle<C: Connector>(
     }
 }
 
-fn log_failure(kind: &str, who: &Requester, target: &HostPort, e: &ConnectError, started: Instant) {
-    tracing::info!(target: "access", proto = kind, client = %who.peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, %target, result = %e.code(), reason = %e, ms = started.elapsed().as_millis() as u64);
+fn log_failure(
+    kind: &'static str,
+    who: &Requester,
+    target: &HostPort,
+    e: &ConnectError,
+    started: Instant,
+) {
+    Access::new(kind)
+        .requester(who)
+        .target(target)
+        .since(started)
+        .refused(e.code(), e);
 }
 
 async fn connect_tunnel<C: Connector>(
@@ -214,9 +227,11 @@ async fn connect_tunnel<C: Connector>(
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                let (via, verdict) = (conn.via(), conn.verdict().cloned());
-                let stats = conn.relay(TokioIo::new(upgraded)).await;
-                tracing::info!(target: "access", proto = "connect", client = %who.peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, via = %via, policy = verdict.as_deref().unwrap_or("-"), %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
+                let access = Access::new("connect")
+                    .requester(&who)
+                    .target(&target)
+                    .since(started);
+                conn.relay_logged(TokioIo::new(upgraded), access).await;
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
@@ -352,7 +367,13 @@ async fn forward<C: Connector>(
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            tracing::info!(target: "access", proto = "http", client = %who.peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, via = %via, policy = verdict.as_deref().unwrap_or("-"), %target, result = "ok", status = parts.status.as_u16(), ms = started.elapsed().as_millis() as u64);
+            Access::new("http")
+                .requester(&who)
+                .target(&target)
+                .via(via)
+                .policy(verdict.as_deref())
+                .since(started)
+                .answered(parts.status.as_u16());
             Response::from_parts(parts, body.boxed())
         }
         Err(e) => {

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use anyproxy_proto::ErrorCode;
 
 use crate::auth::{Accounts, Identity};
-use crate::connect::{Connector, Requester};
+use crate::connect::{Access, Connector, Requester};
 use crate::limits::{AuthVerdict, Limits, LOCKED_OUT};
 use crate::net::HostPort;
 use crate::transport::listen::Serve;
@@ -106,12 +106,18 @@ async fn handle<C: Connector>(
     match connector.connect(&target, &who).await {
         Ok(conn) => {
             reply(&mut stream, REPLY_OK).await?;
-            let (via, verdict) = (conn.via(), conn.verdict().cloned());
-            let stats = conn.relay(stream).await;
-            tracing::info!(target: "access", proto = "socks5", client = %peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, via = %via, policy = verdict.as_deref().unwrap_or("-"), %target, result = "ok", sent = stats.sent, received = stats.received, ms = started.elapsed().as_millis() as u64);
+            let access = Access::new("socks5")
+                .requester(&who)
+                .target(&target)
+                .since(started);
+            conn.relay_logged(stream, access).await;
         }
         Err(e) => {
-            tracing::info!(target: "access", proto = "socks5", client = %peer, user = who.user.as_deref().unwrap_or("-"), group = %who.group, %target, result = %e.code(), reason = %e, ms = started.elapsed().as_millis() as u64);
+            Access::new("socks5")
+                .requester(&who)
+                .target(&target)
+                .since(started)
+                .refused(e.code(), &e);
             reply(&mut stream, e.socks_reply()).await?;
         }
     }
@@ -212,7 +218,10 @@ async fn sub_negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     // RFC 1929 has one failure status: the reason goes to the log.
     stream.write_all(&[AUTH_VERSION, 0x01]).await?;
     if matches!(verdict, AuthVerdict::LockedOut) {
-        tracing::info!(target: "access", proto = "socks5", client = %auth.peer, user = %user, result = %ErrorCode::RateLimited, reason = LOCKED_OUT);
+        Access::new("socks5")
+            .client(auth.peer)
+            .user(&user)
+            .refused(ErrorCode::RateLimited, &LOCKED_OUT);
         return Err(Socks5Error::LockedOut(user));
     }
     Err(Socks5Error::AuthFailed(user))
