@@ -10,7 +10,7 @@ use serde_json::Value;
 use anyproxy::policy::api::client::{ApiClient, ClientError, Trust};
 use anyproxy::policy::dir::{default_dir, SERVER_TOML};
 use anyproxy::policy::jwt::peek_expiry;
-use anyproxy::policy::{Cmd, Credentials, ServerConf};
+use anyproxy::policy::{Cmd, CmdCredentials, ServerConf};
 
 #[derive(Args)]
 pub struct CtlArgs {
@@ -353,7 +353,7 @@ impl Ctx {
             .send(Cmd {
                 cmd: "open".into(),
                 manager: manager.unwrap_or_default(),
-                cred: Some(Credentials {
+                cred: Some(CmdCredentials {
                     user: user.clone(),
                     pass,
                 }),

@@ -6,7 +6,7 @@
 pub mod bandwidth;
 pub mod bucket;
 pub mod caps;
-pub mod guard;
+pub mod limit_guard;
 pub mod throttle;
 
 use std::net::IpAddr;
@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub use guard::LimitGuard;
+pub use limit_guard::LimitGuard;
 pub use throttle::AuthThrottle;
 
 use crate::config::{ConnCapsConfig, LimitsConfig};

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::config::ManagersConf;
-use super::error::{At, ConfigError};
+use super::error::{At, PolicyConfigError};
 use super::managers::dwn_cons_r::DwnConsR;
 use super::managers::egress::{net_iface_from_conf, parent_proxy_from_conf};
 use super::managers::group_ipm::GroupIpm;
@@ -31,7 +31,7 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    fn user_db(&self, at: &At, key: &str, name: &str) -> Result<Arc<UserDb>, ConfigError> {
+    fn user_db(&self, at: &At, key: &str, name: &str) -> Result<Arc<UserDb>, PolicyConfigError> {
         match &self.map_db {
             Some(db) if db.name() == name => return Ok(db.clone()),
             _ => {}
@@ -42,7 +42,7 @@ impl Builder<'_> {
         Err(at.err(key, format!("no [mapDB] named {name:?}")))
     }
 
-    fn add(&mut self, at: &At, m: Manager) -> Result<(), ConfigError> {
+    fn add(&mut self, at: &At, m: Manager) -> Result<(), PolicyConfigError> {
         let name = at.name;
         let mut chars = name.chars();
         let valid = chars.next().is_some_and(is_ident_start) && chars.all(is_ident_continue);
@@ -59,9 +59,9 @@ impl Builder<'_> {
     }
 }
 
-pub fn build(conf: ManagersConf, opts: PolicyOptions) -> Result<Policy, ConfigError> {
+pub fn build(conf: ManagersConf, opts: PolicyOptions) -> Result<Policy, PolicyConfigError> {
     let file = opts.file_label.as_str();
-    let top = |key: &str, message: String| ConfigError::Top {
+    let top = |key: &str, message: String| PolicyConfigError::Top {
         file: file.to_string(),
         key: key.to_string(),
         message,
@@ -76,7 +76,7 @@ pub fn build(conf: ManagersConf, opts: PolicyOptions) -> Result<Policy, ConfigEr
     let now = opts.clock.now();
     let state_dir = opts.state_dir.as_deref();
     if let Some(dir) = state_dir {
-        std::fs::create_dir_all(dir).map_err(|e| ConfigError::State {
+        std::fs::create_dir_all(dir).map_err(|e| PolicyConfigError::State {
             path: dir.to_path_buf(),
             message: e.to_string(),
         })?;

@@ -30,21 +30,21 @@ pub struct Cmd {
     pub secret: String,
     #[serde(rename = "isAdmin")]
     pub is_admin: bool,
-    pub cred: Option<Credentials>,
+    pub cred: Option<CmdCredentials>,
     pub string: String,
     pub uint64: u64,
 }
 
 #[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
-pub struct Credentials {
+pub struct CmdCredentials {
     pub user: String,
     pub pass: String,
 }
 
-impl std::fmt::Debug for Credentials {
+impl std::fmt::Debug for CmdCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials")
+        f.debug_struct("CmdCredentials")
             .field("user", &self.user)
             .field("pass", &"<redacted>")
             .finish()

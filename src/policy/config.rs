@@ -146,8 +146,8 @@ pub struct NetIfaceConf {
 
 impl ManagersConf {
     /// `file` only labels errors (`managers.toml: ...`).
-    pub fn from_toml(file: &str, text: &str) -> Result<ManagersConf, super::ConfigError> {
-        toml::from_str(text).map_err(|e| super::ConfigError::Syntax {
+    pub fn from_toml(file: &str, text: &str) -> Result<ManagersConf, super::PolicyConfigError> {
+        toml::from_str(text).map_err(|e| super::PolicyConfigError::Syntax {
             file: file.to_string(),
             message: e.to_string().trim_end().to_string(),
         })

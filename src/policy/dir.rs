@@ -13,7 +13,7 @@ use base64::Engine;
 
 use super::jwt::{JwtTokens, MIN_KEY_LEN};
 use super::server_config::{ServerConf, ServerConfError, DEFAULT_SERVER_TOML};
-use super::{Clock, ConfigError, Policy, PolicyOptions, SystemClock};
+use super::{Clock, Policy, PolicyConfigError, PolicyOptions, SystemClock};
 use crate::transport::tls::{self, TlsError};
 
 pub const SERVER_TOML: &str = "server.toml";
@@ -30,7 +30,7 @@ pub enum DirError {
     #[error(transparent)]
     Server(#[from] ServerConfError),
     #[error(transparent)]
-    Managers(#[from] ConfigError),
+    Managers(#[from] PolicyConfigError),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("{}: {message}", path.display())]
@@ -330,7 +330,7 @@ mod tests {
             .cmd(crate::policy::Cmd {
                 cmd: "open".into(),
                 remote_addr: "127.0.0.1".into(),
-                cred: Some(crate::policy::Credentials {
+                cred: Some(crate::policy::CmdCredentials {
                     user: first.admin_user.clone(),
                     pass: first.admin_password.clone(),
                 }),

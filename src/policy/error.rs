@@ -3,7 +3,7 @@ use std::path::PathBuf;
 /// Every message starts with the file, then the manager (`[[hostMatcher]] "blocked"`) and
 /// key, so a wrong line can be found without reading code.
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub enum PolicyConfigError {
     #[error("{file}: {message}")]
     Syntax { file: String, message: String },
     #[error("{file}: {section} {name:?}: {key}: {message}")]
@@ -24,7 +24,7 @@ pub enum ConfigError {
     State { path: PathBuf, message: String },
 }
 
-/// Builds `ConfigError::Manager` for one manager entry.
+/// Builds `PolicyConfigError::Manager` for one manager entry.
 pub(crate) struct At<'a> {
     pub file: &'a str,
     pub section: &'a str,
@@ -32,8 +32,8 @@ pub(crate) struct At<'a> {
 }
 
 impl At<'_> {
-    pub fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-        ConfigError::Manager {
+    pub fn err(&self, key: impl Into<String>, message: impl Into<String>) -> PolicyConfigError {
+        PolicyConfigError::Manager {
             file: self.file.to_string(),
             section: self.section.to_string(),
             name: self.name.to_string(),

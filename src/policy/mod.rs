@@ -11,10 +11,10 @@ pub mod cmd;
 pub mod config;
 pub mod dir;
 mod error;
-mod guard;
 pub mod jwt;
 pub mod managers;
 mod persist;
+mod policy_guard;
 pub mod rule;
 pub mod server_config;
 pub mod token;
@@ -31,13 +31,13 @@ use std::time::{Duration, SystemTime};
 pub use crate::connect::{Egress, ParentProxy, ProxyScheme};
 pub use api::{serve_api, start_api, ApiHandle, ApiOptions};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use cmd::{Cmd, CmdError, Credentials};
+pub use cmd::{Cmd, CmdCredentials, CmdError};
 pub use config::ManagersConf;
 pub use dir::{DirError, FirstRun, PolicyDir};
-pub use error::ConfigError;
-pub use guard::PolicyGuard;
+pub use error::PolicyConfigError;
 pub use jwt::JwtTokens;
 pub use managers::dwn_cons_r::{QuotaExceeded, QuotaHandle, QuotaUsage};
+pub use policy_guard::PolicyGuard;
 pub use rule::{Outcome, ParseError, Rule};
 pub use server_config::ServerConf;
 pub use token::{Claims, OpaqueTokens, TokenCodec, TokenError};
@@ -106,14 +106,14 @@ pub struct Policy {
 }
 
 impl Policy {
-    pub fn from_toml(text: &str, opts: PolicyOptions) -> Result<Policy, ConfigError> {
+    pub fn from_toml(text: &str, opts: PolicyOptions) -> Result<Policy, PolicyConfigError> {
         let conf = ManagersConf::from_toml(&opts.file_label, text)?;
         build::build(conf, opts)
     }
 
-    pub fn load(path: &Path, mut opts: PolicyOptions) -> Result<Policy, ConfigError> {
+    pub fn load(path: &Path, mut opts: PolicyOptions) -> Result<Policy, PolicyConfigError> {
         opts.file_label = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::State {
+        let text = std::fs::read_to_string(path).map_err(|e| PolicyConfigError::State {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;

@@ -9,7 +9,7 @@ use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::ConfigError;
+use super::PolicyConfigError;
 
 pub fn write_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
     let text = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
@@ -20,8 +20,8 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
 
 /// `Ok(None)` only when the file does not exist; a file that cannot be read or parsed is
 /// an error, because starting from zero would silently wipe what it held.
-pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, ConfigError> {
-    let state = |message: String| ConfigError::State {
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, PolicyConfigError> {
+    let state = |message: String| PolicyConfigError::State {
         path: PathBuf::from(path),
         message,
     };

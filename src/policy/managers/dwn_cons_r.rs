@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::time_span::unix_ns;
 use super::user_db::UserDb;
 use crate::policy::config::DwnConsRConf;
-use crate::policy::error::{At, ConfigError};
+use crate::policy::error::{At, PolicyConfigError};
 use crate::policy::persist::{format_time, parse_time, read_json, write_json};
 
 #[derive(Debug)]
@@ -129,7 +129,7 @@ impl DwnConsR {
         user_db: Arc<UserDb>,
         state_dir: Option<&Path>,
         now: SystemTime,
-    ) -> Result<DwnConsR, ConfigError> {
+    ) -> Result<DwnConsR, PolicyConfigError> {
         let at = At {
             file,
             section: "[[dwnConsR]]",
@@ -147,7 +147,7 @@ impl DwnConsR {
         if let Some(path) = &state_file {
             if let Some(map) = read_json::<ConsMap>(path)? {
                 state.last_reset =
-                    parse_time(&map.last_reset).ok_or_else(|| ConfigError::State {
+                    parse_time(&map.last_reset).ok_or_else(|| PolicyConfigError::State {
                         path: path.clone(),
                         message: format!("lastReset: {:?} is not an RFC 3339 time", map.last_reset),
                     })?;

@@ -5,10 +5,13 @@ use std::sync::Arc;
 
 use crate::connect::{ParentProxy, ProxyScheme};
 use crate::policy::config::{NetIfaceConf, ParentProxyConf};
-use crate::policy::error::{At, ConfigError};
+use crate::policy::error::{At, PolicyConfigError};
 
 /// Parses a `[[parentProxy]]` entry.
-pub fn parent_proxy_from_conf(file: &str, c: &ParentProxyConf) -> Result<ParentProxy, ConfigError> {
+pub fn parent_proxy_from_conf(
+    file: &str,
+    c: &ParentProxyConf,
+) -> Result<ParentProxy, PolicyConfigError> {
     let at = At {
         file,
         section: "[[parentProxy]]",
@@ -61,7 +64,7 @@ fn split_host_port(s: &str) -> Option<(String, Option<u16>)> {
     (!host.is_empty() && !host.contains(':')).then(|| (host.to_string(), port))
 }
 
-pub fn net_iface_from_conf(file: &str, c: &NetIfaceConf) -> Result<Arc<str>, ConfigError> {
+pub fn net_iface_from_conf(file: &str, c: &NetIfaceConf) -> Result<Arc<str>, PolicyConfigError> {
     let at = At {
         file,
         section: "[[netIface]]",
@@ -84,7 +87,7 @@ pub fn net_iface_from_conf(file: &str, c: &NetIfaceConf) -> Result<Arc<str>, Con
 mod tests {
     use super::*;
 
-    fn pp(url: &str) -> Result<ParentProxy, ConfigError> {
+    fn pp(url: &str) -> Result<ParentProxy, PolicyConfigError> {
         parent_proxy_from_conf(
             "managers.toml",
             &ParentProxyConf {

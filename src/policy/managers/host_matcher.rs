@@ -3,14 +3,14 @@
 use regex::Regex;
 
 use crate::policy::config::HostMatcherConf;
-use crate::policy::error::{At, ConfigError};
+use crate::policy::error::{At, PolicyConfigError};
 
 pub struct HostMatcher {
     re: Regex,
 }
 
 impl HostMatcher {
-    pub fn from_conf(file: &str, c: &HostMatcherConf) -> Result<HostMatcher, ConfigError> {
+    pub fn from_conf(file: &str, c: &HostMatcherConf) -> Result<HostMatcher, PolicyConfigError> {
         let at = At {
             file,
             section: "[[hostMatcher]]",

@@ -4,14 +4,14 @@ use std::net::IpAddr;
 
 use crate::net::Cidr;
 use crate::policy::config::RangeIpmConf;
-use crate::policy::error::{At, ConfigError};
+use crate::policy::error::{At, PolicyConfigError};
 
 pub struct RangeIpm {
     cidr: Cidr,
 }
 
 impl RangeIpm {
-    pub fn from_conf(file: &str, c: &RangeIpmConf) -> Result<RangeIpm, ConfigError> {
+    pub fn from_conf(file: &str, c: &RangeIpmConf) -> Result<RangeIpm, PolicyConfigError> {
         let at = At {
             file,
             section: "[[rangeIPM]]",

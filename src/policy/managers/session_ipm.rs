@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::user_db::UserDb;
 use crate::net::secret_eq;
 use crate::policy::cmd::CmdError;
-use crate::policy::error::ConfigError;
+use crate::policy::error::PolicyConfigError;
 use crate::policy::persist::{read_json, write_json};
 use crate::policy::token::{new_nonce, Claims, TokenCodec};
 
@@ -61,7 +61,7 @@ impl SessionIpm {
         user_db: Arc<UserDb>,
         expiration: Duration,
         state_dir: Option<&Path>,
-    ) -> Result<SessionIpm, ConfigError> {
+    ) -> Result<SessionIpm, PolicyConfigError> {
         let state_file = state_dir.map(|d| d.join(format!("{name}.sessions.json")));
         let mut table = Table::default();
         if let Some(path) = &state_file {

@@ -11,7 +11,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::policy::config::TimeSpanConf;
-use crate::policy::error::{At, ConfigError};
+use crate::policy::error::{At, PolicyConfigError};
 
 #[derive(Debug, Clone)]
 pub struct TimeSpan {
@@ -37,7 +37,7 @@ pub fn parse_instant(s: &str) -> Option<OffsetDateTime> {
 }
 
 impl TimeSpan {
-    pub fn from_conf(file: &str, c: &TimeSpanConf) -> Result<TimeSpan, ConfigError> {
+    pub fn from_conf(file: &str, c: &TimeSpanConf) -> Result<TimeSpan, PolicyConfigError> {
         let at = At {
             file,
             section: "[[timeSpan]]",
@@ -116,7 +116,7 @@ pub fn at(s: &str) -> SystemTime {
 mod tests {
     use super::*;
 
-    fn span(body: &str) -> Result<TimeSpan, ConfigError> {
+    fn span(body: &str) -> Result<TimeSpan, PolicyConfigError> {
         let c: TimeSpanConf = toml::from_str(&format!("name = \"day\"\n[span]\n{body}")).unwrap();
         TimeSpan::from_conf("managers.toml", &c)
     }

@@ -6,7 +6,7 @@ use argon2::{Argon2, PasswordHash, PasswordVerifier};
 
 use crate::net::secret_eq;
 use crate::policy::config::MapDbConf;
-use crate::policy::error::{At, ConfigError};
+use crate::policy::error::{At, PolicyConfigError};
 
 enum Stored {
     /// PHC string, checked at load so verification cannot fail to parse.
@@ -22,7 +22,7 @@ pub struct UserDb {
 }
 
 impl UserDb {
-    pub fn from_conf(file: &str, c: &MapDbConf) -> Result<UserDb, ConfigError> {
+    pub fn from_conf(file: &str, c: &MapDbConf) -> Result<UserDb, PolicyConfigError> {
         let at = At {
             file,
             section: "[mapDB]",
@@ -138,7 +138,7 @@ mod tests {
 
     use super::*;
 
-    fn db(pass: &str) -> Result<UserDb, ConfigError> {
+    fn db(pass: &str) -> Result<UserDb, PolicyConfigError> {
         let text = format!(
             "name = \"db\"\nuserPass = {{ alice = {pass:?} }}\nuserGroups = {{ alice = [\"staff\"] }}"
         );
