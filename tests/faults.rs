@@ -69,7 +69,7 @@ async fn read_to_the_end(
 
 /// Guarantee: when an agent dies (SIGKILL) in the middle of transfers, every user of
 /// that agent sees an error — curl through CONNECT exits non-zero with a short body,
-/// a raw SOCKS5 stream gets a reset, never a clean end of stream that would pass
+/// a raw SOCKS5 stream and a raw CONNECT tunnel get a reset, never a clean end of stream that would pass
 /// for a complete transfer — while a user whose connection runs through another
 /// agent (another group) is untouched: their transfer completes byte-exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,6 +106,44 @@ async fn an_agent_killed_mid_transfer_fails_its_users_and_spares_other_agents_us
         .await
         .expect("the raw transfer starts")
         .unwrap();
+    // A raw CONNECT tunnel of the same agent: HTTP cannot say "failed" once the tunnel
+    // is up, so only a reset tells this user the stream broke.
+    let mut tunnel = tokio::net::TcpStream::connect(("127.0.0.1", stack.http_port))
+        .await
+        .unwrap();
+    tunnel
+        .write_all(
+            format!(
+                "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {}\r\n\r\n",
+                basic(HTTP_USER, HTTP_PASS)
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut established = Vec::new();
+    while !established.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(20), tunnel.read_exact(&mut byte))
+            .await
+            .expect("the proxy answers CONNECT")
+            .unwrap();
+        established.push(byte[0]);
+    }
+    assert!(
+        established.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&established)
+    );
+    tunnel
+        .write_all(format!("GET /slow/{CHUNKS}/50 HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut tunnel_head = vec![0u8; 2 * SLOW_CHUNK];
+    tokio::time::timeout(Duration::from_secs(20), tunnel.read_exact(&mut tunnel_head))
+        .await
+        .expect("the tunnelled transfer starts")
+        .unwrap();
     // A user of the office agent, through CONNECT as alice.
     let office_out = dir.join("office.out");
     let alice = format!("http://alice:alice-pw@127.0.0.1:{}", stack.http_port);
@@ -131,6 +169,9 @@ async fn an_agent_killed_mid_transfer_fails_its_users_and_spares_other_agents_us
     let err = end.expect_err("the raw SOCKS5 user saw a clean end of stream after the agent died");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
     assert!(head.len() + more < full + 200, "more than the whole body?");
+    let (_, end) = read_to_the_end(&mut tunnel, Duration::from_secs(30)).await;
+    let err = end.expect_err("the raw CONNECT user saw a clean end of stream after the agent died");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 
     let code = tokio::time::timeout(Duration::from_secs(90), connect)
         .await
@@ -153,6 +194,12 @@ async fn an_agent_killed_mid_transfer_fails_its_users_and_spares_other_agents_us
         got == pattern(SLOW_CHUNK, 7).repeat(CHUNKS),
         "the other agent's transfer is not byte-exact"
     );
+}
+
+/// An RFC 7617 `Basic` credential.
+fn basic(user: &str, pass: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
 }
 
 /// Sends SIGCONT when dropped, so a failing assertion never leaves a frozen process.

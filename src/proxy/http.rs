@@ -23,6 +23,7 @@ use crate::connect::{Access, ConnectError, Connector, Requester};
 use crate::limits::{AuthVerdict, Limits, LOCKED_OUT};
 use crate::net::HostPort;
 use crate::transport::listen::Serve;
+use crate::tunnel::relay::LocalStream;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -231,7 +232,21 @@ async fn connect_tunnel<C: Connector>(
                     .requester(&who)
                     .target(&target)
                     .since(started);
-                conn.relay_logged(TokioIo::new(upgraded), access).await;
+                // Take the socket back from hyper (it is ours: `HttpProxy::serve`),
+                // so that a tunnel the far side lost ends with a reset, never with a
+                // clean close that would pass for a complete download.
+                match upgraded.downcast::<TokioIo<TcpStream>>() {
+                    Ok(parts) => {
+                        let socket = Rewound {
+                            early: parts.read_buf,
+                            io: parts.io.into_inner(),
+                        };
+                        conn.relay_logged(socket, access).await;
+                    }
+                    Err(upgraded) => {
+                        conn.relay_logged(TokioIo::new(upgraded), access).await;
+                    }
+                }
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
@@ -380,5 +395,59 @@ async fn forward<C: Connector>(
             *upstream = None;
             text_response(502, &format!("upstream request failed: {e}"))
         }
+    }
+}
+
+/// A CONNECT tunnel's socket after hyper's upgrade, with the bytes hyper had already
+/// read past the request head (a client may send its TLS hello right behind CONNECT),
+/// which are read first.
+struct Rewound {
+    early: Bytes,
+    io: TcpStream,
+}
+
+impl tokio::io::AsyncRead for Rewound {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.early.is_empty() {
+            let n = self.early.len().min(buf.remaining());
+            let early = self.early.split_to(n);
+            buf.put_slice(&early);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Rewound {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl LocalStream for Rewound {
+    fn abort_on_close(&self) {
+        self.io.abort_on_close()
     }
 }

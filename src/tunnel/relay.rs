@@ -126,8 +126,9 @@ impl LocalStream for tokio::net::TcpStream {
 /// stream, which its owner interprets.
 impl LocalStream for tokio::io::DuplexStream {}
 
-/// CONNECT tunnels after hyper's upgrade. hyper hides the socket, so the user sees a
-/// close; the access log carries the reason.
+/// CONNECT tunnels after hyper's upgrade, when the socket could not be taken back from
+/// hyper (the HTTP front end normally takes it, see `proxy/http.rs` `Rewound`): the
+/// user then sees a close; the access log carries the reason.
 impl LocalStream for hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {}
 
 /// Relays until both directions are done (binary mode) or either ends (JSON mode), or
