@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::config::ClientConfig;
 use crate::connect::Access;
@@ -128,7 +129,14 @@ impl Agent {
             } else {
                 format!("{}.{}", self.config.client_id, i)
             };
-            tasks.spawn(self.clone().replica(client_id, shutdown.clone()));
+            // Every line a replica logs names it, through this span.
+            let span =
+                tracing::info_span!("agent", %client_id, gateway = %self.config.gateway_addr);
+            tasks.spawn(
+                self.clone()
+                    .replica(client_id, shutdown.clone())
+                    .instrument(span),
+            );
         }
         while tasks.join_next().await.is_some() {}
         self.conn_tasks.close();
@@ -151,11 +159,11 @@ impl Agent {
                 Err(e) => Err(e),
             };
             if shutdown.is_cancelled() {
-                tracing::info!(%client_id, "session closed for shutdown");
+                tracing::info!("session closed for shutdown");
                 return;
             }
             if let Err(e) = &result {
-                tracing::warn!(%client_id, error = %e, "gateway session ended");
+                tracing::warn!(error = %e, "gateway session ended");
             }
             let delay = backoff(
                 attempt,
@@ -163,7 +171,7 @@ impl Agent {
                 self.config.reconnect_max.0,
             );
             attempt = attempt.saturating_add(1);
-            tracing::info!(%client_id, ?delay, attempt, "reconnecting");
+            tracing::info!(?delay, attempt, "reconnecting");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.cancelled() => return,
@@ -323,7 +331,11 @@ impl Agent {
             leftovers,
         } = session;
         let core = session.core().clone();
-        tracing::info!(gateway = %cfg.gateway_addr, encoding = core.encoding.as_str(), deflate = core.compressed(), "authenticated to the gateway");
+        tracing::info!(
+            encoding = core.encoding.as_str(),
+            deflate = core.compressed(),
+            "authenticated to the gateway"
+        );
 
         let group = cfg
             .group_id
@@ -383,8 +395,11 @@ impl Agent {
     async fn on_role_message(self: &Arc<Self>, core: &Arc<SessionCore>, msg: Message) {
         match msg {
             Message::Connect(c) => {
-                self.conn_tasks
-                    .spawn(self.clone().serve_connect(core.clone(), c));
+                self.conn_tasks.spawn(
+                    self.clone()
+                        .serve_connect(core.clone(), c)
+                        .in_current_span(),
+                );
             }
             Message::ForwardResponse(r) => {
                 if r.success {
