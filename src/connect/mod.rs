@@ -12,6 +12,8 @@ pub use egress::{Egress, ParentProxy, ProxyScheme};
 pub use upstream::{Hold, Route, Upstream};
 
 use std::future::Future;
+#[cfg(test)]
+use std::sync::Arc;
 
 use anyproxy_proto::ErrorCode;
 
@@ -153,6 +155,49 @@ impl From<OpenError> for ConnectError {
             }
             OpenError::Failed(f) => f.into(),
         }
+    }
+}
+
+/// Trivial inner connectors, for each layer's unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// Refuses every request with `0`.
+    pub struct Refusing(pub ConnectError);
+
+    impl Connector for Refusing {
+        async fn connect(&self, _: &HostPort, _: &Requester) -> Result<Upstream, ConnectError> {
+            Err(self.0.clone())
+        }
+    }
+
+    /// Opens every request to a listener of its own on loopback.
+    pub struct Loopback(tokio::net::TcpListener);
+
+    impl Loopback {
+        pub async fn new() -> Self {
+            Loopback(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap())
+        }
+    }
+
+    impl Connector for Loopback {
+        async fn connect(&self, _: &HostPort, _: &Requester) -> Result<Upstream, ConnectError> {
+            let at = self.0.local_addr().unwrap();
+            let (stream, _) = tokio::join!(tokio::net::TcpStream::connect(at), self.0.accept());
+            Ok(Upstream::direct(stream.unwrap()))
+        }
+    }
+
+    /// A requester from `peer` in `group`, with no user.
+    pub fn requester(peer: &str, group: &str) -> Requester {
+        Requester::new(
+            peer.parse().unwrap(),
+            crate::auth::Identity {
+                user: None,
+                group: Arc::from(group),
+            },
+        )
     }
 }
 

@@ -306,3 +306,44 @@ impl<C: Connector> Connector for MeteredConnector<C> {
         r
     }
 }
+
+#[cfg(test)]
+mod layer_tests {
+    use super::*;
+    use crate::connect::testing::{requester, Refusing};
+
+    struct NoAgents;
+
+    impl AgentDirectory for NoAgents {
+        fn sessions(&self) -> Vec<(Arc<str>, Vec<AgentSession>)> {
+            Vec::new()
+        }
+        fn live(&self) -> usize {
+            0
+        }
+    }
+
+    #[tokio::test]
+    async fn every_refusal_is_counted_by_group_code_and_reason() {
+        let metrics = Arc::new(GatewayMetrics::new(
+            Arc::new(NoAgents),
+            CancellationToken::new(),
+            Arc::new(Limits::none()),
+        ));
+        let layer = MeteredConnector {
+            inner: Arc::new(Refusing(ConnectError::Forbidden("10.0.0.1".into()))),
+            metrics: metrics.clone(),
+        };
+        let target = HostPort::new("example.com", 80);
+        for _ in 0..2 {
+            assert!(layer
+                .connect(&target, &requester("10.0.0.9:1", "office"))
+                .await
+                .is_err());
+        }
+        assert_eq!(metrics.failed_total(), 2);
+        let failed = metrics.failed.lock();
+        let key: FailKey = (Arc::from("office"), "FORBIDDEN_HOST", "forbidden");
+        assert_eq!(failed.get(&key), Some(&2));
+    }
+}

@@ -88,3 +88,56 @@ fn decide(policy: &Policy, target: &HostPort, who: &Requester) -> Result<Allowed
         verdict: Arc::from(verdict),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connect::testing::{requester, Loopback};
+    use crate::policy::PolicyOptions;
+
+    const LAN_ONLY: &str = r#"
+rules = "lan"
+[[rangeIPM]]
+name = "lan"
+cidr = "10.0.0.0/8"
+"#;
+
+    async fn guard(policy: Option<&str>) -> PolicyGuard<Loopback> {
+        PolicyGuard {
+            policy: policy
+                .map(|t| Arc::new(Policy::from_toml(t, PolicyOptions::default()).unwrap())),
+            inner: Arc::new(Loopback::new().await),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_rules_decide_before_anything_is_opened_and_the_verdict_rides_along() {
+        let guard = guard(Some(LAN_ONLY)).await;
+        let target = HostPort::new("example.com", 443);
+        let allowed = guard
+            .connect(&target, &requester("10.1.2.3:4000", "default"))
+            .await;
+        assert!(allowed.expect("inside the range").verdict().is_some());
+        let denied = guard
+            .connect(&target, &requester("192.168.1.1:4000", "default"))
+            .await;
+        let e = denied.err().expect("outside the range");
+        assert_eq!(e.http_status(), 403, "{e}");
+        assert!(guard
+            .recheck(&target, &requester("192.168.1.1:4000", "default"))
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn without_a_policy_every_request_passes_unchanged() {
+        let guard = guard(None).await;
+        let up = guard
+            .connect(
+                &HostPort::new("example.com", 443),
+                &requester("192.168.1.1:4000", "default"),
+            )
+            .await
+            .expect("no policy, no refusal");
+        assert!(up.verdict().is_none());
+    }
+}
