@@ -157,7 +157,7 @@ impl AgentServer {
             }
         };
         let registered = self.register(session.core(), &auth, group, peer).await;
-        let span = tracing::info_span!("agent", client_id = %auth.client_id, group = %registered.handle.group, %peer);
+        let span = tracing::info_span!("agent", client_id = %auth.client_id, group = %registered.handle.group);
         let end = self
             .run(session.core(), &mut reader, &registered.handle, shutdown)
             .instrument(span.clone())

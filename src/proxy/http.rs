@@ -24,6 +24,7 @@ use crate::limits::{AuthVerdict, Limits, LOCKED_OUT};
 use crate::net::HostPort;
 use crate::transport::listen::Serve;
 use crate::tunnel::relay::LocalStream;
+use tracing::Instrument;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -225,32 +226,35 @@ async fn connect_tunnel<C: Connector>(
         }
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let access = Access::new("connect")
-                    .requester(&who)
-                    .target(&target)
-                    .since(started);
-                // Take the socket back from hyper (it is ours: `HttpProxy::serve`),
-                // so that a tunnel the far side lost ends with a reset, never with a
-                // clean close that would pass for a complete download.
-                match upgraded.downcast::<TokioIo<TcpStream>>() {
-                    Ok(parts) => {
-                        let socket = Rewound {
-                            early: parts.read_buf,
-                            io: parts.io.into_inner(),
-                        };
-                        conn.relay_logged(socket, access).await;
-                    }
-                    Err(upgraded) => {
-                        conn.relay_logged(TokioIo::new(upgraded), access).await;
+    tokio::spawn(
+        async move {
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    let access = Access::new("connect")
+                        .requester(&who)
+                        .target(&target)
+                        .since(started);
+                    // Take the socket back from hyper (it is ours: `HttpProxy::serve`),
+                    // so that a tunnel the far side lost ends with a reset, never with a
+                    // clean close that would pass for a complete download.
+                    match upgraded.downcast::<TokioIo<TcpStream>>() {
+                        Ok(parts) => {
+                            let socket = Rewound {
+                                early: parts.read_buf,
+                                io: parts.io.into_inner(),
+                            };
+                            conn.relay_logged(socket, access).await;
+                        }
+                        Err(upgraded) => {
+                            conn.relay_logged(TokioIo::new(upgraded), access).await;
+                        }
                     }
                 }
+                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
             }
-            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
-    });
+        .in_current_span(),
+    );
     Response::new(
         http_body_util::Empty::new()
             .map_err(|never| match never {})

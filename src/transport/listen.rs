@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// Pending connections the kernel may queue before `accept`, capped by its
 /// `net.core.somaxconn` (4096 on current Linux). `TcpListener::bind` asks for 1024; a
@@ -119,10 +120,16 @@ impl AcceptLoop {
             }
             let _ = stream.set_nodelay(true);
             let role = role.clone();
-            tasks.spawn(async move {
-                let _slot = slot;
-                role.serve(stream, peer).await;
-            });
+            // Every line logged while serving this connection names the listener and
+            // the peer, instead of each line repeating them.
+            let span = tracing::info_span!("conn", listener = self.what, %peer);
+            tasks.spawn(
+                async move {
+                    let _slot = slot;
+                    role.serve(stream, peer).await;
+                }
+                .instrument(span),
+            );
         }
     }
 }
