@@ -9,22 +9,24 @@
 //! 1. [`net`]: the shared vocabulary (targets, CIDRs, units, secrets, dial failures).
 //! 2. [`auth`]: credential checks.
 //! 3. [`config`]: the YAML shapes.
-//! 4. [`transport`]: TLS, the WebSocket handshake and framing, the accept loop.
-//! 5. [`tunnel`]: the multiplexer both ends share (session, flow control, relay, counters).
-//! 6. [`connect`]: the `Connector` trait every front end asks, and its `Upstream`.
-//! 7. [`dial`]: where traffic leaves (ACL, resolve and dial, direct egress).
-//! 8. [`limits`]: connection caps, lockouts, bandwidth budgets.
-//! 9. [`policy`]: PMProxy rules, managers, quotas and its `/api/cmd` API.
-//! 10. [`metrics`]: Prometheus collectors and the admin listener.
-//! 11. [`proxy`]: the HTTP and SOCKS5 front ends.
-//! 12. [`agent`]: the agent role.
-//! 13. [`gateway`]: the gateway role, which composes everything above.
+//! 4. [`cluster`]: state shared with the other gateways through Redis.
+//! 5. [`transport`]: TLS, the WebSocket handshake and framing, the accept loop.
+//! 6. [`tunnel`]: the multiplexer both ends share (session, flow control, relay, counters).
+//! 7. [`connect`]: the `Connector` trait every front end asks, and its `Upstream`.
+//! 8. [`dial`]: where traffic leaves (ACL, resolve and dial, direct egress).
+//! 9. [`limits`]: connection caps, lockouts, bandwidth budgets.
+//! 10. [`policy`]: PMProxy rules, managers, quotas and its `/api/cmd` API.
+//! 11. [`metrics`]: Prometheus collectors and the admin listener.
+//! 12. [`proxy`]: the HTTP and SOCKS5 front ends.
+//! 13. [`agent`]: the agent role.
+//! 14. [`gateway`]: the gateway role, which composes everything above.
 //!
 //! The binary's `cli` sits on top of all of them.
 
 pub mod net;
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod transport;
 

@@ -11,6 +11,7 @@ const ORDER: &[&str] = &[
     "net",
     "auth",
     "config",
+    "cluster",
     "transport",
     "tunnel",
     "connect",

@@ -1,6 +1,7 @@
 //! Configuration: the YAML shapes of the API document (`proxy`, `gateway`, `client`),
 //! any of which may stand in one file. Unknown keys are refused with their path.
 
+mod cluster;
 mod deflate;
 mod log;
 
@@ -14,6 +15,7 @@ use serde::{Deserialize, Deserializer};
 pub use crate::net::{
     parse_duration, parse_size, ByteRate, ByteSize, Credentials, HostPort, HumanDuration, Secret,
 };
+pub use cluster::{ClusterConfig, StoreFailureMode};
 pub use deflate::{DeflateConfig, MAX_WINDOW_BITS, MIN_WINDOW_BITS};
 pub use log::{LogConfig, LogFormat};
 
@@ -120,6 +122,9 @@ impl Config {
             }
             check_max_window("gateway.max_window", g.max_window)?;
             check_groups(g, self.proxy.as_ref())?;
+            if let Some(c) = &g.cluster {
+                cluster::validate(c).map_err(ConfigError::Semantic)?;
+            }
             for (i, f) in g.forwards.iter().enumerate() {
                 if f.group != DEFAULT_GROUP && !g.groups.iter().any(|x| x.id == f.group) {
                     return Err(ConfigError::Semantic(format!(
@@ -421,6 +426,10 @@ pub struct GatewayConfig {
     /// Connection caps, proxy-auth lockout and bandwidth caps; all off by default.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Shared state with the other gateways of a cluster (Redis); absent = this
+    /// process alone.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// `gateway.limits`: what proxy users may do. Every part is off unless present.

@@ -235,7 +235,7 @@ impl Serve for AgentForward {
     async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let (agent, target) = (&self.agent, &self.target);
         let who = anonymous(peer, agent.group.clone());
-        let grant = match self.limits.admit(&who) {
+        let grant = match self.limits.admit(&who).await {
             Ok(grant) => grant,
             Err(e) => return refused(&who, target, &e),
         };

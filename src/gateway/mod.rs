@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use anyproxy_proto::ErrorCode;
 
 use crate::auth::Accounts;
+use crate::cluster::Cluster;
 use crate::config::{Credentials, GatewayConfig, ProxyConfig, ProxyListener, DEFAULT_GROUP};
 use crate::connect::{ConnectError, Connector, Requester, Upstream};
 use crate::limits::{LimitGuard, Limits};
@@ -102,6 +103,8 @@ pub enum StartError {
     PolicyApi(String),
     #[error(transparent)]
     Admin(#[from] crate::metrics::AdminError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::StoreError),
 }
 
 /// A running gateway: where it listens, and how to stop it.
@@ -123,6 +126,25 @@ pub struct Gateway {
     tasks: TaskTracker,
     server: Arc<AgentServer>,
     drain_timeout: Duration,
+    /// This node's membership: leaves the cluster (freeing its slots) after the drain.
+    membership: Option<Membership>,
+}
+
+/// The heartbeat task of a cluster member and what stops it.
+struct Membership {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The node id a cluster member gets when the config names none: the host name and
+/// the agent port, which tell an operator which box and which process.
+fn default_node_id(config: &GatewayConfig) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gateway".into());
+    format!("{host}:{}", config.listen_addr.0.port())
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -145,7 +167,11 @@ impl Gateway {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let admin = config.admin();
-        let limits = Arc::new(Limits::new(&config.limits));
+        let cluster = match &config.cluster {
+            Some(c) => Some(Cluster::open(c, &default_node_id(&config))?),
+            None => None,
+        };
+        let limits = Arc::new(Limits::new(&config.limits, cluster.as_ref()));
         let metrics = Arc::new(crate::metrics::GatewayMetrics::new(
             registry.clone(),
             shutdown.clone(),
@@ -213,6 +239,7 @@ impl Gateway {
             tls,
             agent_forwards,
             metrics.clone(),
+            cluster.as_ref(),
         ));
         tasks.spawn(server.clone().accept(agent_listener, shutdown.clone()));
         // Proxy users' and forwards' connections end with their tunnels; nobody waits
@@ -281,6 +308,13 @@ impl Gateway {
             None => None,
         };
         tasks.close();
+        let membership = cluster.map(|cluster| {
+            let stop = CancellationToken::new();
+            tracing::info!(node = %cluster.node_id, member = %cluster.member, "joining the cluster");
+            let report = registry.clone() as Arc<dyn crate::cluster::NodeReport>;
+            let task = tokio::spawn(cluster.run(report, stop.clone()));
+            Membership { stop, task }
+        });
         tracing::info!(%agent_addr, ?http_addr, ?socks5_addr, "gateway listening");
         Ok(Gateway {
             agent_addr,
@@ -296,6 +330,7 @@ impl Gateway {
             tasks,
             server,
             drain_timeout,
+            membership,
         })
     }
 
@@ -331,6 +366,10 @@ impl Gateway {
             api.join().await;
         }
         self.admin_stop.cancel();
+        if let Some(m) = self.membership {
+            m.stop.cancel();
+            let _ = m.task.await;
+        }
         tracing::info!("gateway stopped");
     }
 

@@ -125,3 +125,27 @@ impl crate::metrics::AgentDirectory for AgentRegistry {
         self.len()
     }
 }
+
+impl crate::cluster::NodeReport for AgentRegistry {
+    /// One entry per client id and group, with its session count (replicas of one
+    /// agent register under one client id each).
+    fn agents(&self) -> Vec<crate::cluster::NodeAgent> {
+        let mut out: Vec<crate::cluster::NodeAgent> = Vec::new();
+        for (group, handles) in self.snapshot() {
+            for h in handles.iter().filter(|h| !h.core.is_closed()) {
+                match out
+                    .iter_mut()
+                    .find(|a| a.client_id == h.client_id && *a.group == *group)
+                {
+                    Some(a) => a.sessions += 1,
+                    None => out.push(crate::cluster::NodeAgent {
+                        client_id: h.client_id.clone(),
+                        group: group.to_string(),
+                        sessions: 1,
+                    }),
+                }
+            }
+        }
+        out
+    }
+}

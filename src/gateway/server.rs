@@ -17,7 +17,7 @@ use super::forward::AgentForwardTable;
 use super::registry::{AgentHandle, AgentRegistry};
 use crate::auth::Accounts;
 use crate::config::{Credentials, GatewayConfig, DEFAULT_GROUP};
-use crate::limits::AuthThrottle;
+use crate::limits::{Gate, Lockout};
 use crate::transport::listen::{AcceptLoop, Serve};
 use crate::transport::ws::{self, close_code};
 use crate::transport::{handshake, BoxIo, WsReader};
@@ -30,7 +30,7 @@ pub struct AgentServer {
     pub registry: Arc<AgentRegistry>,
     agents: Accounts,
     forwards: Arc<AgentForwardTable>,
-    throttle: AuthThrottle,
+    throttle: Lockout,
     acceptor: TlsAcceptor,
     encodings: Vec<Encoding>,
     lifecycle: Lifecycle,
@@ -64,6 +64,7 @@ impl AgentServer {
         tls: Arc<rustls::ServerConfig>,
         forwards: Arc<AgentForwardTable>,
         metrics: Arc<crate::metrics::GatewayMetrics>,
+        cluster: Option<&Arc<crate::cluster::Cluster>>,
     ) -> Self {
         // Agents of the default group use the gateway's own credentials; agents of a
         // configured group use its id and agent password. Only this configuration
@@ -85,10 +86,11 @@ impl AgentServer {
             )
         }));
         let agents = Accounts::new(accounts, Arc::from(DEFAULT_GROUP));
-        let throttle = AuthThrottle::new(
+        let throttle = Lockout::new(
             config.max_auth_failures,
             config.auth_failure_window.0,
             config.auth_lockout.0,
+            cluster.map(|c| (c, "agent")),
         );
         let encodings = config.encodings.iter().map(|e| (*e).into()).collect();
         AgentServer {
@@ -227,10 +229,17 @@ impl AgentServer {
             }
         };
         let ip = peer.ip();
-        if self.throttle.is_locked(ip) {
-            self.metrics.auth_refused_locked();
-            let m = "too many failed authentications from this address; try again later";
-            return Err(refuse(core, ErrorCode::RateLimited, m.into()).await);
+        match self.throttle.gate(ip).await {
+            Gate::Open => {}
+            Gate::Locked => {
+                self.metrics.auth_refused_locked();
+                let m = "too many failed authentications from this address; try again later";
+                return Err(refuse(core, ErrorCode::RateLimited, m.into()).await);
+            }
+            Gate::StoreDown => {
+                let m = crate::limits::lockout::STORE_DOWN;
+                return Err(refuse(core, ErrorCode::RateLimited, m.into()).await);
+            }
         }
         match self.agents.authenticate(&auth.username, &auth.password) {
             Some(identity) if !auth.client_id.is_empty() => {
@@ -238,7 +247,7 @@ impl AgentServer {
                 Ok((auth, identity.group))
             }
             _ => {
-                let locked = self.throttle.failure(ip);
+                let locked = self.throttle.failure(ip).await;
                 self.metrics.auth_failed(locked);
                 if locked {
                     tracing::warn!(%peer, "agent authentication locked out after repeated failures");

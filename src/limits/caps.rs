@@ -72,6 +72,10 @@ impl<K: Eq + Hash + Clone> KeyedCaps<K> {
         }
     }
 
+    pub fn rule(&self) -> CapRule {
+        self.rule
+    }
+
     /// Admits one more connection for `key`, or says why not.
     pub fn admit(&self, key: &K, now: Instant) -> Result<CapSlot<K>, CapRefusal> {
         let mut table = self.table.lock();

@@ -15,7 +15,7 @@ pub struct LimitGuard<C> {
 
 impl<C: Connector> Connector for LimitGuard<C> {
     async fn connect(&self, target: &HostPort, who: &Requester) -> Result<Upstream, ConnectError> {
-        let grant = self.limits.admit(who)?;
+        let grant = self.limits.admit(who).await?;
         let upstream = self.inner.connect(target, who).await?;
         Ok(grant.attach(upstream))
     }
@@ -35,7 +35,7 @@ mod tests {
         let config: LimitsConfig =
             yaml_serde::from_str(&format!("per_ip: {{ max_concurrent: {max_concurrent} }}"))
                 .unwrap();
-        Arc::new(Limits::new(&config))
+        Arc::new(Limits::new(&config, None))
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@ pub mod bandwidth;
 pub mod bucket;
 pub mod caps;
 pub mod limit_guard;
+pub mod lockout;
 pub mod throttle;
 
 use std::net::IpAddr;
@@ -15,9 +16,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use limit_guard::LimitGuard;
+pub use lockout::{Gate, Lockout};
 pub use throttle::AuthThrottle;
 
-use crate::config::{ConnCapsConfig, LimitsConfig};
+use crate::cluster::{Check, Cluster, Refusal, Slots};
+use crate::config::{ConnCapsConfig, LimitsConfig, StoreFailureMode};
 use crate::connect::{ConnectError, Hold, Requester, Upstream};
 use crate::tunnel::stats::bump;
 use crate::tunnel::Pace;
@@ -43,8 +46,11 @@ pub struct LimitStats {
 pub struct Limits {
     per_user: Option<KeyedCaps<Arc<str>>>,
     per_ip: Option<KeyedCaps<IpAddr>>,
-    proxy_auth: Option<AuthThrottle>,
+    proxy_auth: Option<Lockout>,
     bandwidth: bandwidth::Bandwidth,
+    /// With `gateway.cluster`: the caps hold across every gateway (this node's own
+    /// caps still apply, and are what is left when the store does not answer).
+    cluster: Option<Arc<Cluster>>,
     pub stats: Arc<LimitStats>,
 }
 
@@ -55,13 +61,17 @@ pub struct Limits {
 pub struct Grant {
     _ip: Option<CapSlot<IpAddr>>,
     _user: Option<CapSlot<Arc<str>>>,
+    _cluster: Option<Slots>,
     pacer: Option<bandwidth::Pacer>,
 }
 
 impl Grant {
     /// Whether the grant holds nothing (no limit applies to this connection).
     pub fn is_empty(&self) -> bool {
-        self._ip.is_none() && self._user.is_none() && self.pacer.is_none()
+        self._ip.is_none()
+            && self._user.is_none()
+            && self._cluster.is_none()
+            && self.pacer.is_none()
     }
 
     /// Hands the grant to `upstream`, which keeps it until its relay ends.
@@ -79,6 +89,55 @@ impl Hold for Grant {
     }
 }
 
+/// Which cap a cluster check stands for.
+#[derive(Debug, Clone, Copy)]
+enum CheckKind {
+    Concurrent,
+    Rate,
+}
+
+/// Whose connections a cluster check counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    Ip,
+    User,
+}
+
+impl Scope {
+    fn key_part(self) -> &'static str {
+        match self {
+            Scope::Ip => "ip",
+            Scope::User => "user",
+        }
+    }
+}
+
+/// The cluster checks of one cap rule for `key` of `scope`.
+fn push_checks(
+    checks: &mut Vec<Check>,
+    whose: &mut Vec<(Scope, CheckKind)>,
+    cluster: &Cluster,
+    scope: Scope,
+    key: &str,
+    rule: CapRule,
+) {
+    if let Some(limit) = rule.max_concurrent {
+        checks.push(Check::Concurrent {
+            key: cluster.keys.slots(scope.key_part(), key),
+            limit,
+        });
+        whose.push((scope, CheckKind::Concurrent));
+    }
+    if let Some((per_sec, burst)) = rule.rate {
+        checks.push(Check::Rate {
+            key: cluster.keys.rate(scope.key_part(), key),
+            per_sec,
+            burst,
+        });
+        whose.push((scope, CheckKind::Rate));
+    }
+}
+
 /// What an address locked out of proxy authentication is told.
 pub const LOCKED_OUT: &str =
     "too many failed proxy authentications from this address; try again later";
@@ -90,18 +149,21 @@ pub enum AuthVerdict<T> {
     Rejected,
     /// Too many failures from this address: refused without checking.
     LockedOut,
+    /// The cluster store did not answer and `on_store_failure: closed`.
+    Unavailable,
 }
 
 impl Limits {
-    pub fn new(config: &LimitsConfig) -> Self {
+    /// This node's limits; with `cluster`, the caps and the lockout hold across it.
+    pub fn new(config: &LimitsConfig, cluster: Option<&Arc<Cluster>>) -> Self {
         let stats = Arc::new(LimitStats::default());
         Limits {
             per_user: config.per_user.as_ref().map(|c| KeyedCaps::new(rule(c))),
             per_ip: config.per_ip.as_ref().map(|c| KeyedCaps::new(rule(c))),
-            proxy_auth: config
-                .proxy_auth
-                .as_ref()
-                .map(|a| AuthThrottle::new(a.max_failures, a.window.0, a.lockout.0)),
+            proxy_auth: config.proxy_auth.as_ref().map(|a| {
+                let shared = cluster.map(|c| (c, "proxy"));
+                Lockout::new(a.max_failures, a.window.0, a.lockout.0, shared)
+            }),
             bandwidth: bandwidth::Bandwidth::new(
                 config.bandwidth.per_user.map(|r| r.0),
                 config
@@ -111,13 +173,14 @@ impl Limits {
                     .map(|(g, r)| (g.clone(), r.0)),
                 stats.clone(),
             ),
+            cluster: cluster.cloned(),
             stats,
         }
     }
 
     /// No limits: what a gateway without `limits` gets.
     pub fn none() -> Self {
-        Self::new(&LimitsConfig::default())
+        Self::new(&LimitsConfig::default(), None)
     }
 
     /// Whether any connection cap or bandwidth cap is configured.
@@ -126,8 +189,9 @@ impl Limits {
     }
 
     /// Admits one connection of `who` (per-address caps always, per-user caps when
-    /// the user is known), or refuses it with the reason the user is told.
-    pub fn admit(&self, who: &Requester) -> Result<Grant, ConnectError> {
+    /// the user is known), or refuses it with the reason the user is told. In a
+    /// cluster, this node's caps decide first, then the store, in one round trip.
+    pub async fn admit(&self, who: &Requester) -> Result<Grant, ConnectError> {
         if !self.caps_anything() {
             return Ok(Grant::default());
         }
@@ -150,8 +214,97 @@ impl Limits {
         Ok(Grant {
             _ip: ip_slot,
             _user: user_slot,
+            _cluster: self.admit_in_cluster(ip, who.user.as_deref()).await?,
             pacer: self.bandwidth.pacer(who.user.as_deref(), &who.group),
         })
+    }
+
+    /// The cluster-wide half of [`Limits::admit`].
+    async fn admit_in_cluster(
+        &self,
+        ip: IpAddr,
+        user: Option<&str>,
+    ) -> Result<Option<Slots>, ConnectError> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(None);
+        };
+        let ip_text = ip.to_string();
+        let mut checks = Vec::new();
+        let mut whose = Vec::new();
+        if let Some(caps) = &self.per_ip {
+            push_checks(
+                &mut checks,
+                &mut whose,
+                cluster,
+                Scope::Ip,
+                &ip_text,
+                caps.rule(),
+            );
+        }
+        if let (Some(caps), Some(user)) = (&self.per_user, user) {
+            push_checks(
+                &mut checks,
+                &mut whose,
+                cluster,
+                Scope::User,
+                user,
+                caps.rule(),
+            );
+        }
+        if checks.is_empty() {
+            return Ok(None);
+        }
+        match cluster.admit(&checks).await {
+            Ok(Ok(slots)) => Ok(Some(slots)),
+            Ok(Err(Refusal { index, .. })) => {
+                let (scope, what) = whose
+                    .get(index)
+                    .copied()
+                    .unwrap_or((Scope::Ip, CheckKind::Concurrent));
+                let (name, concurrent, rate, rule) = match scope {
+                    Scope::Ip => (
+                        format!("address {ip}"),
+                        &self.stats.ip_concurrent,
+                        &self.stats.ip_rate,
+                        self.per_ip.as_ref().map(|c| c.rule()),
+                    ),
+                    Scope::User => (
+                        format!("user {}", user.unwrap_or("")),
+                        &self.stats.user_concurrent,
+                        &self.stats.user_rate,
+                        self.per_user.as_ref().map(|c| c.rule()),
+                    ),
+                };
+                let refusal = match (what, rule) {
+                    (CheckKind::Concurrent, Some(r)) => CapRefusal::Concurrent {
+                        limit: r.max_concurrent.unwrap_or(0),
+                    },
+                    (
+                        CheckKind::Rate,
+                        Some(CapRule {
+                            rate: Some((per_sec, burst)),
+                            ..
+                        }),
+                    ) => CapRefusal::Rate { per_sec, burst },
+                    _ => CapRefusal::TableFull,
+                };
+                self.refused(refusal, concurrent, rate);
+                Err(ConnectError::RateLimited(format!(
+                    "{} across the cluster",
+                    describe(&name, refusal)
+                )))
+            }
+            Err(_) => {
+                cluster.store.health.decided_without_store();
+                match cluster.mode {
+                    StoreFailureMode::Open => Ok(None),
+                    StoreFailureMode::Closed => Err(ConnectError::RateLimited(
+                        "connection caps unavailable (cluster store unreachable); try again later"
+                            .into(),
+                    )),
+                }
+            }
+        }
     }
 
     fn refused(&self, r: CapRefusal, concurrent: &AtomicU64, rate: &AtomicU64) {
@@ -166,22 +319,30 @@ impl Limits {
     /// Checks a proxy user's password with `check`, unless `ip` is locked out, and
     /// counts the outcome toward the lockout. Without `limits.proxy_auth` it only
     /// checks.
-    pub fn proxy_auth<T>(&self, ip: IpAddr, check: impl FnOnce() -> Option<T>) -> AuthVerdict<T> {
-        let Some(throttle) = &self.proxy_auth else {
+    pub async fn proxy_auth<T>(
+        &self,
+        ip: IpAddr,
+        check: impl FnOnce() -> Option<T>,
+    ) -> AuthVerdict<T> {
+        let Some(lockout) = &self.proxy_auth else {
             return check().map_or(AuthVerdict::Rejected, AuthVerdict::Accepted);
         };
-        if throttle.is_locked(ip) {
-            bump(&self.stats.proxy_auth_refused_locked, 1);
-            return AuthVerdict::LockedOut;
+        match lockout.gate(ip).await {
+            Gate::Open => {}
+            Gate::Locked => {
+                bump(&self.stats.proxy_auth_refused_locked, 1);
+                return AuthVerdict::LockedOut;
+            }
+            Gate::StoreDown => return AuthVerdict::Unavailable,
         }
         match check() {
             Some(t) => {
-                throttle.success(ip);
+                lockout.success(ip);
                 AuthVerdict::Accepted(t)
             }
             None => {
                 bump(&self.stats.proxy_auth_failures, 1);
-                if throttle.failure(ip) {
+                if lockout.failure(ip).await {
                     bump(&self.stats.proxy_auth_lockouts, 1);
                     tracing::warn!(%ip, "proxy authentication locked out after repeated failures");
                 }
@@ -192,9 +353,7 @@ impl Limits {
 
     /// Addresses locked out of proxy authentication now.
     pub fn proxy_auth_locked(&self) -> usize {
-        self.proxy_auth
-            .as_ref()
-            .map_or(0, AuthThrottle::locked_count)
+        self.proxy_auth.as_ref().map_or(0, Lockout::locked_count)
     }
 }
 

@@ -20,6 +20,7 @@ use anyproxy_proto::ErrorCode;
 
 use crate::auth::{Accounts, Identity};
 use crate::connect::{Access, ConnectError, Connector, Requester};
+use crate::limits::lockout::STORE_DOWN;
 use crate::limits::{AuthVerdict, Limits, LOCKED_OUT};
 use crate::net::HostPort;
 use crate::transport::listen::Serve;
@@ -136,11 +137,12 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
 enum AuthRefusal {
     Ask,
     LockedOut,
+    Unavailable,
 }
 
 /// Who sent `req`. A request without credentials is asked for them and does not count
 /// as a failure: browsers always try without first.
-fn authenticate(req: &Request<Incoming>, state: &ConnState) -> Result<Identity, AuthRefusal> {
+async fn authenticate(req: &Request<Incoming>, state: &ConnState) -> Result<Identity, AuthRefusal> {
     if state.users.is_open() {
         return Ok(state.users.anonymous());
     }
@@ -150,6 +152,7 @@ fn authenticate(req: &Request<Incoming>, state: &ConnState) -> Result<Identity, 
     match state
         .limits
         .proxy_auth(state.peer.ip(), || state.users.authenticate(&user, &pass))
+        .await
     {
         AuthVerdict::Accepted(identity) => Ok(identity),
         AuthVerdict::Rejected => Err(AuthRefusal::Ask),
@@ -159,6 +162,13 @@ fn authenticate(req: &Request<Incoming>, state: &ConnState) -> Result<Identity, 
                 .user(&user)
                 .refused(ErrorCode::RateLimited, &LOCKED_OUT);
             Err(AuthRefusal::LockedOut)
+        }
+        AuthVerdict::Unavailable => {
+            Access::new("http")
+                .client(state.peer)
+                .user(&user)
+                .refused(ErrorCode::RateLimited, &STORE_DOWN);
+            Err(AuthRefusal::Unavailable)
         }
     }
 }
@@ -182,10 +192,11 @@ async fn handle<C: Connector>(
     state: &ConnState,
     connector: &C,
 ) -> Response<Body> {
-    let identity = match authenticate(&req, state) {
+    let identity = match authenticate(&req, state).await {
         Ok(identity) => identity,
         Err(AuthRefusal::Ask) => return proxy_auth_required(),
         Err(AuthRefusal::LockedOut) => return text_response(429, LOCKED_OUT),
+        Err(AuthRefusal::Unavailable) => return text_response(503, STORE_DOWN),
     };
     let who = Requester::new(state.peer, identity);
     if req.method() == Method::CONNECT {

@@ -13,6 +13,7 @@ use anyproxy_proto::ErrorCode;
 
 use crate::auth::{Accounts, Identity};
 use crate::connect::{Access, Connector, Requester};
+use crate::limits::lockout::STORE_DOWN;
 use crate::limits::{AuthVerdict, Limits, LOCKED_OUT};
 use crate::net::HostPort;
 use crate::transport::listen::Serve;
@@ -210,18 +211,24 @@ async fn sub_negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     let pass = String::from_utf8_lossy(&pass);
     let verdict = auth
         .limits
-        .proxy_auth(auth.peer.ip(), || auth.users.authenticate(&user, &pass));
+        .proxy_auth(auth.peer.ip(), || auth.users.authenticate(&user, &pass))
+        .await;
     if let AuthVerdict::Accepted(identity) = verdict {
         stream.write_all(&[AUTH_VERSION, 0x00]).await?;
         return Ok(identity);
     }
     // RFC 1929 has one failure status: the reason goes to the log.
     stream.write_all(&[AUTH_VERSION, 0x01]).await?;
-    if matches!(verdict, AuthVerdict::LockedOut) {
+    if matches!(verdict, AuthVerdict::LockedOut | AuthVerdict::Unavailable) {
+        let why = if matches!(verdict, AuthVerdict::LockedOut) {
+            LOCKED_OUT
+        } else {
+            STORE_DOWN
+        };
         Access::new("socks5")
             .client(auth.peer)
             .user(&user)
-            .refused(ErrorCode::RateLimited, &LOCKED_OUT);
+            .refused(ErrorCode::RateLimited, &why);
         return Err(Socks5Error::LockedOut(user));
     }
     Err(Socks5Error::AuthFailed(user))
