@@ -26,8 +26,9 @@
 pub mod net;
 
 pub mod auth;
-pub mod cluster;
 pub mod config;
+
+pub mod cluster;
 pub mod transport;
 
 pub mod tunnel;

@@ -36,6 +36,9 @@ pub struct Cluster {
     lease: Duration,
     started_at: u64,
     slots: slots::LocalSlots,
+    /// The live members as last read (after each heartbeat), for the status page and
+    /// the metrics, which must not wait on the store.
+    view: parking_lot::Mutex<Vec<NodeInfo>>,
 }
 
 impl Cluster {
@@ -57,6 +60,7 @@ impl Cluster {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             slots: slots::LocalSlots::default(),
+            view: parking_lot::Mutex::default(),
         }))
     }
 
@@ -86,7 +90,11 @@ impl Cluster {
                 _ = stop.cancelled() => break,
             }
             // Failures are logged once per transition by the store's health.
-            let _ = self.heartbeat(report.as_ref()).await;
+            if self.heartbeat(report.as_ref()).await.is_ok() {
+                if let Ok(nodes) = self.live_nodes().await {
+                    *self.view.lock() = nodes;
+                }
+            }
         }
         let _ = self.leave().await;
     }
@@ -307,6 +315,15 @@ impl Cluster {
             })
             .await?;
         Ok((granted, Duration::from_millis(left_ms.min(1000))))
+    }
+
+    /// The live members as of the last heartbeat (empty while the store is down).
+    pub fn view(&self) -> Vec<NodeInfo> {
+        if self.store.health.is_up() {
+            self.view.lock().clone()
+        } else {
+            Vec::new()
+        }
     }
 
     /// Connections this member holds under cluster-wide caps.

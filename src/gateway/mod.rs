@@ -177,6 +177,9 @@ impl Gateway {
             shutdown.clone(),
             limits.clone(),
         ));
+        if let Some(c) = &cluster {
+            metrics.show_cluster(c.clone());
+        }
 
         let agent_listener = bind("gateway", config.listen_addr.0).await?;
         let agent_addr = agent_listener

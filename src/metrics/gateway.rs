@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::admin::{base_status, Observed};
 use super::encode::{counters, gauges, labels};
-use super::status::{live_conns, AgentStatus, GroupStatus, Status, TrafficRing};
+use super::status::{live_conns, AgentStatus, ClusterStatus, GroupStatus, Status, TrafficRing};
 use super::table::{total, SessionTable};
 use crate::connect::{ConnectError, Connector, Requester, Upstream};
 use crate::limits::Limits;
@@ -60,6 +60,8 @@ pub struct GatewayMetrics {
     policy: std::sync::OnceLock<Arc<crate::policy::Policy>>,
     /// Connection caps, proxy-auth lockout and bandwidth caps, with their counters.
     limits: Arc<Limits>,
+    /// The cluster this gateway is a member of, if any.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// A short, stable name for why a connect failed (the metric's `reason` label).
@@ -94,7 +96,13 @@ impl GatewayMetrics {
             failed: Mutex::default(),
             policy: std::sync::OnceLock::new(),
             limits,
+            cluster: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Shows the cluster's nodes on `/api/status`, and its store's health as metrics.
+    pub fn show_cluster(&self, cluster: Arc<crate::cluster::Cluster>) {
+        let _ = self.cluster.set(cluster);
     }
 
     /// Shows this policy's quotas on `/api/status` from now on.
@@ -188,7 +196,11 @@ impl Observed for GatewayMetrics {
             "Agent authentications refused because the source IP was locked out",
             &[(vec![], load(&self.auth_refused_locked))],
         )?;
-        encode_limits(enc, &self.limits)
+        encode_limits(enc, &self.limits)?;
+        match self.cluster.get() {
+            Some(c) => encode_cluster(enc, c),
+            None => Ok(()),
+        }
     }
 
     fn readiness(&self) -> (bool, String) {
@@ -217,6 +229,12 @@ impl Observed for GatewayMetrics {
         let rows = self.sessions.rows();
         status.totals.fill(&rows, self.failed_total());
         status.quotas = self.policy.get().map(|p| p.quota_usage(QUOTA_ROWS));
+        status.cluster = self.cluster.get().map(|c| ClusterStatus {
+            node_id: c.node_id.clone(),
+            member: c.member.clone(),
+            store_up: c.store.health.is_up(),
+            nodes: c.view(),
+        });
         status
     }
 
@@ -280,6 +298,51 @@ fn encode_limits(enc: &mut DescriptorEncoder, limits: &Limits) -> Result<(), std
         "proxy_auth_locked_addresses",
         "Source addresses locked out of proxy authentication now",
         &[(vec![], limits.proxy_auth_locked() as f64)],
+    )
+}
+
+/// `gateway.cluster`: the store's health and what was decided without it.
+fn encode_cluster(
+    enc: &mut DescriptorEncoder,
+    cluster: &crate::cluster::Cluster,
+) -> Result<(), std::fmt::Error> {
+    let h = &cluster.store.health;
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    gauges(
+        enc,
+        "cluster_store_up",
+        "1 while the cluster store (Redis) answers, 0 while it does not",
+        &[(vec![], if h.is_up() { 1.0 } else { 0.0 })],
+    )?;
+    counters(
+        enc,
+        "cluster_decisions_without_store",
+        "Decisions (caps, lockouts, quotas) taken without the store because it did not answer",
+        &[(vec![], load(&h.decisions_without_store))],
+    )?;
+    counters(
+        enc,
+        "cluster_store_errors",
+        "Store operations that failed or timed out",
+        &[(vec![], load(&h.errors))],
+    )?;
+    counters(
+        enc,
+        "cluster_store_round_trips",
+        "Store operations sent (each one round trip)",
+        &[(vec![], load(&h.round_trips))],
+    )?;
+    gauges(
+        enc,
+        "cluster_nodes",
+        "Live cluster members as of this node's last heartbeat",
+        &[(vec![], cluster.view().len() as f64)],
+    )?;
+    gauges(
+        enc,
+        "cluster_slots_held",
+        "Connections this node holds under cluster-wide caps",
+        &[(vec![], cluster.slots_held() as f64)],
     )
 }
 

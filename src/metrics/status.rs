@@ -28,6 +28,19 @@ pub struct Status {
     /// Present only when a policy is on (gateway): its download quotas in use.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quotas: Option<Vec<crate::policy::QuotaUsage>>,
+    /// Present only on a cluster member (gateway): every live node and its agents.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// `gateway.cluster` as this node sees it.
+#[derive(Serialize, Debug, Clone)]
+pub struct ClusterStatus {
+    pub node_id: String,
+    pub member: String,
+    pub store_up: bool,
+    /// Every live member (this one included), as of its last heartbeat.
+    pub nodes: Vec<crate::cluster::NodeInfo>,
 }
 
 #[derive(Serialize, Debug, Clone)]

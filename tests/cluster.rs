@@ -1,0 +1,385 @@
+//! Several gateways sharing one real `redis-server` (`gateway.cluster`): connection
+//! caps and lockouts hold across them, a killed gateway's slots come back within the
+//! lease, the cluster view lists every node, and a store outage is survived as
+//! `on_store_failure` says and recovered from without a restart.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::redis::Redis;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The lease every node of these tests runs with: a dead node's slots free within
+/// it plus a third of it.
+const LEASE: &str = "3s";
+
+struct Node {
+    gateway: Proc,
+    _agent: Proc,
+    socks_port: u16,
+    admin_port: u16,
+    dir: PathBuf,
+}
+
+struct NodeSpec<'a> {
+    name: &'a str,
+    redis: &'a str,
+    certs: &'a Certs,
+    limits: &'a str,
+    on_store_failure: &'a str,
+}
+
+impl Node {
+    async fn start(spec: NodeSpec<'_>) -> Node {
+        for _ in 0..3 {
+            if let Some(node) = Self::try_start(&spec).await {
+                return node;
+            }
+        }
+        panic!(
+            "node {} could not bind its ports in three attempts",
+            spec.name
+        );
+    }
+
+    async fn try_start(spec: &NodeSpec<'_>) -> Option<Node> {
+        let (gateway_port, http_port, socks_port, admin_port) =
+            (free_port(), free_port(), free_port(), free_port());
+        let dir = spec.certs.dir.path().join(spec.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = format!(
+            r#"proxy:
+  http:
+    listen_addr: "127.0.0.1:{http_port}"
+    auth_username: "{HTTP_USER}"
+    auth_password: "{HTTP_PASS}"
+  socks5:
+    listen_addr: "127.0.0.1:{socks_port}"
+    auth_username: "{SOCKS_USER}"
+    auth_password: "{SOCKS_PASS}"
+gateway:
+  listen_addr: "127.0.0.1:{gateway_port}"
+  tls_cert: "{cert}"
+  tls_key: "{key}"
+  auth_username: "{AGENT_USER}"
+  auth_password: "{AGENT_PASS}"
+  connect_timeout: 5s
+  admin_addr: "127.0.0.1:{admin_port}"
+  limits:
+{limits}
+  cluster:
+    redis: "{redis}"
+    node_id: "{name}"
+    lease: {LEASE}
+    timeout: 300ms
+    on_store_failure: {mode}
+client:
+  gateway_addr: "localhost:{gateway_port}"
+  gateway_tls_cert: "{cert}"
+  client_id: "agent-{name}"
+  auth_username: "{AGENT_USER}"
+  auth_password: "{AGENT_PASS}"
+  reconnect_min: 100ms
+  reconnect_max: 1s
+"#,
+            cert = spec.certs.cert.display(),
+            key = spec.certs.key.display(),
+            limits = spec.limits,
+            redis = spec.redis,
+            name = spec.name,
+            mode = spec.on_store_failure,
+        );
+        let path = dir.join("config.yaml");
+        std::fs::write(&path, config).unwrap();
+        let cfg = path.to_str().unwrap();
+        let mut gateway = spawn(&["gateway", "--config", cfg], &dir.join("gateway.log"));
+        for port in [gateway_port, socks_port, admin_port] {
+            if !wait_for_listener(&mut gateway, port).await {
+                let log = std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default();
+                assert!(
+                    log.contains("in use"),
+                    "gateway {} exited:\n{log}",
+                    spec.name
+                );
+                return None;
+            }
+        }
+        let agent = spawn(&["client", "--config", cfg], &dir.join("agent.log"));
+        let node = Node {
+            gateway,
+            _agent: agent,
+            socks_port,
+            admin_port,
+            dir,
+        };
+        node.wait_for_log("agent connected").await;
+        Some(node)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
+    }
+
+    async fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "never logged {needle:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    async fn socks(&self, target: SocketAddr) -> Result<TcpStream, Socks5Refusal> {
+        self.socks_as(SOCKS_PASS, target).await
+    }
+
+    async fn socks_as(&self, pass: &str, target: SocketAddr) -> Result<TcpStream, Socks5Refusal> {
+        socks5_stream(
+            self.socks_port,
+            SOCKS_USER,
+            pass,
+            "127.0.0.1",
+            target.port(),
+        )
+        .await
+    }
+
+    async fn status(&self) -> serde_json::Value {
+        let (code, body) = admin_get(self.admin_port, "/api/status", None).await;
+        assert_eq!(code, "200", "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    async fn metrics(&self) -> String {
+        admin_get(self.admin_port, "/metrics", None).await.1
+    }
+}
+
+/// An echo server that keeps every connection until its client leaves.
+async fn echo_target() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn echoes(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 5];
+    s.write_all(b"hello").await.is_ok()
+        && matches!(
+            tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf)).await,
+            Ok(Ok(_)) if &buf == b"hello"
+        )
+}
+
+/// Polls `f` until it yields something, for at most `within`.
+async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn node_names(status: &serde_json::Value) -> Vec<String> {
+    status["cluster"]["nodes"]
+        .as_array()
+        .map(|nodes| {
+            nodes
+                .iter()
+                .filter_map(|n| n["node_id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cap_and_a_lockout_hold_across_three_gateways_and_a_dead_one_frees_its_slots() {
+    let redis = Redis::start().await;
+    let certs = certs();
+    let limits = "    per_user: { max_concurrent: 3 }\n    proxy_auth: { max_failures: 3, window: 60s, lockout: 60s }";
+    let url = redis.url();
+    let spec = |name| NodeSpec {
+        name,
+        redis: &url,
+        certs: &certs,
+        limits,
+        on_store_failure: "open",
+    };
+    let a = Node::start(spec("gw-a")).await;
+    let b = Node::start(spec("gw-b")).await;
+    let mut c = Node::start(spec("gw-c")).await;
+    let target = echo_target().await;
+
+    // Every node lists every node, each with its agent (as of each one's latest
+    // heartbeat, a third of the lease apart).
+    let each_with_its_agent = |s: &serde_json::Value| {
+        s["cluster"]["nodes"].as_array().is_some_and(|nodes| {
+            nodes.iter().all(|n| {
+                n["agents"][0]["client_id"].as_str()
+                    == n["node_id"]
+                        .as_str()
+                        .map(|id| format!("agent-{id}"))
+                        .as_deref()
+            })
+        })
+    };
+    let status = eventually(
+        Duration::from_secs(20),
+        "three nodes in the view",
+        || async {
+            let s = a.status().await;
+            (node_names(&s) == ["gw-a", "gw-b", "gw-c"] && each_with_its_agent(&s)).then_some(s)
+        },
+    )
+    .await;
+    assert_eq!(status["cluster"]["store_up"], true);
+
+    // Three held connections, one through each gateway: the cap of 3 is reached.
+    let mut held_a = a.socks(target).await.expect("first, through A");
+    let mut held_b = b.socks(target).await.expect("second, through B");
+    let mut held_c = c.socks(target).await.expect("third, through C");
+    for node in [&a, &b, &c] {
+        let refused = node.socks(target).await.err();
+        assert!(
+            matches!(refused, Some(Socks5Refusal::Reply(_))),
+            "a fourth is refused by every gateway: {refused:?}"
+        );
+    }
+    assert!(a.log().contains("across the cluster"), "{}", a.log());
+    assert!(echoes(&mut held_a).await && echoes(&mut held_c).await);
+
+    // One ends: a place is free again, on another gateway.
+    drop(held_a);
+    let mut again = eventually(Duration::from_secs(10), "a freed place", || async {
+        b.socks(target).await.ok()
+    })
+    .await;
+    assert!(echoes(&mut again).await);
+
+    // C dies holding a place: it comes back once C's lease ends (3 s + 1 s).
+    c.gateway.0.start_kill().unwrap();
+    let _ = c.gateway.0.wait().await;
+    drop(held_c);
+    let mut after_death = eventually(Duration::from_secs(20), "the dead node's place", || async {
+        a.socks(target).await.ok()
+    })
+    .await;
+    assert!(echoes(&mut after_death).await && echoes(&mut held_b).await);
+    let status = eventually(Duration::from_secs(20), "C out of the view", || async {
+        let s = b.status().await;
+        (node_names(&s) == ["gw-a", "gw-b"]).then_some(s)
+    })
+    .await;
+    assert_eq!(status["cluster"]["store_up"], true);
+
+    // Three wrong passwords through A lock this address out on B too.
+    drop((again, after_death, held_b));
+    for _ in 0..3 {
+        assert_eq!(
+            a.socks_as("wrong", target).await.err(),
+            Some(Socks5Refusal::Auth(1))
+        );
+    }
+    assert_eq!(
+        b.socks(target).await.err(),
+        Some(Socks5Refusal::Auth(1)),
+        "the right password through B is refused while locked out"
+    );
+    b.wait_for_log("too many failed proxy authentications")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_outage_is_decided_as_configured_and_recovered_from() {
+    let mut redis = Redis::start().await;
+    let certs = certs();
+    let url = redis.url();
+    let limits = "    per_user: { max_concurrent: 5 }";
+    let open = Node::start(NodeSpec {
+        name: "gw-open",
+        redis: &url,
+        certs: &certs,
+        limits,
+        on_store_failure: "open",
+    })
+    .await;
+    let closed = Node::start(NodeSpec {
+        name: "gw-closed",
+        redis: &url,
+        certs: &certs,
+        limits,
+        on_store_failure: "closed",
+    })
+    .await;
+    let target = echo_target().await;
+    let store_up = |text: &str| metric(text, "anyproxy_cluster_store_up", &[]);
+    assert!(open.socks(target).await.is_ok() && closed.socks(target).await.is_ok());
+    assert_eq!(store_up(&open.metrics().await), 1.0);
+
+    redis.stop().await;
+    eventually(Duration::from_secs(20), "the outage noticed", || async {
+        (store_up(&closed.metrics().await) == 0.0).then_some(())
+    })
+    .await;
+    let mut s = open
+        .socks(target)
+        .await
+        .expect("open: admitted on this node's own caps");
+    assert!(echoes(&mut s).await);
+    assert!(
+        matches!(
+            closed.socks(target).await.err(),
+            Some(Socks5Refusal::Reply(_))
+        ),
+        "closed: refused without the store"
+    );
+    for node in [&open, &closed] {
+        let m = node.metrics().await;
+        assert!(metric(&m, "anyproxy_cluster_decisions_without_store_total", &[]) >= 1.0);
+        assert!(metric(&m, "anyproxy_cluster_store_errors_total", &[]) >= 1.0);
+    }
+    closed.wait_for_log("cluster store unreachable").await;
+
+    redis.restart().await;
+    eventually(Duration::from_secs(30), "the store back", || async {
+        (store_up(&closed.metrics().await) == 1.0 && closed.socks(target).await.is_ok())
+            .then_some(())
+    })
+    .await;
+    closed.wait_for_log("cluster store reachable again").await;
+    // The restarted store was empty: the nodes registered themselves again.
+    eventually(
+        Duration::from_secs(20),
+        "both nodes in the view again",
+        || async { (node_names(&open.status().await) == ["gw-closed", "gw-open"]).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        open.log().matches("cluster store unreachable").count(),
+        1,
+        "logged once per transition"
+    );
+}
