@@ -18,6 +18,7 @@ use super::table::{total, SessionTable};
 use crate::connect::{ConnectError, Connector, Requester, Upstream};
 use crate::limits::Limits;
 use crate::net::HostPort;
+use crate::transport::listen::ProxyProtocol;
 use crate::tunnel::stats::bump;
 
 /// One live agent session, as `/metrics` and the status page show it.
@@ -60,6 +61,8 @@ pub struct GatewayMetrics {
     policy: std::sync::OnceLock<Arc<crate::policy::Policy>>,
     /// Connection caps, proxy-auth lockout and bandwidth caps, with their counters.
     limits: Arc<Limits>,
+    /// The listeners' PROXY protocol stage, whose refusals are counted by reason.
+    proxy_protocol: std::sync::OnceLock<Arc<ProxyProtocol>>,
 }
 
 /// A short, stable name for why a connect failed (the metric's `reason` label).
@@ -94,12 +97,18 @@ impl GatewayMetrics {
             failed: Mutex::default(),
             policy: std::sync::OnceLock::new(),
             limits,
+            proxy_protocol: std::sync::OnceLock::new(),
         }
     }
 
     /// Shows this policy's quotas on `/api/status` from now on.
     pub fn show_policy(&self, policy: Arc<crate::policy::Policy>) {
         let _ = self.policy.set(policy);
+    }
+
+    /// Counts this PROXY protocol stage's refusals on `/metrics` from now on.
+    pub fn show_proxy_protocol(&self, pp: Arc<ProxyProtocol>) {
+        let _ = self.proxy_protocol.set(pp);
     }
 
     /// An agent failed to authenticate; `locked` when this failure locked its IP out.
@@ -187,6 +196,24 @@ impl Observed for GatewayMetrics {
             "gateway_auth_refused_locked",
             "Agent authentications refused because the source IP was locked out",
             &[(vec![], load(&self.auth_refused_locked))],
+        )?;
+        // Every reason from the start, zero until a listener with `proxy_protocol`
+        // refuses a connection.
+        let refused: Vec<_> = match self.proxy_protocol.get() {
+            Some(pp) => pp.refused().collect(),
+            None => crate::transport::proxy_header::HeaderError::REASONS
+                .iter()
+                .map(|r| (*r, 0))
+                .collect(),
+        };
+        counters(
+            enc,
+            "gateway_proxy_protocol_refused",
+            "Connections refused by the PROXY protocol stage of a listener with proxy_protocol, by reason",
+            &refused
+                .iter()
+                .map(|(r, n)| (labels([("reason", r)]), *n))
+                .collect::<Vec<_>>(),
         )?;
         encode_limits(enc, &self.limits)
     }
