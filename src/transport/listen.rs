@@ -234,11 +234,13 @@ impl ProxyProtocol {
             if let Some(i) = HeaderError::REASONS.iter().position(|r| *r == reason) {
                 self.refused[i].fetch_add(1, Ordering::Relaxed);
             }
-            if matches!(e, HeaderError::Untrusted) {
+            match e {
                 // Anyone who can reach the port can cause this one.
-                tracing::info!(reason, "connection refused: {e}");
-            } else {
-                tracing::warn!(reason, "connection refused: {e}");
+                HeaderError::Untrusted => tracing::info!(reason, "connection refused: {e}"),
+                // A balancer's plain TCP health check, or a port probe.
+                HeaderError::Empty => tracing::debug!(reason, "connection refused: {e}"),
+                // The balancer itself sends something wrong: worth a look.
+                _ => tracing::warn!(reason, "connection refused: {e}"),
             }
         }
         result
@@ -268,7 +270,10 @@ async fn read_header(stream: &mut TcpStream) -> Result<Source, HeaderError> {
         buf.resize(have + take.max(1), 0);
         let n = stream.read(&mut buf[have..]).await.map_err(io)?;
         if n == 0 {
-            return Err(HeaderError::Truncated);
+            return Err(match have {
+                0 => HeaderError::Empty,
+                _ => HeaderError::Truncated,
+            });
         }
         buf.truncate(have + n);
     }
@@ -434,6 +439,7 @@ mod tests {
         refused(c).await;
         let c = TcpStream::connect(at).await.unwrap();
         refused(c).await;
+        drop(TcpStream::connect(at).await.unwrap());
         let mut c = TcpStream::connect(at).await.unwrap();
         c.write_all(b"PROXY TCP4 1.2.3.4").await.unwrap();
         c.shutdown().await.unwrap();
@@ -442,6 +448,13 @@ mod tests {
             ["missing", "malformed", "timed_out", "truncated"].map(|r| count(&pp, r)),
             [1; 4]
         );
+        // The connection dropped at once: its refusal is counted, eventually.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while count(&pp, "empty") == 0 {
+            assert!(std::time::Instant::now() < deadline, "never counted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(count(&pp, "empty"), 1);
         // None of them reached the role, and the listener still serves.
         let mut c = TcpStream::connect(at).await.unwrap();
         c.write_all(b"PROXY UNKNOWN\r\n").await.unwrap();

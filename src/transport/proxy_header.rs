@@ -53,6 +53,8 @@ pub enum HeaderError {
     Untrusted,
     #[error("no PROXY protocol header (this listener requires one)")]
     Missing,
+    #[error("the connection closed before sending anything (a TCP health check?)")]
+    Empty,
     #[error("the connection ended inside its PROXY header")]
     Truncated,
     #[error("no complete PROXY header within {0:?}")]
@@ -71,6 +73,7 @@ impl HeaderError {
         match self {
             HeaderError::Untrusted => "untrusted",
             HeaderError::Missing => "missing",
+            HeaderError::Empty => "empty",
             HeaderError::Truncated => "truncated",
             HeaderError::TimedOut(_) => "timed_out",
             HeaderError::TooLong => "too_long",
@@ -80,9 +83,10 @@ impl HeaderError {
     }
 
     /// Every [`Self::reason`], for metrics that show each one from the start.
-    pub const REASONS: [&'static str; 7] = [
+    pub const REASONS: [&'static str; 8] = [
         "untrusted",
         "missing",
+        "empty",
         "truncated",
         "timed_out",
         "too_long",
