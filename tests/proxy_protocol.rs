@@ -343,21 +343,16 @@ async fn per_address_caps_count_the_client_the_header_names() {
     assert!(!log.contains(&format!("client={LB}:")), "{log}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_declared_forward_takes_the_header_too() {
-    let target = http_target().await;
-    let port = free_port();
-    let stack = Stack::start(pp_options(
-        &format!("{LB}/32"),
-        &[format!(
-            "forwards:\n    - {{ listen_addr: \"127.0.0.1:{port}\", target: \"{target}\", proxy_protocol: true }}"
-        )],
-    ))
-    .await;
-    wait_for_port(port).await;
-    let client: SocketAddr = "198.51.100.20:2020".parse().unwrap();
+/// Sends a v1 header naming `client` and a GET over a forward on `port`; the target
+/// must answer.
+async fn get_through_forward(port: u16, client: SocketAddr, target: SocketAddr) {
     let mut s = connect_from(LB, port).await;
-    let mut req = b"PROXY TCP4 198.51.100.20 127.0.0.1 2020 80\r\n".to_vec();
+    let mut req = format!(
+        "PROXY TCP4 {} 127.0.0.1 {} {port}\r\n",
+        client.ip(),
+        client.port()
+    )
+    .into_bytes();
     req.extend(format!("GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n").bytes());
     s.write_all(&req).await.unwrap();
     let mut answer = Vec::new();
@@ -367,9 +362,45 @@ async fn a_declared_forward_takes_the_header_too() {
         .unwrap();
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    // The access line is written when the relay ends, both ways.
-    drop(s);
+    // Dropping `s` ends the relay both ways, and the access line is written.
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_and_agent_forwards_take_the_header_too() {
+    let target = http_target().await;
+    let (declared, agents) = (free_port(), free_port());
+    let mut opts = pp_options(
+        &format!("{LB}/32"),
+        &[
+            format!("forwards:\n    - {{ listen_addr: \"127.0.0.1:{declared}\", target: \"{target}\", proxy_protocol: true }}"),
+            format!("agent_forwards: {{ bind: 127.0.0.1, ports: \"{agents}-{agents}\", proxy_protocol: true }}"),
+        ],
+    );
+    opts.client_extra = vec![format!(
+        "open_ports:\n    - {{ remote_port: {agents}, target: \"{target}\" }}"
+    )];
+    let stack = Stack::start(opts).await;
+    wait_for_port(declared).await;
+    stack.wait_for_log("agent", "gateway forward open", 1).await;
+
+    let one: SocketAddr = "198.51.100.20:2020".parse().unwrap();
+    get_through_forward(declared, one, target).await;
     stack
-        .wait_for_log("gateway", &format!("client={client}"), 1)
+        .wait_for_log("gateway", &format!("client={one}"), 1)
         .await;
+    let two: SocketAddr = "198.51.100.21:2121".parse().unwrap();
+    get_through_forward(agents, two, target).await;
+    stack
+        .wait_for_log("gateway", &format!("client={two}"), 1)
+        .await;
+    // Without a header, the agent forward refuses too.
+    let mut plain = connect_from(LB, agents).await;
+    plain.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    assert!(closed_without_answer(plain).await);
+    stack
+        .wait_for_log("gateway", "no PROXY protocol header", 1)
+        .await;
+    assert!(stack.log("gateway").lines().any(
+        |l| l.contains("listener=\"agent forward\"") && l.contains("no PROXY protocol header")
+    ));
 }
