@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what the tests drive (curl, the
-# Python `websockets` package, headless Chromium, redis-server; iperf3 and rathole for the load-test
-# smoke run), then runs fmt, clippy, a tiny load test and every test.
+# Python `websockets` package, headless Chromium, redis-server, HAProxy; iperf3 and
+# rathole for the load-test smoke run), then runs fmt, clippy, a tiny load test and every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +19,12 @@ if ! command -v redis-server >/dev/null 2>&1; then
   # test starts itself on a loopback port (never the system service).
   echo "== installing redis-server"
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; fi
+fi
+if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
+  # tests/proxy_protocol.rs puts a real HAProxy (send-proxy, send-proxy-v2) in front
+  # of the gateway.
+  echo "== installing haproxy"
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy; else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy; fi
 fi
 if ! python3 -c 'import websockets' >/dev/null 2>&1; then
   echo "== installing the Python websockets package"

@@ -135,6 +135,7 @@ impl Config {
             }
             check_heartbeat("gateway", g.ping_interval, g.idle_timeout)?;
             check_limits(g)?;
+            check_proxy_protocol(g, self.proxy.as_ref())?;
             g.deflate
                 .validate()
                 .map_err(|e| ConfigError::Semantic(format!("gateway.{e}")))?;
@@ -186,6 +187,10 @@ pub struct ProxyListener {
     pub auth_username: Option<String>,
     #[serde(default)]
     pub auth_password: Option<Secret>,
+    /// Connections start with a PROXY protocol header (v1 or v2) from one of
+    /// `gateway.trusted_proxies`, naming the real client; anything else is refused.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 impl ProxyListener {
@@ -430,6 +435,10 @@ pub struct GatewayConfig {
     /// process alone.
     #[serde(default)]
     pub cluster: Option<ClusterConfig>,
+    /// Load balancers (CIDRs) whose PROXY protocol headers the listeners with
+    /// `proxy_protocol: true` accept; required when any listener sets it.
+    #[serde(default)]
+    pub trusted_proxies: Vec<crate::net::Cidr>,
 }
 
 /// `gateway.limits`: what proxy users may do. Every part is off unless present.
@@ -554,6 +563,36 @@ fn check_limits(g: &GatewayConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// `proxy_protocol: true` trusts the headers of `gateway.trusted_proxies` alone: with
+/// none, no connection could ever be accepted.
+fn check_proxy_protocol(g: &GatewayConfig, proxy: Option<&ProxyConfig>) -> Result<(), ConfigError> {
+    if !g.trusted_proxies.is_empty() {
+        return Ok(());
+    }
+    let mut on = Vec::new();
+    if let Some(p) = proxy {
+        for (key, l) in [("http", &p.http), ("socks5", &p.socks5)] {
+            if l.as_ref().is_some_and(|l| l.proxy_protocol) {
+                on.push(format!("proxy.{key}"));
+            }
+        }
+    }
+    for (i, f) in g.forwards.iter().enumerate() {
+        if f.proxy_protocol {
+            on.push(format!("gateway.forwards[{i}]"));
+        }
+    }
+    if g.agent_forwards.as_ref().is_some_and(|a| a.proxy_protocol) {
+        on.push("gateway.agent_forwards".into());
+    }
+    match on.first() {
+        None => Ok(()),
+        Some(first) => Err(ConfigError::Semantic(format!(
+            "{first}.proxy_protocol needs gateway.trusted_proxies: the addresses (CIDRs) of the load balancers that may send PROXY headers"
+        ))),
+    }
+}
+
 /// Below this a single 64 KiB read would wait a minute: surely a typo.
 const MIN_BANDWIDTH: u64 = 1024;
 
@@ -575,6 +614,9 @@ pub struct ForwardConfig {
     pub group: String,
     /// `host:port`, dialed (and checked against its ACL) by the agent.
     pub target: HostPort,
+    /// As on a proxy listener: a PROXY header from `gateway.trusted_proxies` required.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 fn default_group() -> String {
@@ -589,6 +631,9 @@ pub struct AgentForwards {
     pub bind: std::net::IpAddr,
     /// Inclusive port range agents may ask for, e.g. `"20000-20999"`.
     pub ports: PortRange,
+    /// Every agent forward requires a PROXY header from `gateway.trusted_proxies`.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 /// An inclusive range of ports, written `"20000-20999"` or `"8080"`.
@@ -949,6 +994,43 @@ client:
             let err = parse(bad).unwrap_err().to_string();
             assert!(err.contains(why), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn proxy_protocol_needs_trusted_proxies() {
+        let gw = "gateway:\n  listen_addr: '127.0.0.1:9'\n  tls_cert: a\n  tls_key: b\n  auth_username: u\n  auth_password: p\n";
+        let http = "proxy:\n  http: { listen_addr: ':1', proxy_protocol: true }\n";
+        let fwd = "  forwards: [{ listen_addr: ':2', target: 'a:1', proxy_protocol: true }]\n";
+        let agents =
+            "  agent_forwards: { bind: 127.0.0.1, ports: '2000-2001', proxy_protocol: true }\n";
+        for (text, why) in [
+            (
+                format!("{http}{gw}"),
+                "proxy.http.proxy_protocol needs gateway.trusted_proxies",
+            ),
+            (format!("{gw}{fwd}"), "gateway.forwards[0].proxy_protocol"),
+            (
+                format!("{gw}{agents}"),
+                "gateway.agent_forwards.proxy_protocol",
+            ),
+            (
+                format!("{gw}  trusted_proxies: ['10.0.0.0/33']\n"),
+                "not an IP network",
+            ),
+        ] {
+            let err = Config::parse(&text, Path::new("x.yaml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{text}: {err}");
+        }
+
+        let trusted = "  trusted_proxies: ['10.0.0.0/8', '2001:db8::1']\n";
+        let c = Config::parse(&format!("{http}{gw}{fwd}{trusted}"), Path::new("x.yaml")).unwrap();
+        assert!(c.proxy.unwrap().http.unwrap().proxy_protocol);
+        let g = c.gateway.unwrap();
+        assert!(g.forwards[0].proxy_protocol);
+        assert!(g.trusted_proxies[0].contains("10.1.2.3".parse().unwrap()));
+        assert!(g.trusted_proxies[1].contains("2001:db8::1".parse().unwrap()));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::config::AgentForwards;
 use crate::connect::{Access, ConnectError, Connector, Requester, Upstream};
 use crate::limits::Limits;
 use crate::net::HostPort;
-use crate::transport::listen::{AcceptLoop, Serve};
+use crate::transport::listen::{AcceptLoop, ProxyProtocol, Serve};
 
 /// How long a takeover waits for the previous owner's listener to let go of the port.
 const REBIND_ATTEMPTS: u32 = 40;
@@ -41,6 +41,8 @@ pub struct AgentForwardTable {
     policy: Option<AgentForwards>,
     connect_timeout: Duration,
     limits: Arc<Limits>,
+    /// Used when `policy.proxy_protocol` is set.
+    proxy_protocol: Arc<ProxyProtocol>,
     by_port: Mutex<HashMap<u16, Owner>>,
 }
 
@@ -49,11 +51,13 @@ impl AgentForwardTable {
         policy: Option<AgentForwards>,
         connect_timeout: Duration,
         limits: Arc<Limits>,
+        proxy_protocol: Arc<ProxyProtocol>,
     ) -> Self {
         AgentForwardTable {
             policy,
             connect_timeout,
             limits,
+            proxy_protocol,
             by_port: Mutex::new(HashMap::new()),
         }
     }
@@ -120,6 +124,10 @@ impl AgentForwardTable {
             timeout: self.connect_timeout,
             limits: self.limits.clone(),
         });
+        let mut accept = AcceptLoop::new(listener, "agent forward");
+        if policy.proxy_protocol {
+            accept = accept.proxy_protocol(self.proxy_protocol.clone());
+        }
         let table = self.clone();
         let agent = agent.clone();
         tokio::spawn(async move {
@@ -130,9 +138,7 @@ impl AgentForwardTable {
                     _ = agent.core.closed() => {}
                 }
             };
-            AcceptLoop::new(listener, "agent forward")
-                .run(role, stop, TaskTracker::new())
-                .await;
+            accept.run(role, stop, TaskTracker::new()).await;
             table
                 .by_port
                 .lock()

@@ -23,7 +23,7 @@ use crate::limits::{LimitGuard, Limits};
 use crate::net::HostPort;
 use crate::proxy::http::HttpProxy;
 use crate::proxy::socks5::Socks5Proxy;
-use crate::transport::listen::AcceptLoop;
+use crate::transport::listen::{AcceptLoop, ProxyProtocol};
 use crate::transport::tls;
 use crate::tunnel::OpenError;
 pub use registry::AgentRegistry;
@@ -180,6 +180,13 @@ impl Gateway {
         if let Some(c) = &cluster {
             metrics.show_cluster(c.clone());
         }
+        // One PROXY-protocol stage for every listener that sets `proxy_protocol`.
+        let proxy_protocol = Arc::new(ProxyProtocol::new(config.trusted_proxies.clone()));
+        metrics.show_proxy_protocol(proxy_protocol.clone());
+        let pp = |on: bool, l: AcceptLoop| match on {
+            true => l.proxy_protocol(proxy_protocol.clone()),
+            false => l,
+        };
 
         let agent_listener = bind("gateway", config.listen_addr.0).await?;
         let agent_addr = agent_listener
@@ -235,6 +242,7 @@ impl Gateway {
             config.agent_forwards.clone(),
             config.connect_timeout.0,
             limits.clone(),
+            proxy_protocol.clone(),
         ));
         let server = Arc::new(AgentServer::new(
             config,
@@ -263,11 +271,8 @@ impl Gateway {
                 limits: limits.clone(),
                 connector: guarded.clone(),
             });
-            tasks.spawn(AcceptLoop::new(listener, "http proxy").run(
-                role,
-                shutdown.clone().cancelled_owned(),
-                conns.clone(),
-            ));
+            let accept = pp(http.proxy_protocol, AcceptLoop::new(listener, "http proxy"));
+            tasks.spawn(accept.run(role, shutdown.clone().cancelled_owned(), conns.clone()));
         }
         let mut socks5_addr = None;
         if let Some(socks) = proxy.socks5 {
@@ -282,11 +287,11 @@ impl Gateway {
                 limits: limits.clone(),
                 connector: guarded.clone(),
             });
-            tasks.spawn(AcceptLoop::new(listener, "socks5 proxy").run(
-                role,
-                shutdown.clone().cancelled_owned(),
-                conns.clone(),
-            ));
+            let accept = pp(
+                socks.proxy_protocol,
+                AcceptLoop::new(listener, "socks5 proxy"),
+            );
+            tasks.spawn(accept.run(role, shutdown.clone().cancelled_owned(), conns.clone()));
         }
         let mut forward_addrs = Vec::new();
         for f in declared {
@@ -294,16 +299,13 @@ impl Gateway {
             let addr = listener.local_addr().unwrap_or(f.listen_addr.0);
             tracing::info!(%addr, group = %f.group, target = %f.target, "forwarding");
             forward_addrs.push(addr);
+            let accept = pp(f.proxy_protocol, AcceptLoop::new(listener, "forward"));
             let role = Arc::new(forward::DeclaredForward {
                 group: Arc::from(f.group.as_str()),
                 target: f.target,
                 connector: limited.clone(),
             });
-            tasks.spawn(AcceptLoop::new(listener, "forward").run(
-                role,
-                shutdown.clone().cancelled_owned(),
-                conns.clone(),
-            ));
+            tasks.spawn(accept.run(role, shutdown.clone().cancelled_owned(), conns.clone()));
         }
         let admin_stop = CancellationToken::new();
         let admin_addr = match admin {

@@ -18,6 +18,7 @@ use super::table::{total, SessionTable};
 use crate::connect::{ConnectError, Connector, Requester, Upstream};
 use crate::limits::Limits;
 use crate::net::HostPort;
+use crate::transport::listen::ProxyProtocol;
 use crate::tunnel::stats::bump;
 
 /// One live agent session, as `/metrics` and the status page show it.
@@ -62,6 +63,8 @@ pub struct GatewayMetrics {
     limits: Arc<Limits>,
     /// The cluster this gateway is a member of, if any.
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// The listeners' PROXY protocol stage, whose refusals are counted by reason.
+    proxy_protocol: std::sync::OnceLock<Arc<ProxyProtocol>>,
 }
 
 /// A short, stable name for why a connect failed (the metric's `reason` label).
@@ -97,6 +100,7 @@ impl GatewayMetrics {
             policy: std::sync::OnceLock::new(),
             limits,
             cluster: std::sync::OnceLock::new(),
+            proxy_protocol: std::sync::OnceLock::new(),
         }
     }
 
@@ -108,6 +112,11 @@ impl GatewayMetrics {
     /// Shows this policy's quotas on `/api/status` from now on.
     pub fn show_policy(&self, policy: Arc<crate::policy::Policy>) {
         let _ = self.policy.set(policy);
+    }
+
+    /// Counts this PROXY protocol stage's refusals on `/metrics` from now on.
+    pub fn show_proxy_protocol(&self, pp: Arc<ProxyProtocol>) {
+        let _ = self.proxy_protocol.set(pp);
     }
 
     /// An agent failed to authenticate; `locked` when this failure locked its IP out.
@@ -195,6 +204,24 @@ impl Observed for GatewayMetrics {
             "gateway_auth_refused_locked",
             "Agent authentications refused because the source IP was locked out",
             &[(vec![], load(&self.auth_refused_locked))],
+        )?;
+        // Every reason from the start, zero until a listener with `proxy_protocol`
+        // refuses a connection.
+        let refused: Vec<_> = match self.proxy_protocol.get() {
+            Some(pp) => pp.refused().collect(),
+            None => crate::transport::proxy_header::HeaderError::REASONS
+                .iter()
+                .map(|r| (*r, 0))
+                .collect(),
+        };
+        counters(
+            enc,
+            "gateway_proxy_protocol_refused",
+            "Connections refused by the PROXY protocol stage of a listener with proxy_protocol, by reason",
+            &refused
+                .iter()
+                .map(|(r, n)| (labels([("reason", r)]), *n))
+                .collect::<Vec<_>>(),
         )?;
         encode_limits(enc, &self.limits)?;
         match self.cluster.get() {

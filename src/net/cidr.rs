@@ -41,6 +41,18 @@ impl Cidr {
     }
 }
 
+/// In configuration: a string, `"10.0.0.0/8"` or a bare address.
+impl<'de> serde::Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Cidr::parse(s.trim()).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not an IP network (expected \"10.0.0.0/8\", \"fd00::/8\" or an address)"
+            ))
+        })
+    }
+}
+
 /// IPv4-mapped IPv6 (`::ffff:10.0.0.1`) is the IPv4 address it carries.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     ip.to_canonical()

@@ -3,6 +3,7 @@
 
 pub mod handshake;
 pub mod listen;
+pub mod proxy_header;
 pub mod tls;
 pub mod ws;
 

@@ -136,6 +136,8 @@ pub struct StackOptions {
     pub client_extra: Vec<String>,
     /// Extra top-level YAML text (e.g. a `log:` section), shared by gateway and agent.
     pub top_extra: String,
+    /// Extra YAML lines for both proxy listeners (each `key: value`).
+    pub listener_extra: Vec<String>,
 }
 
 impl Default for StackOptions {
@@ -148,6 +150,7 @@ impl Default for StackOptions {
             gateway_extra: vec![],
             client_extra: vec![],
             top_extra: String::new(),
+            listener_extra: vec![],
         }
     }
 }
@@ -232,11 +235,11 @@ proxy:
   http:
     listen_addr: "127.0.0.1:{http_port}"
     auth_username: "{HTTP_USER}"
-    auth_password: "{HTTP_PASS}"
+    auth_password: "{HTTP_PASS}"{listener_extra}
   socks5:
     listen_addr: "127.0.0.1:{socks_port}"
     auth_username: "{SOCKS_USER}"
-    auth_password: "{SOCKS_PASS}"
+    auth_password: "{SOCKS_PASS}"{listener_extra}
 gateway:
   listen_addr: "127.0.0.1:{gateway_port}"
   tls_cert: "{cert}"
@@ -248,6 +251,11 @@ gateway:
             cert = certs.cert.display(),
             key = certs.key.display(),
             top_extra = opts.top_extra,
+            listener_extra = opts
+                .listener_extra
+                .iter()
+                .map(|l| format!("\n    {l}"))
+                .collect::<String>(),
             gateway_extra = extra_lines(&opts.gateway_extra),
             client = client_section(
                 gateway_port,
