@@ -268,5 +268,6 @@ pub fn base_status(
         totals: Default::default(),
         traffic: observed.traffic().traffic(),
         quotas: None,
+        gateways: None,
     }
 }
