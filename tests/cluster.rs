@@ -79,7 +79,7 @@ gateway:
     timeout: 300ms
     on_store_failure: {mode}
 client:
-  gateway_addr: "localhost:{gateway_port}"
+  gateway_addr: "127.0.0.1:{gateway_port}"
   gateway_tls_cert: "{cert}"
   client_id: "agent-{name}"
   auth_username: "{AGENT_USER}"

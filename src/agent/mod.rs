@@ -1,6 +1,18 @@
-//! The client agent: keeps authenticated WebSocket sessions to the gateway and dials
-//! the targets the gateway asks for, inside its own network.
+//! The client agent: keeps authenticated WebSocket sessions to every gateway and dials
+//! the targets the gateways ask for, inside its own network.
+//!
+//! Each configured gateway (`host:port`) has a supervisor that resolves its name and
+//! keeps one [`Target`] per distinct address: `replicas` sessions to it, each
+//! reconnecting on its own schedule, so that losing one gateway never disturbs the
+//! sessions to the others. Names are resolved again every [`RESOLVE_EVERY`]: an
+//! address gone from the answer has its sessions drained and closed, a new one gets
+//! sessions; a failed resolution keeps what there is. A literal address is one target,
+//! never resolved again. TLS always verifies the gateway's name, never the address.
 
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +28,7 @@ use tracing::Instrument;
 use crate::config::ClientConfig;
 use crate::connect::Access;
 use crate::dial::{self as dial, acl, acl::Acl};
+use crate::metrics::links::{LinkRow, LinkState};
 use crate::net::{FailureKind, HostPort};
 use crate::transport::ws::close_code;
 use crate::transport::{handshake, tls, ws, BoxIo, WsReader};
@@ -30,8 +43,44 @@ pub enum AgentError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Acl(#[from] acl::AclError),
-    #[error("gateway_addr {0:?} is not host:port")]
+    #[error("gateway address {0:?} is not host:port")]
     GatewayAddr(String),
+}
+
+/// How often a gateway's name is resolved again.
+pub const RESOLVE_EVERY: Duration = Duration::from_secs(30);
+/// Addresses kept per gateway name, the first ones in the resolver's order.
+pub const MAX_ADDRS: usize = 16;
+
+/// Resolves `host:port` to its addresses.
+type Resolver = Arc<
+    dyn Fn(String, u16) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>>
+        + Send
+        + Sync,
+>;
+
+fn system_resolver() -> Resolver {
+    Arc::new(|host, port| {
+        Box::pin(async move { Ok(tokio::net::lookup_host((host, port)).await?.collect()) })
+    })
+}
+
+/// A configured gateway.
+struct Gateway {
+    /// As configured, `host:port`: the WebSocket `Host`, and its name in logs and status.
+    name: Arc<str>,
+    host: String,
+    port: u16,
+    /// What its certificate must carry: `gateway_server_name`, or the host.
+    server_name: rustls::pki_types::ServerName<'static>,
+    /// A literal address is one target, never resolved.
+    literal: Option<SocketAddr>,
+}
+
+/// One address of a gateway: the agent keeps `replicas` sessions to it.
+struct Target {
+    gateway: Arc<Gateway>,
+    addr: SocketAddr,
 }
 
 /// Why one session ended.
@@ -53,7 +102,13 @@ pub struct Agent {
     config: ClientConfig,
     acl: Acl,
     tls: TlsConnector,
-    server_name: rustls::pki_types::ServerName<'static>,
+    gateways: Vec<Arc<Gateway>>,
+    resolver: Resolver,
+    resolve_every: Duration,
+    /// Addresses with sessions, and the gateway that keeps them: two names for one
+    /// address would be two sessions of one client id to one gateway, replacing each
+    /// other.
+    claimed: parking_lot::Mutex<HashMap<SocketAddr, Arc<str>>>,
     /// `max_concurrent_conns`, shared by all replicas.
     permits: Arc<Semaphore>,
     /// Every `connect` being served, so that `run` returns only once they ended.
@@ -78,18 +133,36 @@ impl Agent {
             .zip(config.tls_client_key.as_deref());
         let tls_config =
             tls::client_config_with_identity(config.gateway_tls_cert.as_deref(), identity)?;
-        let host = match &config.gateway_server_name {
-            Some(name) => name.clone(),
-            None => gateway_host(&config.gateway_addr)
-                .ok_or_else(|| AgentError::GatewayAddr(config.gateway_addr.clone()))?,
-        };
-        let server_name = tls::server_name(&host)?;
+        let mut gateways = Vec::new();
+        for name in config.gateways() {
+            let hp: HostPort = name
+                .parse()
+                .map_err(|_| AgentError::GatewayAddr(name.to_owned()))?;
+            let verify = config.gateway_server_name.as_deref().unwrap_or(&hp.host);
+            gateways.push(Arc::new(Gateway {
+                name: Arc::from(name),
+                server_name: tls::server_name(verify)?,
+                literal: hp
+                    .host
+                    .parse::<IpAddr>()
+                    .ok()
+                    .map(|ip| SocketAddr::new(ip, hp.port)),
+                host: hp.host,
+                port: hp.port,
+            }));
+        }
+        if gateways.is_empty() {
+            return Err(AgentError::GatewayAddr(String::new()));
+        }
         let permits = Arc::new(Semaphore::new(config.max_concurrent_conns));
         Ok(Arc::new(Agent {
             config,
             acl,
             tls: TlsConnector::from(tls_config),
-            server_name,
+            gateways,
+            resolver: system_resolver(),
+            resolve_every: RESOLVE_EVERY,
+            claimed: Default::default(),
             permits,
             conn_tasks: TaskTracker::new(),
             metrics: Arc::default(),
@@ -116,52 +189,208 @@ impl Agent {
             .map(Some)
     }
 
-    /// Runs every replica until `shutdown`, reconnecting forever. At `shutdown` each
-    /// authenticated session drains (new `connect`s refused, live connections given
-    /// `drain_timeout`), closes with 1001 and is not reconnected; returns once every
-    /// task it started has ended.
+    /// Keeps the sessions to every gateway until `shutdown`, reconnecting forever. At
+    /// `shutdown` each authenticated session drains (new `connect`s refused, live
+    /// connections given `drain_timeout`), closes with 1001 and is not reconnected;
+    /// returns once every task it started has ended.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let replicas = self.config.replicas;
         let mut tasks = tokio::task::JoinSet::new();
-        for i in 0..replicas {
-            let client_id = if replicas == 1 {
-                self.config.client_id.clone()
-            } else {
-                format!("{}.{}", self.config.client_id, i)
-            };
-            // Every line a replica logs names it, through this span.
-            let span =
-                tracing::info_span!("agent", %client_id, gateway = %self.config.gateway_addr);
-            tasks.spawn(
-                self.clone()
-                    .replica(client_id, shutdown.clone())
-                    .instrument(span),
-            );
+        for gateway in &self.gateways {
+            tasks.spawn(self.clone().keep_gateway(gateway.clone(), shutdown.clone()));
         }
         while tasks.join_next().await.is_some() {}
         self.conn_tasks.close();
         self.conn_tasks.wait().await;
     }
 
-    async fn replica(self: Arc<Self>, client_id: String, shutdown: CancellationToken) {
+    /// One gateway's supervisor: resolves its name, keeps a [`Target`] per address
+    /// (retiring those gone from the answer), and returns once every session it
+    /// started has ended after `shutdown`.
+    async fn keep_gateway(self: Arc<Self>, gateway: Arc<Gateway>, shutdown: CancellationToken) {
+        // Each target's sessions stop when its token is cancelled: at shutdown (a
+        // child token) or when the address is retired.
+        let mut targets: BTreeMap<SocketAddr, CancellationToken> = BTreeMap::new();
+        let mut sessions = tokio::task::JoinSet::new();
+        let mut failures: u32 = 0;
+        // While the name has never resolved, a row saying so.
+        let mut unresolved: Option<LinkRow> = None;
+        loop {
+            let resolved = match gateway.literal {
+                Some(addr) => Ok(vec![addr]),
+                None => tokio::select! {
+                    r = self.resolve(&gateway) => r,
+                    _ = shutdown.cancelled() => break,
+                },
+            };
+            match resolved {
+                Ok(addrs) => {
+                    failures = 0;
+                    unresolved = None;
+                    self.reconcile(&gateway, &mut targets, addrs, &mut sessions, &shutdown);
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(gateway = %gateway.name, error = %e, kept = targets.len(), "cannot resolve the gateway");
+                    if targets.is_empty() {
+                        unresolved
+                            .get_or_insert_with(|| {
+                                self.metrics.links.add(
+                                    gateway.name.clone(),
+                                    None,
+                                    &self.client_id(0),
+                                    0,
+                                    LinkState::Resolving,
+                                )
+                            })
+                            .unresolved(e);
+                    }
+                }
+            }
+            if gateway.literal.is_some() {
+                break;
+            }
+            // A name that never resolved is retried like a failed connection.
+            let wait = if targets.is_empty() && failures > 0 {
+                backoff(
+                    failures - 1,
+                    self.config.reconnect_min.0,
+                    self.config.reconnect_max.0,
+                )
+            } else {
+                self.resolve_every
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => break,
+            }
+            while sessions.try_join_next().is_some() {}
+        }
+        drop(unresolved);
+        while sessions.join_next().await.is_some() {}
+        let mut claimed = self.claimed.lock();
+        for addr in targets.keys() {
+            claimed.remove(addr);
+        }
+    }
+
+    /// The gateway's addresses, distinct, at most [`MAX_ADDRS`], within `dial_timeout`.
+    async fn resolve(&self, gateway: &Gateway) -> Result<Vec<SocketAddr>, String> {
+        let lookup = (self.resolver)(gateway.host.clone(), gateway.port);
+        let mut addrs = tokio::time::timeout(self.config.dial_timeout.0, lookup)
+            .await
+            .map_err(|_| "resolution timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let mut seen = std::collections::HashSet::new();
+        addrs.retain(|a| seen.insert(*a));
+        addrs.truncate(MAX_ADDRS);
+        if addrs.is_empty() {
+            return Err("the name has no address".into());
+        }
+        Ok(addrs)
+    }
+
+    /// Retires the targets whose address is gone from `addrs` (their sessions drain and
+    /// close) and starts one for each new address.
+    fn reconcile(
+        self: &Arc<Self>,
+        gateway: &Arc<Gateway>,
+        targets: &mut BTreeMap<SocketAddr, CancellationToken>,
+        addrs: Vec<SocketAddr>,
+        sessions: &mut tokio::task::JoinSet<()>,
+        shutdown: &CancellationToken,
+    ) {
+        let mut claimed = self.claimed.lock();
+        targets.retain(|addr, stop| {
+            let keep = addrs.contains(addr);
+            if !keep {
+                tracing::info!(gateway = %gateway.name, %addr, "address no longer resolved: closing its sessions");
+                stop.cancel();
+                claimed.remove(addr);
+            }
+            keep
+        });
+        for addr in addrs {
+            if targets.contains_key(&addr) {
+                continue;
+            }
+            if let Some(other) = claimed.get(&addr) {
+                tracing::debug!(gateway = %gateway.name, %addr, %other, "address already served for another gateway name");
+                continue;
+            }
+            claimed.insert(addr, gateway.name.clone());
+            let stop = shutdown.child_token();
+            targets.insert(addr, stop.clone());
+            let target = Arc::new(Target {
+                gateway: gateway.clone(),
+                addr,
+            });
+            for replica in 0..self.config.replicas {
+                let client_id = self.client_id(replica);
+                // Every line a replica logs names it, through this span.
+                let span = tracing::info_span!("agent", %client_id, gateway = %gateway.name, %addr);
+                let row = self.metrics.links.add(
+                    gateway.name.clone(),
+                    Some(addr),
+                    &client_id,
+                    replica,
+                    LinkState::Connecting,
+                );
+                sessions.spawn(
+                    self.clone()
+                        .replica(target.clone(), replica, row, stop.clone(), shutdown.clone())
+                        .instrument(span),
+                );
+            }
+        }
+    }
+
+    /// The client id of replica `i`: `client_id`, or `client_id.i` with replicas.
+    fn client_id(&self, i: usize) -> String {
+        if self.config.replicas == 1 {
+            self.config.client_id.clone()
+        } else {
+            format!("{}.{}", self.config.client_id, i)
+        }
+    }
+
+    /// One session to one target, reconnected with backoff until `stop` (shutdown, or
+    /// the address retired). `row` shows it in the status; it goes with this task.
+    async fn replica(
+        self: Arc<Self>,
+        target: Arc<Target>,
+        replica: usize,
+        row: LinkRow,
+        stop: CancellationToken,
+        shutdown: CancellationToken,
+    ) {
+        let client_id = self.client_id(replica);
         let mut attempt: u32 = 0;
         loop {
-            // Until authenticated there is nothing to drain: a shutdown simply drops it.
+            row.connecting();
+            // Until authenticated there is nothing to drain: a stop simply drops it.
             let established = tokio::select! {
-                r = self.establish(&client_id) => r,
-                _ = shutdown.cancelled() => return,
+                r = self.establish(&target, &client_id) => r,
+                _ = stop.cancelled() => return,
             };
             let result = match established {
                 Ok(session) => {
                     attempt = 0;
-                    self.serve(&client_id, session, &shutdown).await
+                    let serving = Serving {
+                        client_id: &client_id,
+                        replica,
+                        row: &row,
+                        stop: &stop,
+                        shutdown: &shutdown,
+                    };
+                    self.serve(serving, session).await
                 }
                 Err(e) => Err(e),
             };
-            if shutdown.is_cancelled() {
-                tracing::info!("session closed for shutdown");
+            if stop.is_cancelled() {
+                tracing::info!("session closed: {}", stop_reason(&shutdown));
                 return;
             }
+            row.backoff(result.as_ref().err().map(|e| e.to_string()));
             if let Err(e) = &result {
                 tracing::warn!(error = %e, "gateway session ended");
             }
@@ -174,17 +403,21 @@ impl Agent {
             tracing::info!(?delay, attempt, "reconnecting");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.cancelled() => return,
+                _ = stop.cancelled() => return,
             }
         }
     }
 
     /// Connects, verifies TLS, negotiates and authenticates: the gateway's phases,
     /// seen from the other side.
-    async fn establish(&self, client_id: &str) -> Result<Established, SessionError> {
-        let tcp = self.connect_tcp().await?;
-        let io = self.tls_handshake(tcp).await?;
-        let (mut reader, session) = self.upgrade(io).await?;
+    async fn establish(
+        &self,
+        target: &Target,
+        client_id: &str,
+    ) -> Result<Established, SessionError> {
+        let tcp = self.connect_tcp(target.addr).await?;
+        let io = self.tls_handshake(&target.gateway, tcp).await?;
+        let (mut reader, session) = self.upgrade(&target.gateway, io).await?;
         match self
             .authenticate(client_id, session.core(), &mut reader)
             .await
@@ -201,21 +434,24 @@ impl Agent {
         }
     }
 
-    async fn connect_tcp(&self) -> Result<TcpStream, SessionError> {
-        let cfg = &self.config;
-        let tcp = tokio::time::timeout(cfg.dial_timeout.0, TcpStream::connect(&cfg.gateway_addr))
+    async fn connect_tcp(&self, addr: SocketAddr) -> Result<TcpStream, SessionError> {
+        let tcp = tokio::time::timeout(self.config.dial_timeout.0, TcpStream::connect(addr))
             .await
-            .map_err(|_| SessionError::Connect(format!("{} timed out", cfg.gateway_addr)))?
-            .map_err(|e| SessionError::Connect(format!("{}: {e}", cfg.gateway_addr)))?;
+            .map_err(|_| SessionError::Connect(format!("{addr} timed out")))?
+            .map_err(|e| SessionError::Connect(format!("{addr}: {e}")))?;
         let _ = tcp.set_nodelay(true);
         Ok(tcp)
     }
 
-    async fn tls_handshake(&self, tcp: TcpStream) -> Result<BoxIo, SessionError> {
+    async fn tls_handshake(
+        &self,
+        gateway: &Gateway,
+        tcp: TcpStream,
+    ) -> Result<BoxIo, SessionError> {
         let tls = tokio::time::timeout(
             self.config.dial_timeout.0,
             self.tls
-                .connect(self.server_name.clone(), tls::buffered(tcp)),
+                .connect(gateway.server_name.clone(), tls::buffered(tcp)),
         )
         .await
         .map_err(|_| SessionError::Tls("handshake timed out".into()))?
@@ -225,7 +461,11 @@ impl Agent {
 
     /// The WebSocket upgrade, offering our encodings and compression; starts the
     /// session (and its writer).
-    async fn upgrade(&self, mut io: BoxIo) -> Result<(WsReader, Session), SessionError> {
+    async fn upgrade(
+        &self,
+        gateway: &Gateway,
+        mut io: BoxIo,
+    ) -> Result<(WsReader, Session), SessionError> {
         let cfg = &self.config;
         let offer: &[Encoding] = match Encoding::from(cfg.encoding) {
             Encoding::Binary => &[Encoding::Binary, Encoding::Json],
@@ -233,7 +473,7 @@ impl Agent {
         };
         let connected = tokio::time::timeout(
             cfg.dial_timeout.0,
-            handshake::connect(&mut io, &cfg.gateway_addr, offer, Some(&cfg.deflate)),
+            handshake::connect(&mut io, &gateway.name, offer, Some(&cfg.deflate)),
         )
         .await
         .map_err(|_| SessionError::Handshake("timed out".into()))?
@@ -315,15 +555,21 @@ impl Agent {
         }
     }
 
-    /// Serves an authenticated session until it ends, or, at `shutdown`, drains it:
+    /// Serves an authenticated session until it ends, or, at `stop`, drains it:
     /// tells the gateway we are going away, refuses new `connect`s, lets the live
     /// connections finish for at most `drain_timeout`, then closes with 1001.
     async fn serve(
         self: &Arc<Self>,
-        client_id: &str,
+        serving: Serving<'_>,
         session: Established,
-        shutdown: &CancellationToken,
     ) -> Result<(), SessionError> {
+        let Serving {
+            client_id,
+            replica,
+            row,
+            stop,
+            shutdown,
+        } = serving;
         let cfg = &self.config;
         let Established {
             session,
@@ -342,10 +588,11 @@ impl Agent {
             .as_deref()
             .unwrap_or(crate::config::DEFAULT_GROUP);
         let _counted = self.metrics.sessions.attach(group, client_id, core.clone());
+        row.connected(core.clone());
         let pinger = tokio::spawn(core.clone().heartbeat(cfg.ping_interval.0));
-        // One replica owns the forwards: the others would only meet a conflict.
-        let replicas = cfg.replicas;
-        if replicas == 1 || client_id == format!("{}.0", cfg.client_id) {
+        // On each gateway one replica owns the forwards: the others would only meet a
+        // conflict.
+        if replica == 0 {
             self.request_forwards(&core).await;
         }
         for msg in leftovers {
@@ -358,11 +605,12 @@ impl Agent {
         tokio::pin!(read);
         let end = tokio::select! {
             end = &mut read => end,
-            _ = shutdown.cancelled() => {
+            _ = stop.cancelled() => {
                 let drain = cfg.drain_timeout.0;
-                tracing::info!(conns = core.active_conns(), ?drain, "shutting down: draining");
+                let why = stop_reason(shutdown);
+                tracing::info!(conns = core.active_conns(), ?drain, "{why}: draining");
                 let drained = async {
-                    core.announce_going_away("agent shutting down").await;
+                    core.announce_going_away(why).await;
                     core.drained(drain).await
                 };
                 // The reader keeps running meanwhile: the live connections need it.
@@ -378,7 +626,7 @@ impl Agent {
                 match early_end {
                     Some(end) => end,
                     None => {
-                        session.send_close(close_code::GOING_AWAY, "agent shutting down").await;
+                        session.send_close(close_code::GOING_AWAY, why).await;
                         // The gateway echoes the close; don't wait for it forever.
                         tokio::time::timeout(WRITER_GRACE, &mut read)
                             .await
@@ -545,6 +793,25 @@ impl Agent {
     }
 }
 
+/// What [`Agent::serve`] needs besides the session.
+struct Serving<'a> {
+    client_id: &'a str,
+    replica: usize,
+    row: &'a LinkRow,
+    /// Drain and close: at shutdown, or when the address is retired.
+    stop: &'a CancellationToken,
+    shutdown: &'a CancellationToken,
+}
+
+/// Why a session is being closed on purpose, for the logs and the gateway.
+fn stop_reason(shutdown: &CancellationToken) -> &'static str {
+    if shutdown.is_cancelled() {
+        "agent shutting down"
+    } else {
+        "gateway address no longer resolved"
+    }
+}
+
 /// The agent's side of a session: `connect`s to serve and answers to our `forward`s.
 struct AgentRole(Arc<Agent>);
 
@@ -575,16 +842,6 @@ fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
     step.mul_f64(0.5 + rand::random::<f64>() * 0.5)
 }
 
-fn gateway_host(addr: &str) -> Option<String> {
-    let (host, port) = addr.rsplit_once(':')?;
-    port.parse::<u16>().ok()?;
-    Some(
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned(),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -601,13 +858,162 @@ mod tests {
         }
     }
 
-    #[test]
-    fn gateway_host_parsing() {
-        assert_eq!(
-            gateway_host("gw.example.com:8443").unwrap(),
-            "gw.example.com"
+    /// Addresses on which nothing listens: connections to them are refused at once.
+    fn refusing_addrs(n: usize) -> Vec<SocketAddr> {
+        let held: Vec<_> = (0..n)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        held.iter().map(|l| l.local_addr().unwrap()).collect()
+    }
+
+    /// An agent whose resolver answers, for every name, what `answer` holds now
+    /// (`None`: fails), and resolves again every 20 ms.
+    fn agent_with(
+        client: &str,
+        answer: Arc<parking_lot::Mutex<HashMap<String, Option<Vec<SocketAddr>>>>>,
+    ) -> Arc<Agent> {
+        let text = format!(
+            "client:\n{client}\n  client_id: c\n  auth_username: u\n  auth_password: p\n  reconnect_min: 10ms\n  reconnect_max: 50ms\n"
         );
-        assert_eq!(gateway_host("[::1]:8443").unwrap(), "::1");
-        assert!(gateway_host("nohost").is_none());
+        let config = crate::config::Config::parse(&text, std::path::Path::new("t.yaml"))
+            .unwrap()
+            .client
+            .unwrap();
+        let mut agent = Arc::into_inner(Agent::new(config).unwrap()).unwrap();
+        agent.resolve_every = Duration::from_millis(20);
+        agent.resolver = Arc::new(move |host, _port| {
+            let answer = answer.lock().get(&host).cloned().flatten();
+            Box::pin(
+                async move { answer.ok_or_else(|| std::io::Error::other("no such name (test)")) },
+            )
+        });
+        Arc::new(agent)
+    }
+
+    /// The (gateway, address, replica) of every status row.
+    fn rows(agent: &Agent) -> Vec<(String, Option<String>, usize)> {
+        agent
+            .metrics
+            .links
+            .status()
+            .into_iter()
+            .map(|r| (r.gateway, r.address, r.replica))
+            .collect()
+    }
+
+    async fn wait_rows(agent: &Agent, want: &[(&str, Option<SocketAddr>, usize)]) {
+        let mut want: Vec<_> = want
+            .iter()
+            .map(|(g, a, r)| (g.to_string(), a.map(|a| a.to_string()), *r))
+            .collect();
+        want.sort();
+        let sorted = || {
+            let mut r = rows(agent);
+            r.sort();
+            r
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while sorted() != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rows {:?}, want {want:?}",
+                rows(agent)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_per_address_and_replica_following_the_names_answers() {
+        let [a, b, c]: [SocketAddr; 3] = refusing_addrs(3).try_into().unwrap();
+        let answer = Arc::new(parking_lot::Mutex::new(HashMap::new()));
+        answer
+            .lock()
+            .insert("gw.test".to_owned(), Some(vec![a, b, a]));
+        let agent = agent_with(
+            "  gateway_addr: \"gw.test:8443\"\n  replicas: 2",
+            answer.clone(),
+        );
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(agent.clone().run(shutdown.clone()));
+        let gw = "gw.test:8443";
+        wait_rows(
+            &agent,
+            &[
+                (gw, Some(a), 0),
+                (gw, Some(a), 1),
+                (gw, Some(b), 0),
+                (gw, Some(b), 1),
+            ],
+        )
+        .await;
+        // The TLS name stays the host's, whatever the address.
+        let name = &agent.gateways[0].server_name;
+        assert_eq!(name.to_str(), "gw.test");
+
+        // b leaves the answer and c joins it.
+        answer.lock().insert("gw.test".to_owned(), Some(vec![c, a]));
+        wait_rows(
+            &agent,
+            &[
+                (gw, Some(a), 0),
+                (gw, Some(a), 1),
+                (gw, Some(c), 0),
+                (gw, Some(c), 1),
+            ],
+        )
+        .await;
+        // A failed resolution keeps the sessions there are.
+        answer.lock().insert("gw.test".to_owned(), None);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(rows(&agent).len(), 4);
+
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(rows(&agent).is_empty());
+    }
+
+    #[tokio::test]
+    async fn names_sharing_an_address_keep_one_session_to_it() {
+        let [a, b]: [SocketAddr; 2] = refusing_addrs(2).try_into().unwrap();
+        let answer = Arc::new(parking_lot::Mutex::new(HashMap::new()));
+        answer.lock().insert("one.test".to_owned(), Some(vec![a]));
+        answer.lock().insert("two.test".to_owned(), None);
+        let literal = format!("{b}");
+        let agent = agent_with(
+            &format!("  gateway_addrs: [\"one.test:1\", \"two.test:1\", \"{literal}\"]"),
+            answer.clone(),
+        );
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(agent.clone().run(shutdown.clone()));
+        // two.test does not resolve yet: one row says so.
+        wait_rows(
+            &agent,
+            &[
+                (literal.as_str(), Some(b), 0),
+                ("one.test:1", Some(a), 0),
+                ("two.test:1", None, 0),
+            ],
+        )
+        .await;
+        let status = agent.metrics.links.status();
+        let unresolved = status.iter().find(|r| r.address.is_none()).unwrap();
+        assert_eq!(unresolved.state, LinkState::Resolving);
+        assert!(unresolved.last_error.is_some());
+        // It now resolves to an address one.test already has a session to.
+        answer.lock().insert("two.test".to_owned(), Some(vec![a]));
+        wait_rows(
+            &agent,
+            &[(literal.as_str(), Some(b), 0), ("one.test:1", Some(a), 0)],
+        )
+        .await;
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

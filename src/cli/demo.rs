@@ -98,7 +98,7 @@ gateway:
   auth_username: "{agent_user}"
   auth_password: "{agent_pass}"
 client:
-  gateway_addr: "localhost:{gateway_port}"
+  gateway_addr: "127.0.0.1:{gateway_port}"
   gateway_tls_cert: "{cert}"
   client_id: "demo-agent"
   auth_username: "{agent_user}"

@@ -81,6 +81,23 @@ impl Config {
                     "client.replicas must be at least 1".into(),
                 ));
             }
+            match (c.gateway_addr.is_empty(), c.gateway_addrs.is_empty()) {
+                (true, true) => {
+                    return Err(ConfigError::Semantic(
+                        "client: gateway_addr or gateway_addrs is required".into(),
+                    ))
+                }
+                (false, false) => {
+                    return Err(ConfigError::Semantic(
+                        "client: set either gateway_addr or gateway_addrs, not both".into(),
+                    ))
+                }
+                _ => {}
+            }
+            for a in c.gateways() {
+                a.parse::<HostPort>()
+                    .map_err(|e| ConfigError::Semantic(format!("client: gateway address {e}")))?;
+            }
             if c.max_concurrent_conns == 0 {
                 return Err(ConfigError::Semantic(
                     "client.max_concurrent_conns must be at least 1".into(),
@@ -758,7 +775,13 @@ pub struct OpenPort {
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
     /// `host:port` of the gateway; the host is also the name its certificate must carry.
+    /// A name with several addresses is several gateways: a session (per replica) to
+    /// each. Set this or `gateway_addrs`, not both.
+    #[serde(default)]
     pub gateway_addr: String,
+    /// Several gateways, each `host:port` as in `gateway_addr`.
+    #[serde(default)]
+    pub gateway_addrs: Vec<String>,
     /// PEM file of the CA (or the self-signed certificate itself) that the gateway's
     /// certificate must chain to. Without it, the bundled public web roots are used.
     #[serde(default)]
@@ -829,6 +852,15 @@ pub struct ClientConfig {
     pub admin_username: Option<String>,
     #[serde(default)]
     pub admin_password: Option<Secret>,
+}
+
+impl ClientConfig {
+    /// The configured gateways, `host:port` each: `gateway_addrs`, or `gateway_addr`.
+    pub fn gateways(&self) -> impl Iterator<Item = &str> {
+        let one = (!self.gateway_addr.is_empty()).then_some(self.gateway_addr.as_str());
+        one.into_iter()
+            .chain(self.gateway_addrs.iter().map(String::as_str))
+    }
 }
 
 /// An allowlist entry: when `limit` is non-empty only these targets may be dialed.
@@ -905,6 +937,31 @@ client:
             .to_string();
         assert!(err.contains("colour"), "{err}");
         assert!(err.contains("gateway"), "{err}");
+    }
+
+    #[test]
+    fn one_gateway_or_a_list_of_them() {
+        let rest = "  client_id: c\n  auth_username: u\n  auth_password: p\n";
+        let parse = |gw: &str| Config::parse(&format!("client:\n{gw}{rest}"), Path::new("x.yaml"));
+        let one = parse("  gateway_addr: 'g:1'\n").unwrap().client.unwrap();
+        assert_eq!(one.gateways().collect::<Vec<_>>(), ["g:1"]);
+        let list = parse("  gateway_addrs: ['a:1', '[::1]:2']\n")
+            .unwrap()
+            .client
+            .unwrap();
+        assert_eq!(list.gateways().collect::<Vec<_>>(), ["a:1", "[::1]:2"]);
+        for (bad, says) in [
+            ("", "is required"),
+            ("  gateway_addrs: []\n", "is required"),
+            (
+                "  gateway_addr: 'g:1'\n  gateway_addrs: ['a:1']\n",
+                "not both",
+            ),
+            ("  gateway_addrs: ['a:1', 'nohost']\n", "nohost"),
+        ] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
     }
 
     #[test]

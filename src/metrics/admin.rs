@@ -269,5 +269,6 @@ pub fn base_status(
         traffic: observed.traffic().traffic(),
         quotas: None,
         cluster: None,
+        gateways: None,
     }
 }

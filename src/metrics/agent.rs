@@ -1,5 +1,5 @@
-//! The agent's metrics and status: its sessions (one per replica) and the connects
-//! it refused or could not dial, by error code.
+//! The agent's metrics and status: its sessions (one per replica and gateway address,
+//! [`Links`]) and the connects it refused or could not dial, by error code.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,13 +10,16 @@ use prometheus_client::encoding::DescriptorEncoder;
 use tokio_util::sync::CancellationToken;
 
 use super::admin::{base_status, Observed};
-use super::encode::{counters, labels};
+use super::encode::{counters, gauges, labels};
+use super::links::Links;
 use super::status::{live_conns, AgentStatus, GroupStatus, Status, TrafficRing};
 use super::table::{total, SessionTable};
 use crate::tunnel::stats::bump;
 
 pub struct AgentMetrics {
     pub sessions: Arc<SessionTable>,
+    /// Every gateway session, whatever its state.
+    pub links: Arc<Links>,
     /// Cancelled when the agent starts shutting down (readiness).
     pub stopping: CancellationToken,
     started: Instant,
@@ -28,6 +31,7 @@ impl Default for AgentMetrics {
     fn default() -> Self {
         AgentMetrics {
             sessions: Arc::default(),
+            links: Arc::default(),
             stopping: CancellationToken::new(),
             started: Instant::now(),
             traffic: TrafficRing::default(),
@@ -48,6 +52,34 @@ impl AgentMetrics {
 impl Observed for AgentMetrics {
     fn encode(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         super::tunnel::encode(enc, &self.sessions.rows())?;
+        let links = self.links.status();
+        let link = |l: &super::links::LinkStatus| {
+            labels([
+                ("gateway", l.gateway.as_str()),
+                ("address", l.address.as_deref().unwrap_or("")),
+                ("replica", &l.replica.to_string()),
+            ])
+        };
+        let up: Vec<_> = links
+            .iter()
+            .map(|l| {
+                let connected = l.state == super::links::LinkState::Connected;
+                (link(l), f64::from(u8::from(connected)))
+            })
+            .collect();
+        gauges(
+            enc,
+            "agent_gateway_session_up",
+            "1 when this gateway session (one per gateway address and replica) is authenticated",
+            &up,
+        )?;
+        let reconnects: Vec<_> = links.iter().map(|l| (link(l), l.reconnects)).collect();
+        counters(
+            enc,
+            "agent_gateway_reconnects",
+            "Gateway sessions ended or attempts failed, per gateway address and replica",
+            &reconnects,
+        )?;
         let refused: Vec<_> = ErrorCode::ALL
             .iter()
             .zip(&self.refused)
@@ -74,24 +106,23 @@ impl Observed for AgentMetrics {
     fn status(&self) -> Status {
         let mut status = base_status("agent", self, self.started);
         let rows = self.sessions.rows();
-        for r in &rows {
-            let agents: Vec<_> = r
-                .live
-                .iter()
-                .map(|core| AgentStatus::of(r.agent.to_string(), String::new(), core))
-                .collect();
-            if agents.is_empty() {
-                continue;
-            }
-            status.totals.agents += agents.len();
-            match status.groups.iter_mut().find(|g| *g.group == *r.group) {
-                Some(g) => g.agents.extend(agents),
-                None => status.groups.push(GroupStatus {
-                    group: r.group.to_string(),
-                    agents,
-                }),
+        // One entry per authenticated gateway session, `remote` = the gateway address.
+        let agents: Vec<_> = self
+            .links
+            .live()
+            .into_iter()
+            .map(|l| {
+                let remote = l.address.map_or(l.gateway.to_string(), |a| a.to_string());
+                AgentStatus::of(l.client_id, remote, &l.core)
+            })
+            .collect();
+        status.totals.agents = agents.len();
+        if let Some(group) = rows.first().map(|r| r.group.to_string()) {
+            if !agents.is_empty() {
+                status.groups.push(GroupStatus { group, agents });
             }
         }
+        status.gateways = Some(self.links.status());
         let refused = self.refused.iter().map(|n| n.load(Ordering::Relaxed)).sum();
         status.totals.fill(&rows, refused);
         status

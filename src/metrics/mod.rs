@@ -7,6 +7,7 @@ pub mod admin;
 pub mod agent;
 mod encode;
 pub mod gateway;
+pub mod links;
 pub mod process;
 pub mod status;
 pub mod table;

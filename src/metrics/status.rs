@@ -28,6 +28,10 @@ pub struct Status {
     /// Present only when a policy is on (gateway): its download quotas in use.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quotas: Option<Vec<crate::policy::QuotaUsage>>,
+    /// Agent only: one row per gateway session (gateway address and replica), in any
+    /// state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateways: Option<Vec<super::links::LinkStatus>>,
     /// Present only on a cluster member (gateway): every live node and its agents.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterStatus>,

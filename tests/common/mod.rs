@@ -173,7 +173,9 @@ pub struct Stack {
     pub opts: StackOptions,
 }
 
-/// The `client:` section of a config file for an agent of this stack's gateway.
+/// The `client:` section of a config file for an agent of this stack's gateway. The
+/// gateway is named by its address: `localhost` may also resolve to ::1, which the agent
+/// would take for a second gateway.
 fn client_section(
     gateway_port: u16,
     cert: &Path,
@@ -184,7 +186,7 @@ fn client_section(
 ) -> String {
     format!(
         r#"client:
-  gateway_addr: "localhost:{gateway_port}"
+  gateway_addr: "127.0.0.1:{gateway_port}"
   gateway_tls_cert: "{cert}"
   client_id: "{client_id}"
   auth_username: "{AGENT_USER}"
@@ -372,7 +374,7 @@ gateway:
     ) -> Proc {
         let dir = self.certs.dir.path();
         let config = format!(
-            "client:\n  gateway_addr: \"localhost:{port}\"\n  gateway_tls_cert: \"{cert}\"\n  client_id: \"{client_id}\"\n  group_id: \"{group}\"\n  auth_password: \"{password}\"\n  reconnect_min: 100ms\n  reconnect_max: 1s\n{extra}",
+            "client:\n  gateway_addr: \"127.0.0.1:{port}\"\n  gateway_tls_cert: \"{cert}\"\n  client_id: \"{client_id}\"\n  group_id: \"{group}\"\n  auth_password: \"{password}\"\n  reconnect_min: 100ms\n  reconnect_max: 1s\n{extra}",
             port = self.gateway_port,
             cert = self.certs.cert.display(),
         );

@@ -53,6 +53,25 @@ function renderGroups(groups) {
   }
 }
 
+// Agent only: every gateway session, whatever its state.
+function renderGateways(gateways) {
+  const section = document.getElementById("gateways-section");
+  section.hidden = !gateways;
+  if (!gateways) return;
+  const table = document.getElementById("gateways");
+  table.replaceChildren(el("tr", {}, ...["gateway", "address", "client id", "state", "for", "reconnects", "last error"].map(h => el("th", {}, h))));
+  for (const g of gateways) {
+    table.append(el("tr", { class: "gateway-session", "data-state": g.state },
+      el("td", {}, g.gateway),
+      el("td", {}, g.address || "-"),
+      el("td", {}, g.client_id),
+      el("td", { class: g.state === "connected" ? "ok" : "bad" }, g.state),
+      el("td", {}, g.state_secs + " s"),
+      el("td", {}, g.reconnects),
+      el("td", {}, g.last_error || "-")));
+  }
+}
+
 // Present only when the gateway runs a policy; the most used first, per manager.
 function renderQuotas(quotas) {
   const section = document.getElementById("quotas-section");
@@ -113,6 +132,7 @@ async function poll() {
     summary.className = st.ready ? "ok" : "bad";
     renderTotals(st.totals);
     renderGroups(st.groups);
+    renderGateways(st.gateways);
     renderQuotas(st.quotas);
     renderChart(st.traffic);
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
