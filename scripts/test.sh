@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what the tests drive (curl, the
-# Python `websockets` package, headless Chromium; iperf3 and rathole for the load-test
+# Python `websockets` package, headless Chromium, redis-server; iperf3 and rathole for the load-test
 # smoke run), then runs fmt, clippy, a tiny load test and every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,11 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
   # tests/metrics.rs renders the admin status page in headless Chromium.
   echo "== installing chromium"
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; else sudo apt-get update -qq && sudo apt-get install -y -qq chromium; fi
+fi
+if ! command -v redis-server >/dev/null 2>&1; then
+  # The cluster tests (tests/policy_cluster.rs) share state through a real Redis.
+  echo "== installing redis-server"
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server; fi
 fi
 if ! python3 -c 'import websockets' >/dev/null 2>&1; then
   echo "== installing the Python websockets package"

@@ -158,7 +158,14 @@ pub fn build(conf: ManagersConf, opts: PolicyOptions) -> Result<Policy, PolicyCo
     for c in &conf.dwn_cons_r {
         let at = at!("[[dwnConsR]]", c);
         let db = b.user_db(&at, "userDBN", &c.user_dbn)?;
-        let d = Arc::new(DwnConsR::from_conf(file, c, db, state_dir, now, flush.clone())?);
+        let d = Arc::new(DwnConsR::from_conf(
+            file,
+            c,
+            db,
+            state_dir,
+            now,
+            flush.clone(),
+        )?);
         quotas.push(d.clone());
         b.add(&at, Manager::DwnConsR(d))?;
     }

@@ -412,7 +412,10 @@ impl Shared {
             .copied()
             .unwrap_or(false);
         let deltas = d.take_deltas();
-        let (cons, last) = (self.key("quota", d.name()), self.key("quota-reset", d.name()));
+        let (cons, last) = (
+            self.key("quota", d.name()),
+            self.key("quota-reset", d.name()),
+        );
         let mut inv = QUOTA_SYNC.key(cons);
         inv.key(last)
             .arg(unix_ms(d.last_reset()))
@@ -507,9 +510,10 @@ impl Shared {
                 // Argon2 takes tens of milliseconds of CPU: off the async workers.
                 let s2 = s.clone();
                 let user = cred.user.clone();
-                let ok = tokio::task::spawn_blocking(move || s2.authenticate(&cred.user, &cred.pass))
-                    .await
-                    .map_err(|_| CmdError::Internal)?;
+                let ok =
+                    tokio::task::spawn_blocking(move || s2.authenticate(&cred.user, &cred.pass))
+                        .await
+                        .map_err(|_| CmdError::Internal)?;
                 if !ok {
                     return Err(CmdError::BadCredentials);
                 }

@@ -109,7 +109,7 @@ impl QuotaHandle {
                         manager: self.manager.to_string(),
                         quota,
                         allowed: take,
-                    })
+                    });
                 }
                 Err(actual) => cur = actual,
             }

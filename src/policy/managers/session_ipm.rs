@@ -180,7 +180,10 @@ impl SessionIpm {
     pub(crate) fn current(&self, c: &Claims, now: SystemTime) -> Result<Session, CmdError> {
         let t = self.table.read();
         Self::check(&t, c, now)?;
-        t.by_user.get(&c.user).cloned().ok_or(CmdError::InvalidToken)
+        t.by_user
+            .get(&c.user)
+            .cloned()
+            .ok_or(CmdError::InvalidToken)
     }
 
     /// The user a live token belongs to.

@@ -130,10 +130,17 @@ fn reset_cycle_zero_and_corrupt_state_are_errors() {
     );
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("down.json"), "{not json").unwrap();
-    let e = DwnConsR::from_conf("managers.toml", &conf("24h"), db(), Some(dir.path()), t0(), None)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = DwnConsR::from_conf(
+        "managers.toml",
+        &conf("24h"),
+        db(),
+        Some(dir.path()),
+        t0(),
+        None,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(
         e.contains("down.json") && e.contains("fix or remove the file"),
         "{e}"
