@@ -209,7 +209,7 @@ impl Gateway {
                     // Printed, never logged: it carries the generated admin password.
                     println!("{}", first.message(&dir.path));
                 }
-                let policy = Arc::new(dir.load_policy()?);
+                let policy = Arc::new(dir.load_policy_in(cluster.clone())?);
                 // Stopped after the drain, so that the last persist counts the bytes
                 // the drain still delivered.
                 let api = crate::policy::start_api(&dir, policy.clone(), policy_stop.clone())

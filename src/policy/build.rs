@@ -16,6 +16,7 @@ use super::managers::time_span::TimeSpan;
 use super::managers::user_db::UserDb;
 use super::managers::Manager;
 use super::rule::{is_ident_continue, is_ident_start, Rule};
+use super::shared::Shared;
 use super::{Policy, PolicyOptions};
 
 /// The upstream's default token lifetime is not documented; a working day is a usable one.
@@ -74,7 +75,16 @@ pub fn build(conf: ManagersConf, opts: PolicyOptions) -> Result<Policy, PolicyCo
     })?;
     let rule = Rule::parse(rule_text).map_err(|e| top("rules", e.to_string()))?;
     let now = opts.clock.now();
-    let state_dir = opts.state_dir.as_deref();
+    let shared = opts
+        .cluster
+        .clone()
+        .map(|c| Arc::new(Shared::new(c, opts.shared_jwt.clone())));
+    // In a cluster the store holds sessions and consumptions, not the files.
+    let state_dir = match shared {
+        Some(_) => None,
+        None => opts.state_dir.as_deref(),
+    };
+    let flush = shared.as_ref().map(|s| s.flush.clone());
     if let Some(dir) = state_dir {
         std::fs::create_dir_all(dir).map_err(|e| PolicyConfigError::State {
             path: dir.to_path_buf(),
@@ -148,7 +158,14 @@ pub fn build(conf: ManagersConf, opts: PolicyOptions) -> Result<Policy, PolicyCo
     for c in &conf.dwn_cons_r {
         let at = at!("[[dwnConsR]]", c);
         let db = b.user_db(&at, "userDBN", &c.user_dbn)?;
-        let d = Arc::new(DwnConsR::from_conf(file, c, db, state_dir, now)?);
+        let d = Arc::new(DwnConsR::from_conf(
+            file,
+            c,
+            db,
+            state_dir,
+            now,
+            flush.clone(),
+        )?);
         quotas.push(d.clone());
         b.add(&at, Manager::DwnConsR(d))?;
     }
@@ -190,5 +207,6 @@ pub fn build(conf: ManagersConf, opts: PolicyOptions) -> Result<Policy, PolicyCo
         admins: conf.admins,
         codec: opts.codec,
         clock: opts.clock,
+        shared,
     })
 }

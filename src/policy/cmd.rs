@@ -81,6 +81,10 @@ pub enum CmdError {
     TokenExpired,
     #[error("only administrators may do this")]
     NotAdmin,
+    #[error("the cluster store is unreachable and this gateway refuses to decide without it; try again later")]
+    StoreUnavailable,
+    #[error("the command failed unexpectedly")]
+    Internal,
 }
 
 impl CmdError {
@@ -96,12 +100,19 @@ impl CmdError {
             CmdError::InvalidToken | CmdError::BadToken(_) => "invalid_token",
             CmdError::TokenExpired => "token_expired",
             CmdError::NotAdmin => "not_admin",
+            CmdError::StoreUnavailable => "store_unavailable",
+            CmdError::Internal => "internal",
         }
     }
 
-    /// The upstream answers every failed command with 400.
+    /// The upstream answers every failed command with 400; a store outage or a
+    /// failure of ours is no fault of the request.
     pub fn http_status(&self) -> u16 {
-        400
+        match self {
+            CmdError::StoreUnavailable => 503,
+            CmdError::Internal => 500,
+            _ => 400,
+        }
     }
 
     pub fn to_json(&self) -> Value {
@@ -139,7 +150,7 @@ pub struct UserInfo {
     pub bytes_cons: u64,
 }
 
-fn parse_addr(s: &str) -> Result<IpAddr, CmdError> {
+pub(crate) fn parse_addr(s: &str) -> Result<IpAddr, CmdError> {
     s.parse::<IpAddr>()
         .or_else(|_| s.parse::<SocketAddr>().map(|a| a.ip()))
         .map_err(|_| CmdError::BadRemoteAddr(s.to_string()))
@@ -150,14 +161,42 @@ fn to_value(v: impl Serialize) -> Value {
 }
 
 impl Policy {
+    /// `cmd` for the API: off the async workers (`open` verifies a password hash), and
+    /// against the cluster store when there is one.
+    pub async fn cmd_async(self: &Arc<Self>, cmd: Cmd) -> Result<Value, CmdError> {
+        if let Some(shared) = self.shared.clone() {
+            return shared.cmd(self, cmd).await;
+        }
+        let p = self.clone();
+        tokio::task::spawn_blocking(move || p.cmd(cmd))
+            .await
+            .unwrap_or(Err(CmdError::Internal))
+    }
+
     pub fn cmd(&self, cmd: Cmd) -> Result<Value, CmdError> {
         if cmd.cmd == "discover" {
             return self.discover(&cmd).map(to_value);
         }
+        let manager = self.route(&cmd)?;
+        let session_cmd = matches!(cmd.cmd.as_str(), "open" | "close" | "renew" | "check");
+        let quota_cmd = matches!(cmd.cmd.as_str(), "getOther" | "set" | "show");
+        match manager {
+            Manager::Session(s) if session_cmd || cmd.cmd == "get" => self.session_cmd(s, &cmd),
+            Manager::DwnConsR(d) if quota_cmd || cmd.cmd == "get" => self.quota_cmd(d, &cmd),
+            other => Err(CmdError::WrongManager {
+                manager: cmd.manager.clone(),
+                kind: other.kind(),
+                cmd: cmd.cmd.clone(),
+            }),
+        }
+    }
+
+    /// The manager a command (other than `discover`) is for.
+    pub(crate) fn route(&self, cmd: &Cmd) -> Result<&Manager, CmdError> {
         let session_cmd = matches!(cmd.cmd.as_str(), "open" | "close" | "renew" | "check");
         let quota_cmd = matches!(cmd.cmd.as_str(), "getOther" | "set" | "show");
         if !(session_cmd || quota_cmd || cmd.cmd == "get") {
-            return Err(CmdError::UnknownCommand(cmd.cmd));
+            return Err(CmdError::UnknownCommand(cmd.cmd.clone()));
         }
         let manager = if cmd.manager.is_empty() {
             let kind = if session_cmd {
@@ -173,15 +212,7 @@ impl Policy {
                 .map(|(_, m)| m)
                 .ok_or_else(|| CmdError::UnknownManager(cmd.manager.clone()))?
         };
-        match manager {
-            Manager::Session(s) if session_cmd || cmd.cmd == "get" => self.session_cmd(s, &cmd),
-            Manager::DwnConsR(d) if quota_cmd || cmd.cmd == "get" => self.quota_cmd(d, &cmd),
-            other => Err(CmdError::WrongManager {
-                manager: cmd.manager.clone(),
-                kind: other.kind(),
-                cmd: cmd.cmd.clone(),
-            }),
-        }
+        Ok(manager)
     }
 
     /// Lets clients omit `manager` when only one could answer.

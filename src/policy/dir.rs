@@ -13,7 +13,9 @@ use base64::Engine;
 
 use super::jwt::{JwtTokens, MIN_KEY_LEN};
 use super::server_config::{ServerConf, ServerConfError, DEFAULT_SERVER_TOML};
-use super::{Clock, Policy, PolicyConfigError, PolicyOptions, SystemClock};
+use super::shared::SharedJwt;
+use super::{Clock, Policy, PolicyConfigError, PolicyOptions, SystemClock, TokenCodec};
+use crate::cluster::Cluster;
 use crate::transport::tls::{self, TlsError};
 
 pub const SERVER_TOML: &str = "server.toml";
@@ -76,6 +78,8 @@ pub struct PolicyDir {
     /// Set when this start generated `managers.toml`.
     pub first_run: Option<FirstRun>,
     codec: Arc<JwtTokens>,
+    /// The raw key behind `codec`, offered to the cluster store on first start.
+    jwt_key: Vec<u8>,
 }
 
 impl std::fmt::Debug for PolicyDir {
@@ -225,12 +229,13 @@ impl PolicyDir {
             }
         }
 
-        let codec = Arc::new(load_or_create_jwt_key(&dir.join(JWT_KEY_FILE))?);
+        let (codec, jwt_key) = load_or_create_jwt_key(&dir.join(JWT_KEY_FILE))?;
         Ok(PolicyDir {
             path: dir.to_path_buf(),
             server,
             first_run,
-            codec,
+            codec: Arc::new(codec),
+            jwt_key,
         })
     }
 
@@ -261,11 +266,34 @@ impl PolicyDir {
     }
 
     pub fn load_policy_with_clock(&self, clock: Arc<dyn Clock>) -> Result<Policy, DirError> {
+        self.load(clock, None)
+    }
+
+    /// `load_policy`, with sessions, consumptions and the JWT key in `cluster`'s store
+    /// when there is one (the gateway's `gateway.cluster`).
+    pub fn load_policy_in(&self, cluster: Option<Arc<Cluster>>) -> Result<Policy, DirError> {
+        self.load(Arc::new(SystemClock), cluster)
+    }
+
+    fn load(
+        &self,
+        clock: Arc<dyn Clock>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Result<Policy, DirError> {
+        let shared_jwt = cluster
+            .as_ref()
+            .map(|_| Arc::new(SharedJwt::new(self.token_codec(), &self.jwt_key)));
+        let codec: Arc<dyn TokenCodec> = match &shared_jwt {
+            Some(j) => j.clone(),
+            None => self.token_codec(),
+        };
         let opts = PolicyOptions {
             state_dir: Some(self.path.clone()),
             clock,
-            codec: self.token_codec(),
+            codec,
             file_label: MANAGERS_TOML.to_string(),
+            cluster,
+            shared_jwt,
         };
         Ok(Policy::load(&self.managers_path(), opts)?)
     }
@@ -276,7 +304,7 @@ impl PolicyDir {
 }
 
 /// Reads the key (base64), generating it on first use; warns if others can read it.
-fn load_or_create_jwt_key(path: &Path) -> Result<JwtTokens, DirError> {
+fn load_or_create_jwt_key(path: &Path) -> Result<(JwtTokens, Vec<u8>), DirError> {
     let fresh = STANDARD.encode(random_bytes::<64>()) + "\n";
     create_new(path, fresh.as_bytes(), true)?;
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
@@ -300,7 +328,7 @@ fn load_or_create_jwt_key(path: &Path) -> Result<JwtTokens, DirError> {
             }
         }
     }
-    Ok(codec)
+    Ok((codec, key))
 }
 
 #[cfg(test)]

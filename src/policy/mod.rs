@@ -17,6 +17,7 @@ mod persist;
 mod policy_guard;
 pub mod rule;
 pub mod server_config;
+pub mod shared;
 pub mod token;
 
 #[cfg(test)]
@@ -54,6 +55,11 @@ pub struct PolicyOptions {
     pub codec: Arc<dyn TokenCodec>,
     /// Prefix of configuration errors, normally the file's name.
     pub file_label: String,
+    /// `gateway.cluster`: sessions and consumptions live in its store (not in
+    /// `state_dir`), kept in step by the task `start_api` runs.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// With `cluster`: the JWT codec that adopts the cluster's key (`codec` is it).
+    pub shared_jwt: Option<Arc<shared::SharedJwt>>,
 }
 
 impl Default for PolicyOptions {
@@ -63,6 +69,8 @@ impl Default for PolicyOptions {
             clock: Arc::new(SystemClock),
             codec: Arc::new(OpaqueTokens),
             file_label: "managers.toml".to_string(),
+            cluster: None,
+            shared_jwt: None,
         }
     }
 }
@@ -103,6 +111,7 @@ pub struct Policy {
     admins: Vec<String>,
     codec: Arc<dyn TokenCodec>,
     clock: Arc<dyn Clock>,
+    shared: Option<Arc<shared::Shared>>,
 }
 
 impl Policy {
@@ -209,6 +218,28 @@ impl Policy {
         }
         if let Err(e) = self.persist() {
             tracing::warn!("persisting policy state at shutdown: {e}");
+        }
+    }
+
+    /// Whether sessions and consumptions live in a cluster store.
+    pub fn is_clustered(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// With a cluster: brings this node's view up to date with the store once (JWT
+    /// key, sessions, consumptions), each step bounded by the store's timeout.
+    pub async fn sync_now(&self) -> Result<(), crate::cluster::StoreError> {
+        match &self.shared {
+            Some(s) => s.sync(self).await,
+            None => Ok(()),
+        }
+    }
+
+    /// With a cluster: keeps this node's view in step with the store until `stop`
+    /// (see [`shared`]), then flushes once more. Without one, returns at once.
+    pub async fn run_cluster_sync(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        if let Some(s) = self.shared.clone() {
+            s.run(self, stop).await;
         }
     }
 

@@ -84,11 +84,12 @@ pub enum ApiError {
     },
 }
 
-/// The running API and its persist loop.
+/// The running API, its persist loop and (in a cluster) its store sync.
 pub struct ApiHandle {
     pub addr: SocketAddr,
     server: JoinHandle<()>,
     persist: JoinHandle<()>,
+    sync: JoinHandle<()>,
 }
 
 impl ApiHandle {
@@ -97,6 +98,7 @@ impl ApiHandle {
     pub async fn join(self) {
         let _ = self.server.await;
         let _ = self.persist.await;
+        let _ = self.sync.await;
     }
 }
 
@@ -120,11 +122,19 @@ pub async fn start_api(
     let addr = listener
         .local_addr()
         .map_err(|source| ApiError::Bind { addr, source })?;
+    if policy.is_clustered() {
+        // Bounded by the store's timeout per step; a store that is down is caught up
+        // with by the sync task when it is back.
+        if let Err(e) = policy.sync_now().await {
+            tracing::warn!("policy: starting without the cluster store ({e}); deciding from this node's view until it answers");
+        }
+    }
     let persist = tokio::spawn(
         policy
             .clone()
             .run_persist_loop(dir.server.api.persist_interval.0, shutdown.clone()),
     );
+    let sync = tokio::spawn(policy.clone().run_cluster_sync(shutdown.clone()));
     let server = tokio::spawn(serve_api(
         listener,
         tls,
@@ -137,6 +147,7 @@ pub async fn start_api(
         addr,
         server,
         persist,
+        sync,
     })
 }
 
@@ -338,17 +349,8 @@ async fn api_cmd(req: Request<Incoming>, peer: SocketAddr, policy: &Arc<Policy>)
             "too many failed logins from this address; try again later",
         );
     }
-    // Argon2 verification takes tens of milliseconds of CPU: off the async workers.
-    let p = policy.clone();
-    let result = match tokio::task::spawn_blocking(move || p.cmd(cmd)).await {
-        Err(_) => {
-            return json_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "the command failed unexpectedly",
-            )
-        }
-        Ok(Ok(v)) => {
+    let result = match policy.cmd_async(cmd).await {
+        Ok(v) => {
             if is_login {
                 login_throttle().success(ip);
             }
@@ -357,7 +359,7 @@ async fn api_cmd(req: Request<Incoming>, peer: SocketAddr, policy: &Arc<Policy>)
                 .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
             return r;
         }
-        Ok(Err(e)) => e,
+        Err(e) => e,
     };
     if is_login
         && matches!(result, crate::policy::CmdError::BadCredentials)

@@ -22,8 +22,41 @@ use crate::policy::persist::{format_time, parse_time, read_json, write_json};
 
 #[derive(Debug)]
 pub struct Counter {
+    /// In a cluster: the cluster's total as last read, plus this node's unflushed bytes.
     used: AtomicU64,
     quota: u64,
+    /// In a cluster: bytes this node counted that the store has not been told yet.
+    unflushed: AtomicU64,
+    flush: Option<Arc<FlushSignal>>,
+}
+
+/// A flush to the store starts when this many bytes are pending on a node (or at the
+/// next sync period, whichever comes first).
+pub const FLUSH_BATCH: u64 = 1 << 20;
+
+/// What the data path tells the cluster sync: bytes are pending. Synchronous and
+/// lock-free (an atomic add, and a `Notify` once a batch is pending).
+#[derive(Debug, Default)]
+pub struct FlushSignal {
+    pending: AtomicU64,
+    pub notify: tokio::sync::Notify,
+}
+
+impl FlushSignal {
+    fn add(&self, n: u64) {
+        let before = self.pending.fetch_add(n, Ordering::Relaxed);
+        if before < FLUSH_BATCH && before + n >= FLUSH_BATCH {
+            self.notify.notify_one();
+        }
+    }
+
+    fn sub(&self, n: u64) {
+        let _ = self
+            .pending
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| {
+                Some(p.saturating_sub(n))
+            });
+    }
 }
 
 /// One user's share of a `dwnConsR`, handed to every connection the rules let through it.
@@ -44,6 +77,15 @@ pub struct QuotaExceeded {
     pub allowed: u64,
 }
 
+impl Counter {
+    fn counted(&self, n: u64) {
+        if let (Some(flush), true) = (&self.flush, n > 0) {
+            self.unflushed.fetch_add(n, Ordering::Relaxed);
+            flush.add(n);
+        }
+    }
+}
+
 impl QuotaHandle {
     pub fn consume(&self, n: u64) -> Result<(), QuotaExceeded> {
         let quota = self.counter.quota;
@@ -56,14 +98,18 @@ impl QuotaHandle {
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             ) {
-                Ok(_) if take == n => return Ok(()),
+                Ok(_) if take == n => {
+                    self.counter.counted(take);
+                    return Ok(());
+                }
                 Ok(_) => {
+                    self.counter.counted(take);
                     return Err(QuotaExceeded {
                         user: self.user.to_string(),
                         manager: self.manager.to_string(),
                         quota,
                         allowed: take,
-                    })
+                    });
                 }
                 Err(actual) => cur = actual,
             }
@@ -120,6 +166,8 @@ pub struct DwnConsR {
     /// Checked without the lock on every decision; only a due reset takes it.
     next_reset_ns: AtomicI64,
     state_file: Option<PathBuf>,
+    /// Set in a cluster: counters note what the store has not been told.
+    flush: Option<Arc<FlushSignal>>,
 }
 
 impl DwnConsR {
@@ -129,6 +177,7 @@ impl DwnConsR {
         user_db: Arc<UserDb>,
         state_dir: Option<&Path>,
         now: SystemTime,
+        flush: Option<Arc<FlushSignal>>,
     ) -> Result<DwnConsR, PolicyConfigError> {
         let at = At {
             file,
@@ -166,6 +215,7 @@ impl DwnConsR {
             state: Mutex::new(state),
             next_reset_ns: AtomicI64::new(0),
             state_file,
+            flush,
         };
         {
             let mut st = m.state.lock();
@@ -200,6 +250,8 @@ impl DwnConsR {
         Arc::new(Counter {
             used: AtomicU64::new(0),
             quota: self.quota_of(user),
+            unflushed: AtomicU64::new(0),
+            flush: self.flush.clone(),
         })
     }
 
@@ -232,6 +284,11 @@ impl DwnConsR {
         }
         for c in st.users.values() {
             c.used.store(0, Ordering::Relaxed);
+            // Bytes of the cycle that ended: the store starts the new one from zero.
+            let dropped = c.unflushed.swap(0, Ordering::Relaxed);
+            if let Some(f) = &self.flush {
+                f.sub(dropped);
+            }
         }
         self.store_next_reset(&st);
         tracing::info!(dwnConsR = %self.name, "consumptions reset");
@@ -262,6 +319,74 @@ impl DwnConsR {
             .counter
             .used
             .store(used, Ordering::Relaxed);
+    }
+
+    /// In a cluster: takes every counter's unflushed bytes, to be sent to the store.
+    pub(crate) fn take_deltas(&self) -> Vec<(String, u64)> {
+        let st = self.state.lock();
+        let out: Vec<(String, u64)> = st
+            .users
+            .iter()
+            .map(|(u, c)| (u.to_string(), c.unflushed.swap(0, Ordering::Relaxed)))
+            .filter(|(_, d)| *d > 0)
+            .collect();
+        if let Some(f) = &self.flush {
+            f.sub(out.iter().map(|(_, d)| d).sum());
+        }
+        out
+    }
+
+    /// Gives back deltas the store did not take, for the next flush.
+    pub(crate) fn restore_deltas(&self, deltas: &[(String, u64)]) {
+        let st = self.state.lock();
+        for (user, d) in deltas {
+            if let Some(c) = st.users.get(user.as_str()) {
+                c.unflushed.fetch_add(*d, Ordering::Relaxed);
+                if let Some(f) = &self.flush {
+                    f.add(*d);
+                }
+            }
+        }
+    }
+
+    /// Takes the store's view: its cycle start (when it differs, this node's cycle
+    /// follows it and its counters restart) and the cluster's totals; each counter
+    /// becomes the cluster total plus what this node has not flushed yet.
+    pub(crate) fn apply_totals(&self, last_reset: SystemTime, totals: &HashMap<String, u64>) {
+        let mut st = self.state.lock();
+        if st.last_reset != last_reset {
+            st.last_reset = last_reset;
+            for c in st.users.values() {
+                let dropped = c.unflushed.swap(0, Ordering::Relaxed);
+                if let Some(f) = &self.flush {
+                    f.sub(dropped);
+                }
+            }
+            self.store_next_reset(&st);
+        }
+        for user in totals.keys() {
+            if !st.users.contains_key(user.as_str()) {
+                let c = self.new_counter(user);
+                st.users.insert(Arc::from(user.as_str()), c);
+            }
+        }
+        for (user, c) in &st.users {
+            let total = totals.get(&**user).copied().unwrap_or(0);
+            let local = c.unflushed.load(Ordering::Relaxed);
+            c.used.store(total.saturating_add(local), Ordering::Relaxed);
+        }
+    }
+
+    /// Forgets this node's unflushed bytes of `user` (an administrator's `set` replaced
+    /// the total).
+    pub(crate) fn clear_unflushed(&self, user: &str) {
+        let st = self.state.lock();
+        if let Some(c) = st.users.get(user) {
+            let dropped = c.unflushed.swap(0, Ordering::Relaxed);
+            if let Some(f) = &self.flush {
+                f.sub(dropped);
+            }
+        }
     }
 
     pub fn last_reset(&self) -> SystemTime {

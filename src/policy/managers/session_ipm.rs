@@ -25,7 +25,7 @@ use crate::policy::token::{new_nonce, Claims, TokenCodec};
 pub struct Session {
     pub user: String,
     pub ip: IpAddr,
-    nonce: String,
+    pub(crate) nonce: String,
     /// Unix seconds after which the token must be renewed.
     pub expires: u64,
 }
@@ -98,29 +98,92 @@ impl SessionIpm {
         now: SystemTime,
         codec: &dyn TokenCodec,
     ) -> Result<String, CmdError> {
-        if !self.user_db.authenticate(user, pass) {
+        if !self.authenticate(user, pass) {
             return Err(CmdError::BadCredentials);
         }
-        let session = Session {
+        let session = self.new_session(user, ip, now);
+        let token = codec.encode(&claims(&session));
+        self.apply_open(session);
+        Ok(token)
+    }
+
+    pub(crate) fn authenticate(&self, user: &str, pass: &str) -> bool {
+        self.user_db.authenticate(user, pass)
+    }
+
+    /// A fresh session of `user` at `ip` (not in the table yet).
+    pub(crate) fn new_session(&self, user: &str, ip: IpAddr, now: SystemTime) -> Session {
+        Session {
             user: user.to_string(),
             ip,
             nonce: new_nonce(),
             expires: unix_secs(now).saturating_add(self.expiration.as_secs()),
-        };
-        let token = codec.encode(&claims(&session));
+        }
+    }
+
+    /// `s` with a new nonce and expiry.
+    pub(crate) fn renewed(&self, s: &Session, now: SystemTime) -> Session {
+        Session {
+            nonce: new_nonce(),
+            expires: unix_secs(now).saturating_add(self.expiration.as_secs()),
+            ..s.clone()
+        }
+    }
+
+    pub(crate) fn token(s: &Session, codec: &dyn TokenCodec) -> String {
+        codec.encode(&claims(s))
+    }
+
+    /// Makes `session` its user's only session and its address's only user.
+    pub(crate) fn apply_open(&self, session: Session) {
+        let user = session.user.as_str();
         let mut t = self.table.write();
         if let Some(old) = t.by_user.remove(user) {
             if t.by_ip.get(&old.ip).is_some_and(|u| &**u == user) {
                 t.by_ip.remove(&old.ip);
             }
         }
-        if let Some(other) = t.by_ip.insert(ip, Arc::from(user)) {
+        if let Some(other) = t.by_ip.insert(session.ip, Arc::from(user)) {
             if &*other != user {
                 t.by_user.remove(&*other);
             }
         }
-        t.by_user.insert(user.to_string(), session);
-        Ok(token)
+        t.by_user.insert(session.user.clone(), session);
+    }
+
+    /// Ends `user`'s session if it is still the one with `nonce`.
+    pub(crate) fn apply_close(&self, user: &str, nonce: &str) {
+        let mut t = self.table.write();
+        if t.by_user.get(user).is_some_and(|s| s.nonce == nonce) {
+            if let Some(old) = t.by_user.remove(user) {
+                if t.by_ip.get(&old.ip).is_some_and(|u| &**u == user) {
+                    t.by_ip.remove(&old.ip);
+                }
+            }
+        }
+    }
+
+    /// Replaces the whole table (with the store's, in a cluster).
+    pub(crate) fn replace_all(&self, sessions: impl IntoIterator<Item = Session>) {
+        let mut table = Table::default();
+        for s in sessions {
+            // One user per address even if the source disagrees: the last one wins.
+            if let Some(other) = table.by_ip.insert(s.ip, Arc::from(s.user.as_str())) {
+                table.by_user.remove(&*other);
+            }
+            table.by_user.insert(s.user.clone(), s);
+        }
+        *self.table.write() = table;
+    }
+
+    /// The session a token proves, checked as `verify` does.
+    pub(crate) fn current(&self, c: &Claims, now: SystemTime) -> Result<Session, CmdError> {
+        let t = self.table.read();
+        Self::check(&t, c, now)?;
+        t.by_user
+            .get(&c.user)
+            .cloned()
+            .ok_or(CmdError::InvalidToken)
     }
 
     /// The user a live token belongs to.

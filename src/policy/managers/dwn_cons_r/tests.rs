@@ -25,7 +25,7 @@ fn t0() -> SystemTime {
 }
 
 fn mgr(dir: Option<&Path>, now: SystemTime) -> DwnConsR {
-    DwnConsR::from_conf("managers.toml", &conf("24h"), db(), dir, now).unwrap()
+    DwnConsR::from_conf("managers.toml", &conf("24h"), db(), dir, now, None).unwrap()
 }
 
 #[test]
@@ -120,7 +120,7 @@ fn first_start_without_state_file_keeps_everything_after() {
 
 #[test]
 fn reset_cycle_zero_and_corrupt_state_are_errors() {
-    let e = DwnConsR::from_conf("managers.toml", &conf("0s"), db(), None, t0())
+    let e = DwnConsR::from_conf("managers.toml", &conf("0s"), db(), None, t0(), None)
         .err()
         .unwrap()
         .to_string();
@@ -130,10 +130,17 @@ fn reset_cycle_zero_and_corrupt_state_are_errors() {
     );
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("down.json"), "{not json").unwrap();
-    let e = DwnConsR::from_conf("managers.toml", &conf("24h"), db(), Some(dir.path()), t0())
-        .err()
-        .unwrap()
-        .to_string();
+    let e = DwnConsR::from_conf(
+        "managers.toml",
+        &conf("24h"),
+        db(),
+        Some(dir.path()),
+        t0(),
+        None,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(
         e.contains("down.json") && e.contains("fix or remove the file"),
         "{e}"
