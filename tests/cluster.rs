@@ -268,7 +268,12 @@ async fn a_cap_and_a_lockout_hold_across_three_gateways_and_a_dead_one_frees_its
             "a fourth is refused by every gateway: {refused:?}"
         );
     }
-    assert!(a.log().contains("across the cluster"), "{}", a.log());
+    assert!(
+        a.log()
+            .contains("user suser has 3 connections open (limit 3) (across the cluster)"),
+        "{}",
+        a.log()
+    );
     assert!(echoes(&mut held_a).await && echoes(&mut held_c).await);
 
     // One ends: a place is free again, on another gateway.
@@ -382,4 +387,37 @@ async fn a_store_outage_is_decided_as_configured_and_recovered_from() {
         1,
         "logged once per transition"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connection_rate_holds_across_gateways() {
+    let redis = Redis::start().await;
+    let certs = certs();
+    let url = redis.url();
+    // Two at once, then one per 100 s: the third within the test is always refused.
+    let limits = "    per_user: { rate: 0.01, burst: 2 }";
+    let spec = |name| NodeSpec {
+        name,
+        redis: &url,
+        certs: &certs,
+        limits,
+        on_store_failure: "open",
+    };
+    let a = Node::start(spec("gw-a")).await;
+    let b = Node::start(spec("gw-b")).await;
+    let target = echo_target().await;
+    let first = a.socks(target).await.expect("the burst, through A");
+    let second = b.socks(target).await.expect("the burst, through B");
+    drop((first, second));
+    for node in [&a, &b] {
+        assert!(
+            matches!(
+                node.socks(target).await.err(),
+                Some(Socks5Refusal::Reply(_))
+            ),
+            "the burst is spent across the cluster"
+        );
+    }
+    a.wait_for_log("faster than").await;
+    a.wait_for_log("across the cluster").await;
 }

@@ -41,8 +41,8 @@ return out
 /// Admits one connection under several caps at once, or none of them.
 /// KEYS: nodes, then one key per check. ARGV: member, slot key ttl ms, then per check
 /// a kind (`c` concurrent or `r` rate) and two numbers (`c`: limit, unused; `r`: per
-/// second, burst). Returns `{1}` when admitted, `{0, i, seen}` when check `i` (from 1)
-/// refused, `seen` being the connections open under a concurrent cap.
+/// second, burst). Returns `{1}` when admitted, `{0, i, seen}` when check `i` (from 0,
+/// in the order asked) refused, `seen` being the connections open under a concurrent cap.
 pub static ADMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -67,14 +67,14 @@ for i = 2, #KEYS do
         redis.call('HDEL', key, fields[j])
       end
     end
-    if total + 1 > x then return {0, i - 1, total} end
+    if total + 1 > x then return {0, i - 2, total} end
     table.insert(writes, {'c', key})
   else
     local b = redis.call('HMGET', key, 'tokens', 'ts')
     local tokens = tonumber(b[1]) or y
     local ts = tonumber(b[2]) or now
     tokens = math.min(y, tokens + math.max(0, now - ts) * x / 1000)
-    if tokens < 1 then return {0, i - 1, 0} end
+    if tokens < 1 then return {0, i - 2, 0} end
     table.insert(writes, {'r', key, tokens - 1, math.ceil(y / x * 1000) + 1000})
   end
 end

@@ -89,13 +89,6 @@ impl Hold for Grant {
     }
 }
 
-/// Which cap a cluster check stands for.
-#[derive(Debug, Clone, Copy)]
-enum CheckKind {
-    Concurrent,
-    Rate,
-}
-
 /// Whose connections a cluster check counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scope {
@@ -112,10 +105,11 @@ impl Scope {
     }
 }
 
-/// The cluster checks of one cap rule for `key` of `scope`.
+/// The cluster checks of one cap rule for `key` of `scope`, and beside each, what its
+/// refusal tells the user.
 fn push_checks(
     checks: &mut Vec<Check>,
-    whose: &mut Vec<(Scope, CheckKind)>,
+    whose: &mut Vec<(Scope, CapRefusal)>,
     cluster: &Cluster,
     scope: Scope,
     key: &str,
@@ -126,7 +120,7 @@ fn push_checks(
             key: cluster.keys.slots(scope.key_part(), key),
             limit,
         });
-        whose.push((scope, CheckKind::Concurrent));
+        whose.push((scope, CapRefusal::Concurrent { limit }));
     }
     if let Some((per_sec, burst)) = rule.rate {
         checks.push(Check::Rate {
@@ -134,7 +128,7 @@ fn push_checks(
             per_sec,
             burst,
         });
-        whose.push((scope, CheckKind::Rate));
+        whose.push((scope, CapRefusal::Rate { per_sec, burst }));
     }
 }
 
@@ -257,53 +251,40 @@ impl Limits {
         match cluster.admit(&checks).await {
             Ok(Ok(slots)) => Ok(Some(slots)),
             Ok(Err(Refusal { index, .. })) => {
-                let (scope, what) = whose
-                    .get(index)
-                    .copied()
-                    .unwrap_or((Scope::Ip, CheckKind::Concurrent));
-                let (name, concurrent, rate, rule) = match scope {
+                let Some(&(scope, refusal)) = whose.get(index) else {
+                    tracing::warn!(index, "cluster store refused an admission it was not asked for; deciding without it");
+                    return self.without_store(cluster);
+                };
+                let (name, concurrent, rate) = match scope {
                     Scope::Ip => (
                         format!("address {ip}"),
                         &self.stats.ip_concurrent,
                         &self.stats.ip_rate,
-                        self.per_ip.as_ref().map(|c| c.rule()),
                     ),
                     Scope::User => (
-                        format!("user {}", user.unwrap_or("")),
+                        format!("user {}", user.unwrap_or_default()),
                         &self.stats.user_concurrent,
                         &self.stats.user_rate,
-                        self.per_user.as_ref().map(|c| c.rule()),
                     ),
-                };
-                let refusal = match (what, rule) {
-                    (CheckKind::Concurrent, Some(r)) => CapRefusal::Concurrent {
-                        limit: r.max_concurrent.unwrap_or(0),
-                    },
-                    (
-                        CheckKind::Rate,
-                        Some(CapRule {
-                            rate: Some((per_sec, burst)),
-                            ..
-                        }),
-                    ) => CapRefusal::Rate { per_sec, burst },
-                    _ => CapRefusal::TableFull,
                 };
                 self.refused(refusal, concurrent, rate);
                 Err(ConnectError::RateLimited(format!(
-                    "{} across the cluster",
+                    "{} (across the cluster)",
                     describe(&name, refusal)
                 )))
             }
-            Err(_) => {
-                cluster.store.health.decided_without_store();
-                match cluster.mode {
-                    StoreFailureMode::Open => Ok(None),
-                    StoreFailureMode::Closed => Err(ConnectError::RateLimited(
-                        "connection caps unavailable (cluster store unreachable); try again later"
-                            .into(),
-                    )),
-                }
-            }
+            Err(_) => self.without_store(cluster),
+        }
+    }
+
+    /// What an admission does when the store did not answer: `on_store_failure`.
+    fn without_store(&self, cluster: &Cluster) -> Result<Option<Slots>, ConnectError> {
+        cluster.store.health.decided_without_store();
+        match cluster.mode {
+            StoreFailureMode::Open => Ok(None),
+            StoreFailureMode::Closed => Err(ConnectError::RateLimited(
+                "connection caps unavailable (cluster store unreachable); try again later".into(),
+            )),
         }
     }
 
