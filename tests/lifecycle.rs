@@ -449,3 +449,43 @@ client:
     );
     assert_eq!(metrics.num_alive_tasks(), baseline);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tunnelled_connection_is_closed_and_logged_as_an_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let admin = free_port();
+    let stack = Stack::start(StackOptions {
+        gateway_extra: vec![
+            "conn_idle_timeout: 1s".into(),
+            format!("admin_addr: \"127.0.0.1:{admin}\""),
+        ],
+        ..StackOptions::default()
+    })
+    .await;
+    // An echo target that never closes by itself.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let mut s = stack.socks5_to(target).await.expect("through the tunnel");
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    // Then silence: the gateway ends it after the idle timeout (bounded, generous).
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut rest)).await;
+    assert!(end.is_ok(), "an idle connection must be closed");
+    assert!(rest.is_empty());
+    stack
+        .wait_for_log("gateway", "reason=\"idle timeout\"", 1)
+        .await;
+    let (_, metrics) = admin_get(admin, "/metrics", None).await;
+    assert!(metric(&metrics, "anyproxy_tunnel_idle_timeouts_total", &[]) >= 1.0);
+}

@@ -773,6 +773,7 @@ impl Agent {
                     let stats = RelayStats {
                         sent: stats.received,
                         received: stats.sent,
+                        ended_by: stats.ended_by,
                     };
                     Access::new("agent")
                         .target(&target)

@@ -262,6 +262,12 @@ impl From<&UserConfig> for Credentials {
     }
 }
 
+/// An hour: long enough for an idle SSH or database session a user comes back to, and
+/// a bound on what a leaked connection (a client that vanished without a FIN) holds.
+fn default_conn_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(3600))
+}
+
 fn default_auth_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
@@ -398,6 +404,10 @@ pub struct GatewayConfig {
     /// A session that sends nothing (not even a heartbeat) for this long is dropped.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: HumanDuration,
+    /// A tunnelled connection with no byte either way for this long is closed, freeing
+    /// its slot, its caps and the agent's socket; `0s` keeps idle connections forever.
+    #[serde(default = "default_conn_idle_timeout")]
+    pub conn_idle_timeout: HumanDuration,
     /// Largest WebSocket message accepted from an agent.
     #[serde(default = "default_max_message")]
     pub max_message_size: ByteSize,
@@ -814,6 +824,10 @@ pub struct ClientConfig {
     /// The gateway is declared dead when nothing arrives from it for this long.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: HumanDuration,
+    /// A tunnelled connection with no byte either way for this long is closed, on the
+    /// agent's side (its target socket); `0s` keeps idle connections forever.
+    #[serde(default = "default_conn_idle_timeout")]
+    pub conn_idle_timeout: HumanDuration,
     #[serde(default = "default_reconnect_min")]
     pub reconnect_min: HumanDuration,
     #[serde(default = "default_reconnect_max")]

@@ -96,10 +96,12 @@ impl<'a> Access<'a> {
     }
 
     /// A connection relayed until it ended.
+    /// Relayed until it ended; the reason says when the relay ended it (idle timeout,
+    /// quota).
     pub fn relayed(self, stats: RelayStats) {
         self.write(Outcome {
             result: "ok",
-            reason: "",
+            reason: stats.ended_by.map_or("", |e| e.as_str()),
             status: 0,
             stats,
         })

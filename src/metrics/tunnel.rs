@@ -88,6 +88,12 @@ pub fn encode(enc: &mut DescriptorEncoder, rows: &[Row]) -> Result<(), std::fmt:
             (labels([("kind", "json_reader")]), all.json_stalls),
         ],
     )?;
+    counters(
+        enc,
+        "tunnel_idle_timeouts",
+        "Tunnelled connections closed after conn_idle_timeout without a byte either way",
+        &[(vec![], all.idle_timeouts)],
+    )?;
 
     // Histograms per group: per agent they would multiply the series by the buckets.
     let mut by_group: BTreeMap<Arc<str>, [HistogramSnapshot; 3]> = BTreeMap::new();

@@ -9,6 +9,7 @@
 //! either side ending ends both.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyproxy_proto::{Close, Data, Fin, Message, WindowUpdate, INITIAL_WINDOW, MAX_DATA_PAYLOAD};
@@ -36,6 +37,64 @@ pub struct RelayStats {
     pub sent: u64,
     /// Bytes received from the tunnel and written to the local socket.
     pub received: u64,
+    /// The relay ended the connection itself, and why; `None` when its ends did.
+    pub ended_by: Option<RelayEnd>,
+}
+
+/// Why the relay itself ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// No byte either way for `conn_idle_timeout`.
+    IdleTimeout,
+    /// The download quota was spent.
+    QuotaExceeded,
+}
+
+impl RelayEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayEnd::IdleTimeout => "idle timeout",
+            RelayEnd::QuotaExceeded => "download quota exceeded",
+        }
+    }
+}
+
+/// When the connection last moved a byte, in ms since the relay started: one relaxed
+/// store per read or write, and a watchdog that sleeps until the deadline instead of
+/// a timer reset on every read.
+struct Activity {
+    // tokio's clock, so that a test with paused time can run the watchdog.
+    started: tokio::time::Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            started: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `idle`; never without a timeout.
+    async fn idle_for(&self, idle: Option<Duration>) {
+        let Some(idle) = idle else {
+            return std::future::pending().await;
+        };
+        loop {
+            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = self.started + last + idle;
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
 }
 
 /// Counts the bytes a relay delivers to its local socket, and may cut the connection
@@ -80,6 +139,7 @@ enum Abort {
     ResetByPeer,
     Cancelled,
     QuotaExceeded,
+    IdleTimeout,
 }
 
 impl Abort {
@@ -92,7 +152,17 @@ impl Abort {
             Abort::ClosedByPeer => "closed by peer",
             Abort::ResetByPeer => "reset by peer",
             Abort::Cancelled => "cancelled",
-            Abort::QuotaExceeded => "download quota exceeded",
+            Abort::QuotaExceeded => RelayEnd::QuotaExceeded.as_str(),
+            Abort::IdleTimeout => RelayEnd::IdleTimeout.as_str(),
+        }
+    }
+
+    /// What the access log says about an end the relay chose.
+    fn relay_end(self) -> Option<RelayEnd> {
+        match self {
+            Abort::QuotaExceeded => Some(RelayEnd::QuotaExceeded),
+            Abort::IdleTimeout => Some(RelayEnd::IdleTimeout),
+            _ => None,
         }
     }
 
@@ -157,6 +227,8 @@ pub async fn relay_tunnel<S: LocalStream>(
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut sent = 0u64;
     let mut received = 0u64;
+    let activity = Activity::new();
+    let idle = core.conn_idle_timeout();
 
     let upstream = async {
         let mut buf = BytesMut::new();
@@ -189,6 +261,7 @@ pub async fn relay_tunnel<S: LocalStream>(
                     Err(_) => Err(Abort::SessionClosed),
                 };
             }
+            activity.touch();
             paced(pace, n).await;
             sent += n as u64;
             bump(&counters.bytes_in, n as u64);
@@ -223,6 +296,7 @@ pub async fn relay_tunnel<S: LocalStream>(
                     return Err(Abort::ResetByPeer);
                 }
             }
+            activity.touch();
             let mut written = 0usize;
             for chunk in chunks.drain(..) {
                 paced(pace, chunk.len()).await;
@@ -267,6 +341,7 @@ pub async fn relay_tunnel<S: LocalStream>(
                 r = &mut upstream, if !up_done => { up_done = true; r }
                 r = &mut downstream, if !down_done => { down_done = true; r }
                 _ = cancel.cancelled() => Err(Abort::Cancelled),
+                _ = activity.idle_for(idle) => Err(Abort::IdleTimeout),
             };
             match step {
                 Err(reason) => break Err(reason),
@@ -275,7 +350,14 @@ pub async fn relay_tunnel<S: LocalStream>(
             }
         }
     };
-    let stats = RelayStats { sent, received };
+    let stats = RelayStats {
+        sent,
+        received,
+        ended_by: outcome.err().and_then(Abort::relay_end),
+    };
+    if stats.ended_by == Some(RelayEnd::IdleTimeout) {
+        bump(&counters.idle_timeouts, 1);
+    }
     counters.conn_duration.observe(started.elapsed());
     if let Err(reason) = outcome {
         // The tunnel side failed (peer reset, session lost, cancelled): the local peer

@@ -126,6 +126,8 @@ pub struct SessionStats {
     pub credit_stalls: AtomicU64,
     /// The session reader waited on a full JSON-mode connection.
     pub json_stalls: AtomicU64,
+    /// Connections closed after `conn_idle_timeout` without a byte either way.
+    pub idle_timeouts: AtomicU64,
     pub connect_time: AtomicHistogram,
     pub conn_duration: AtomicHistogram,
     pub rtt: AtomicHistogram,
@@ -143,6 +145,7 @@ impl Default for SessionStats {
             conns_opened: AtomicU64::new(0),
             credit_stalls: AtomicU64::new(0),
             json_stalls: AtomicU64::new(0),
+            idle_timeouts: AtomicU64::new(0),
             connect_time: AtomicHistogram::new(LATENCY_BUCKETS),
             conn_duration: AtomicHistogram::new(DURATION_BUCKETS),
             rtt: AtomicHistogram::new(LATENCY_BUCKETS),
@@ -185,6 +188,7 @@ impl SessionStats {
             conns_opened: load(&self.conns_opened),
             credit_stalls: load(&self.credit_stalls),
             json_stalls: load(&self.json_stalls),
+            idle_timeouts: load(&self.idle_timeouts),
             connect_time: self.connect_time.snapshot(),
             conn_duration: self.conn_duration.snapshot(),
             rtt: self.rtt.snapshot(),
@@ -204,6 +208,7 @@ pub struct StatsSnapshot {
     pub conns_opened: u64,
     pub credit_stalls: u64,
     pub json_stalls: u64,
+    pub idle_timeouts: u64,
     pub connect_time: HistogramSnapshot,
     pub conn_duration: HistogramSnapshot,
     pub rtt: HistogramSnapshot,
@@ -220,6 +225,7 @@ impl Default for StatsSnapshot {
             conns_opened: 0,
             credit_stalls: 0,
             json_stalls: 0,
+            idle_timeouts: 0,
             connect_time: HistogramSnapshot::empty(LATENCY_BUCKETS),
             conn_duration: HistogramSnapshot::empty(DURATION_BUCKETS),
             rtt: HistogramSnapshot::empty(LATENCY_BUCKETS),
@@ -238,6 +244,7 @@ impl StatsSnapshot {
         self.conns_opened += o.conns_opened;
         self.credit_stalls += o.credit_stalls;
         self.json_stalls += o.json_stalls;
+        self.idle_timeouts += o.idle_timeouts;
         self.connect_time.add(&o.connect_time);
         self.conn_duration.add(&o.conn_duration);
         self.rtt.add(&o.rtt);

@@ -43,6 +43,7 @@ fn pair() -> Pair {
         stall_timeout: Duration::from_secs(600),
         max_window: 8 << 20,
         ids: super::session::IdSpace::Ours,
+        conn_idle_timeout: None,
     };
     let start = |io: DuplexStream, role: Role| {
         let (mut reader, writer) = ws::split(Box::new(io), role, 4 << 20, None);

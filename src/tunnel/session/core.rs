@@ -298,6 +298,10 @@ impl SessionCore {
         self.options.max_window
     }
 
+    pub fn conn_idle_timeout(&self) -> Option<Duration> {
+        self.options.conn_idle_timeout
+    }
+
     pub(super) fn new_conn(
         self: &Arc<Self>,
         id: ConnId,

@@ -51,6 +51,13 @@ pub struct SessionOptions {
     pub max_window: u32,
     /// Who chooses the connection ids this side receives in `connect`.
     pub ids: IdSpace,
+    /// A connection with no byte either way for this long is closed; `None`: never.
+    pub conn_idle_timeout: Option<Duration>,
+}
+
+/// A zero duration in the configuration means "never".
+fn nonzero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
 }
 
 /// Who chooses connection ids, and so how they are read in JSON mode.
@@ -70,6 +77,7 @@ impl From<&crate::config::GatewayConfig> for SessionOptions {
             stall_timeout: c.stall_timeout.0,
             max_window: c.max_window.0 as u32,
             ids: IdSpace::Ours,
+            conn_idle_timeout: nonzero(c.conn_idle_timeout.0),
         }
     }
 }
@@ -80,6 +88,7 @@ impl From<&crate::config::ClientConfig> for SessionOptions {
             stall_timeout: c.stall_timeout.0,
             max_window: c.max_window.0 as u32,
             ids: IdSpace::Peers,
+            conn_idle_timeout: nonzero(c.conn_idle_timeout.0),
         }
     }
 }
