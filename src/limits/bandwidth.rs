@@ -659,6 +659,18 @@ mod tests {
         Bandwidth::new(Some(1000), [], Arc::default(), Some(leases))
     }
 
+    /// Alice's connection under 1000 B/s in slices of 100, leased from `store`, which
+    /// answers `answers` first.
+    fn alice(
+        store: FakeStore,
+        answers: impl IntoIterator<Item = Result<BudgetLease, ()>>,
+    ) -> (Arc<FakeStore>, Pacer) {
+        store.answers.lock().extend(answers);
+        let store = Arc::new(store);
+        let pacer = leased_bandwidth(&store).pacer(Some("alice"), "default");
+        (store, pacer.unwrap())
+    }
+
     /// What the relay does: reserve, then wait until the bytes are covered.
     async fn move_bytes(p: &Pacer, n: usize) {
         let mut wait = p.reserve(n);
@@ -703,19 +715,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_spent_budget_holds_the_bytes_until_the_store_grants_again() {
-        let store = Arc::new(FakeStore::default());
-        store.answers.lock().extend([
-            Ok(BudgetLease {
-                granted: 0,
-                retry_after: ms(400),
-            }),
-            Ok(BudgetLease {
-                granted: 30,
-                retry_after: ms(70),
-            }),
-        ]);
-        let bw = leased_bandwidth(&store);
-        let p = bw.pacer(Some("alice"), "default").unwrap();
+        let spent = BudgetLease {
+            granted: 0,
+            retry_after: ms(400),
+        };
+        let short = BudgetLease {
+            granted: 30,
+            retry_after: ms(70),
+        };
+        let (store, p) = alice(FakeStore::default(), [Ok(spent), Ok(short)]);
         let t0 = tokio::time::Instant::now();
         move_bytes(&p, 100).await;
         // Nothing, then 30 bytes: the 100 waited for the third lease, 400 + 70 ms on.
@@ -727,13 +735,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn without_the_store_a_node_paces_itself_and_counts_each_lease() {
         // The store fails once, then is known down: no more round trips.
-        let store = Arc::new(FakeStore {
+        let half = FakeStore {
             share: 0.5,
             ..FakeStore::default()
-        });
-        store.answers.lock().push_back(Err(()));
-        let bw = leased_bandwidth(&store);
-        let p = bw.pacer(Some("alice"), "default").unwrap();
+        };
+        let (store, p) = alice(half, [Err(())]);
         let t0 = tokio::time::Instant::now();
         move_bytes(&p, 500).await;
         // 500 B/s with 50 bytes of burst: the 600 bytes asked (the debt and a slice)
