@@ -160,9 +160,15 @@ impl LeaseAccount {
     /// task (the balance is low and none runs).
     fn reserve(&mut self, n: u64) -> (u64, bool) {
         self.reserved = self.reserved.saturating_add(n);
+        (self.reserved, self.needs_task())
+    }
+
+    /// Whether a lease task must start (the balance is low and none runs); if so, the
+    /// caller starts it.
+    fn needs_task(&mut self) -> bool {
         let start = !self.leasing && self.low();
         self.leasing |= start;
-        (self.reserved, start)
+        start
     }
 
     /// How long the bytes of `ticket` wait before looking again (zero: covered).
@@ -270,10 +276,19 @@ impl SharedBucket {
         }
     }
 
-    fn pending(&self, ticket: u64) -> Duration {
+    /// Starts a lease task too if none runs (one could not be spawned before).
+    fn pending(self: &Arc<Self>, ticket: u64) -> Duration {
         match &self.source {
             Source::Local(_) => Duration::ZERO,
-            Source::Leased(leased) => leased.account.lock().wait(ticket),
+            Source::Leased(leased) => {
+                let mut account = leased.account.lock();
+                let (wait, start) = (account.wait(ticket), account.needs_task());
+                drop(account);
+                if start {
+                    self.start_leasing();
+                }
+                wait
+            }
         }
     }
 
@@ -285,7 +300,7 @@ impl SharedBucket {
             Ok(rt) => {
                 rt.spawn(lease_task(Arc::downgrade(self)));
             }
-            // No runtime (shutting down): the next reservation tries again.
+            // No runtime (shutting down): the next reservation or look tries again.
             Err(_) => leased.account.lock().stop(),
         }
     }
@@ -784,5 +799,27 @@ mod tests {
         tokio::time::sleep(ms(1000)).await;
         assert_eq!(store.calls.load(Ordering::SeqCst), 1, "and its task ended");
         assert_eq!(store.in_flight.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_lease_that_could_not_start_starts_when_the_relay_looks_again() {
+        let store = Arc::new(FakeStore::default());
+        let bw = leased_bandwidth(&store);
+        let p = bw.pacer(Some("alice"), "default").unwrap();
+        assert!(p.reserve(10) > Duration::ZERO, "no runtime: no lease yet");
+        assert!(!account(&p).leasing);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut wait = p.pending();
+            while !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+                wait = p.pending();
+            }
+        });
+        assert_eq!(store.calls.load(Ordering::SeqCst), 1);
     }
 }
