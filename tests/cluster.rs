@@ -6,162 +6,13 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::cluster::{eventually, node_names, Node, NodeSpec};
 use common::redis::Redis;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// The lease every node of these tests runs with: a dead node's slots free within
-/// it plus a third of it.
-const LEASE: &str = "3s";
-
-struct Node {
-    gateway: Proc,
-    _agent: Proc,
-    socks_port: u16,
-    admin_port: u16,
-    dir: PathBuf,
-}
-
-struct NodeSpec<'a> {
-    name: &'a str,
-    redis: &'a str,
-    certs: &'a Certs,
-    limits: &'a str,
-    on_store_failure: &'a str,
-}
-
-impl Node {
-    async fn start(spec: NodeSpec<'_>) -> Node {
-        for _ in 0..3 {
-            if let Some(node) = Self::try_start(&spec).await {
-                return node;
-            }
-        }
-        panic!(
-            "node {} could not bind its ports in three attempts",
-            spec.name
-        );
-    }
-
-    async fn try_start(spec: &NodeSpec<'_>) -> Option<Node> {
-        let (gateway_port, http_port, socks_port, admin_port) =
-            (free_port(), free_port(), free_port(), free_port());
-        let dir = spec.certs.dir.path().join(spec.name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = format!(
-            r#"proxy:
-  http:
-    listen_addr: "127.0.0.1:{http_port}"
-    auth_username: "{HTTP_USER}"
-    auth_password: "{HTTP_PASS}"
-  socks5:
-    listen_addr: "127.0.0.1:{socks_port}"
-    auth_username: "{SOCKS_USER}"
-    auth_password: "{SOCKS_PASS}"
-gateway:
-  listen_addr: "127.0.0.1:{gateway_port}"
-  tls_cert: "{cert}"
-  tls_key: "{key}"
-  auth_username: "{AGENT_USER}"
-  auth_password: "{AGENT_PASS}"
-  connect_timeout: 5s
-  admin_addr: "127.0.0.1:{admin_port}"
-  limits:
-{limits}
-  cluster:
-    redis: "{redis}"
-    node_id: "{name}"
-    lease: {LEASE}
-    timeout: 300ms
-    on_store_failure: {mode}
-client:
-  gateway_addr: "127.0.0.1:{gateway_port}"
-  gateway_tls_cert: "{cert}"
-  client_id: "agent-{name}"
-  auth_username: "{AGENT_USER}"
-  auth_password: "{AGENT_PASS}"
-  reconnect_min: 100ms
-  reconnect_max: 1s
-"#,
-            cert = spec.certs.cert.display(),
-            key = spec.certs.key.display(),
-            limits = spec.limits,
-            redis = spec.redis,
-            name = spec.name,
-            mode = spec.on_store_failure,
-        );
-        let path = dir.join("config.yaml");
-        std::fs::write(&path, config).unwrap();
-        let cfg = path.to_str().unwrap();
-        let mut gateway = spawn(&["gateway", "--config", cfg], &dir.join("gateway.log"));
-        for port in [gateway_port, socks_port, admin_port] {
-            if !wait_for_listener(&mut gateway, port).await {
-                let log = std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default();
-                assert!(
-                    log.contains("in use"),
-                    "gateway {} exited:\n{log}",
-                    spec.name
-                );
-                return None;
-            }
-        }
-        let agent = spawn(&["client", "--config", cfg], &dir.join("agent.log"));
-        let node = Node {
-            gateway,
-            _agent: agent,
-            socks_port,
-            admin_port,
-            dir,
-        };
-        node.wait_for_log("agent connected").await;
-        Some(node)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
-    }
-
-    async fn wait_for_log(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.log().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "never logged {needle:?}:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    async fn socks(&self, target: SocketAddr) -> Result<TcpStream, Socks5Refusal> {
-        self.socks_as(SOCKS_PASS, target).await
-    }
-
-    async fn socks_as(&self, pass: &str, target: SocketAddr) -> Result<TcpStream, Socks5Refusal> {
-        socks5_stream(
-            self.socks_port,
-            SOCKS_USER,
-            pass,
-            "127.0.0.1",
-            target.port(),
-        )
-        .await
-    }
-
-    async fn status(&self) -> serde_json::Value {
-        let (code, body) = admin_get(self.admin_port, "/api/status", None).await;
-        assert_eq!(code, "200", "{body}");
-        serde_json::from_str(&body).unwrap()
-    }
-
-    async fn metrics(&self) -> String {
-        admin_get(self.admin_port, "/metrics", None).await.1
-    }
-}
 
 /// An echo server that keeps every connection until its client leaves.
 async fn echo_target() -> SocketAddr {
@@ -187,34 +38,6 @@ async fn echoes(s: &mut TcpStream) -> bool {
         )
 }
 
-/// Polls `f` until it yields something, for at most `within`.
-async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn node_names(status: &serde_json::Value) -> Vec<String> {
-    status["cluster"]["nodes"]
-        .as_array()
-        .map(|nodes| {
-            nodes
-                .iter()
-                .filter_map(|n| n["node_id"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cap_and_a_lockout_hold_across_three_gateways_and_a_dead_one_frees_its_slots() {
     let redis = Redis::start().await;
@@ -227,6 +50,7 @@ async fn a_cap_and_a_lockout_hold_across_three_gateways_and_a_dead_one_frees_its
         certs: &certs,
         limits,
         on_store_failure: "open",
+        cluster_extra: "",
     };
     let a = Node::start(spec("gw-a")).await;
     let b = Node::start(spec("gw-b")).await;
@@ -329,6 +153,7 @@ async fn a_store_outage_is_decided_as_configured_and_recovered_from() {
         certs: &certs,
         limits,
         on_store_failure: "open",
+        cluster_extra: "",
     })
     .await;
     let closed = Node::start(NodeSpec {
@@ -337,6 +162,7 @@ async fn a_store_outage_is_decided_as_configured_and_recovered_from() {
         certs: &certs,
         limits,
         on_store_failure: "closed",
+        cluster_extra: "",
     })
     .await;
     let target = echo_target().await;
@@ -402,6 +228,7 @@ async fn a_connection_rate_holds_across_gateways() {
         certs: &certs,
         limits,
         on_store_failure: "open",
+        cluster_extra: "",
     };
     let a = Node::start(spec("gw-a")).await;
     let b = Node::start(spec("gw-b")).await;

@@ -44,7 +44,7 @@ impl Keys {
         format!("{}:locked:{scope}:{ip}", self.tag)
     }
 
-    /// Bytes leased from a budget in the current second.
+    /// A byte budget leased from by every node (a token bucket: tokens, ts).
     pub fn budget(&self, scope: &str, key: &str) -> String {
         format!("{}:budget:{scope}:{key}", self.tag)
     }

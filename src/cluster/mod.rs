@@ -33,6 +33,8 @@ pub struct Cluster {
     /// This process in the store: `node_id` and a boot id.
     pub member: String,
     pub mode: StoreFailureMode,
+    /// The share of a byte budget one lease takes (`budget_slice`).
+    pub budget_slice: f64,
     lease: Duration,
     started_at: u64,
     slots: slots::LocalSlots,
@@ -55,6 +57,7 @@ impl Cluster {
             member: nodes::member_name(&node_id),
             node_id,
             mode: config.on_store_failure,
+            budget_slice: config.budget_slice,
             lease: config.lease(),
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -293,28 +296,40 @@ impl Cluster {
             .await
     }
 
-    /// Leases up to `want` bytes of `key`'s budget of `per_sec` bytes per second:
-    /// the bytes granted (0 when this second's budget is spent) and the time left in
-    /// the store's current second.
+    /// Leases up to `want` bytes of `key`'s budget of `per_sec` bytes per second,
+    /// of which at most `burst` accumulate while nobody leases: every node draws from
+    /// the same bucket, one round trip per lease.
     pub async fn lease_budget(
         &self,
         key: &str,
         per_sec: u64,
+        burst: u64,
         want: u64,
-    ) -> Result<(u64, Duration), StoreError> {
+    ) -> Result<BudgetLease, StoreError> {
         let key = key.to_owned();
-        let (granted, left_ms): (u64, u64) = self
+        let (per_sec, burst) = (per_sec.max(1), burst.max(1));
+        let (granted, retry_ms): (u64, u64) = self
             .store
             .run(|mut c| async move {
                 scripts::LEASE_BUDGET
                     .key(key)
                     .arg(per_sec)
+                    .arg(burst)
                     .arg(want)
                     .invoke_async(&mut c)
                     .await
             })
             .await?;
-        Ok((granted, Duration::from_millis(left_ms.min(1000))))
+        Ok(BudgetLease {
+            granted: granted.min(want),
+            retry_after: Duration::from_millis(retry_ms.min(60_000)),
+        })
+    }
+
+    /// How many members the cluster had at the last successful look, at least 1 (this
+    /// one): kept through a store outage, unlike [`Cluster::view`].
+    pub fn members_last_seen(&self) -> usize {
+        self.view.lock().len().max(1)
     }
 
     /// The live members as of the last heartbeat (empty while the store is down).
@@ -330,6 +345,16 @@ impl Cluster {
     pub fn slots_held(&self) -> usize {
         self.slots.held()
     }
+}
+
+/// What one lease of a budget got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetLease {
+    /// Bytes granted, at most the bytes asked for; 0 when the budget is spent.
+    pub granted: u64,
+    /// When short: how long until the shortfall is back in the budget (if nobody else
+    /// takes it first).
+    pub retry_after: Duration,
 }
 
 /// The places one connection holds under cluster-wide concurrent caps; dropping it

@@ -110,23 +110,27 @@ return 0
     )
 });
 
-/// Leases up to `want` bytes of a per-second budget.
-/// KEYS: budget. ARGV: budget per second, want. Returns the bytes granted (0 when the
-/// second's budget is spent) and the ms left in the current second.
+/// Leases up to `want` bytes of a budget shared by every node: a token bucket of
+/// `per_sec` bytes per second holding at most `burst` bytes, refilled by Redis's clock.
+/// KEYS: budget. ARGV: per second, burst, want. Returns the bytes granted (all there
+/// are, up to `want`) and, when short, the ms until the shortfall is refilled.
 pub static LEASE_BUDGET: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local t = redis.call('TIME')
-local second = t[1]
-local key = KEYS[1] .. ':' .. second
-local used = tonumber(redis.call('GET', key) or '0')
-local budget, want = tonumber(ARGV[1]), tonumber(ARGV[2])
-local grant = math.min(want, budget - used)
-local left = 1000 - math.floor(t[2] / 1000)
-if grant <= 0 then return {0, left} end
-redis.call('INCRBY', key, grant)
-redis.call('PEXPIRE', key, 2000)
-return {grant, left}
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local rate, burst, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(b[1]) or burst
+local ts = tonumber(b[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
+local grant = math.max(0, math.min(want, math.floor(tokens)))
+tokens = tokens - grant
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+local retry = 0
+if grant < want then retry = math.ceil((want - grant - tokens) / rate * 1000) end
+return {grant, math.max(0, retry)}
 "#,
     )
 });

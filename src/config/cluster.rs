@@ -41,8 +41,11 @@ pub struct ClusterConfig {
     #[serde(default)]
     pub on_store_failure: StoreFailureMode,
     /// Bandwidth budgets: the share of a user's or group's per-second budget one node
-    /// takes from the store at a time. Bigger slices mean fewer round trips and a
-    /// bigger burst (at most one slice per node beyond the budget).
+    /// leases from the store at a time, in the background (no read waits on the store);
+    /// the store's bucket also holds at most one slice. Bigger slices mean fewer round
+    /// trips (about `1 / budget_slice` per second per busy budget and node) and a bigger
+    /// burst: over any `t` seconds a budget moves at most `rate × t + (nodes + 1) ×
+    /// slice` bytes across the cluster (configure the budgets alike on every node).
     #[serde(default = "default_budget_slice")]
     pub budget_slice: f64,
 }
@@ -53,11 +56,14 @@ pub struct ClusterConfig {
 pub enum StoreFailureMode {
     /// Decide with this node's own view (its local caps, lockouts and quotas): users
     /// keep working, and a cap holds per node instead of per cluster until the store
-    /// is back. The default: a Redis outage must not become a proxy outage.
+    /// is back. Bandwidth budgets pace each node at the full rate by its own clock.
+    /// The default: a Redis outage must not become a proxy outage.
     #[default]
     Open,
     /// Refuse what needs the store (new proxy connections under a cap, logins):
-    /// for deployments where a cap is a contract.
+    /// for deployments where a cap is a contract. Bandwidth budgets pace each node at
+    /// the rate divided by the members it last saw, so that the budget still holds
+    /// (unless members joined during the outage): live traffic is slowed, not stopped.
     Closed,
 }
 

@@ -166,6 +166,10 @@ impl Limits {
                     .iter()
                     .map(|(g, r)| (g.clone(), r.0)),
                 stats.clone(),
+                cluster.map(|c| bandwidth::Leases {
+                    slice: c.budget_slice,
+                    leaser: c.clone(),
+                }),
             ),
             cluster: cluster.cloned(),
             stats,

@@ -344,7 +344,7 @@ fn encode_cluster(
     counters(
         enc,
         "cluster_decisions_without_store",
-        "Decisions (caps, lockouts, quotas) taken without the store because it did not answer",
+        "Decisions (caps, lockouts, quotas, bandwidth leases) taken without the store because it did not answer",
         &[(vec![], load(&h.decisions_without_store))],
     )?;
     counters(

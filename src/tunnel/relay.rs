@@ -116,14 +116,23 @@ pub struct QuotaCut {
 pub trait Pace: Send + Sync {
     /// Accounts for `n` bytes; the relay waits the returned time before moving them.
     fn reserve(&self, n: usize) -> Duration;
+
+    /// Asked again after each wait: how much longer this connection's reserved bytes
+    /// must wait. A budget refilled from elsewhere (leases from a cluster store) can
+    /// only estimate the wait up front; one refilled by the clock knows it exactly and
+    /// keeps the default.
+    fn pending(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// Waits what `pace` asks for `n` bytes; nothing at all without a pace.
 async fn paced(pace: Option<&dyn Pace>, n: usize) {
     if let Some(p) = pace {
-        let wait = p.reserve(n);
-        if !wait.is_zero() {
+        let mut wait = p.reserve(n);
+        while !wait.is_zero() {
             tokio::time::sleep(wait).await;
+            wait = p.pending();
         }
     }
 }
