@@ -42,6 +42,10 @@ echo "== loadtest all --tiny"
 bash loadtest/install-deps.sh
 cargo build --workspace --bins
 PATH="$HOME/.cargo/bin:$PATH" target/debug/loadtest all --tiny --anyproxy target/debug/anyproxy
+# gateway.cluster on vs off on new connections, against its own redis-server (installed
+# above); not part of `all`, which needs no Redis.
+echo "== loadtest cluster --tiny"
+target/debug/loadtest cluster --tiny --anyproxy target/debug/anyproxy
 # A one-minute soak: mixed curl sessions, downloads, held connections, an agent and a
 # gateway restart; fails on any unexpected failure or on descriptor or memory growth.
 echo "== loadtest soak --minutes 1"

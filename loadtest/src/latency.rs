@@ -15,7 +15,7 @@ use crate::stack::{Stack, StackOptions, SOCKS_PASS, SOCKS_USER};
 use crate::{targets, Env};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
+pub(crate) enum Mode {
     /// One connection for every exchange.
     Persistent,
     /// A new connection (and, through SOCKS5, a new handshake) for each exchange.
@@ -162,7 +162,7 @@ async fn measure_one(env: &Env, route: &str, dial: &Dial, mode: Mode) -> Result<
     }
 }
 
-async fn series(env: &Env, dial: &Dial, mode: Mode) -> Result<Vec<Duration>> {
+pub(crate) async fn series(env: &Env, dial: &Dial, mode: Mode) -> Result<Vec<Duration>> {
     let msg = targets::noise(targets::ECHO_SIZE, 3);
     let mut back = vec![0u8; targets::ECHO_SIZE];
     let mut tick = tokio::time::interval(Duration::from_micros(
@@ -196,7 +196,11 @@ async fn series(env: &Env, dial: &Dial, mode: Mode) -> Result<Vec<Duration>> {
     Ok(samples)
 }
 
-async fn exchange(s: &mut tokio::net::TcpStream, msg: &[u8], back: &mut [u8]) -> Result<()> {
+pub(crate) async fn exchange(
+    s: &mut tokio::net::TcpStream,
+    msg: &[u8],
+    back: &mut [u8],
+) -> Result<()> {
     s.write_all(msg).await?;
     s.read_exact(back).await.context("read the echo")?;
     if back != msg {

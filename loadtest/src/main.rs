@@ -3,6 +3,7 @@
 //! clients, prints tables with ratios and writes them as JSON. See loadtest/README.md.
 
 mod bulk;
+mod cluster;
 mod curl;
 mod latency;
 mod procs;
@@ -49,10 +50,10 @@ struct Args {
     /// curl: processes per route.
     #[arg(long, global = true)]
     count: Option<usize>,
-    /// curl: processes at a time.
+    /// curl: processes at a time; cluster: clients at a time.
     #[arg(long, global = true)]
     concurrency: Option<usize>,
-    /// bulk: seconds per measurement.
+    /// bulk, cluster: seconds per measurement.
     #[arg(long, global = true)]
     duration: Option<u64>,
     /// bulk: which way the data flows: down (target to user), up, or both.
@@ -61,7 +62,7 @@ struct Args {
     /// scale: idle tunnelled connections to hold.
     #[arg(long, global = true)]
     conns: Option<usize>,
-    /// latency: exchanges per route.
+    /// latency: exchanges per route (cluster: paced connections per run).
     #[arg(long, global = true)]
     exchanges: Option<usize>,
     /// latency: exchanges per second.
@@ -86,6 +87,9 @@ enum Cmd {
     Peers,
     /// Every scenario, with rathole unless --no-rathole.
     All,
+    /// New-connection rate, connect latency and Redis round trips with gateway.cluster
+    /// on vs off (same caps and lockout); needs redis-server.
+    Cluster,
     /// Minutes of mixed work with agent and gateway restarts: growth and stray failures.
     Soak,
     /// (internal) Hold every accepted connection open; prints the port.
@@ -102,6 +106,7 @@ pub struct Knobs {
     pub scale_conns: usize,
     pub latency_count: usize,
     pub latency_rate: u64,
+    pub cluster_workers: usize,
     pub tiny: bool,
 }
 
@@ -169,6 +174,7 @@ async fn run(args: Args) -> Result<()> {
         Cmd::Bulk => bulk::run(&env, &mut rep, bulk::Matrix::Full).await?,
         Cmd::Scale => scale::run(&env, &mut rep).await?,
         Cmd::Latency => latency::run(&env, &mut rep).await?,
+        Cmd::Cluster => cluster::run(&env, &mut rep).await?,
         Cmd::Peers => {
             curl::run(&env, &mut rep).await?;
             bulk::run(&env, &mut rep, bulk::Matrix::Peers).await?;
@@ -238,8 +244,8 @@ fn env(args: &Args, nofile: u64) -> Result<Env> {
         procs::which(name).with_context(|| format!("{name} not found on PATH: {how}"))
     };
     let curl = need("curl", "apt-get install -y curl")?;
-    // The soak drives curl and its own clients only.
-    let iperf3 = if args.cmd == Cmd::Soak {
+    // The soak and the cluster scenario drive curl and their own clients only.
+    let iperf3 = if matches!(args.cmd, Cmd::Soak | Cmd::Cluster) {
         procs::which("iperf3").unwrap_or_default()
     } else {
         need(
@@ -267,6 +273,7 @@ fn env(args: &Args, nofile: u64) -> Result<Env> {
         scale_conns: pick(args.conns, 50, 10_000),
         latency_count: pick(args.exchanges, 50, 2_000),
         latency_rate: args.rate.unwrap_or(200),
+        cluster_workers: pick(args.concurrency, 4, 32),
         tiny: t,
     };
     if knobs.curl_count == 0 || knobs.curl_concurrency == 0 || knobs.bulk_secs == 0 {
