@@ -128,6 +128,7 @@ fn agent_config(dir: &std::path::Path, id: &str, certs: &Certs, gateways: &[&Gat
     let config = format!(
         r#"client:
   gateway_addrs: [{addrs}]
+  allow_local: true
   gateway_tls_cert: "{cert}"
   gateway_server_name: "localhost"
   client_id: "{id}"

@@ -179,7 +179,7 @@ async fn a_login_and_a_quota_hold_across_three_gateways_and_their_restart() {
     std::fs::write(
         &agent_config,
         format!(
-            "client:\n  gateway_addrs: [{}]\n  gateway_tls_cert: \"{}\"\n  gateway_server_name: localhost\n  client_id: agent\n  auth_username: \"{AGENT_USER}\"\n  auth_password: \"{AGENT_PASS}\"\n  reconnect_min: 100ms\n  reconnect_max: 1s\n",
+            "client:\n  gateway_addrs: [{}]\n  allow_local: true\n  gateway_tls_cert: \"{}\"\n  gateway_server_name: localhost\n  client_id: agent\n  auth_username: \"{AGENT_USER}\"\n  auth_password: \"{AGENT_PASS}\"\n  reconnect_min: 100ms\n  reconnect_max: 1s\n",
             addrs.join(", "),
             certs.cert.display()
         ),

@@ -394,3 +394,40 @@ async fn agent_reconnects_after_the_gateway_restarts() {
         "hello"
     );
 }
+
+/// An agent as the document configures it (no `forbidden_hosts`, no `allow_local`)
+/// refuses its own host and the link-local networks: 403 / SOCKS 0x02, with a reason
+/// that names the key to change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refuses_its_own_host_and_cloud_metadata_by_default() {
+    let stack = Stack::start(StackOptions {
+        allow_local: false,
+        ..Default::default()
+    })
+    .await;
+    let plain = http_target().await;
+    let proxy = stack.http_proxy();
+    for url in [
+        format!("http://127.0.0.1:{}/", plain.port()),
+        format!("http://localhost:{}/", plain.port()),
+        "http://169.254.169.254/latest/meta-data/".to_string(),
+    ] {
+        let (status, body) = curl_status_body(&["-x", &proxy, &url]).await;
+        assert_eq!(status, "403", "{url}: {body}");
+        assert!(body.contains("client.allow_local"), "{url}: {body}");
+    }
+    assert_eq!(
+        socks5_connect(
+            stack.socks_port,
+            SOCKS_USER,
+            SOCKS_PASS,
+            "127.0.0.1",
+            plain.port()
+        )
+        .await,
+        Ok(0x02)
+    );
+    stack
+        .wait_for_log("agent", "set client.allow_local: true to allow", 1)
+        .await;
+}

@@ -537,7 +537,7 @@ async fn a_name_the_agent_cannot_resolve_fails_as_dns_within_dial_timeout() {
     .await;
     let dir = stack.certs.dir.path();
     let config = format!(
-        "client:\n  gateway_addr: \"localhost:{port}\"\n  gateway_tls_cert: \"{cert}\"\n  client_id: \"dns-agent\"\n  auth_username: \"{AGENT_USER}\"\n  auth_password: \"{AGENT_PASS}\"\n  dial_timeout: 5s\n  reconnect_min: 100ms\n  reconnect_max: 1s\n",
+        "client:\n  gateway_addr: \"localhost:{port}\"\n  allow_local: true\n  gateway_tls_cert: \"{cert}\"\n  client_id: \"dns-agent\"\n  auth_username: \"{AGENT_USER}\"\n  auth_password: \"{AGENT_PASS}\"\n  dial_timeout: 5s\n  reconnect_min: 100ms\n  reconnect_max: 1s\n",
         port = stack.gateway_port,
         cert = stack.certs.cert.display(),
     );

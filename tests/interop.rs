@@ -348,6 +348,7 @@ async fn against_doc_gateway(id_style: &str) {
         r#"
 client:
   gateway_addr: "localhost:{gw_port}"
+  allow_local: true
   gateway_tls_cert: "{cert}"
   client_id: "rust-agent"
   auth_username: "{user}"

@@ -379,6 +379,7 @@ gateway:
   auth_password: b
 client:
   gateway_addr: "localhost:{gateway_port}"
+  allow_local: true
   gateway_tls_cert: "{cert}"
   client_id: inproc
   auth_username: a

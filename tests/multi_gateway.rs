@@ -167,6 +167,7 @@ impl AgentProc {
 {gateways}
   gateway_tls_cert: "{cert}"
   client_id: "multi"
+  allow_local: true
   auth_username: "{AGENT_USER}"
   auth_password: "{AGENT_PASS}"
   dial_timeout: 3s

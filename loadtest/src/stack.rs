@@ -141,6 +141,7 @@ gateway:
   auth_password: "{AGENT_PASS}"{deflate}{forwards}{gateway_extra}
 client:
   gateway_addr: "localhost:{gateway_port}"
+  allow_local: true
   gateway_tls_cert: "{cert}"
   client_id: "loadtest-agent"
   auth_username: "{AGENT_USER}"

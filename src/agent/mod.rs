@@ -126,7 +126,8 @@ struct Established {
 
 impl Agent {
     pub fn new(config: ClientConfig) -> Result<Arc<Agent>, AgentError> {
-        let acl = Acl::new(&config.forbidden_hosts, &config.limit)?;
+        let acl =
+            Acl::new(&config.forbidden_hosts, &config.limit)?.refusing_local(!config.allow_local);
         let identity = config
             .tls_client_cert
             .as_deref()

@@ -99,6 +99,8 @@ gateway:
   auth_password: "{agent_pass}"
 client:
   gateway_addr: "127.0.0.1:{gateway_port}"
+  # The demo's sample target lives on this host: let users reach loopback.
+  allow_local: true
   gateway_tls_cert: "{cert}"
   client_id: "demo-agent"
   auth_username: "{agent_user}"

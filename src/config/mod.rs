@@ -815,6 +815,10 @@ pub struct ClientConfig {
     pub group_id: Option<String>,
     #[serde(default)]
     pub forbidden_hosts: Vec<String>,
+    /// Lets proxy users reach the agent host itself (loopback) and link-local networks
+    /// (cloud metadata). Off by default: those are the classic SSRF targets.
+    #[serde(default)]
+    pub allow_local: bool,
     #[serde(default)]
     pub limit: Vec<LimitRule>,
     #[serde(default = "default_dial_timeout")]

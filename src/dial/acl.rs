@@ -35,7 +35,31 @@ struct Allowed {
 pub struct Acl {
     forbidden: Vec<Rule>,
     allow: Vec<Allowed>,
+    /// Refuse this host and the link-local networks (see [`local_network`]), whatever
+    /// the lists say, unless the operator opted in (`client.allow_local`).
+    refuse_local: bool,
 }
+
+/// Why an address counts as local: the agent host itself (loopback, and through it the
+/// agent's own admin listener) or link-local (where cloud metadata services answer,
+/// 169.254.169.254 and fd00:ec2::254, the classic SSRF path to a VM's credentials).
+pub fn local_network(ip: IpAddr) -> Option<&'static str> {
+    const AWS_METADATA_V6: std::net::Ipv6Addr =
+        std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+    match canonical(ip) {
+        IpAddr::V4(v4) if v4.is_loopback() => Some("a loopback address"),
+        IpAddr::V4(v4) if v4.is_link_local() => {
+            Some("a link-local address (cloud metadata lives there)")
+        }
+        IpAddr::V6(v6) if v6.is_loopback() => Some("a loopback address"),
+        IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => Some("a link-local address"),
+        IpAddr::V6(v6) if v6 == AWS_METADATA_V6 => Some("a cloud metadata address"),
+        _ => None,
+    }
+}
+
+/// What a refused local target is told: the key that allows it.
+const ALLOW_LOCAL_HINT: &str = "set client.allow_local: true to allow";
 
 #[derive(Debug, thiserror::Error)]
 #[error("invalid {what} entry {entry:?}: {why}")]
@@ -89,7 +113,17 @@ impl Acl {
             let ip = host.parse::<IpAddr>().ok().map(canonical);
             allow.push(Allowed { host, ip, port });
         }
-        Ok(Acl { forbidden, allow })
+        Ok(Acl {
+            forbidden,
+            allow,
+            refuse_local: false,
+        })
+    }
+
+    /// Refuses the agent host itself and link-local targets (the default for agents).
+    pub fn refusing_local(mut self, refuse: bool) -> Self {
+        self.refuse_local = refuse;
+        self
     }
 
     /// Checks the target as named, before resolving.
@@ -97,6 +131,9 @@ impl Acl {
         let name = normalize_name(host);
         if let Ok(ip) = name.parse::<IpAddr>() {
             return self.check_addr(SocketAddr::new(ip, port), host);
+        }
+        if self.refuse_local && (name == "localhost" || name.ends_with(".localhost")) {
+            return Err(format!("{host} is this host ({ALLOW_LOCAL_HINT})"));
         }
         for rule in &self.forbidden {
             let hit = match rule {
@@ -128,6 +165,11 @@ impl Acl {
             return Err(format!(
                 "{host} ({ip}) is the unspecified address, i.e. this host"
             ));
+        }
+        if self.refuse_local {
+            if let Some(what) = local_network(ip) {
+                return Err(format!("{host} ({ip}) is {what} ({ALLOW_LOCAL_HINT})"));
+            }
         }
         for rule in &self.forbidden {
             if let Rule::Net(cidr) = rule {
@@ -190,6 +232,38 @@ mod tests {
         assert!(a.check_addr(addr("10.1.2.3:1"), "x").is_err());
         assert!(a.check_addr(addr("[::ffff:10.1.2.3]:1"), "x").is_err());
         assert!(a.check_addr(addr("10.1.2.4:1"), "x").is_ok());
+    }
+
+    #[test]
+    fn local_targets_are_refused_unless_allowed() {
+        let strict = acl(&[]).refusing_local(true);
+        for (host, ip) in [
+            ("localhost", "127.0.0.1:22"),
+            ("x", "127.1.2.3:22"),
+            ("x", "[::1]:22"),
+            ("x", "[::ffff:127.0.0.1]:22"),
+            ("x", "169.254.169.254:80"),
+            ("x", "[fe80::1]:80"),
+            ("x", "[fd00:ec2::254]:80"),
+        ] {
+            let e = strict.check_addr(addr(ip), host).unwrap_err();
+            assert!(e.contains("client.allow_local"), "{e}");
+        }
+        assert!(strict.check_name("localhost", 22).is_err());
+        assert!(strict.check_name("api.localhost", 22).is_err());
+        assert!(strict.check_name("127.0.0.1", 22).is_err());
+        // Private networks stay reachable: an agent exists to reach them.
+        for ip in [
+            "10.0.0.5:22",
+            "192.168.1.1:80",
+            "[fd12::1]:80",
+            "8.8.8.8:53",
+        ] {
+            assert!(strict.check_addr(addr(ip), "x").is_ok(), "{ip}");
+        }
+        let open = acl(&[]).refusing_local(false);
+        assert!(open.check_addr(addr("127.0.0.1:22"), "localhost").is_ok());
+        assert!(open.check_name("localhost", 22).is_ok());
     }
 
     #[test]

@@ -78,6 +78,7 @@ gateway:
 {cluster_extra}
 client:
   gateway_addr: "127.0.0.1:{gateway_port}"
+  allow_local: true
   gateway_tls_cert: "{cert}"
   client_id: "agent-{name}"
   auth_username: "{AGENT_USER}"

@@ -140,6 +140,9 @@ pub struct StackOptions {
     pub top_extra: String,
     /// Extra YAML lines for both proxy listeners (each `key: value`).
     pub listener_extra: Vec<String>,
+    /// `client.allow_local`: the tests' targets live on loopback, so on unless a test
+    /// checks the agent's default refusal.
+    pub allow_local: bool,
 }
 
 impl Default for StackOptions {
@@ -153,6 +156,7 @@ impl Default for StackOptions {
             client_extra: vec![],
             top_extra: String::new(),
             listener_extra: vec![],
+            allow_local: true,
         }
     }
 }
@@ -189,6 +193,7 @@ fn client_section(
     format!(
         r#"client:
   gateway_addr: "127.0.0.1:{gateway_port}"
+  allow_local: {allow_local}
   gateway_tls_cert: "{cert}"
   client_id: "{client_id}"
   auth_username: "{AGENT_USER}"
@@ -202,6 +207,7 @@ fn client_section(
 "#,
         cert = cert.display(),
         max = opts.max_concurrent_conns,
+        allow_local = opts.allow_local,
         encoding = opts.encoding,
         extra = extra_lines(extra),
     )
@@ -376,7 +382,7 @@ gateway:
     ) -> Proc {
         let dir = self.certs.dir.path();
         let config = format!(
-            "client:\n  gateway_addr: \"127.0.0.1:{port}\"\n  gateway_tls_cert: \"{cert}\"\n  client_id: \"{client_id}\"\n  group_id: \"{group}\"\n  auth_password: \"{password}\"\n  reconnect_min: 100ms\n  reconnect_max: 1s\n{extra}",
+            "client:\n  gateway_addr: \"127.0.0.1:{port}\"\n  allow_local: true\n  gateway_tls_cert: \"{cert}\"\n  client_id: \"{client_id}\"\n  group_id: \"{group}\"\n  auth_password: \"{password}\"\n  reconnect_min: 100ms\n  reconnect_max: 1s\n{extra}",
             port = self.gateway_port,
             cert = self.certs.cert.display(),
         );
