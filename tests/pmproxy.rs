@@ -113,3 +113,80 @@ proxyURL = "http://{user}:{pass}@127.0.0.1:{gw}"
         .log("gateway")
         .contains(&format!(":{}", direct.port())));
 }
+
+/// The manual's srvConf: `readTimeout` and `writeTimeout` bound stalled connections on
+/// the proxy listener. A CONNECT tunnel on which nothing moves for `readTimeout` is
+/// closed, and the access line says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_tunnel_is_closed_after_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An echo target that never closes by itself.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy_port, api_port) = (free_port(), free_port());
+    std::fs::write(dir.path().join("managers.toml"), "rules = \"true\"\n").unwrap();
+    let server = anyproxy::policy::server_config::DEFAULT_SERVER_TOML
+        .replace("127.0.0.1:4443", &format!("127.0.0.1:{api_port}"))
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{proxy_port}"))
+        .replace("readTimeout = \"30s\"", "readTimeout = \"1s\"");
+    let forbidden = server
+        .lines()
+        .find(|l| l.trim_start().starts_with("forbiddenHosts"))
+        .expect("the default server.toml lists forbiddenHosts")
+        .to_string();
+    let server = server.replace(&forbidden, "\tforbiddenHosts = []");
+    std::fs::write(dir.path().join("server.toml"), server).unwrap();
+    let log = dir.path().join("pmproxy.log");
+    let _pmproxy = spawn(
+        &["pmproxy", "--config-dir", dir.path().to_str().unwrap()],
+        &log,
+    );
+    wait_for_port(proxy_port).await;
+
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy_port))
+        .await
+        .unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).await.unwrap(), 1, "the proxy answered");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    // Then nothing moves: closed after readTimeout (bounded, generous wait).
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut rest)).await;
+    assert!(end.is_ok(), "a stalled tunnel must be closed");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("reason=\"idle timeout\"")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -12,6 +12,7 @@ use anyproxy::policy::PolicyGuard;
 use anyproxy::policy::{dir::default_dir, start_api, PolicyDir};
 use anyproxy::proxy::http::HttpProxy;
 use anyproxy::transport::listen::AcceptLoop;
+use anyproxy::tunnel::DirectTimeouts;
 use tokio_util::task::TaskTracker;
 
 use super::{signals, until_stopped};
@@ -60,6 +61,11 @@ pub async fn run(args: PmproxyArgs) -> anyhow::Result<()> {
                 .proxy
                 .acl()
                 .context("server.toml: proxy.forbiddenHosts")?,
+            // The manual's srvConf: stalled connections must not pile up.
+            timeouts: DirectTimeouts {
+                idle: Some(dir.server.proxy.server.read_timeout()),
+                write: Some(dir.server.proxy.server.write_timeout()),
+            },
         }),
     });
     // Users are told apart by their session at their IP (`sessionIPM`), as upstream:
@@ -69,6 +75,7 @@ pub async fn run(args: PmproxyArgs) -> anyhow::Result<()> {
         users,
         limits: Arc::new(anyproxy::limits::Limits::none()),
         connector,
+        request_timeout: dir.server.proxy.server.read_timeout(),
     });
     let proxy = tokio::spawn(AcceptLoop::new(listener, "http proxy").run(
         role,

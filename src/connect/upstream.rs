@@ -9,13 +9,13 @@ use tokio::net::TcpStream;
 
 use super::Access;
 use crate::tunnel::relay::{relay_direct, relay_tunnel, LocalStream, Pace};
-use crate::tunnel::{Quota, RelayStats, TunnelConn};
+use crate::tunnel::{DirectTimeouts, Quota, RelayStats, TunnelConn};
 
 pub enum Route {
     /// Through an agent session.
     Tunnel(TunnelConn),
-    /// Dialed by this process.
-    Direct(TcpStream),
+    /// Dialed by this process, with the bounds its relay keeps.
+    Direct(TcpStream, DirectTimeouts),
 }
 
 /// Something a layer keeps alive for as long as the connection is relayed (a place
@@ -43,7 +43,12 @@ impl Upstream {
     }
 
     pub fn direct(stream: TcpStream) -> Self {
-        Self::new(Route::Direct(stream))
+        Self::new(Route::Direct(stream, DirectTimeouts::default()))
+    }
+
+    /// Dialed by this process; its relay closes it on a stall as `timeouts` say.
+    pub fn direct_within(stream: TcpStream, timeouts: DirectTimeouts) -> Self {
+        Self::new(Route::Direct(stream, timeouts))
     }
 
     fn new(route: Route) -> Self {
@@ -85,7 +90,7 @@ impl Upstream {
     pub fn via(&self) -> Arc<str> {
         match &self.route {
             Route::Tunnel(conn) => conn.session().peer_arc(),
-            Route::Direct(_) => Arc::from("direct"),
+            Route::Direct(..) => Arc::from("direct"),
         }
     }
 
@@ -107,7 +112,9 @@ impl Upstream {
         let pace = self.hold.as_deref().and_then(|h| h.pace());
         match self.route {
             Route::Tunnel(conn) => relay_tunnel(local, conn, quota, pace).await,
-            Route::Direct(remote) => relay_direct(local, remote, quota, pace).await,
+            Route::Direct(remote, timeouts) => {
+                relay_direct(local, remote, quota, pace, timeouts).await
+            }
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::connect::{
     ConnectError, Connector, Egress, ParentProxy, ProxyScheme, Requester, Upstream,
 };
 use crate::net::HostPort;
+use crate::tunnel::DirectTimeouts;
 
 /// Dials targets itself, honouring the request's egress. `acl` is checked on the
 /// target's name and on every address it resolves to, and only checked addresses are
@@ -21,6 +22,8 @@ use crate::net::HostPort;
 pub struct DirectConnector {
     pub dial_timeout: Duration,
     pub acl: Acl,
+    /// How the relays of what it dials end stalls (pmproxy's readTimeout/writeTimeout).
+    pub timeouts: DirectTimeouts,
 }
 
 impl Connector for DirectConnector {
@@ -51,7 +54,7 @@ impl Connector for DirectConnector {
                 ))
             })??;
         let _ = stream.set_nodelay(true);
-        Ok(Upstream::direct(stream))
+        Ok(Upstream::direct_within(stream, self.timeouts))
     }
 }
 

@@ -270,6 +270,7 @@ impl Gateway {
                 users,
                 limits: limits.clone(),
                 connector: guarded.clone(),
+                request_timeout: crate::proxy::http::HEADER_READ_TIMEOUT,
             });
             let accept = pp(http.proxy_protocol, AcceptLoop::new(listener, "http proxy"));
             tasks.spawn(accept.run(role, shutdown.clone().cancelled_owned(), conns.clone()));

@@ -38,6 +38,10 @@ pub struct HttpProxy<C> {
     pub users: Arc<Accounts>,
     pub limits: Arc<Limits>,
     pub connector: Arc<C>,
+    /// How long a client may take to send a request head, and may stay idle between
+    /// requests on a keep-alive connection (hyper restarts the timer when one goes
+    /// idle): [`HEADER_READ_TIMEOUT`] on the gateway, `readTimeout` in pmproxy.
+    pub request_timeout: Duration,
 }
 
 impl<C: Connector> Serve for HttpProxy<C> {
@@ -59,7 +63,7 @@ impl<C: Connector> Serve for HttpProxy<C> {
             .title_case_headers(true)
             // A client that trickles its request head (slowloris) is dropped.
             .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .header_read_timeout(self.request_timeout)
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades()
             .await;

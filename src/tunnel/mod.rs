@@ -7,7 +7,9 @@ pub mod session;
 pub mod stats;
 pub mod table;
 
-pub use relay::{relay_direct, relay_tunnel, Pace, Quota, QuotaCut, RelayEnd, RelayStats};
+pub use relay::{
+    relay_direct, relay_tunnel, DirectTimeouts, Pace, Quota, QuotaCut, RelayEnd, RelayStats,
+};
 pub use session::{ConnectFailure, OpenError, SessionCore, SessionEnd, SessionOptions, TunnelConn};
 
 /// Milliseconds on a monotonic clock since the first call; for liveness bookkeeping.

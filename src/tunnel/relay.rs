@@ -396,14 +396,40 @@ pub async fn relay_tunnel<S: LocalStream>(
     stats
 }
 
+/// Bounds on a directly relayed connection (the standalone pmproxy's `readTimeout`
+/// and `writeTimeout`): a connection on which nothing moves either way for `idle` is
+/// closed, and so is one whose single write waits longer than `write` (a reader that
+/// stalled). `None`: unbounded.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DirectTimeouts {
+    pub idle: Option<Duration>,
+    pub write: Option<Duration>,
+}
+
+/// Writes all of `buf` within `limit` (when set); a write that times out is an error.
+async fn write_within<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &[u8],
+    limit: Option<Duration>,
+) -> std::io::Result<()> {
+    match limit {
+        None => w.write_all(buf).await,
+        Some(limit) => tokio::time::timeout(limit, w.write_all(buf))
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+    }
+}
+
 /// Relays between the user's socket and a directly dialed target, carrying half-close;
-/// `quota` counts (and may cut) what goes toward the user.
+/// `quota` counts (and may cut) what goes toward the user, `timeouts` bound stalls.
 pub async fn relay_direct<S: LocalStream>(
     local: S,
     remote: TcpStream,
     quota: Option<&dyn Quota>,
     pace: Option<&dyn Pace>,
+    timeouts: DirectTimeouts,
 ) -> RelayStats {
+    let activity = Activity::new();
     let (mut lr, mut lw) = tokio::io::split(local);
     let (mut rr, mut rw) = remote.into_split();
     let mut stats = RelayStats::default();
@@ -415,8 +441,9 @@ pub async fn relay_direct<S: LocalStream>(
             if n == 0 {
                 break;
             }
+            activity.touch();
             paced(pace, n).await;
-            rw.write_all(&buf[..n]).await?;
+            write_within(&mut rw, &buf[..n], timeouts.write).await?;
             total += n as u64;
         }
         let _ = rw.shutdown().await;
@@ -432,10 +459,14 @@ pub async fn relay_direct<S: LocalStream>(
                 // The target reset: the user must see a reset too, not a clean end.
                 Err(_) => return Err(DownEnd::TargetFailed(total)),
             };
+            activity.touch();
             let cut = quota.and_then(|m| m.admit(n).err());
             let allowed = cut.as_ref().map_or(n, |c| c.allowed.min(n));
             paced(pace, allowed).await;
-            if lw.write_all(&buf[..allowed]).await.is_err() {
+            if write_within(&mut lw, &buf[..allowed], timeouts.write)
+                .await
+                .is_err()
+            {
                 return Err(DownEnd::UserFailed(total));
             }
             total += allowed as u64;
@@ -457,6 +488,10 @@ pub async fn relay_direct<S: LocalStream>(
         let (mut up_done, mut down_done) = (false, false);
         while !(up_done && down_done) {
             tokio::select! {
+                _ = activity.idle_for(timeouts.idle) => {
+                    stats.ended_by = Some(RelayEnd::IdleTimeout);
+                    break;
+                }
                 r = &mut up, if !up_done => {
                     up_done = true;
                     match r {
@@ -468,7 +503,12 @@ pub async fn relay_direct<S: LocalStream>(
                     down_done = true;
                     match r {
                         Ok(n) => stats.received = n,
-                        Err(DownEnd::Cut(n)) | Err(DownEnd::UserFailed(n)) => {
+                        Err(DownEnd::Cut(n)) => {
+                            stats.received = n;
+                            stats.ended_by = Some(RelayEnd::QuotaExceeded);
+                            break;
+                        }
+                        Err(DownEnd::UserFailed(n)) => {
                             stats.received = n;
                             break;
                         }
