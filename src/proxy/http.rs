@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 
 use anyproxy_proto::ErrorCode;
 
-use crate::auth::{Accounts, Identity};
+use crate::auth::{Attempt, Authority, Identity, Kind};
 use crate::connect::{Access, ConnectError, Connector, Requester};
 use crate::limits::lockout::STORE_DOWN;
 use crate::limits::{AuthVerdict, Limits, LOCKED_OUT};
@@ -35,7 +35,7 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// The HTTP proxy listener's role: each accepted connection is served by hyper, and
 /// `limits` guards the password check.
 pub struct HttpProxy<C> {
-    pub users: Arc<Accounts>,
+    pub users: Arc<Authority>,
     pub limits: Arc<Limits>,
     pub connector: Arc<C>,
 }
@@ -84,7 +84,7 @@ struct KeptUpstream {
 /// Per user connection: who it is, and the upstream kept alive for its last target.
 struct ConnState {
     peer: SocketAddr,
-    users: Arc<Accounts>,
+    users: Arc<Authority>,
     limits: Arc<Limits>,
     upstream: tokio::sync::Mutex<Option<KeptUpstream>>,
 }
@@ -132,12 +132,15 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     Some((user.to_owned(), pass.to_owned()))
 }
 
-/// Why a request was not let through: ask for credentials (407), or refuse the
-/// locked-out address (429).
+/// Why a request was not let through: ask for credentials (407), refuse the
+/// locked-out address (429), or say that authentication cannot be done now (503: the
+/// cluster store, or the named backend, did not answer), so that clients do not
+/// prompt for a password again.
 enum AuthRefusal {
     Ask,
     LockedOut,
     Unavailable,
+    BackendDown(String),
 }
 
 /// Who sent `req`. A request without credentials is asked for them and does not count
@@ -149,13 +152,36 @@ async fn authenticate(req: &Request<Incoming>, state: &ConnState) -> Result<Iden
     let Some((user, pass)) = basic_credentials(req.headers()) else {
         return Err(AuthRefusal::Ask);
     };
+    let attempt = Attempt {
+        kind: Kind::Proxy,
+        username: &user,
+        password: &pass,
+        client_ip: Some(state.peer.ip()),
+        client_id: None,
+        listener: "http",
+    };
     match state
         .limits
-        .proxy_auth(state.peer.ip(), || state.users.authenticate(&user, &pass))
+        .proxy_auth(state.peer.ip(), state.users.authenticate(&attempt))
         .await
     {
         AuthVerdict::Accepted(identity) => Ok(identity),
-        AuthVerdict::Rejected => Err(AuthRefusal::Ask),
+        AuthVerdict::Rejected(reason) => {
+            if let Some(reason) = reason {
+                Access::new("http")
+                    .client(state.peer)
+                    .user(&user)
+                    .refused(ErrorCode::AuthFailed, &reason);
+            }
+            Err(AuthRefusal::Ask)
+        }
+        AuthVerdict::BackendDown(e) => {
+            Access::new("http")
+                .client(state.peer)
+                .user(&user)
+                .refused(ErrorCode::AuthFailed, &e);
+            Err(AuthRefusal::BackendDown(e.to_string()))
+        }
         AuthVerdict::LockedOut => {
             Access::new("http")
                 .client(state.peer)
@@ -197,6 +223,7 @@ async fn handle<C: Connector>(
         Err(AuthRefusal::Ask) => return proxy_auth_required(),
         Err(AuthRefusal::LockedOut) => return text_response(429, LOCKED_OUT),
         Err(AuthRefusal::Unavailable) => return text_response(503, STORE_DOWN),
+        Err(AuthRefusal::BackendDown(why)) => return text_response(503, &why),
     };
     let who = Requester::new(state.peer, identity);
     if req.method() == Method::CONNECT {

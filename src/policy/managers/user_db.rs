@@ -2,18 +2,9 @@
 
 use std::collections::HashMap;
 
-use argon2::{Argon2, PasswordHash, PasswordVerifier};
-
-use crate::net::secret_eq;
+use crate::auth::hash::{verify_unknown, Stored};
 use crate::policy::config::MapDbConf;
 use crate::policy::error::{At, PolicyConfigError};
-
-enum Stored {
-    /// PHC string, checked at load so verification cannot fail to parse.
-    Argon2(String),
-    Bcrypt(String),
-    Plain(String),
-}
 
 pub struct UserDb {
     name: String,
@@ -32,27 +23,10 @@ impl UserDb {
         let mut plain = Vec::new();
         for (user, pass) in &c.user_pass {
             let key = || format!("userPass.{user}");
-            let stored = if pass.starts_with("$argon2") {
-                let parsed = PasswordHash::new(pass)
-                    .map_err(|e| at.err(key(), format!("bad argon2 hash: {e}")))?;
-                // The PHC grammar allows a string without salt or hash, which no password matches.
-                if parsed.salt.is_none() || parsed.hash.is_none() {
-                    return Err(at.err(key(), "bad argon2 hash: no salt or hash part"));
-                }
-                Stored::Argon2(pass.clone())
-            } else if pass.starts_with("$2") {
-                // The crate's parser accepts truncated strings that `verify` would then
-                // reject forever; a real hash is always 60 characters.
-                if pass.len() != 60 {
-                    return Err(at.err(key(), "bad bcrypt hash: expected 60 characters"));
-                }
-                pass.parse::<bcrypt::HashParts>()
-                    .map_err(|e| at.err(key(), format!("bad bcrypt hash: {e}")))?;
-                Stored::Bcrypt(pass.clone())
-            } else {
+            let stored = Stored::parse(pass).map_err(|e| at.err(key(), e))?;
+            if stored.is_plain() {
                 plain.push(user.as_str());
-                Stored::Plain(pass.clone())
-            };
+            }
             passwords.insert(user.clone(), stored);
         }
         if !plain.is_empty() {
@@ -78,29 +52,9 @@ impl UserDb {
     /// holds hashes), so timing does not tell which names exist.
     pub fn authenticate(&self, user: &str, pass: &str) -> bool {
         match self.passwords.get(user) {
-            Some(Stored::Argon2(h)) => PasswordHash::new(h)
-                .map(|p| {
-                    Argon2::default()
-                        .verify_password(pass.as_bytes(), &p)
-                        .is_ok()
-                })
-                .unwrap_or(false),
-            Some(Stored::Bcrypt(h)) => bcrypt::verify(pass, h).unwrap_or(false),
-            Some(Stored::Plain(p)) => secret_eq(p, pass),
+            Some(stored) => stored.verify(pass),
             None => {
-                let hashed = self
-                    .passwords
-                    .values()
-                    .any(|p| !matches!(p, Stored::Plain(_)));
-                if hashed {
-                    let _ = PasswordHash::new(dummy_hash()).map(|p| {
-                        Argon2::default()
-                            .verify_password(pass.as_bytes(), &p)
-                            .is_ok()
-                    });
-                } else {
-                    let _ = secret_eq("\u{0}no such user\u{0}", pass);
-                }
+                verify_unknown(self.passwords.values().any(|p| !p.is_plain()), pass);
                 false
             }
         }
@@ -115,26 +69,10 @@ impl UserDb {
     }
 }
 
-/// An argon2 hash with the default parameters (those the generated admin uses), built
-/// once, that no password matches in practice: unknown users are checked against it.
-fn dummy_hash() -> &'static str {
-    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    HASH.get_or_init(|| {
-        use argon2::password_hash::{PasswordHasher, SaltString};
-        let salt = SaltString::encode_b64(b"anyproxy-no-such-user").unwrap_or_else(|_| {
-            SaltString::from_b64("YW55cHJveHlub3VzZXI").expect("a valid fixed salt")
-        });
-        Argon2::default()
-            .hash_password(b"\0no such user\0", &salt)
-            .map(|h| h.to_string())
-            .unwrap_or_default()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use argon2::password_hash::{PasswordHasher, SaltString};
-    use argon2::{Algorithm, Params, Version};
+    use argon2::{Algorithm, Argon2, Params, Version};
 
     use super::*;
 
