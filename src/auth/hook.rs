@@ -156,27 +156,29 @@ impl HookBackend {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
             .await
             .map_err(|e| self.unavailable(format!("HTTP: {e}")))?;
-        // Ends with the exchange (or with the check's timeout, which drops it).
-        let conn = async move {
+        // Driven beside the exchange; aborted when the check ends (or times out).
+        let _conn = AbortOnDrop(tokio::spawn(async move {
             let _ = conn.await;
-        };
-        let exchange = async {
-            let resp = sender
-                .send_request(req)
-                .await
-                .map_err(|e| self.unavailable(format!("HTTP: {e}")))?;
-            let status = resp.status();
-            let body = Limited::new(resp.into_body(), MAX_ANSWER)
-                .collect()
-                .await
-                .map_err(|e| self.unavailable(format!("reading the answer: {e}")))?
-                .to_bytes();
-            Ok((status, body))
-        };
-        tokio::select! {
-            r = exchange => r,
-            _ = conn => Err(self.unavailable("connection closed before an answer")),
-        }
+        }));
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| self.unavailable(format!("HTTP: {e}")))?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| self.unavailable(format!("reading the answer: {e}")))?
+            .to_bytes();
+        Ok((status, body))
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -204,6 +204,7 @@ impl Gateway {
         if let Some(c) = &cluster {
             metrics.show_cluster(c.clone());
         }
+        metrics.show_auth_backends(backends.stats.clone());
         // One PROXY-protocol stage for every listener that sets `proxy_protocol`.
         let proxy_protocol = Arc::new(ProxyProtocol::new(config.trusted_proxies.clone()));
         metrics.show_proxy_protocol(proxy_protocol.clone());
