@@ -24,6 +24,8 @@ pub enum BackendConfig {
     File(FileConfig),
     /// A POST of JSON to a service of the operator's.
     Http(HookConfig),
+    /// An LDAP directory (OpenLDAP, Active Directory): a bind as the user.
+    Ldap(Box<LdapConfig>),
 }
 
 impl BackendConfig {
@@ -31,6 +33,7 @@ impl BackendConfig {
         match self {
             BackendConfig::File(_) => "file",
             BackendConfig::Http(_) => "http",
+            BackendConfig::Ldap(_) => "ldap",
         }
     }
 
@@ -38,6 +41,7 @@ impl BackendConfig {
         match self {
             BackendConfig::File(f) => f.cache_ttl.0,
             BackendConfig::Http(h) => h.cache_ttl.0,
+            BackendConfig::Ldap(l) => l.cache_ttl.0,
         }
     }
 
@@ -68,6 +72,7 @@ impl BackendConfig {
                     ));
                 }
             }
+            BackendConfig::Ldap(l) => l.validate(name)?,
         }
         Ok(())
     }
@@ -123,6 +128,121 @@ pub struct HookConfig {
     pub ca: Option<PathBuf>,
     #[serde(default = "default_cache_ttl")]
     pub cache_ttl: HumanDuration,
+}
+
+/// `type: ldap`. Either `user_dn` (bind straight as the user, `{user}` replaced) or
+/// `base_dn` (search the user with `user_filter`, as `bind_dn` or anonymously, then
+/// bind as the entry found). Groups come from `group_attribute` on the user's entry
+/// (`memberOf`) and/or a search under `group_base_dn` with `group_filter`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LdapConfig {
+    /// `ldap://host[:389]` or `ldaps://host[:636]`.
+    pub url: String,
+    /// Upgrade an `ldap://` connection with StartTLS before any bind.
+    #[serde(default)]
+    pub starttls: bool,
+    /// PEM CA(s) the directory's certificate must chain to; default: the web PKI.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Direct bind: the user's DN, `{user}` standing for the (DN-escaped) user name,
+    /// e.g. `uid={user},ou=people,dc=example,dc=org`.
+    #[serde(default)]
+    pub user_dn: Option<String>,
+    /// Search-then-bind: where users are searched.
+    #[serde(default)]
+    pub base_dn: Option<String>,
+    /// The search's filter; `{user}` is the (filter-escaped) user name.
+    #[serde(default = "default_user_filter")]
+    pub user_filter: String,
+    /// The service account that searches users and groups; absent = anonymous.
+    #[serde(default)]
+    pub bind_dn: Option<String>,
+    #[serde(default)]
+    pub bind_password: Option<crate::net::Secret>,
+    /// An attribute of the user's entry that lists its groups' DNs (`memberOf`).
+    #[serde(default)]
+    pub group_attribute: Option<String>,
+    /// Where groups are searched with `group_filter` (`{dn}`: the user's DN, `{user}`:
+    /// the user name; both filter-escaped).
+    #[serde(default)]
+    pub group_base_dn: Option<String>,
+    #[serde(default = "default_group_filter")]
+    pub group_filter: String,
+    /// The group entries' name attribute.
+    #[serde(default = "default_group_name")]
+    pub group_name_attribute: String,
+    /// Directory group (its name or its whole DN, case-insensitive) → anyproxy group.
+    /// When set, only mapped groups count; absent, directory group names are used as
+    /// they are.
+    #[serde(default)]
+    pub group_map: std::collections::BTreeMap<String, String>,
+    /// Each check (connect, binds, searches) must end within this time.
+    #[serde(default = "default_ldap_timeout")]
+    pub timeout: HumanDuration,
+    /// Connections kept open for reuse, and the most open at once.
+    #[serde(default = "default_pool")]
+    pub pool_size: usize,
+    #[serde(default = "default_cache_ttl")]
+    pub cache_ttl: HumanDuration,
+}
+
+impl LdapConfig {
+    fn validate(&self, name: &str) -> Result<(), String> {
+        let key = |k: &str| format!("auth_backends.{name}.{k}");
+        let ldaps = self.url.starts_with("ldaps://");
+        if !ldaps && !self.url.starts_with("ldap://") {
+            return Err(format!("{} must be an ldap:// or ldaps:// URL", key("url")));
+        }
+        if ldaps && self.starttls {
+            return Err(format!("{}: StartTLS is for ldap:// URLs", key("starttls")));
+        }
+        match (&self.user_dn, &self.base_dn) {
+            (Some(t), None) if t.contains("{user}") => {}
+            (Some(_), None) => return Err(format!("{} must contain {{user}}", key("user_dn"))),
+            (None, Some(_)) if self.user_filter.contains("{user}") => {}
+            (None, Some(_)) => {
+                return Err(format!("{} must contain {{user}}", key("user_filter")))
+            }
+            _ => {
+                return Err(format!(
+                    "auth_backends.{name}: set either user_dn (direct bind) or base_dn (search, then bind)"
+                ))
+            }
+        }
+        if self.bind_dn.is_some() != self.bind_password.is_some() {
+            return Err(format!(
+                "auth_backends.{name}: bind_dn and bind_password go together"
+            ));
+        }
+        if self.pool_size == 0 || self.pool_size > 64 {
+            return Err(format!("{} must be between 1 and 64", key("pool_size")));
+        }
+        if self.timeout.0.is_zero() || self.timeout.0 > Duration::from_secs(60) {
+            return Err(format!("{} must be between 1ms and 60s", key("timeout")));
+        }
+        Ok(())
+    }
+}
+
+fn default_user_filter() -> String {
+    "(uid={user})".into()
+}
+
+fn default_group_filter() -> String {
+    "(member={dn})".into()
+}
+
+fn default_group_name() -> String {
+    "cn".into()
+}
+
+fn default_ldap_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+
+fn default_pool() -> usize {
+    4
 }
 
 fn default_reload() -> HumanDuration {

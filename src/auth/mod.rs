@@ -5,7 +5,8 @@
 //! - [`Accounts`] (`static`): the accounts of the configuration, as before;
 //! - [`file::FileBackend`] (`file`): a users file with bcrypt or argon2 hashes,
 //!   reloaded when it changes;
-//! - [`hook::HookBackend`] (`http`): a POST of JSON to a service of the operator's.
+//! - [`hook::HookBackend`] (`http`): a POST of JSON to a service of the operator's;
+//! - [`ldap::LdapBackend`] (`ldap`): a bind as the user to an LDAP directory.
 //!
 //! Backends are chained in a declared order ([`Chain`], [`Order`]); remote answers are
 //! cached when positive ([`Cached`]); each backend keeps its own [`BackendStats`].
@@ -18,6 +19,7 @@ pub mod config;
 pub mod file;
 pub mod hash;
 pub mod hook;
+pub mod ldap;
 
 use std::future::Future;
 use std::net::IpAddr;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::auth::config::{BackendConfig, STATIC};
 use crate::auth::file::{FileBackend, FileError};
 use crate::auth::hook::{HookBackend, HookConfigError};
+use crate::auth::ldap::LdapBackend;
 use crate::auth::{
     Accounts, Authenticator, Authority, BackendStats, Cached, Chain, Metered, Order,
 };
@@ -58,6 +59,18 @@ impl AuthBackends {
                         None
                     };
                     Arc::new(HookBackend::new(name, &h.url, h.timeout.0, tls_config)?)
+                }
+                BackendConfig::Ldap(l) => {
+                    let tls_config = if l.url.starts_with("ldaps://") || l.starttls {
+                        let mut c = (*tls::client_config(l.ca.as_deref())
+                            .map_err(|e| AuthStartError::Tls(name.clone(), e))?)
+                        .clone();
+                        c.alpn_protocols.clear();
+                        Some(Arc::new(c))
+                    } else {
+                        None
+                    };
+                    Arc::new(LdapBackend::new(name, (**l).clone(), tls_config))
                 }
             };
             let s = Arc::new(BackendStats::new(name, backend.kind()));

@@ -1,0 +1,214 @@
+//! The `ldap` authentication backend against a real OpenLDAP `slapd` (Debian's
+//! package), started here with its own config and mdb database on a loopback port,
+//! seeded by `slapadd` with users and groups: directory users through the HTTP proxy
+//! and SOCKS5, a wrong password refused, the directory group mapped to `office`
+//! carried by office's agent, an agent joining with directory credentials, and slapd
+//! stopped: 503 naming the backend and `up 0` on /metrics, then recovery when it
+//! returns.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::process::{Child, Command};
+
+const SLAPD: &str = "/usr/sbin/slapd";
+const BASE: &str = "dc=example,dc=org";
+
+/// A slapd of our own: config, database and log in a temporary directory.
+struct Slapd {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+fn person(uid: &str, password: &str) -> String {
+    format!(
+        "dn: uid={uid},ou=people,{BASE}\nobjectClass: inetOrgPerson\nuid: {uid}\ncn: {uid}\nsn: {uid}\nuserPassword: {password}\n\n"
+    )
+}
+
+fn group(cn: &str, members: &[&str]) -> String {
+    let members: String = members
+        .iter()
+        .map(|m| format!("member: uid={m},ou=people,{BASE}\n"))
+        .collect();
+    format!("dn: cn={cn},ou=groups,{BASE}\nobjectClass: groupOfNames\ncn: {cn}\n{members}\n")
+}
+
+impl Slapd {
+    async fn start() -> Slapd {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("db")).unwrap();
+        let conf = format!(
+            "include /etc/ldap/schema/core.schema\ninclude /etc/ldap/schema/cosine.schema\ninclude /etc/ldap/schema/inetorgperson.schema\nmodulepath /usr/lib/ldap\nmoduleload back_mdb\npidfile {pid}\ndatabase mdb\nmaxsize 10485760\nsuffix \"{BASE}\"\nrootdn \"cn=admin,{BASE}\"\nrootpw admin-pw\ndirectory {db}\naccess to attrs=userPassword by anonymous auth by self read by * none\naccess to * by * read\n",
+            pid = d.join("slapd.pid").display(),
+            db = d.join("db").display(),
+        );
+        std::fs::write(d.join("slapd.conf"), conf).unwrap();
+        let mut seed = format!(
+            "dn: {BASE}\nobjectClass: top\nobjectClass: dcObject\nobjectClass: organization\no: Example\ndc: example\n\ndn: ou=people,{BASE}\nobjectClass: organizationalUnit\nou: people\n\ndn: ou=groups,{BASE}\nobjectClass: organizationalUnit\nou: groups\n\n"
+        );
+        for (uid, pw) in [
+            ("alice", "alice-pw"),
+            ("bob", "bob-pw"),
+            ("carol", "carol-pw"),
+            ("office-agent", "agent-dir-pw"),
+        ] {
+            seed.push_str(&person(uid, pw));
+        }
+        seed.push_str(&group("staff", &["alice", "bob", "office-agent"]));
+        seed.push_str(&group("contractors", &["carol"]));
+        std::fs::write(d.join("seed.ldif"), seed).unwrap();
+        let out = std::process::Command::new("/usr/sbin/slapadd")
+            .arg("-f")
+            .arg(d.join("slapd.conf"))
+            .arg("-l")
+            .arg(d.join("seed.ldif"))
+            .output()
+            .expect("slapd must be installed (scripts/test.sh installs it)");
+        assert!(
+            out.status.success(),
+            "slapadd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut slapd = Slapd {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        slapd.restart().await;
+        slapd
+    }
+
+    fn url(&self) -> String {
+        format!("ldap://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts slapd (again) in the foreground on its port; waits until it listens.
+    async fn restart(&mut self) {
+        let d: &Path = self.dir.path();
+        let child = Command::new(SLAPD)
+            .arg("-h")
+            .arg(format!("ldap://127.0.0.1:{}/", self.port))
+            .arg("-f")
+            .arg(d.join("slapd.conf"))
+            .args(["-d", "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("slapd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "slapd never listened");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills slapd (an outage) and waits until it is gone.
+    async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+            let _ = child.wait().await;
+        }
+    }
+}
+
+fn proxy_as(stack: &Stack, user: &str, pass: &str) -> String {
+    format!("http://{user}:{pass}@127.0.0.1:{}", stack.http_port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_users_and_groups_through_a_real_slapd() {
+    let mut slapd = Slapd::start().await;
+    let admin = free_port();
+    let backend = format!(
+        "auth_backends:\n    corp:\n      type: ldap\n      url: \"{url}\"\n      base_dn: \"ou=people,{BASE}\"\n      bind_dn: \"cn=admin,{BASE}\"\n      bind_password: admin-pw\n      group_base_dn: \"ou=groups,{BASE}\"\n      group_map: {{ staff: office }}\n      timeout: 2s\n      cache_ttl: 0s",
+        url = slapd.url()
+    );
+    // The stack's own agent (default group) may not reach loopback: a directory user
+    // outside the mapped group lands there and gets 403.
+    let stack = Stack::start(StackOptions {
+        forbidden_hosts: vec!["127.0.0.0/8".into(), "localhost".into()],
+        gateway_extra: vec![
+            "groups:\n    - { id: office, agent_password: office-secret }".into(),
+            backend,
+            "agent_auth: [static, corp]".into(),
+            format!("admin_addr: \"127.0.0.1:{admin}\""),
+        ],
+        listener_extra: vec!["auth: [static, corp]".into()],
+        ..Default::default()
+    })
+    .await;
+    // An agent with directory credentials: in staff, so in office.
+    let _office = stack.spawn_group_agent("office-1", "office-agent", "agent-dir-pw", "");
+    stack.wait_for_log("gateway", "group=office", 1).await;
+    let target = http_target().await;
+    let url = format!("http://127.0.0.1:{}/", target.port());
+
+    // staff → office: carried by office's agent, through HTTP and SOCKS5.
+    let (code, body) = curl(&["-x", &proxy_as(&stack, "alice", "alice-pw"), &url]).await;
+    assert_eq!((code, body.as_slice()), (0, &b"hello"[..]));
+    socks5_stream(
+        stack.socks_port,
+        "bob",
+        "bob-pw",
+        "127.0.0.1",
+        target.port(),
+    )
+    .await
+    .expect("bob through SOCKS5");
+    // carol is in an unmapped group: the default group, whose agent refuses loopback.
+    assert_eq!(
+        curl_status(&["-x", &proxy_as(&stack, "carol", "carol-pw"), &url]).await,
+        "403"
+    );
+    // Wrong password, unknown user, empty password (an anonymous bind): refused.
+    for (user, pass) in [("alice", "bob-pw"), ("mallory", "x"), ("alice", "")] {
+        let status = curl_status(&["-x", &proxy_as(&stack, user, pass), &url]).await;
+        assert_eq!(status, "407", "{user}:{pass}");
+    }
+    assert!(matches!(
+        socks5_stream(stack.socks_port, "bob", "wrong", "127.0.0.1", target.port()).await,
+        Err(Socks5Refusal::Auth(1))
+    ));
+
+    // slapd down: 503 naming the backend, and the metric says so.
+    slapd.stop().await;
+    let (status, body) =
+        curl_status_body(&["-x", &proxy_as(&stack, "alice", "alice-pw"), &url]).await;
+    assert_eq!(status, "503", "{body}");
+    assert!(body.contains("\"corp\" unavailable"), "{body}");
+    let metrics = admin_get(admin, "/metrics", None).await.1;
+    let corp = [("backend", "corp"), ("type", "ldap")];
+    assert_eq!(metric(&metrics, "anyproxy_auth_backend_up", &corp), 0.0);
+    assert!(metric(&metrics, "anyproxy_auth_backend_errors_total", &corp) >= 1.0);
+
+    // ... and back.
+    slapd.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = curl_status(&["-x", &proxy_as(&stack, "alice", "alice-pw"), &url]).await;
+        if status == "200" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recovery: {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = admin_get(admin, "/metrics", None).await.1;
+    assert_eq!(metric(&metrics, "anyproxy_auth_backend_up", &corp), 1.0);
+    let log = stack.log("gateway");
+    assert!(
+        !log.contains("alice-pw") && !log.contains("admin-pw"),
+        "a password reached the log"
+    );
+}
