@@ -212,3 +212,62 @@ async fn directory_users_and_groups_through_a_real_slapd() {
         "a password reached the log"
     );
 }
+
+/// The cost of one check, measured in one run and printed (no assertion on time):
+/// static accounts, a cached LDAP allow, and an uncached LDAP search-then-bind with a
+/// group search against the local slapd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cost_of_a_check_static_cached_and_ldap() {
+    use anyproxy::auth::{Accounts, Attempt, Authenticator, Cached, Kind, Verdict};
+    use std::sync::Arc;
+
+    let slapd = Slapd::start().await;
+    let config: anyproxy::auth::config::LdapConfig = yaml_serde::from_str(&format!(
+        "{{url: \"{url}\", base_dn: \"ou=people,{BASE}\", bind_dn: \"cn=admin,{BASE}\", bind_password: admin-pw, group_base_dn: \"ou=groups,{BASE}\", group_map: {{ staff: office }}}}",
+        url = slapd.url()
+    ))
+    .unwrap();
+    let ldap: Arc<dyn Authenticator> =
+        Arc::new(anyproxy::auth::ldap::LdapBackend::new("corp", config, None));
+    let cached = Cached::new(ldap.clone(), Duration::from_secs(60));
+    let accounts = Accounts::new(
+        vec![(
+            anyproxy::net::Credentials {
+                username: "alice".into(),
+                password: "alice-pw".into(),
+            },
+            Arc::from("office"),
+        )],
+        Arc::from("default"),
+    );
+    let attempt = Attempt {
+        kind: Kind::Proxy,
+        username: "alice",
+        password: "alice-pw",
+        client_ip: None,
+        client_id: None,
+        listener: "http",
+    };
+    const N: u32 = 200;
+    let mut report = Vec::new();
+    for (what, backend) in [
+        ("static", &accounts as &dyn Authenticator),
+        ("cached", &cached as &dyn Authenticator),
+        ("ldap (uncached)", ldap.as_ref()),
+    ] {
+        // Warm up (the cache's first fill, the pool's first connection).
+        assert!(matches!(
+            backend.check(&attempt).await,
+            Ok(Verdict::Allow { .. })
+        ));
+        let started = Instant::now();
+        for _ in 0..N {
+            let verdict = backend.check(&attempt).await.unwrap();
+            assert!(matches!(verdict, Verdict::Allow { .. }), "{what}");
+        }
+        report.push((what, started.elapsed() / N));
+    }
+    for (what, each) in &report {
+        eprintln!("auth check cost: {what:>16}: {each:?} per check ({N} checks)");
+    }
+}
