@@ -271,3 +271,57 @@ async fn cost_of_a_check_static_cached_and_ldap() {
         eprintln!("auth check cost: {what:>16}: {each:?} per check ({N} checks)");
     }
 }
+
+/// PMProxy's `[adDB]` is the same backend: `open` logs a directory user in (found by
+/// `uid` under `bdn` by the service account, then bound as), and `groupIPM` sees the
+/// user's directory group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pmproxy_open_with_an_ad_db_user_and_group_ipm_sees_the_directory_group() {
+    use anyproxy::policy::{Cmd, Policy, PolicyOptions, Request};
+    use std::sync::Arc;
+
+    let slapd = Slapd::start().await;
+    let text = format!(
+        "rule = \"sessions ∧ staff\"\n\n[adDB]\n\tname = \"ad\"\n\taddr = \"127.0.0.1:{port}\"\n\tsuff = \"@example.org\"\n\tbdn = \"{BASE}\"\n\tuser = \"cn=admin,{BASE}\"\n\tpass = \"admin-pw\"\n\n[[sessionIPM]]\n\tname = \"sessions\"\n\tauth = \"ad\"\n\n[[groupIPM]]\n\tname = \"staff\"\n\tgroup = \"staff\"\n\tuserDBN = \"ad\"\n",
+        port = slapd.port
+    );
+    let policy = Arc::new(Policy::from_toml(&text, PolicyOptions::default()).unwrap());
+    let open = |user: &str, pass: &str, ip: &str| -> Cmd {
+        serde_json::from_value(serde_json::json!({
+            "cmd": "open", "manager": "sessions", "remoteAddr": format!("{ip}:5555"),
+            "cred": {"user": user, "pass": pass}
+        }))
+        .unwrap()
+    };
+    let decide = |ip: &str| {
+        policy
+            .decide(&Request {
+                client_ip: ip.parse().unwrap(),
+                user: None,
+                host: "example.com",
+                port: 80,
+                now: std::time::SystemTime::now(),
+            })
+            .allow
+    };
+    assert!(policy
+        .cmd_async(open("alice", "wrong", "10.0.0.7"))
+        .await
+        .is_err());
+    assert!(!decide("10.0.0.7"));
+    let token = policy
+        .cmd_async(open("alice", "alice-pw", "10.0.0.7"))
+        .await
+        .expect("alice logs in with her directory password");
+    assert!(token.as_str().is_some_and(|t| !t.is_empty()));
+    assert!(
+        decide("10.0.0.7"),
+        "alice is in the directory's staff group"
+    );
+    // carol logs in too, but her group is not staff.
+    policy
+        .cmd_async(open("carol", "carol-pw", "10.0.0.8"))
+        .await
+        .expect("carol logs in");
+    assert!(!decide("10.0.0.8"));
+}

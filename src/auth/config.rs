@@ -188,7 +188,7 @@ pub struct LdapConfig {
 }
 
 impl LdapConfig {
-    fn validate(&self, name: &str) -> Result<(), String> {
+    pub fn validate(&self, name: &str) -> Result<(), String> {
         let key = |k: &str| format!("auth_backends.{name}.{k}");
         let ldaps = self.url.starts_with("ldaps://");
         if !ldaps && !self.url.starts_with("ldap://") {

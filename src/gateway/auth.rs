@@ -62,11 +62,10 @@ impl AuthBackends {
                 }
                 BackendConfig::Ldap(l) => {
                     let tls_config = if l.url.starts_with("ldaps://") || l.starttls {
-                        let mut c = (*tls::client_config(l.ca.as_deref())
-                            .map_err(|e| AuthStartError::Tls(name.clone(), e))?)
-                        .clone();
-                        c.alpn_protocols.clear();
-                        Some(Arc::new(c))
+                        Some(
+                            tls::client_config_without_alpn(l.ca.as_deref())
+                                .map_err(|e| AuthStartError::Tls(name.clone(), e))?,
+                        )
                     } else {
                         None
                     };
