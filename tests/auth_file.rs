@@ -7,7 +7,6 @@ mod common;
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::io::AsyncWriteExt;
@@ -54,27 +53,6 @@ fn replace(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-fn proxy_as(stack: &Stack, user: &str, pass: &str) -> String {
-    format!("http://{user}:{pass}@127.0.0.1:{}", stack.http_port)
-}
-
-/// Waits (at most 20 s) until `user` gets `want` through the HTTP proxy.
-async fn until_status(stack: &Stack, user: &str, pass: &str, url: &str, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let got = curl_status(&["-x", &proxy_as(stack, user, pass), url]).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{user} still gets {got}, not {want}:\n{}",
-            stack.log("gateway")
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hashed_users_from_a_file_that_reloads() {
     let alice = passwd("alice-pw", &[]).await;
@@ -107,37 +85,25 @@ async fn hashed_users_from_a_file_that_reloads() {
 
     // argon2 and bcrypt users, carried by their group's agent.
     for (user, pass) in [("alice", "alice-pw"), ("bob", "bob-pw")] {
-        let (code, body) = curl(&["-x", &proxy_as(&stack, user, pass), &url]).await;
+        let (code, body) = curl(&["-x", &stack.http_proxy_as(user, pass), &url]).await;
         assert_eq!((code, body.as_slice()), (0, &b"hello"[..]), "{user}");
     }
     // SOCKS5 goes through the same backend.
-    socks5_stream(
-        stack.socks_port,
-        "bob",
-        "bob-pw",
-        "127.0.0.1",
-        target.port(),
-    )
-    .await
-    .expect("bob through SOCKS5");
+    stack
+        .socks5_as("bob", "bob-pw", target)
+        .await
+        .expect("bob through SOCKS5");
     assert!(matches!(
-        socks5_stream(
-            stack.socks_port,
-            "bob",
-            "alice-pw",
-            "127.0.0.1",
-            target.port()
-        )
-        .await,
+        stack.socks5_as("bob", "alice-pw", target).await,
         Err(Socks5Refusal::Auth(1))
     ));
     // Wrong password, unknown user: asked again.
     assert_eq!(
-        curl_status(&["-x", &proxy_as(&stack, "alice", "bob-pw"), &url]).await,
+        curl_status(&["-x", &stack.http_proxy_as("alice", "bob-pw"), &url]).await,
         "407"
     );
     assert_eq!(
-        curl_status(&["-x", &proxy_as(&stack, "carol", "carol-pw"), &url]).await,
+        curl_status(&["-x", &stack.http_proxy_as("carol", "carol-pw"), &url]).await,
         "407"
     );
     // The static account still works, and leads to the default group (403 there).
@@ -149,7 +115,9 @@ async fn hashed_users_from_a_file_that_reloads() {
         &users,
         &users_yaml(&[("alice", &alice), ("bob", &bob), ("carol", &carol)]),
     );
-    until_status(&stack, "carol", "carol-pw", &url, "200").await;
+    stack
+        .until_http_status("carol", "carol-pw", &url, "200")
+        .await;
     stack
         .wait_for_log("gateway", "users file reloaded", 1)
         .await;
@@ -171,15 +139,15 @@ async fn hashed_users_from_a_file_that_reloads() {
         "a password reached the log:\n{log}"
     );
     assert_eq!(
-        curl_status(&["-x", &proxy_as(&stack, "carol", "carol-pw"), &url]).await,
+        curl_status(&["-x", &stack.http_proxy_as("carol", "carol-pw"), &url]).await,
         "200"
     );
     assert_eq!(
-        curl_status(&["-x", &proxy_as(&stack, "bob", "bob-pw"), &url]).await,
+        curl_status(&["-x", &stack.http_proxy_as("bob", "bob-pw"), &url]).await,
         "200"
     );
     assert_eq!(
-        curl_status(&["-x", &proxy_as(&stack, "dave", "dave-pw"), &url]).await,
+        curl_status(&["-x", &stack.http_proxy_as("dave", "dave-pw"), &url]).await,
         "407"
     );
 }

@@ -94,10 +94,6 @@ impl Hook {
     }
 }
 
-fn proxy_as(stack: &Stack, user: &str, pass: &str) -> String {
-    format!("http://{user}:{pass}@127.0.0.1:{}", stack.http_port)
-}
-
 const TTL: Duration = Duration::from_secs(3);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,11 +123,11 @@ async fn a_hook_decides_who_gets_in_and_its_outages_are_503() {
 
     // alice: allowed into office, whose agent reaches the target.
     let first = Instant::now();
-    let (code, body) = curl(&["-x", &proxy_as(&stack, "alice", "alice-pw"), &url]).await;
+    let (code, body) = curl(&["-x", &stack.http_proxy_as("alice", "alice-pw"), &url]).await;
     assert_eq!((code, body.as_slice()), (0, &b"hello"[..]));
     // The allow is cached: quick repeats do not ask the hook again.
     for _ in 0..5 {
-        let status = curl_status(&["-x", &proxy_as(&stack, "alice", "alice-pw"), &url]).await;
+        let status = curl_status(&["-x", &stack.http_proxy_as("alice", "alice-pw"), &url]).await;
         assert_eq!(status, "200");
     }
     if first.elapsed() < TTL {
@@ -141,7 +137,7 @@ async fn a_hook_decides_who_gets_in_and_its_outages_are_503() {
     tokio::time::sleep((TTL + Duration::from_millis(500)).saturating_sub(first.elapsed())).await;
     let calls = hook.calls("proxy", "alice");
     assert_eq!(
-        curl_status(&["-x", &proxy_as(&stack, "alice", "alice-pw"), &url]).await,
+        curl_status(&["-x", &stack.http_proxy_as("alice", "alice-pw"), &url]).await,
         "200"
     );
     assert_eq!(hook.calls("proxy", "alice"), calls + 1);
@@ -149,7 +145,7 @@ async fn a_hook_decides_who_gets_in_and_its_outages_are_503() {
     // bob: denied, asked again (407), the hook's reason in the access log; denials
     // are not cached.
     for _ in 0..2 {
-        let status = curl_status(&["-x", &proxy_as(&stack, "bob", "bob-pw"), &url]).await;
+        let status = curl_status(&["-x", &stack.http_proxy_as("bob", "bob-pw"), &url]).await;
         assert_eq!(status, "407");
     }
     assert_eq!(hook.calls("proxy", "bob"), 2);
@@ -157,15 +153,15 @@ async fn a_hook_decides_who_gets_in_and_its_outages_are_503() {
 
     // A hook that hangs hits the timeout, one that answers 500 is no answer either:
     // 503 naming the backend, not 407.
-    let (status, body) = curl_status_body(&["-x", &proxy_as(&stack, "hang", "x"), &url]).await;
+    let (status, body) = curl_status_body(&["-x", &stack.http_proxy_as("hang", "x"), &url]).await;
     assert_eq!(status, "503", "{body}");
     assert!(body.contains("\"hook\" unavailable"), "{body}");
-    let (status, body) = curl_status_body(&["-x", &proxy_as(&stack, "boom", "x"), &url]).await;
+    let (status, body) = curl_status_body(&["-x", &stack.http_proxy_as("boom", "x"), &url]).await;
     assert_eq!(status, "503", "{body}");
     assert!(body.contains("HTTP 500"), "{body}");
     // SOCKS5 says so with its one failure status.
     assert!(matches!(
-        socks5_stream(stack.socks_port, "boom", "x", "127.0.0.1", target.port()).await,
+        stack.socks5_as("boom", "x", target).await,
         Err(Socks5Refusal::Auth(1))
     ));
     let metrics = admin_get(admin, "/metrics", None).await.1;
@@ -204,28 +200,20 @@ async fn a_locked_out_address_never_reaches_the_hook() {
     let target = http_target().await;
     let url = format!("http://127.0.0.1:{}/", target.port());
     for _ in 0..5 {
-        let status = curl_status(&["-x", &proxy_as(&stack, "mallory", "guess"), &url]).await;
+        let status = curl_status(&["-x", &stack.http_proxy_as("mallory", "guess"), &url]).await;
         assert_eq!(status, "407");
     }
     assert_eq!(hook.calls("proxy", "mallory"), 5);
     // Locked out: refused unchecked, over HTTP and SOCKS5, even with a good password.
     for _ in 0..5 {
-        let status = curl_status(&["-x", &proxy_as(&stack, "mallory", "guess"), &url]).await;
+        let status = curl_status(&["-x", &stack.http_proxy_as("mallory", "guess"), &url]).await;
         assert_eq!(status, "429");
     }
     assert_eq!(
-        curl_status(&["-x", &proxy_as(&stack, "alice", "alice-pw"), &url]).await,
+        curl_status(&["-x", &stack.http_proxy_as("alice", "alice-pw"), &url]).await,
         "429"
     );
-    assert!(socks5_stream(
-        stack.socks_port,
-        "mallory",
-        "guess",
-        "127.0.0.1",
-        target.port()
-    )
-    .await
-    .is_err());
+    assert!(stack.socks5_as("mallory", "guess", target).await.is_err());
     assert_eq!(hook.calls("proxy", "mallory"), 5);
     assert_eq!(hook.calls("proxy", "alice"), 0);
 }

@@ -123,10 +123,6 @@ impl Slapd {
     }
 }
 
-fn proxy_as(stack: &Stack, user: &str, pass: &str) -> String {
-    format!("http://{user}:{pass}@127.0.0.1:{}", stack.http_port)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn directory_users_and_groups_through_a_real_slapd() {
     let mut slapd = Slapd::start().await;
@@ -156,36 +152,31 @@ async fn directory_users_and_groups_through_a_real_slapd() {
     let url = format!("http://127.0.0.1:{}/", target.port());
 
     // staff → office: carried by office's agent, through HTTP and SOCKS5.
-    let (code, body) = curl(&["-x", &proxy_as(&stack, "alice", "alice-pw"), &url]).await;
+    let (code, body) = curl(&["-x", &stack.http_proxy_as("alice", "alice-pw"), &url]).await;
     assert_eq!((code, body.as_slice()), (0, &b"hello"[..]));
-    socks5_stream(
-        stack.socks_port,
-        "bob",
-        "bob-pw",
-        "127.0.0.1",
-        target.port(),
-    )
-    .await
-    .expect("bob through SOCKS5");
+    stack
+        .socks5_as("bob", "bob-pw", target)
+        .await
+        .expect("bob through SOCKS5");
     // carol is in an unmapped group: the default group, whose agent refuses loopback.
     assert_eq!(
-        curl_status(&["-x", &proxy_as(&stack, "carol", "carol-pw"), &url]).await,
+        curl_status(&["-x", &stack.http_proxy_as("carol", "carol-pw"), &url]).await,
         "403"
     );
     // Wrong password, unknown user, empty password (an anonymous bind): refused.
     for (user, pass) in [("alice", "bob-pw"), ("mallory", "x"), ("alice", "")] {
-        let status = curl_status(&["-x", &proxy_as(&stack, user, pass), &url]).await;
+        let status = curl_status(&["-x", &stack.http_proxy_as(user, pass), &url]).await;
         assert_eq!(status, "407", "{user}:{pass}");
     }
     assert!(matches!(
-        socks5_stream(stack.socks_port, "bob", "wrong", "127.0.0.1", target.port()).await,
+        stack.socks5_as("bob", "wrong", target).await,
         Err(Socks5Refusal::Auth(1))
     ));
 
     // slapd down: 503 naming the backend, and the metric says so.
     slapd.stop().await;
     let (status, body) =
-        curl_status_body(&["-x", &proxy_as(&stack, "alice", "alice-pw"), &url]).await;
+        curl_status_body(&["-x", &stack.http_proxy_as("alice", "alice-pw"), &url]).await;
     assert_eq!(status, "503", "{body}");
     assert!(body.contains("\"corp\" unavailable"), "{body}");
     let metrics = admin_get(admin, "/metrics", None).await.1;
@@ -195,15 +186,9 @@ async fn directory_users_and_groups_through_a_real_slapd() {
 
     // ... and back.
     slapd.restart().await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = curl_status(&["-x", &proxy_as(&stack, "alice", "alice-pw"), &url]).await;
-        if status == "200" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no recovery: {status}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    stack
+        .until_http_status("alice", "alice-pw", &url, "200")
+        .await;
     let metrics = admin_get(admin, "/metrics", None).await.1;
     assert_eq!(metric(&metrics, "anyproxy_auth_backend_up", &corp), 1.0);
     let log = stack.log("gateway");
