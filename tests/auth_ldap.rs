@@ -158,6 +158,24 @@ async fn directory_users_and_groups_through_a_real_slapd() {
         .socks5_as("bob", "bob-pw", target)
         .await
         .expect("bob through SOCKS5");
+    // One check per connection: three requests on one keep-alive connection (curl
+    // reuses it) ask the directory once, although nothing is cached.
+    let corp = [("backend", "corp"), ("type", "ldap")];
+    let checks = || async {
+        let metrics = admin_get(admin, "/metrics", None).await.1;
+        metric(&metrics, "anyproxy_auth_backend_checks_total", &corp)
+    };
+    let before = checks().await;
+    let (code, body) = curl(&[
+        "-x",
+        &stack.http_proxy_as("alice", "alice-pw"),
+        &url,
+        &url,
+        &url,
+    ])
+    .await;
+    assert_eq!((code, body.as_slice()), (0, &b"hellohellohello"[..]));
+    assert_eq!(checks().await, before + 1.0);
     // carol is in an unmapped group: the default group, whose agent refuses loopback.
     assert_eq!(
         curl_status(&["-x", &stack.http_proxy_as("carol", "carol-pw"), &url]).await,
@@ -180,7 +198,6 @@ async fn directory_users_and_groups_through_a_real_slapd() {
     assert_eq!(status, "503", "{body}");
     assert!(body.contains("\"corp\" unavailable"), "{body}");
     let metrics = admin_get(admin, "/metrics", None).await.1;
-    let corp = [("backend", "corp"), ("type", "ldap")];
     assert_eq!(metric(&metrics, "anyproxy_auth_backend_up", &corp), 0.0);
     assert!(metric(&metrics, "anyproxy_auth_backend_errors_total", &corp) >= 1.0);
 

@@ -47,6 +47,7 @@ impl<C: Connector> Serve for HttpProxy<C> {
             users: self.users.clone(),
             limits: self.limits.clone(),
             upstream: tokio::sync::Mutex::new(None),
+            accepted: parking_lot::Mutex::new(None),
         });
         let connector = self.connector.clone();
         let service = hyper::service::service_fn(move |req| {
@@ -87,6 +88,10 @@ struct ConnState {
     users: Arc<Authority>,
     limits: Arc<Limits>,
     upstream: tokio::sync::Mutex<Option<KeptUpstream>>,
+    /// The last `Proxy-Authorization` accepted on this connection and whom it proved:
+    /// the next requests with the same header are not checked again (one check per
+    /// connection, or per change of user on a keep-alive connection).
+    accepted: parking_lot::Mutex<Option<(crate::net::Secret, Identity)>>,
 }
 
 fn text_response(status: u16, message: &str) -> Response<Body> {
@@ -152,6 +157,16 @@ async fn authenticate(req: &Request<Incoming>, state: &ConnState) -> Result<Iden
     let Some((user, pass)) = basic_credentials(req.headers()) else {
         return Err(AuthRefusal::Ask);
     };
+    let header = req
+        .headers()
+        .get(header::PROXY_AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if let Some((last, identity)) = &*state.accepted.lock() {
+        if crate::net::secret_eq(last.expose(), header) {
+            return Ok(identity.clone());
+        }
+    }
     let attempt = Attempt {
         kind: Kind::Proxy,
         username: &user,
@@ -165,7 +180,10 @@ async fn authenticate(req: &Request<Incoming>, state: &ConnState) -> Result<Iden
         .proxy_auth(state.peer.ip(), state.users.authenticate(&attempt))
         .await
     {
-        AuthVerdict::Accepted(identity) => Ok(identity),
+        AuthVerdict::Accepted(identity) => {
+            *state.accepted.lock() = Some((crate::net::Secret::from(header), identity.clone()));
+            Ok(identity)
+        }
         AuthVerdict::Rejected(reason) => {
             if let Some(reason) = reason {
                 Access::new("http")
