@@ -21,6 +21,8 @@ const BASE: &str = "dc=example,dc=org";
 /// A slapd of our own: config, database and log in a temporary directory.
 struct Slapd {
     port: u16,
+    /// With TLS: the `ldaps://` port (the `ldap://` one offers StartTLS).
+    tls_port: Option<u16>,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -41,11 +43,23 @@ fn group(cn: &str, members: &[&str]) -> String {
 
 impl Slapd {
     async fn start() -> Slapd {
+        Self::start_with(None).await
+    }
+
+    /// `tls`: the certificate and key slapd serves `ldaps://` and StartTLS with.
+    async fn start_with(tls: Option<(&Path, &Path)>) -> Slapd {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         std::fs::create_dir(d.join("db")).unwrap();
+        let tls_lines = tls.map_or(String::new(), |(cert, key)| {
+            format!(
+                "TLSCertificateFile {}\nTLSCertificateKeyFile {}\n",
+                cert.display(),
+                key.display()
+            )
+        });
         let conf = format!(
-            "include /etc/ldap/schema/core.schema\ninclude /etc/ldap/schema/cosine.schema\ninclude /etc/ldap/schema/inetorgperson.schema\nmodulepath /usr/lib/ldap\nmoduleload back_mdb\npidfile {pid}\ndatabase mdb\nmaxsize 10485760\nsuffix \"{BASE}\"\nrootdn \"cn=admin,{BASE}\"\nrootpw admin-pw\ndirectory {db}\naccess to attrs=userPassword by anonymous auth by self read by * none\naccess to * by * read\n",
+            "include /etc/ldap/schema/core.schema\ninclude /etc/ldap/schema/cosine.schema\ninclude /etc/ldap/schema/inetorgperson.schema\nmodulepath /usr/lib/ldap\nmoduleload back_mdb\n{tls_lines}pidfile {pid}\ndatabase mdb\nmaxsize 10485760\nsuffix \"{BASE}\"\nrootdn \"cn=admin,{BASE}\"\nrootpw admin-pw\ndirectory {db}\naccess to attrs=userPassword by anonymous auth by self read by * none\naccess to * by * read\n",
             pid = d.join("slapd.pid").display(),
             db = d.join("db").display(),
         );
@@ -78,6 +92,7 @@ impl Slapd {
         );
         let mut slapd = Slapd {
             port: free_port(),
+            tls_port: tls.map(|_| free_port()),
             dir,
             child: None,
         };
@@ -92,9 +107,13 @@ impl Slapd {
     /// Starts slapd (again) in the foreground on its port; waits until it listens.
     async fn restart(&mut self) {
         let d: &Path = self.dir.path();
+        let mut urls = format!("ldap://127.0.0.1:{}/", self.port);
+        if let Some(p) = self.tls_port {
+            urls.push_str(&format!(" ldaps://127.0.0.1:{p}/"));
+        }
         let child = Command::new(SLAPD)
             .arg("-h")
-            .arg(format!("ldap://127.0.0.1:{}/", self.port))
+            .arg(urls)
             .arg("-f")
             .arg(d.join("slapd.conf"))
             .args(["-d", "0"])
@@ -326,4 +345,50 @@ async fn pmproxy_open_with_an_ad_db_user_and_group_ipm_sees_the_directory_group(
         .await
         .expect("carol logs in");
     assert!(!decide("10.0.0.8"));
+}
+
+/// `ldaps://` and StartTLS, verified against the CA given (the test's self-signed
+/// certificate); without it (the public web roots) the directory is unavailable, not
+/// trusted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ldaps_and_starttls_verify_the_directory_certificate() {
+    use anyproxy::auth::{Attempt, Authenticator, Kind, Verdict};
+
+    let certs = certs();
+    let slapd = Slapd::start_with(Some((&certs.cert, &certs.key))).await;
+    let tls_port = slapd.tls_port.unwrap();
+    let backend = |url: String, starttls: bool, ca: Option<&Path>| {
+        let config: anyproxy::auth::config::LdapConfig = yaml_serde::from_str(&format!(
+            "{{url: \"{url}\", starttls: {starttls}, user_dn: \"uid={{user}},ou=people,{BASE}\", group_base_dn: \"ou=groups,{BASE}\", timeout: 3s}}"
+        ))
+        .unwrap();
+        let tls = anyproxy::transport::tls::client_config_without_alpn(ca).unwrap();
+        anyproxy::auth::ldap::LdapBackend::new("corp", config, Some(tls))
+    };
+    let attempt = |password: &'static str| Attempt {
+        kind: Kind::Proxy,
+        username: "alice",
+        password,
+        client_ip: None,
+        client_id: None,
+        listener: "http",
+    };
+    let ldaps = format!("ldaps://127.0.0.1:{tls_port}");
+    let plain = format!("ldap://127.0.0.1:{}", slapd.port);
+    for (url, starttls) in [(ldaps.clone(), false), (plain.clone(), true)] {
+        let b = backend(url.clone(), starttls, Some(&certs.cert));
+        match b.check(&attempt("alice-pw")).await {
+            Ok(Verdict::Allow { groups }) => {
+                assert!(groups.iter().any(|g| &**g == "staff"), "{url}: {groups:?}")
+            }
+            other => panic!("{url} starttls={starttls}: {other:?}"),
+        }
+        assert!(matches!(
+            b.check(&attempt("wrong")).await,
+            Ok(Verdict::Deny { .. })
+        ));
+        let untrusted = backend(url.clone(), starttls, None);
+        let e = untrusted.check(&attempt("alice-pw")).await.unwrap_err();
+        assert_eq!(&*e.backend, "corp", "{url}: {e}");
+    }
 }
