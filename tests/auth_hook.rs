@@ -31,6 +31,8 @@ class Hook(BaseHTTPRequestHandler):
             self.send_response(500); self.end_headers(); return
         if (user, password, q["kind"]) in [("alice", "alice-pw", "proxy"), ("office", "hooked-pw", "agent")]:
             answer = {"allow": True, "group": "office"}
+        elif (user, password) == ("dora", "dora-pw"):
+            answer = {"allow": True}
         elif user == "bob":
             answer = {"allow": False, "reason": "bob is on leave"}
         else:
@@ -45,7 +47,13 @@ class Hook(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Hook).serve_forever()
+server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Hook)
+if len(sys.argv) > 4:
+    import ssl
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(sys.argv[3], sys.argv[4])
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
 "#;
 
 struct Hook {
@@ -56,6 +64,11 @@ struct Hook {
 
 impl Hook {
     async fn start(dir: &Path) -> Hook {
+        Self::start_with(dir, None).await
+    }
+
+    /// `tls`: the certificate and key the hook serves https with.
+    async fn start_with(dir: &Path, tls: Option<(&Path, &Path)>) -> Hook {
         let script = dir.join("hook.py");
         std::fs::write(&script, HOOK).unwrap();
         let calls = dir.join("calls.txt");
@@ -65,6 +78,11 @@ impl Hook {
             .arg(&script)
             .arg(port.to_string())
             .arg(&calls)
+            .args(
+                tls.map(|(c, k)| [c.to_owned(), k.to_owned()])
+                    .into_iter()
+                    .flatten(),
+            )
             .kill_on_drop(true)
             .spawn()
             .expect("python3");
@@ -216,4 +234,50 @@ async fn a_locked_out_address_never_reaches_the_hook() {
     assert!(stack.socks5_as("mallory", "guess", target).await.is_err());
     assert_eq!(hook.calls("proxy", "mallory"), 5);
     assert_eq!(hook.calls("proxy", "alice"), 0);
+}
+
+/// A hook over https: trusted through the CA given (the test's own certificate);
+/// without it (the public web roots) the hook is unavailable, never trusted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_hook_is_trusted_only_through_its_ca() {
+    use anyproxy::auth::{Attempt, Authenticator, Kind};
+
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs();
+    let hook = Hook::start_with(dir.path(), Some((&certs.cert, &certs.key))).await;
+    let url = format!("https://127.0.0.1:{}/auth", hook.port);
+    let stack = Stack::start(StackOptions {
+        gateway_extra: vec![format!(
+            "auth_backends:\n    hook:\n      type: http\n      url: \"{url}\"\n      ca: \"{}\"",
+            certs.cert.display()
+        )],
+        listener_extra: vec!["auth: [hook]".into()],
+        ..Default::default()
+    })
+    .await;
+    let target = http_target().await;
+    let target_url = format!("http://127.0.0.1:{}/", target.port());
+    let (code, body) = curl(&["-x", &stack.http_proxy_as("dora", "dora-pw"), &target_url]).await;
+    assert_eq!((code, body.as_slice()), (0, &b"hello"[..]));
+    assert_eq!(hook.calls("proxy", "dora"), 1);
+
+    let web_roots = anyproxy::transport::tls::client_config(None).unwrap();
+    let untrusted = anyproxy::auth::hook::HookBackend::new(
+        "hook",
+        &url,
+        Duration::from_secs(3),
+        Some(web_roots),
+    )
+    .unwrap();
+    let attempt = Attempt {
+        kind: Kind::Proxy,
+        username: "dora",
+        password: "dora-pw",
+        client_ip: None,
+        client_id: None,
+        listener: "http",
+    };
+    let e = untrusted.check(&attempt).await.unwrap_err();
+    assert!(e.message.contains("TLS"), "{e}");
+    assert_eq!(hook.calls("proxy", "dora"), 1);
 }
