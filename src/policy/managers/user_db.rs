@@ -1,6 +1,7 @@
-//! The policy's user databases: `mapDB` (users, their passwords (argon2 or bcrypt
-//! hashes, or plain text) and groups) and `adDB` (an LDAP / Active Directory
-//! directory, checked through the gateway's `ldap` authentication backend).
+//! The policy's user databases, checked through the one authentication interface
+//! (`auth::Authenticator`, kind `api`): `mapDB` (users, their passwords (argon2 or
+//! bcrypt hashes, or plain text) and groups) and `adDB` (an LDAP / Active Directory
+//! directory: the gateway's `ldap` authentication backend).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,32 +12,56 @@ use parking_lot::RwLock;
 use crate::auth::config::LdapConfig;
 use crate::auth::hash::{verify_unknown, Stored};
 use crate::auth::ldap::LdapBackend;
-use crate::auth::{Attempt, Authenticator, Kind, Verdict};
+use crate::auth::{Attempt, Authenticator, BackendError, CheckFuture, Kind, Verdict};
 use crate::net::HumanDuration;
 use crate::policy::config::{AdDbConf, MapDbConf};
 use crate::policy::error::{At, PolicyConfigError};
 
 pub struct UserDb {
     name: String,
-    passwords: HashMap<String, Stored>,
+    backend: Arc<dyn Authenticator>,
+    /// mapDB: the configured groups; adDB: each user's groups at their last login.
     groups: RwLock<HashMap<String, Vec<String>>>,
-    directory: Option<Directory>,
+    /// adDB: the directory's runtime (policy commands are synchronous).
+    runtime: Option<DirectoryRuntime>,
 }
 
-/// An `adDB`: the directory, and a runtime of its own, since the policy's commands are
-/// synchronous (they run on blocking threads). The groups of a user are those of their
-/// last successful login.
-struct Directory {
-    backend: Arc<LdapBackend>,
-    runtime: Option<tokio::runtime::Runtime>,
-}
+/// A runtime of the directory's own: the policy's commands run on blocking threads,
+/// and the check is asynchronous.
+struct DirectoryRuntime(Option<tokio::runtime::Runtime>);
 
-impl Drop for Directory {
+impl Drop for DirectoryRuntime {
     fn drop(&mut self) {
         // A runtime may not be dropped where blocking is not allowed (a policy reload).
-        if let Some(rt) = self.runtime.take() {
+        if let Some(rt) = self.0.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+/// A `mapDB` as a backend: stored passwords, checked at once (constant time in the
+/// hash crates, `secret_eq` for plain text; an unknown user costs a dummy check).
+struct MapDb {
+    name: String,
+    passwords: HashMap<String, Stored>,
+    hashed: bool,
+}
+
+impl Authenticator for MapDb {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn check<'a>(&'a self, attempt: &'a Attempt<'a>) -> CheckFuture<'a> {
+        let verdict = match self.passwords.get(attempt.username) {
+            Some(stored) if stored.verify(attempt.password) => Verdict::Allow { groups: vec![] },
+            Some(_) => Verdict::Deny { reason: None },
+            None => {
+                verify_unknown(self.hashed, attempt.password);
+                Verdict::Unknown
+            }
+        };
+        Box::pin(std::future::ready(Ok(verdict)))
     }
 }
 
@@ -64,11 +89,16 @@ impl UserDb {
                 plain.join(", ")
             );
         }
+        let hashed = passwords.values().any(|p| !p.is_plain());
         Ok(UserDb {
             name: c.name.clone(),
-            passwords,
+            backend: Arc::new(MapDb {
+                name: c.name.clone(),
+                passwords,
+                hashed,
+            }),
             groups: RwLock::new(c.user_groups.clone().into_iter().collect()),
-            directory: None,
+            runtime: None,
         })
     }
 
@@ -134,12 +164,9 @@ impl UserDb {
             .map_err(|e| at.err("addr", format!("cannot start its runtime: {e}")))?;
         Ok(UserDb {
             name: c.name.clone(),
-            passwords: HashMap::new(),
+            backend: Arc::new(LdapBackend::new(&c.name, config, tls)),
             groups: RwLock::new(HashMap::new()),
-            directory: Some(Directory {
-                backend: Arc::new(LdapBackend::new(&c.name, config, tls)),
-                runtime: Some(runtime),
-            }),
+            runtime: Some(DirectoryRuntime(Some(runtime))),
         })
     }
 
@@ -147,28 +174,10 @@ impl UserDb {
         &self.name
     }
 
-    /// Hash checks are constant-time in their crates; plain text goes through `secret_eq`.
-    /// An unknown user costs what a known one does (a dummy argon2 check when the DB
-    /// holds hashes), so timing does not tell which names exist.
+    /// One check through the backend (kind `api`). An adDB's allow remembers the
+    /// user's directory groups; a directory that does not answer refuses the login
+    /// and says so in the log.
     pub fn authenticate(&self, user: &str, pass: &str) -> bool {
-        if let Some(d) = &self.directory {
-            return self.authenticate_in(d, user, pass);
-        }
-        match self.passwords.get(user) {
-            Some(stored) => stored.verify(pass),
-            None => {
-                verify_unknown(self.passwords.values().any(|p| !p.is_plain()), pass);
-                false
-            }
-        }
-    }
-
-    /// A bind as the user; on success their directory groups are remembered. A
-    /// directory that does not answer refuses the login (and says so in the log).
-    fn authenticate_in(&self, d: &Directory, user: &str, pass: &str) -> bool {
-        let Some(rt) = &d.runtime else {
-            return false;
-        };
         let attempt = Attempt {
             kind: Kind::Api,
             username: user,
@@ -177,23 +186,29 @@ impl UserDb {
             client_id: None,
             listener: "api",
         };
-        let backend = d.backend.clone();
-        // On a thread of its own, whatever the caller's thread is (a blocking thread
-        // of the API, a runtime's worker, no runtime at all).
-        let verdict = std::thread::scope(|s| {
-            s.spawn(|| rt.block_on(backend.check(&attempt)))
-                .join()
-                .unwrap_or_else(|_| Err(crate::auth::BackendError::new(&self.name, "panicked")))
-        });
+        let verdict = match self.runtime.as_ref().and_then(|r| r.0.as_ref()) {
+            // On a thread of its own, whatever the caller's thread is (a blocking
+            // thread of the API, a runtime's worker, no runtime at all).
+            Some(rt) => std::thread::scope(|s| {
+                s.spawn(|| rt.block_on(self.backend.check(&attempt)))
+                    .join()
+                    .unwrap_or_else(|_| Err(BackendError::new(&self.name, "the check panicked")))
+            }),
+            // A mapDB answers at once.
+            None => futures_util::FutureExt::now_or_never(self.backend.check(&attempt))
+                .unwrap_or_else(|| Err(BackendError::new(&self.name, "did not answer at once"))),
+        };
         match verdict {
             Ok(Verdict::Allow { groups }) => {
-                let groups = groups.iter().map(|g| g.to_string()).collect();
-                self.groups.write().insert(user.to_owned(), groups);
+                if self.runtime.is_some() {
+                    let groups = groups.iter().map(|g| g.to_string()).collect();
+                    self.groups.write().insert(user.to_owned(), groups);
+                }
                 true
             }
             Ok(_) => false,
             Err(e) => {
-                tracing::warn!(db = %self.name, error = %e, "adDB login refused: directory unavailable");
+                tracing::warn!(db = %self.name, error = %e, "login refused: user database unavailable");
                 false
             }
         }
@@ -201,10 +216,6 @@ impl UserDb {
 
     pub fn groups(&self, user: &str) -> Vec<String> {
         self.groups.read().get(user).cloned().unwrap_or_default()
-    }
-
-    pub fn knows(&self, user: &str) -> bool {
-        self.passwords.contains_key(user) || self.groups.read().contains_key(user)
     }
 }
 
