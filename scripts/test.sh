@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what the tests drive (curl, the
-# Python `websockets` package, headless Chromium, redis-server, HAProxy; iperf3 and
+# Python `websockets` package, headless Chromium, redis-server, HAProxy, slapd; iperf3 and
 # rathole for the load-test smoke run), then runs fmt, clippy, a tiny load test and every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,13 @@ if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
   # of the gateway.
   echo "== installing haproxy"
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy; else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy; fi
+fi
+if [ ! -x /usr/sbin/slapd ] || ! command -v ldapsearch >/dev/null 2>&1; then
+  # tests/auth_ldap.rs authenticates against a real OpenLDAP slapd, which the test
+  # starts itself with its own config and database on a loopback port (never the
+  # system service; noninteractive, so debconf asks nothing).
+  echo "== installing slapd and ldap-utils"
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slapd ldap-utils; else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slapd ldap-utils; fi
 fi
 if ! python3 -c 'import websockets' >/dev/null 2>&1; then
   echo "== installing the Python websockets package"

@@ -7,7 +7,7 @@
 //! (`tests/layers.rs` fails on any other import), so there are no cycles:
 //!
 //! 1. [`net`]: the shared vocabulary (targets, CIDRs, units, secrets, dial failures).
-//! 2. [`auth`]: credential checks.
+//! 2. [`auth`]: the one authenticator interface and its backends (static, file, hook, LDAP).
 //! 3. [`config`]: the YAML shapes.
 //! 4. [`cluster`]: state shared with the other gateways through Redis.
 //! 5. [`transport`]: TLS, the WebSocket handshake and framing, the accept loop.

@@ -37,10 +37,6 @@ async fn wait_for_gateway_log(stack: &Stack, needle: &str) {
     }
 }
 
-fn proxy_as(stack: &Stack, user: &str, pass: &str) -> String {
-    format!("http://{user}:{pass}@127.0.0.1:{}", stack.http_port)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_accounts_reach_only_their_groups_agents() {
     let stack = stack().await;
@@ -50,29 +46,22 @@ async fn proxy_accounts_reach_only_their_groups_agents() {
     wait_for_gateway_log(&stack, "group=office").await;
 
     // alice is bound to office, whose agent may reach loopback.
-    let (code, body) = curl(&["-x", &proxy_as(&stack, "alice", "alice-pw"), &url]).await;
+    let (code, body) = curl(&["-x", &stack.http_proxy_as("alice", "alice-pw"), &url]).await;
     assert_eq!((code, body.as_slice()), (0, &b"hello"[..]));
     // The listener's own account goes to the default group, whose agent refuses it.
     assert_eq!(curl_status(&["-x", &stack.http_proxy(), &url]).await, "403");
     // bob's group has no agent: 503 with the reason, SOCKS general failure.
     assert_eq!(
-        curl_status(&["-x", &proxy_as(&stack, "bob", "bob-pw"), &url]).await,
+        curl_status(&["-x", &stack.http_proxy_as("bob", "bob-pw"), &url]).await,
         "503"
     );
-    let (_, body) = curl(&["-x", &proxy_as(&stack, "bob", "bob-pw"), &url]).await;
+    let (_, body) = curl(&["-x", &stack.http_proxy_as("bob", "bob-pw"), &url]).await;
     assert!(
         String::from_utf8_lossy(&body).contains("no live agent in group \"lab\""),
         "{}",
         String::from_utf8_lossy(&body)
     );
-    let socks = socks5_stream(
-        stack.socks_port,
-        "bob",
-        "bob-pw",
-        "127.0.0.1",
-        target.port(),
-    )
-    .await;
+    let socks = stack.socks5_as("bob", "bob-pw", target).await;
     assert_eq!(socks.err(), Some(Socks5Refusal::Reply(0x01)));
     let socks = socks5_stream(
         stack.socks_port,
@@ -85,7 +74,7 @@ async fn proxy_accounts_reach_only_their_groups_agents() {
     assert!(socks.is_ok(), "alice through SOCKS5: {:?}", socks.err());
     // Wrong passwords are still wrong.
     assert_eq!(
-        curl_status(&["-x", &proxy_as(&stack, "alice", "bob-pw"), &url]).await,
+        curl_status(&["-x", &stack.http_proxy_as("alice", "bob-pw"), &url]).await,
         "407"
     );
 }
@@ -100,7 +89,7 @@ async fn an_agent_with_the_wrong_group_secret_is_refused() {
     assert!(!stack.log("gateway").contains("group=office"));
     // With no office agent, alice is not served by anyone else.
     assert_eq!(
-        curl_status(&["-x", &proxy_as(&stack, "alice", "alice-pw"), &url]).await,
+        curl_status(&["-x", &stack.http_proxy_as("alice", "alice-pw"), &url]).await,
         "503"
     );
 }

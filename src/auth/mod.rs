@@ -1,6 +1,32 @@
-//! Credential checks for proxy users and agents.
+//! Credential checks for proxy users and agents: one [`Authenticator`] interface that
+//! every password check goes through (agent `auth`, HTTP proxy Basic, SOCKS5 RFC 1929),
+//! and its backends:
+//!
+//! - [`Accounts`] (`static`): the accounts of the configuration, as before;
+//! - [`file::FileBackend`] (`file`): a users file with bcrypt or argon2 hashes,
+//!   reloaded when it changes;
+//! - [`hook::HookBackend`] (`http`): a POST of JSON to a service of the operator's;
+//! - [`ldap::LdapBackend`] (`ldap`): a bind as the user to an LDAP directory.
+//!
+//! Backends are chained in a declared order ([`Chain`], [`Order`]); remote answers are
+//! cached when positive ([`Cached`]); each backend keeps its own [`BackendStats`].
+//! An [`Authority`] turns the chain's verdict into the [`Identity`] of a listener's
+//! user or of an agent. Lockouts are not here: the caller gates first (`limits`), so
+//! a locked-out address never reaches a backend.
 
+pub mod chain;
+pub mod config;
+pub mod file;
+pub mod hash;
+pub mod hook;
+pub mod ldap;
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+
+pub use chain::{BackendStats, Cached, Chain, Metered, Order};
 
 use crate::net::{credentials_match, Credentials};
 
@@ -11,8 +37,212 @@ pub struct Identity {
     pub group: Arc<str>,
 }
 
+/// Who is asking: what the hook contract calls `kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// An agent's `auth` message.
+    Agent,
+    /// A proxy user (HTTP Basic or SOCKS5 RFC 1929).
+    Proxy,
+    /// A user of the policy API.
+    Api,
+}
+
+/// One password check: the credentials, and where they came from.
+#[derive(Clone, Copy)]
+pub struct Attempt<'a> {
+    pub kind: Kind,
+    pub username: &'a str,
+    pub password: &'a str,
+    pub client_ip: Option<IpAddr>,
+    /// An agent's `client_id`.
+    pub client_id: Option<&'a str>,
+    /// Which listener asked: `http`, `socks5`, `gateway` (agents), `api`.
+    pub listener: &'a str,
+}
+
+impl std::fmt::Debug for Attempt<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attempt")
+            .field("kind", &self.kind)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .field("client_ip", &self.client_ip)
+            .field("client_id", &self.client_id)
+            .field("listener", &self.listener)
+            .finish()
+    }
+}
+
+/// A backend's answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The credentials are good; `groups` (possibly none) are the user's groups, the
+    /// first configured one deciding the tunnel group (proxy users) or the agent
+    /// group (agents).
+    Allow { groups: Vec<Arc<str>> },
+    /// The backend knows the user and refuses them; `reason` (never a secret) goes to
+    /// the access log.
+    Deny { reason: Option<String> },
+    /// The backend does not know this user: the next backend of the chain is asked.
+    Unknown,
+}
+
+/// A backend that could not answer (down, timing out, answering nonsense). Never
+/// cached, never counted toward a lockout: the user is told the backend is
+/// unavailable (HTTP 503, SOCKS 0x01, agents `AUTH_FAILED`).
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("authentication backend {backend:?} unavailable: {message}")]
+pub struct BackendError {
+    pub backend: Arc<str>,
+    pub message: String,
+}
+
+impl BackendError {
+    pub fn new(backend: &str, message: impl Into<String>) -> Self {
+        BackendError {
+            backend: Arc::from(backend),
+            message: message.into(),
+        }
+    }
+}
+
+/// What [`Authenticator::check`] returns.
+pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Result<Verdict, BackendError>> + Send + 'a>>;
+
+/// The one interface every password check goes through. It is an async check
+/// (`async fn check(&self, attempt) -> Result<Verdict, BackendError>`), written with a
+/// boxed future so that backends of different kinds can be chained as trait objects.
+pub trait Authenticator: Send + Sync {
+    /// The backend's configured name (`static` for the configuration's accounts).
+    fn name(&self) -> &str;
+    fn check<'a>(&'a self, attempt: &'a Attempt<'a>) -> CheckFuture<'a>;
+}
+
+/// What a listener (or the agent server) makes of a chain's verdict.
+#[derive(Debug)]
+pub enum Outcome<T = Identity> {
+    Allowed(T),
+    /// Refused; the reason is a backend's, for the log.
+    Denied(Option<String>),
+    Unavailable(BackendError),
+}
+
+impl<T> Outcome<T> {
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Outcome<U> {
+        match self {
+            Outcome::Allowed(t) => Outcome::Allowed(f(t)),
+            Outcome::Denied(r) => Outcome::Denied(r),
+            Outcome::Unavailable(e) => Outcome::Unavailable(e),
+        }
+    }
+}
+
+/// Who may use one listener (or join as an agent): a chain of backends, and the groups
+/// an allow may lead to. A listener whose only backend is `static` without accounts
+/// is open: everyone reaches the default group.
+pub struct Authority {
+    chain: Chain,
+    open: bool,
+    default_group: Arc<str>,
+    groups: Vec<Arc<str>>,
+    /// Agents: an allow without groups names the group by its username (the static
+    /// accounts' rule: an agent's username is its group).
+    username_is_group: bool,
+}
+
+impl Authority {
+    /// `groups` are the tunnel groups that exist besides `default_group`.
+    pub fn new(chain: Chain, open: bool, default_group: Arc<str>, groups: Vec<Arc<str>>) -> Self {
+        Authority {
+            chain,
+            open,
+            default_group,
+            groups,
+            username_is_group: false,
+        }
+    }
+
+    /// The agents' authority: an allow without groups puts the agent in the group its
+    /// username names, when there is one.
+    pub fn for_agents(mut self) -> Self {
+        self.username_is_group = true;
+        self
+    }
+
+    /// A chain of the static accounts alone.
+    pub fn of_accounts(accounts: Accounts, groups: Vec<Arc<str>>) -> Self {
+        let open = accounts.is_open();
+        let default = accounts.open_group.clone();
+        Authority::new(
+            Chain::new(vec![Arc::new(accounts)], Order::FirstAllow),
+            open,
+            default,
+            groups,
+        )
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// The identity of an open listener's users.
+    pub fn anonymous(&self) -> Identity {
+        Identity {
+            user: None,
+            group: self.default_group.clone(),
+        }
+    }
+
+    fn known(&self, group: &str) -> Option<Arc<str>> {
+        if *self.default_group == *group {
+            return Some(self.default_group.clone());
+        }
+        self.groups.iter().find(|g| ***g == *group).cloned()
+    }
+
+    /// Asks the chain, and turns an allow into the user's identity: the first of its
+    /// groups that exists; none given → the default group (agents: the group their
+    /// username names, else the default). Groups given, none of them configured →
+    /// refused.
+    pub async fn authenticate(&self, attempt: &Attempt<'_>) -> Outcome {
+        match self.chain.check(attempt).await {
+            Ok(Verdict::Allow { groups }) => {
+                let group = if groups.is_empty() {
+                    let by_name = self
+                        .username_is_group
+                        .then(|| self.known(attempt.username))
+                        .flatten();
+                    Some(by_name.unwrap_or_else(|| self.default_group.clone()))
+                } else {
+                    groups.iter().find_map(|g| self.known(g))
+                };
+                match group {
+                    Some(group) => Outcome::Allowed(Identity {
+                        user: Some(attempt.username.to_owned()),
+                        group,
+                    }),
+                    None => Outcome::Denied(Some(format!(
+                        "none of the user's groups ({}) is a configured group",
+                        groups
+                            .iter()
+                            .map(|g| g.as_ref())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))),
+                }
+            }
+            Ok(Verdict::Deny { reason }) => Outcome::Denied(reason),
+            Ok(Verdict::Unknown) => Outcome::Denied(None),
+            Err(e) => Outcome::Unavailable(e),
+        }
+    }
+}
+
 /// Accounts, each bound to an agent group: the proxy users of one listener, or the
-/// agents the gateway accepts (whose username then names their group).
+/// agents the gateway accepts (whose username then names their group). This is the
+/// `static` backend.
 ///
 /// A listener with no accounts at all is open: everyone reaches `open_group`.
 #[derive(Debug)]
@@ -54,6 +284,32 @@ impl Accounts {
             user: Some(username.to_owned()),
             group,
         })
+    }
+
+    /// Whether some account has this username (for [`Verdict::Unknown`]).
+    fn knows(&self, username: &str) -> bool {
+        let mut known = false;
+        for (creds, _) in &self.accounts {
+            known |= crate::net::secret_eq(&creds.username, username);
+        }
+        known
+    }
+}
+
+impl Authenticator for Accounts {
+    fn name(&self) -> &str {
+        "static"
+    }
+
+    fn check<'a>(&'a self, attempt: &'a Attempt<'a>) -> CheckFuture<'a> {
+        let verdict = match self.authenticate(attempt.username, attempt.password) {
+            Some(identity) => Verdict::Allow {
+                groups: vec![identity.group],
+            },
+            None if self.knows(attempt.username) => Verdict::Deny { reason: None },
+            None => Verdict::Unknown,
+        };
+        Box::pin(std::future::ready(Ok(verdict)))
     }
 }
 

@@ -70,6 +70,16 @@ pub enum Command {
     /// `server.toml` and `managers.toml` from the config dir, serves the HTTP proxy on
     /// `proxy.server.addr` with direct egress and the HTTPS API on `api.server.addr`.
     Pmproxy(pmproxy::PmproxyArgs),
+    /// Reads a password from stdin (its first line) and prints its hash for a users
+    /// file (`gateway.auth_backends`, type `file`): argon2id by default.
+    Passwd {
+        /// A bcrypt hash instead of argon2id.
+        #[arg(long)]
+        bcrypt: bool,
+        /// bcrypt's cost (4 to 31).
+        #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(4..=31))]
+        cost: u32,
+    },
 }
 
 /// The first SIGINT/SIGTERM asks for a graceful stop; a second one during it means
@@ -179,6 +189,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pmproxy(args) => {
             logging::init(&LogConfig::default(), log_format);
             pmproxy::run(args).await
+        }
+        Command::Passwd { bcrypt, cost } => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password from stdin")?;
+            let password = line.strip_suffix('\n').unwrap_or(&line);
+            let password = password.strip_suffix('\r').unwrap_or(password);
+            if password.is_empty() {
+                bail!("empty password on stdin");
+            }
+            let hash = if bcrypt {
+                anyproxy::auth::hash::hash_bcrypt(password, cost)
+            } else {
+                anyproxy::auth::hash::hash_argon2(password)
+            }
+            .map_err(|e| anyhow::anyhow!("hashing: {e}"))?;
+            println!("{hash}");
+            Ok(())
         }
     }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
-use anyproxy::auth::Accounts;
+use anyproxy::auth::{Accounts, Authority};
 use anyproxy::dial::direct::DirectConnector;
 use anyproxy::policy::PolicyGuard;
 use anyproxy::policy::{dir::default_dir, start_api, PolicyDir};
@@ -70,7 +70,10 @@ pub async fn run(args: PmproxyArgs) -> anyhow::Result<()> {
     });
     // Users are told apart by their session at their IP (`sessionIPM`), as upstream:
     // the proxy itself asks for no credentials.
-    let users = Arc::new(Accounts::new(vec![], Arc::from("direct")));
+    let users = Arc::new(Authority::of_accounts(
+        Accounts::new(vec![], Arc::from("direct")),
+        vec![],
+    ));
     let role = Arc::new(HttpProxy {
         users,
         limits: Arc::new(anyproxy::limits::Limits::none()),

@@ -12,6 +12,8 @@ use std::time::Duration;
 use anyproxy_proto::Encoding;
 use serde::{Deserialize, Deserializer};
 
+pub use crate::auth::config::{BackendConfig, FileConfig, FileFormat, HookConfig, STATIC};
+pub use crate::auth::Order as AuthOrder;
 pub use crate::net::{
     parse_duration, parse_size, ByteRate, ByteSize, Credentials, HostPort, HumanDuration, Secret,
 };
@@ -139,6 +141,7 @@ impl Config {
             }
             check_max_window("gateway.max_window", g.max_window)?;
             check_groups(g, self.proxy.as_ref())?;
+            check_auth(g, self.proxy.as_ref())?;
             if let Some(c) = &g.cluster {
                 cluster::validate(c).map_err(ConfigError::Semantic)?;
             }
@@ -208,6 +211,11 @@ pub struct ProxyListener {
     /// `gateway.trusted_proxies`, naming the real client; anything else is refused.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// The authentication backends of this listener's users, in order (names of
+    /// `gateway.auth_backends`, or `static` for the accounts of this configuration);
+    /// default `[static]`.
+    #[serde(default)]
+    pub auth: Vec<String>,
 }
 
 impl ProxyListener {
@@ -347,6 +355,42 @@ fn check_groups(g: &GatewayConfig, proxy: Option<&ProxyConfig>) -> Result<(), Co
     Ok(())
 }
 
+/// Every backend well-formed, every chain naming declared backends once each.
+fn check_auth(g: &GatewayConfig, proxy: Option<&ProxyConfig>) -> Result<(), ConfigError> {
+    let err = |m: String| Err(ConfigError::Semantic(m));
+    for (name, backend) in &g.auth_backends {
+        if name.is_empty() || name == STATIC {
+            return err(format!(
+                "gateway.auth_backends: {name:?} is reserved (static is the configuration's own accounts)"
+            ));
+        }
+        backend.validate(name).map_err(ConfigError::Semantic)?;
+    }
+    let mut chains = vec![("gateway.agent_auth", &g.agent_auth)];
+    if let Some(p) = proxy {
+        if let Some(l) = &p.http {
+            chains.push(("proxy.http.auth", &l.auth));
+        }
+        if let Some(l) = &p.socks5 {
+            chains.push(("proxy.socks5.auth", &l.auth));
+        }
+    }
+    for (key, chain) in chains {
+        let mut seen = std::collections::HashSet::new();
+        for name in chain {
+            if name != STATIC && !g.auth_backends.contains_key(name) {
+                return err(format!(
+                    "{key}: {name:?} is neither static nor a backend of gateway.auth_backends"
+                ));
+            }
+            if !seen.insert(name) {
+                return err(format!("{key}: {name:?} appears twice"));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn default_max_window() -> ByteSize {
     ByteSize(8 << 20)
 }
@@ -466,6 +510,17 @@ pub struct GatewayConfig {
     /// `proxy_protocol: true` accept; required when any listener sets it.
     #[serde(default)]
     pub trusted_proxies: Vec<crate::net::Cidr>,
+    /// Named authentication backends (`file`, `http`) that listeners' `auth` and
+    /// `agent_auth` refer to. See docs/AUTH.md.
+    #[serde(default)]
+    pub auth_backends: std::collections::BTreeMap<String, BackendConfig>,
+    /// The backends agents authenticate with, in order; default `[static]` (the
+    /// gateway's own credentials and the groups' agent passwords).
+    #[serde(default)]
+    pub agent_auth: Vec<String>,
+    /// How chains combine their backends: `first_allow` (default) or `first_answer`.
+    #[serde(default)]
+    pub auth_order: AuthOrder,
 }
 
 /// `gateway.limits`: what proxy users may do. Every part is off unless present.

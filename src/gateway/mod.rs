@@ -1,6 +1,7 @@
 //! The public side: accepts agents over WebSocket + TLS and serves the proxy front ends,
 //! whose connections it carries through the agents.
 
+pub mod auth;
 pub mod forward;
 pub mod registry;
 pub mod server;
@@ -70,10 +71,7 @@ impl Connector for TunnelConnector {
 
 /// Who may use one proxy listener: its own credentials lead to the default group, and
 /// every group's users to their group. With neither, the listener is open.
-fn listener_accounts(
-    listener: &ProxyListener,
-    groups: &[crate::config::GroupConfig],
-) -> Arc<Accounts> {
+fn listener_accounts(listener: &ProxyListener, groups: &[crate::config::GroupConfig]) -> Accounts {
     let default: Arc<str> = Arc::from(DEFAULT_GROUP);
     let mut accounts: Vec<(Credentials, Arc<str>)> = listener
         .credentials()
@@ -84,7 +82,30 @@ fn listener_accounts(
         let group: Arc<str> = Arc::from(g.id.as_str());
         accounts.extend(g.users.iter().map(|u| (u.into(), group.clone())));
     }
-    Arc::new(Accounts::new(accounts, default))
+    Accounts::new(accounts, default)
+}
+
+/// The agents' static accounts: the default group's agents use the gateway's own
+/// credentials; agents of a configured group use its id and agent password. Only this
+/// configuration defines them.
+fn agent_accounts(config: &GatewayConfig) -> Accounts {
+    let mut accounts = vec![(
+        Credentials {
+            username: config.auth_username.clone(),
+            password: config.auth_password.expose().to_owned(),
+        },
+        Arc::from(DEFAULT_GROUP),
+    )];
+    accounts.extend(config.groups.iter().map(|g| {
+        (
+            Credentials {
+                username: g.id.clone(),
+                password: g.agent_password.expose().to_owned(),
+            },
+            Arc::from(g.id.as_str()),
+        )
+    }));
+    Accounts::new(accounts, Arc::from(DEFAULT_GROUP))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +126,8 @@ pub enum StartError {
     Admin(#[from] crate::metrics::AdminError),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::StoreError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthStartError),
 }
 
 /// A running gateway: where it listens, and how to stop it.
@@ -172,6 +195,7 @@ impl Gateway {
             None => None,
         };
         let limits = Arc::new(Limits::new(&config.limits, cluster.as_ref()));
+        let backends = auth::AuthBackends::open(&config)?;
         let metrics = Arc::new(crate::metrics::GatewayMetrics::new(
             registry.clone(),
             shutdown.clone(),
@@ -180,6 +204,7 @@ impl Gateway {
         if let Some(c) = &cluster {
             metrics.show_cluster(c.clone());
         }
+        metrics.show_auth_backends(backends.stats.clone());
         // One PROXY-protocol stage for every listener that sets `proxy_protocol`.
         let proxy_protocol = Arc::new(ProxyProtocol::new(config.trusted_proxies.clone()));
         metrics.show_proxy_protocol(proxy_protocol.clone());
@@ -244,8 +269,12 @@ impl Gateway {
             limits.clone(),
             proxy_protocol.clone(),
         ));
+        let agents = backends
+            .authority(&config.agent_auth, agent_accounts(&config))
+            .for_agents();
         let server = Arc::new(AgentServer::new(
             config,
+            agents,
             registry.clone(),
             tls,
             agent_forwards,
@@ -262,7 +291,7 @@ impl Gateway {
         if let Some(http) = proxy.http {
             let listener = bind("http proxy", http.listen_addr.0).await?;
             http_addr = listener.local_addr().ok();
-            let users = listener_accounts(&http, &groups);
+            let users = Arc::new(backends.authority(&http.auth, listener_accounts(&http, &groups)));
             if users.is_open() {
                 tracing::warn!(addr = ?http_addr, "HTTP proxy has no credentials: anyone who can reach it may use it");
             }
@@ -279,7 +308,8 @@ impl Gateway {
         if let Some(socks) = proxy.socks5 {
             let listener = bind("socks5 proxy", socks.listen_addr.0).await?;
             socks5_addr = listener.local_addr().ok();
-            let users = listener_accounts(&socks, &groups);
+            let users =
+                Arc::new(backends.authority(&socks.auth, listener_accounts(&socks, &groups)));
             if users.is_open() {
                 tracing::warn!(addr = ?socks5_addr, "SOCKS5 proxy has no credentials: anyone who can reach it may use it");
             }

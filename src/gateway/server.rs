@@ -15,8 +15,8 @@ use tracing::Instrument;
 
 use super::forward::AgentForwardTable;
 use super::registry::{AgentHandle, AgentRegistry};
-use crate::auth::Accounts;
-use crate::config::{Credentials, GatewayConfig, DEFAULT_GROUP};
+use crate::auth::{Attempt, Authority, Kind, Outcome};
+use crate::config::GatewayConfig;
 use crate::limits::{Gate, Lockout};
 use crate::transport::listen::{AcceptLoop, Serve};
 use crate::transport::ws::{self, close_code};
@@ -28,7 +28,7 @@ use crate::tunnel::{SessionCore, SessionOptions};
 pub struct AgentServer {
     pub config: GatewayConfig,
     pub registry: Arc<AgentRegistry>,
-    agents: Accounts,
+    agents: Authority,
     forwards: Arc<AgentForwardTable>,
     throttle: Lockout,
     acceptor: TlsAcceptor,
@@ -60,32 +60,13 @@ impl Serve for AgentServer {
 impl AgentServer {
     pub fn new(
         config: GatewayConfig,
+        agents: Authority,
         registry: Arc<AgentRegistry>,
         tls: Arc<rustls::ServerConfig>,
         forwards: Arc<AgentForwardTable>,
         metrics: Arc<crate::metrics::GatewayMetrics>,
         cluster: Option<&Arc<crate::cluster::Cluster>>,
     ) -> Self {
-        // Agents of the default group use the gateway's own credentials; agents of a
-        // configured group use its id and agent password. Only this configuration
-        // defines them.
-        let mut accounts = vec![(
-            Credentials {
-                username: config.auth_username.clone(),
-                password: config.auth_password.expose().to_owned(),
-            },
-            Arc::from(DEFAULT_GROUP),
-        )];
-        accounts.extend(config.groups.iter().map(|g| {
-            (
-                Credentials {
-                    username: g.id.clone(),
-                    password: g.agent_password.expose().to_owned(),
-                },
-                Arc::from(g.id.as_str()),
-            )
-        }));
-        let agents = Accounts::new(accounts, Arc::from(DEFAULT_GROUP));
         let throttle = Lockout::new(
             config.max_auth_failures,
             config.auth_failure_window.0,
@@ -241,18 +222,45 @@ impl AgentServer {
                 return Err(refuse(core, ErrorCode::RateLimited, m.into()).await);
             }
         }
-        match self.agents.authenticate(&auth.username, &auth.password) {
-            Some(identity) if !auth.client_id.is_empty() => {
+        let attempt = Attempt {
+            kind: Kind::Agent,
+            username: &auth.username,
+            password: &auth.password,
+            client_ip: Some(ip),
+            client_id: Some(&auth.client_id),
+            listener: "gateway",
+        };
+        let outcome = if auth.client_id.is_empty() {
+            Outcome::Denied(Some("empty client_id".into()))
+        } else {
+            // Bounded like the rest of the exchange: a slow backend cannot hold it open.
+            match tokio::time::timeout(deadline, self.agents.authenticate(&attempt)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Outcome::Unavailable(crate::auth::BackendError::new(
+                    "agent_auth",
+                    format!("no answer within {deadline:?}"),
+                )),
+            }
+        };
+        match outcome {
+            Outcome::Allowed(identity) => {
                 self.throttle.success(ip);
                 Ok((auth, identity.group))
             }
-            _ => {
+            Outcome::Unavailable(e) => {
+                // Not the agent's fault: no lockout count, and it will retry.
+                tracing::warn!(%peer, username = %auth.username, client_id = %auth.client_id, error = %e, "agent authentication: backend unavailable");
+                let m = format!("authentication backend unavailable ({e})");
+                Err(refuse(core, ErrorCode::AuthFailed, m).await)
+            }
+            Outcome::Denied(reason) => {
                 let locked = self.throttle.failure(ip).await;
                 self.metrics.auth_failed(locked);
                 if locked {
                     tracing::warn!(%peer, "agent authentication locked out after repeated failures");
                 }
-                tracing::warn!(%peer, username = %auth.username, client_id = %auth.client_id, "agent authentication failed");
+                let reason = reason.unwrap_or_default();
+                tracing::warn!(%peer, username = %auth.username, client_id = %auth.client_id, %reason, "agent authentication failed");
                 let m =
                     "authentication failed: wrong username (group), password or empty client_id";
                 Err(refuse(core, ErrorCode::AuthFailed, m.into()).await)

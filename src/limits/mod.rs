@@ -19,6 +19,7 @@ pub use limit_guard::LimitGuard;
 pub use lockout::{Gate, Lockout};
 pub use throttle::AuthThrottle;
 
+use crate::auth::{BackendError, Outcome};
 use crate::cluster::{Check, Cluster, Refusal, Slots};
 use crate::config::{ConnCapsConfig, LimitsConfig, StoreFailureMode};
 use crate::connect::{ConnectError, Hold, Requester, Upstream};
@@ -140,11 +141,15 @@ pub const LOCKED_OUT: &str =
 #[derive(Debug)]
 pub enum AuthVerdict<T> {
     Accepted(T),
-    Rejected,
+    /// Wrong credentials; the reason is a backend's, for the log.
+    Rejected(Option<String>),
     /// Too many failures from this address: refused without checking.
     LockedOut,
     /// The cluster store did not answer and `on_store_failure: closed`.
     Unavailable,
+    /// The authentication backend could not answer: neither a failure nor a success
+    /// for the lockout.
+    BackendDown(BackendError),
 }
 
 impl Limits {
@@ -301,16 +306,21 @@ impl Limits {
         bump(counter, 1);
     }
 
-    /// Checks a proxy user's password with `check`, unless `ip` is locked out, and
-    /// counts the outcome toward the lockout. Without `limits.proxy_auth` it only
-    /// checks.
+    /// Checks a proxy user's password with `check`, unless `ip` is locked out (then
+    /// `check` is never polled, so a locked-out address never reaches a backend), and
+    /// counts the outcome toward the lockout. A backend that could not answer counts
+    /// neither way. Without `limits.proxy_auth` it only checks.
     pub async fn proxy_auth<T>(
         &self,
         ip: IpAddr,
-        check: impl FnOnce() -> Option<T>,
+        check: impl std::future::Future<Output = Outcome<T>>,
     ) -> AuthVerdict<T> {
         let Some(lockout) = &self.proxy_auth else {
-            return check().map_or(AuthVerdict::Rejected, AuthVerdict::Accepted);
+            return match check.await {
+                Outcome::Allowed(t) => AuthVerdict::Accepted(t),
+                Outcome::Denied(r) => AuthVerdict::Rejected(r),
+                Outcome::Unavailable(e) => AuthVerdict::BackendDown(e),
+            };
         };
         match lockout.gate(ip).await {
             Gate::Open => {}
@@ -320,19 +330,20 @@ impl Limits {
             }
             Gate::StoreDown => return AuthVerdict::Unavailable,
         }
-        match check() {
-            Some(t) => {
+        match check.await {
+            Outcome::Allowed(t) => {
                 lockout.success(ip);
                 AuthVerdict::Accepted(t)
             }
-            None => {
+            Outcome::Denied(reason) => {
                 bump(&self.stats.proxy_auth_failures, 1);
                 if lockout.failure(ip).await {
                     bump(&self.stats.proxy_auth_lockouts, 1);
                     tracing::warn!(%ip, "proxy authentication locked out after repeated failures");
                 }
-                AuthVerdict::Rejected
+                AuthVerdict::Rejected(reason)
             }
+            Outcome::Unavailable(e) => AuthVerdict::BackendDown(e),
         }
     }
 

@@ -12,7 +12,7 @@ use prometheus_client::encoding::DescriptorEncoder;
 use tokio_util::sync::CancellationToken;
 
 use super::admin::{base_status, Observed};
-use super::encode::{counters, gauges, labels};
+use super::encode::{counters, gauges, histograms, labels};
 use super::status::{live_conns, AgentStatus, ClusterStatus, GroupStatus, Status, TrafficRing};
 use super::table::{total, SessionTable};
 use crate::connect::{ConnectError, Connector, Requester, Upstream};
@@ -65,6 +65,8 @@ pub struct GatewayMetrics {
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     /// The listeners' PROXY protocol stage, whose refusals are counted by reason.
     proxy_protocol: std::sync::OnceLock<Arc<ProxyProtocol>>,
+    /// The named authentication backends' counters.
+    auth_backends: std::sync::OnceLock<Vec<Arc<crate::auth::BackendStats>>>,
 }
 
 /// A short, stable name for why a connect failed (the metric's `reason` label).
@@ -101,6 +103,7 @@ impl GatewayMetrics {
             limits,
             cluster: std::sync::OnceLock::new(),
             proxy_protocol: std::sync::OnceLock::new(),
+            auth_backends: std::sync::OnceLock::new(),
         }
     }
 
@@ -117,6 +120,11 @@ impl GatewayMetrics {
     /// Counts this PROXY protocol stage's refusals on `/metrics` from now on.
     pub fn show_proxy_protocol(&self, pp: Arc<ProxyProtocol>) {
         let _ = self.proxy_protocol.set(pp);
+    }
+
+    /// Shows these authentication backends' `up`, latency and errors on `/metrics`.
+    pub fn show_auth_backends(&self, stats: Vec<Arc<crate::auth::BackendStats>>) {
+        let _ = self.auth_backends.set(stats);
     }
 
     /// An agent failed to authenticate; `locked` when this failure locked its IP out.
@@ -224,6 +232,9 @@ impl Observed for GatewayMetrics {
                 .collect::<Vec<_>>(),
         )?;
         encode_limits(enc, &self.limits)?;
+        if let Some(backends) = self.auth_backends.get() {
+            encode_auth_backends(enc, backends)?;
+        }
         match self.cluster.get() {
             Some(c) => encode_cluster(enc, c),
             None => Ok(()),
@@ -325,6 +336,64 @@ fn encode_limits(enc: &mut DescriptorEncoder, limits: &Limits) -> Result<(), std
         "proxy_auth_locked_addresses",
         "Source addresses locked out of proxy authentication now",
         &[(vec![], limits.proxy_auth_locked() as f64)],
+    )
+}
+
+/// `gateway.auth_backends`: whether each backend answered its last check, how long
+/// its checks take (cached answers not included), and how many could not be answered.
+fn encode_auth_backends(
+    enc: &mut DescriptorEncoder,
+    backends: &[Arc<crate::auth::BackendStats>],
+) -> Result<(), std::fmt::Error> {
+    if backends.is_empty() {
+        return Ok(());
+    }
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let who = |b: &crate::auth::BackendStats| labels([("backend", &b.name), ("type", b.kind)]);
+    gauges(
+        enc,
+        "auth_backend_up",
+        "1 when the authentication backend answered its last check (allow or deny), 0 when it could not",
+        &backends
+            .iter()
+            .map(|b| (who(b), f64::from(u8::from(b.up.load(Ordering::Relaxed)))))
+            .collect::<Vec<_>>(),
+    )?;
+    counters(
+        enc,
+        "auth_backend_checks",
+        "Checks asked of the authentication backend (cached answers not included)",
+        &backends
+            .iter()
+            .map(|b| (who(b), load(&b.checks)))
+            .collect::<Vec<_>>(),
+    )?;
+    counters(
+        enc,
+        "auth_backend_errors",
+        "Checks the authentication backend could not answer (down, timeout, bad answer)",
+        &backends
+            .iter()
+            .map(|b| (who(b), load(&b.errors)))
+            .collect::<Vec<_>>(),
+    )?;
+    let snapshots: Vec<_> = backends
+        .iter()
+        .map(|b| crate::tunnel::stats::HistogramSnapshot {
+            bounds: &crate::auth::chain::LATENCY_BUCKETS,
+            counts: b.latency.iter().map(load).collect(),
+            sum_us: load(&b.latency_sum_us),
+        })
+        .collect();
+    histograms(
+        enc,
+        "auth_backend_latency_seconds",
+        "How long the authentication backend took to answer a check",
+        &backends
+            .iter()
+            .zip(&snapshots)
+            .map(|(b, s)| (who(b), s))
+            .collect::<Vec<_>>(),
     )
 }
 

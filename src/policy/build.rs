@@ -25,7 +25,7 @@ const DEFAULT_JWT_EXPIRATION: Duration = Duration::from_secs(24 * 3600);
 struct Builder<'a> {
     file: &'a str,
     map_db: Option<Arc<UserDb>>,
-    ad_db: Option<String>,
+    ad_db: Option<Arc<UserDb>>,
     names: Vec<Arc<str>>,
     managers: Vec<Manager>,
     by_name: HashMap<String, usize>,
@@ -37,10 +37,10 @@ impl Builder<'_> {
             Some(db) if db.name() == name => return Ok(db.clone()),
             _ => {}
         }
-        if self.ad_db.as_deref() == Some(name) {
-            return Err(at.err(key, format!("{name:?} is an adDB (LDAP), which is not supported in this build; use a [mapDB]")));
+        match &self.ad_db {
+            Some(db) if db.name() == name => Ok(db.clone()),
+            _ => Err(at.err(key, format!("no [mapDB] or [adDB] named {name:?}"))),
         }
-        Err(at.err(key, format!("no [mapDB] named {name:?}")))
     }
 
     fn add(&mut self, at: &At, m: Manager) -> Result<(), PolicyConfigError> {
@@ -109,7 +109,11 @@ pub fn build(conf: ManagersConf, opts: PolicyOptions) -> Result<Policy, PolicyCo
             .as_ref()
             .map(|c| UserDb::from_conf(file, c).map(Arc::new))
             .transpose()?,
-        ad_db: conf.ad_db.as_ref().map(|c| c.name.clone()),
+        ad_db: conf
+            .ad_db
+            .as_ref()
+            .map(|c| UserDb::from_ad_conf(file, c).map(Arc::new))
+            .transpose()?,
         names: Vec::new(),
         managers: Vec::new(),
         by_name: HashMap::new(),

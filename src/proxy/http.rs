@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 
 use anyproxy_proto::ErrorCode;
 
-use crate::auth::{Accounts, Identity};
+use crate::auth::{Attempt, Authority, Identity, Kind};
 use crate::connect::{Access, ConnectError, Connector, Requester};
 use crate::limits::lockout::STORE_DOWN;
 use crate::limits::{AuthVerdict, Limits, LOCKED_OUT};
@@ -35,7 +35,7 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// The HTTP proxy listener's role: each accepted connection is served by hyper, and
 /// `limits` guards the password check.
 pub struct HttpProxy<C> {
-    pub users: Arc<Accounts>,
+    pub users: Arc<Authority>,
     pub limits: Arc<Limits>,
     pub connector: Arc<C>,
     /// How long a client may take to send a request head, and may stay idle between
@@ -51,6 +51,7 @@ impl<C: Connector> Serve for HttpProxy<C> {
             users: self.users.clone(),
             limits: self.limits.clone(),
             upstream: tokio::sync::Mutex::new(None),
+            accepted: parking_lot::Mutex::new(None),
         });
         let connector = self.connector.clone();
         let service = hyper::service::service_fn(move |req| {
@@ -88,9 +89,13 @@ struct KeptUpstream {
 /// Per user connection: who it is, and the upstream kept alive for its last target.
 struct ConnState {
     peer: SocketAddr,
-    users: Arc<Accounts>,
+    users: Arc<Authority>,
     limits: Arc<Limits>,
     upstream: tokio::sync::Mutex<Option<KeptUpstream>>,
+    /// The last `Proxy-Authorization` accepted on this connection and whom it proved:
+    /// the next requests with the same header are not checked again (one check per
+    /// connection, or per change of user on a keep-alive connection).
+    accepted: parking_lot::Mutex<Option<(crate::net::Secret, Identity)>>,
 }
 
 fn text_response(status: u16, message: &str) -> Response<Body> {
@@ -136,12 +141,15 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     Some((user.to_owned(), pass.to_owned()))
 }
 
-/// Why a request was not let through: ask for credentials (407), or refuse the
-/// locked-out address (429).
+/// Why a request was not let through: ask for credentials (407), refuse the
+/// locked-out address (429), or say that authentication cannot be done now (503: the
+/// cluster store, or the named backend, did not answer), so that clients do not
+/// prompt for a password again.
 enum AuthRefusal {
     Ask,
     LockedOut,
     Unavailable,
+    BackendDown(String),
 }
 
 /// Who sent `req`. A request without credentials is asked for them and does not count
@@ -153,13 +161,49 @@ async fn authenticate(req: &Request<Incoming>, state: &ConnState) -> Result<Iden
     let Some((user, pass)) = basic_credentials(req.headers()) else {
         return Err(AuthRefusal::Ask);
     };
+    let header = req
+        .headers()
+        .get(header::PROXY_AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if let Some((last, identity)) = &*state.accepted.lock() {
+        if crate::net::secret_eq(last.expose(), header) {
+            return Ok(identity.clone());
+        }
+    }
+    let attempt = Attempt {
+        kind: Kind::Proxy,
+        username: &user,
+        password: &pass,
+        client_ip: Some(state.peer.ip()),
+        client_id: None,
+        listener: "http",
+    };
     match state
         .limits
-        .proxy_auth(state.peer.ip(), || state.users.authenticate(&user, &pass))
+        .proxy_auth(state.peer.ip(), state.users.authenticate(&attempt))
         .await
     {
-        AuthVerdict::Accepted(identity) => Ok(identity),
-        AuthVerdict::Rejected => Err(AuthRefusal::Ask),
+        AuthVerdict::Accepted(identity) => {
+            *state.accepted.lock() = Some((crate::net::Secret::from(header), identity.clone()));
+            Ok(identity)
+        }
+        AuthVerdict::Rejected(reason) => {
+            if let Some(reason) = reason {
+                Access::new("http")
+                    .client(state.peer)
+                    .user(&user)
+                    .refused(ErrorCode::AuthFailed, &reason);
+            }
+            Err(AuthRefusal::Ask)
+        }
+        AuthVerdict::BackendDown(e) => {
+            Access::new("http")
+                .client(state.peer)
+                .user(&user)
+                .refused(ErrorCode::AuthFailed, &e);
+            Err(AuthRefusal::BackendDown(e.to_string()))
+        }
         AuthVerdict::LockedOut => {
             Access::new("http")
                 .client(state.peer)
@@ -201,6 +245,7 @@ async fn handle<C: Connector>(
         Err(AuthRefusal::Ask) => return proxy_auth_required(),
         Err(AuthRefusal::LockedOut) => return text_response(429, LOCKED_OUT),
         Err(AuthRefusal::Unavailable) => return text_response(503, STORE_DOWN),
+        Err(AuthRefusal::BackendDown(why)) => return text_response(503, &why),
     };
     let who = Requester::new(state.peer, identity);
     if req.method() == Method::CONNECT {

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 use anyproxy_proto::ErrorCode;
 
-use crate::auth::{Accounts, Identity};
+use crate::auth::{Attempt, Authority, Identity, Kind};
 use crate::connect::{Access, Connector, Requester};
 use crate::limits::lockout::STORE_DOWN;
 use crate::limits::{AuthVerdict, Limits, LOCKED_OUT};
@@ -47,6 +47,8 @@ enum Socks5Error {
     AuthFailed(String),
     #[error("user {0:?} refused: this address is locked out after repeated failures")]
     LockedOut(String),
+    #[error("user {0:?} refused: {1}")]
+    BackendDown(String, crate::auth::BackendError),
     #[error("unsupported command {0:#04x}")]
     Command(u8),
     #[error("unsupported address type {0:#04x}")]
@@ -59,7 +61,7 @@ enum Socks5Error {
 
 /// The SOCKS5 listener's role; `limits` guards the password check.
 pub struct Socks5Proxy<C> {
-    pub users: Arc<Accounts>,
+    pub users: Arc<Authority>,
     pub limits: Arc<Limits>,
     pub connector: Arc<C>,
 }
@@ -75,7 +77,7 @@ impl<C: Connector> Serve for Socks5Proxy<C> {
 async fn handle<C: Connector>(
     mut stream: TcpStream,
     peer: SocketAddr,
-    users: &Accounts,
+    users: &Authority,
     limits: &Limits,
     connector: &C,
 ) -> Result<(), Socks5Error> {
@@ -127,7 +129,7 @@ async fn handle<C: Connector>(
 
 /// Who may connect, and the lockout guarding the password check.
 struct Auth<'a> {
-    users: &'a Accounts,
+    users: &'a Authority,
     limits: &'a Limits,
     peer: SocketAddr,
 }
@@ -209,29 +211,51 @@ async fn sub_negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     stream.read_exact(&mut pass).await?;
     let user = String::from_utf8_lossy(&user).into_owned();
     let pass = String::from_utf8_lossy(&pass);
+    let attempt = Attempt {
+        kind: Kind::Proxy,
+        username: &user,
+        password: &pass,
+        client_ip: Some(auth.peer.ip()),
+        client_id: None,
+        listener: "socks5",
+    };
     let verdict = auth
         .limits
-        .proxy_auth(auth.peer.ip(), || auth.users.authenticate(&user, &pass))
+        .proxy_auth(auth.peer.ip(), auth.users.authenticate(&attempt))
         .await;
-    if let AuthVerdict::Accepted(identity) = verdict {
-        stream.write_all(&[AUTH_VERSION, 0x00]).await?;
-        return Ok(identity);
-    }
-    // RFC 1929 has one failure status: the reason goes to the log.
-    stream.write_all(&[AUTH_VERSION, 0x01]).await?;
-    if matches!(verdict, AuthVerdict::LockedOut | AuthVerdict::Unavailable) {
-        let why = if matches!(verdict, AuthVerdict::LockedOut) {
-            LOCKED_OUT
-        } else {
-            STORE_DOWN
-        };
+    let log = |code: ErrorCode, why: &dyn std::fmt::Display| {
         Access::new("socks5")
             .client(auth.peer)
             .user(&user)
-            .refused(ErrorCode::RateLimited, &why);
-        return Err(Socks5Error::LockedOut(user));
-    }
-    Err(Socks5Error::AuthFailed(user))
+            .refused(code, why)
+    };
+    let refusal = match verdict {
+        AuthVerdict::Accepted(identity) => {
+            stream.write_all(&[AUTH_VERSION, 0x00]).await?;
+            return Ok(identity);
+        }
+        AuthVerdict::LockedOut => {
+            log(ErrorCode::RateLimited, &LOCKED_OUT);
+            Socks5Error::LockedOut(user.clone())
+        }
+        AuthVerdict::Unavailable => {
+            log(ErrorCode::RateLimited, &STORE_DOWN);
+            Socks5Error::LockedOut(user.clone())
+        }
+        AuthVerdict::BackendDown(e) => {
+            log(ErrorCode::AuthFailed, &e);
+            Socks5Error::BackendDown(user.clone(), e)
+        }
+        AuthVerdict::Rejected(reason) => {
+            if let Some(reason) = reason {
+                log(ErrorCode::AuthFailed, &reason);
+            }
+            Socks5Error::AuthFailed(user.clone())
+        }
+    };
+    // RFC 1929 has one failure status (0x01): the reason goes to the log.
+    stream.write_all(&[AUTH_VERSION, 0x01]).await?;
+    Err(refusal)
 }
 
 /// A reply with BND.ADDR 0.0.0.0:0: the bound address is on the agent's side and of

@@ -147,6 +147,13 @@ pub fn client_config_with_identity(
     Ok(Arc::new(config))
 }
 
+/// As [`client_config`], without ALPN: for protocols that are not HTTP (LDAP).
+pub fn client_config_without_alpn(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut config = (*client_config(ca)?).clone();
+    config.alpn_protocols.clear();
+    Ok(Arc::new(config))
+}
+
 pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     ServerName::try_from(bare.to_owned()).map_err(|_| TlsError::ServerName(host.to_owned()))

@@ -321,6 +321,38 @@ gateway:
         )
     }
 
+    /// The HTTP proxy's URL with `user`'s credentials, for curl's `-x`.
+    pub fn http_proxy_as(&self, user: &str, pass: &str) -> String {
+        format!("http://{user}:{pass}@127.0.0.1:{}", self.http_port)
+    }
+
+    /// A SOCKS5 connection as `user` to a loopback `target`.
+    pub async fn socks5_as(
+        &self,
+        user: &str,
+        pass: &str,
+        target: SocketAddr,
+    ) -> Result<tokio::net::TcpStream, Socks5Refusal> {
+        socks5_stream(self.socks_port, user, pass, "127.0.0.1", target.port()).await
+    }
+
+    /// Waits (at most 20 s) until `user` gets `want` for `url` through the HTTP proxy.
+    pub async fn until_http_status(&self, user: &str, pass: &str, url: &str, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = curl_status(&["-x", &self.http_proxy_as(user, pass), url]).await;
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{user} still gets {got}, not {want}:\n{}",
+                self.log("gateway")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn socks_auth(&self) -> String {
         format!("{SOCKS_USER}:{SOCKS_PASS}@127.0.0.1:{}", self.socks_port)
     }

@@ -1,0 +1,128 @@
+//! Building `gateway.auth_backends` and the chains that listeners and the agent
+//! server ask: each named backend is metered (its `up`, latency and errors), and its
+//! allows are cached for its `cache_ttl`; `static` stands for the configuration's own
+//! accounts of the listener (or of the agents) that asks.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::auth::config::{BackendConfig, STATIC};
+use crate::auth::file::{FileBackend, FileError};
+use crate::auth::hook::{HookBackend, HookConfigError};
+use crate::auth::ldap::LdapBackend;
+use crate::auth::{
+    Accounts, Authenticator, Authority, BackendStats, Cached, Chain, Metered, Order,
+};
+use crate::config::GatewayConfig;
+use crate::transport::tls;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthStartError {
+    #[error("auth_backends: users file {0}")]
+    File(#[from] FileError),
+    #[error(transparent)]
+    Hook(#[from] HookConfigError),
+    #[error("auth_backends.{0}: {1}")]
+    Tls(String, tls::TlsError),
+}
+
+/// The gateway's named backends, ready to be chained.
+pub struct AuthBackends {
+    named: HashMap<String, Arc<dyn Authenticator>>,
+    order: Order,
+    /// The tunnel groups besides the default one.
+    groups: Vec<Arc<str>>,
+    /// Every named backend's counters, for `/metrics`.
+    pub stats: Vec<Arc<BackendStats>>,
+}
+
+impl AuthBackends {
+    /// Opens every backend (a users file must load); starts the users files' reload.
+    pub fn open(config: &GatewayConfig) -> Result<AuthBackends, AuthStartError> {
+        let mut named = HashMap::new();
+        let mut stats = Vec::new();
+        for (name, backend) in &config.auth_backends {
+            let mut file = None;
+            let inner: Arc<dyn Authenticator> = match backend {
+                BackendConfig::File(f) => {
+                    let b = FileBackend::open(name, f.clone())?;
+                    file = Some(b.clone());
+                    b
+                }
+                BackendConfig::Http(h) => {
+                    let tls_config = if h.url.starts_with("https") {
+                        Some(
+                            tls::client_config(h.ca.as_deref())
+                                .map_err(|e| AuthStartError::Tls(name.clone(), e))?,
+                        )
+                    } else {
+                        None
+                    };
+                    Arc::new(HookBackend::new(name, &h.url, h.timeout.0, tls_config)?)
+                }
+                BackendConfig::Ldap(l) => {
+                    let tls_config = if l.url.starts_with("ldaps://") || l.starttls {
+                        Some(
+                            tls::client_config_without_alpn(l.ca.as_deref())
+                                .map_err(|e| AuthStartError::Tls(name.clone(), e))?,
+                        )
+                    } else {
+                        None
+                    };
+                    Arc::new(LdapBackend::new(name, (**l).clone(), tls_config))
+                }
+            };
+            let s = Arc::new(BackendStats::new(name, backend.kind()));
+            stats.push(s.clone());
+            let metered = Arc::new(Metered { inner, stats: s });
+            let cached = Arc::new(Cached::new(metered, backend.cache_ttl()));
+            if let Some(file) = file {
+                // A reloaded file drops the cached allows: a removed user is out at once.
+                let weak = Arc::downgrade(&cached);
+                file.watch(move || {
+                    if let Some(c) = weak.upgrade() {
+                        c.clear();
+                    }
+                });
+            }
+            named.insert(name.clone(), cached as Arc<dyn Authenticator>);
+        }
+        Ok(AuthBackends {
+            named,
+            order: config.auth_order,
+            groups: config
+                .groups
+                .iter()
+                .map(|g| Arc::from(g.id.as_str()))
+                .collect(),
+            stats,
+        })
+    }
+
+    /// The chain `names` (empty: `[static]`), where `static` is `accounts`. Open when
+    /// it is `static` alone and `accounts` are none.
+    pub fn authority(&self, names: &[String], accounts: Accounts) -> Authority {
+        let default_names = [STATIC.to_owned()];
+        let names = if names.is_empty() {
+            &default_names[..]
+        } else {
+            names
+        };
+        let open = names.len() == 1 && names[0] == STATIC && accounts.is_open();
+        let default_group = accounts.anonymous().group;
+        let mut accounts = Some(Arc::new(accounts));
+        let chain = names
+            .iter()
+            .filter_map(|n| match n.as_str() {
+                STATIC => accounts.take().map(|a| a as Arc<dyn Authenticator>),
+                other => self.named.get(other).cloned(),
+            })
+            .collect();
+        Authority::new(
+            Chain::new(chain, self.order),
+            open,
+            default_group,
+            self.groups.clone(),
+        )
+    }
+}

@@ -1,0 +1,394 @@
+//! The `ldap` authentication backend against a real OpenLDAP `slapd` (Debian's
+//! package), started here with its own config and mdb database on a loopback port,
+//! seeded by `slapadd` with users and groups: directory users through the HTTP proxy
+//! and SOCKS5, a wrong password refused, the directory group mapped to `office`
+//! carried by office's agent, an agent joining with directory credentials, and slapd
+//! stopped: 503 naming the backend and `up 0` on /metrics, then recovery when it
+//! returns.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::process::{Child, Command};
+
+const SLAPD: &str = "/usr/sbin/slapd";
+const BASE: &str = "dc=example,dc=org";
+
+/// A slapd of our own: config, database and log in a temporary directory.
+struct Slapd {
+    port: u16,
+    /// With TLS: the `ldaps://` port (the `ldap://` one offers StartTLS).
+    tls_port: Option<u16>,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+fn person(uid: &str, password: &str) -> String {
+    format!(
+        "dn: uid={uid},ou=people,{BASE}\nobjectClass: inetOrgPerson\nuid: {uid}\ncn: {uid}\nsn: {uid}\nuserPassword: {password}\n\n"
+    )
+}
+
+fn group(cn: &str, members: &[&str]) -> String {
+    let members: String = members
+        .iter()
+        .map(|m| format!("member: uid={m},ou=people,{BASE}\n"))
+        .collect();
+    format!("dn: cn={cn},ou=groups,{BASE}\nobjectClass: groupOfNames\ncn: {cn}\n{members}\n")
+}
+
+impl Slapd {
+    async fn start() -> Slapd {
+        Self::start_with(None).await
+    }
+
+    /// `tls`: the certificate and key slapd serves `ldaps://` and StartTLS with.
+    async fn start_with(tls: Option<(&Path, &Path)>) -> Slapd {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("db")).unwrap();
+        let tls_lines = tls.map_or(String::new(), |(cert, key)| {
+            format!(
+                "TLSCertificateFile {}\nTLSCertificateKeyFile {}\n",
+                cert.display(),
+                key.display()
+            )
+        });
+        let conf = format!(
+            "include /etc/ldap/schema/core.schema\ninclude /etc/ldap/schema/cosine.schema\ninclude /etc/ldap/schema/inetorgperson.schema\nmodulepath /usr/lib/ldap\nmoduleload back_mdb\n{tls_lines}pidfile {pid}\ndatabase mdb\nmaxsize 10485760\nsuffix \"{BASE}\"\nrootdn \"cn=admin,{BASE}\"\nrootpw admin-pw\ndirectory {db}\naccess to attrs=userPassword by anonymous auth by self read by * none\naccess to * by * read\n",
+            pid = d.join("slapd.pid").display(),
+            db = d.join("db").display(),
+        );
+        std::fs::write(d.join("slapd.conf"), conf).unwrap();
+        let mut seed = format!(
+            "dn: {BASE}\nobjectClass: top\nobjectClass: dcObject\nobjectClass: organization\no: Example\ndc: example\n\ndn: ou=people,{BASE}\nobjectClass: organizationalUnit\nou: people\n\ndn: ou=groups,{BASE}\nobjectClass: organizationalUnit\nou: groups\n\n"
+        );
+        for (uid, pw) in [
+            ("alice", "alice-pw"),
+            ("bob", "bob-pw"),
+            ("carol", "carol-pw"),
+            ("office-agent", "agent-dir-pw"),
+        ] {
+            seed.push_str(&person(uid, pw));
+        }
+        seed.push_str(&group("staff", &["alice", "bob", "office-agent"]));
+        seed.push_str(&group("contractors", &["carol"]));
+        std::fs::write(d.join("seed.ldif"), seed).unwrap();
+        let out = std::process::Command::new("/usr/sbin/slapadd")
+            .arg("-f")
+            .arg(d.join("slapd.conf"))
+            .arg("-l")
+            .arg(d.join("seed.ldif"))
+            .output()
+            .expect("slapd must be installed (scripts/test.sh installs it)");
+        assert!(
+            out.status.success(),
+            "slapadd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut slapd = Slapd {
+            port: free_port(),
+            tls_port: tls.map(|_| free_port()),
+            dir,
+            child: None,
+        };
+        slapd.restart().await;
+        slapd
+    }
+
+    fn url(&self) -> String {
+        format!("ldap://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts slapd (again) in the foreground on its port; waits until it listens.
+    async fn restart(&mut self) {
+        let d: &Path = self.dir.path();
+        let mut urls = format!("ldap://127.0.0.1:{}/", self.port);
+        if let Some(p) = self.tls_port {
+            urls.push_str(&format!(" ldaps://127.0.0.1:{p}/"));
+        }
+        let child = Command::new(SLAPD)
+            .arg("-h")
+            .arg(urls)
+            .arg("-f")
+            .arg(d.join("slapd.conf"))
+            .args(["-d", "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("slapd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "slapd never listened");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills slapd (an outage) and waits until it is gone.
+    async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+            let _ = child.wait().await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_users_and_groups_through_a_real_slapd() {
+    let mut slapd = Slapd::start().await;
+    let admin = free_port();
+    let backend = format!(
+        "auth_backends:\n    corp:\n      type: ldap\n      url: \"{url}\"\n      base_dn: \"ou=people,{BASE}\"\n      bind_dn: \"cn=admin,{BASE}\"\n      bind_password: admin-pw\n      group_base_dn: \"ou=groups,{BASE}\"\n      group_map: {{ staff: office }}\n      timeout: 2s\n      cache_ttl: 0s",
+        url = slapd.url()
+    );
+    // The stack's own agent (default group) may not reach loopback: a directory user
+    // outside the mapped group lands there and gets 403.
+    let stack = Stack::start(StackOptions {
+        forbidden_hosts: vec!["127.0.0.0/8".into(), "localhost".into()],
+        gateway_extra: vec![
+            "groups:\n    - { id: office, agent_password: office-secret }".into(),
+            backend,
+            "agent_auth: [static, corp]".into(),
+            format!("admin_addr: \"127.0.0.1:{admin}\""),
+        ],
+        listener_extra: vec!["auth: [static, corp]".into()],
+        ..Default::default()
+    })
+    .await;
+    // An agent with directory credentials: in staff, so in office.
+    let _office = stack.spawn_group_agent("office-1", "office-agent", "agent-dir-pw", "");
+    stack.wait_for_log("gateway", "group=office", 1).await;
+    let target = http_target().await;
+    let url = format!("http://127.0.0.1:{}/", target.port());
+
+    // staff → office: carried by office's agent, through HTTP and SOCKS5.
+    let (code, body) = curl(&["-x", &stack.http_proxy_as("alice", "alice-pw"), &url]).await;
+    assert_eq!((code, body.as_slice()), (0, &b"hello"[..]));
+    stack
+        .socks5_as("bob", "bob-pw", target)
+        .await
+        .expect("bob through SOCKS5");
+    // One check per connection: three requests on one keep-alive connection (curl
+    // reuses it) ask the directory once, although nothing is cached.
+    let corp = [("backend", "corp"), ("type", "ldap")];
+    let checks = || async {
+        let metrics = admin_get(admin, "/metrics", None).await.1;
+        metric(&metrics, "anyproxy_auth_backend_checks_total", &corp)
+    };
+    let before = checks().await;
+    let (code, body) = curl(&[
+        "-x",
+        &stack.http_proxy_as("alice", "alice-pw"),
+        &url,
+        &url,
+        &url,
+    ])
+    .await;
+    assert_eq!((code, body.as_slice()), (0, &b"hellohellohello"[..]));
+    assert_eq!(checks().await, before + 1.0);
+    // carol is in an unmapped group: the default group, whose agent refuses loopback.
+    assert_eq!(
+        curl_status(&["-x", &stack.http_proxy_as("carol", "carol-pw"), &url]).await,
+        "403"
+    );
+    // Wrong password, unknown user, empty password (an anonymous bind): refused.
+    for (user, pass) in [("alice", "bob-pw"), ("mallory", "x"), ("alice", "")] {
+        let status = curl_status(&["-x", &stack.http_proxy_as(user, pass), &url]).await;
+        assert_eq!(status, "407", "{user}:{pass}");
+    }
+    assert!(matches!(
+        stack.socks5_as("bob", "wrong", target).await,
+        Err(Socks5Refusal::Auth(1))
+    ));
+
+    // slapd down: 503 naming the backend, and the metric says so.
+    slapd.stop().await;
+    let (status, body) =
+        curl_status_body(&["-x", &stack.http_proxy_as("alice", "alice-pw"), &url]).await;
+    assert_eq!(status, "503", "{body}");
+    assert!(body.contains("\"corp\" unavailable"), "{body}");
+    let metrics = admin_get(admin, "/metrics", None).await.1;
+    assert_eq!(metric(&metrics, "anyproxy_auth_backend_up", &corp), 0.0);
+    assert!(metric(&metrics, "anyproxy_auth_backend_errors_total", &corp) >= 1.0);
+
+    // ... and back.
+    slapd.restart().await;
+    stack
+        .until_http_status("alice", "alice-pw", &url, "200")
+        .await;
+    let metrics = admin_get(admin, "/metrics", None).await.1;
+    assert_eq!(metric(&metrics, "anyproxy_auth_backend_up", &corp), 1.0);
+    let log = stack.log("gateway");
+    assert!(
+        !log.contains("alice-pw") && !log.contains("admin-pw"),
+        "a password reached the log"
+    );
+}
+
+/// The cost of one check, measured in one run and printed (no assertion on time):
+/// static accounts, a cached LDAP allow, and an uncached LDAP search-then-bind with a
+/// group search against the local slapd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cost_of_a_check_static_cached_and_ldap() {
+    use anyproxy::auth::{Accounts, Attempt, Authenticator, Cached, Kind, Verdict};
+    use std::sync::Arc;
+
+    let slapd = Slapd::start().await;
+    let config: anyproxy::auth::config::LdapConfig = yaml_serde::from_str(&format!(
+        "{{url: \"{url}\", base_dn: \"ou=people,{BASE}\", bind_dn: \"cn=admin,{BASE}\", bind_password: admin-pw, group_base_dn: \"ou=groups,{BASE}\", group_map: {{ staff: office }}}}",
+        url = slapd.url()
+    ))
+    .unwrap();
+    let ldap: Arc<dyn Authenticator> =
+        Arc::new(anyproxy::auth::ldap::LdapBackend::new("corp", config, None));
+    let cached = Cached::new(ldap.clone(), Duration::from_secs(60));
+    let accounts = Accounts::new(
+        vec![(
+            anyproxy::net::Credentials {
+                username: "alice".into(),
+                password: "alice-pw".into(),
+            },
+            Arc::from("office"),
+        )],
+        Arc::from("default"),
+    );
+    let attempt = Attempt {
+        kind: Kind::Proxy,
+        username: "alice",
+        password: "alice-pw",
+        client_ip: None,
+        client_id: None,
+        listener: "http",
+    };
+    const N: u32 = 200;
+    let mut report = Vec::new();
+    for (what, backend) in [
+        ("static", &accounts as &dyn Authenticator),
+        ("cached", &cached as &dyn Authenticator),
+        ("ldap (uncached)", ldap.as_ref()),
+    ] {
+        // Warm up (the cache's first fill, the pool's first connection).
+        assert!(matches!(
+            backend.check(&attempt).await,
+            Ok(Verdict::Allow { .. })
+        ));
+        let started = Instant::now();
+        for _ in 0..N {
+            let verdict = backend.check(&attempt).await.unwrap();
+            assert!(matches!(verdict, Verdict::Allow { .. }), "{what}");
+        }
+        report.push((what, started.elapsed() / N));
+    }
+    for (what, each) in &report {
+        eprintln!("auth check cost: {what:>16}: {each:?} per check ({N} checks)");
+    }
+}
+
+/// PMProxy's `[adDB]` is the same backend: `open` logs a directory user in (found by
+/// `uid` under `bdn` by the service account, then bound as), and `groupIPM` sees the
+/// user's directory group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pmproxy_open_with_an_ad_db_user_and_group_ipm_sees_the_directory_group() {
+    use anyproxy::policy::{Cmd, Policy, PolicyOptions, Request};
+    use std::sync::Arc;
+
+    let slapd = Slapd::start().await;
+    let text = format!(
+        "rule = \"sessions ∧ staff\"\n\n[adDB]\n\tname = \"ad\"\n\taddr = \"127.0.0.1:{port}\"\n\tsuff = \"@example.org\"\n\tbdn = \"{BASE}\"\n\tuser = \"cn=admin,{BASE}\"\n\tpass = \"admin-pw\"\n\n[[sessionIPM]]\n\tname = \"sessions\"\n\tauth = \"ad\"\n\n[[groupIPM]]\n\tname = \"staff\"\n\tgroup = \"staff\"\n\tuserDBN = \"ad\"\n",
+        port = slapd.port
+    );
+    let policy = Arc::new(Policy::from_toml(&text, PolicyOptions::default()).unwrap());
+    let open = |user: &str, pass: &str, ip: &str| -> Cmd {
+        serde_json::from_value(serde_json::json!({
+            "cmd": "open", "manager": "sessions", "remoteAddr": format!("{ip}:5555"),
+            "cred": {"user": user, "pass": pass}
+        }))
+        .unwrap()
+    };
+    let decide = |ip: &str| {
+        policy
+            .decide(&Request {
+                client_ip: ip.parse().unwrap(),
+                user: None,
+                host: "example.com",
+                port: 80,
+                now: std::time::SystemTime::now(),
+            })
+            .allow
+    };
+    assert!(policy
+        .cmd_async(open("alice", "wrong", "10.0.0.7"))
+        .await
+        .is_err());
+    assert!(!decide("10.0.0.7"));
+    let token = policy
+        .cmd_async(open("alice", "alice-pw", "10.0.0.7"))
+        .await
+        .expect("alice logs in with her directory password");
+    assert!(token.as_str().is_some_and(|t| !t.is_empty()));
+    assert!(
+        decide("10.0.0.7"),
+        "alice is in the directory's staff group"
+    );
+    // carol logs in too, but her group is not staff.
+    policy
+        .cmd_async(open("carol", "carol-pw", "10.0.0.8"))
+        .await
+        .expect("carol logs in");
+    assert!(!decide("10.0.0.8"));
+}
+
+/// `ldaps://` and StartTLS, verified against the CA given (the test's self-signed
+/// certificate); without it (the public web roots) the directory is unavailable, not
+/// trusted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ldaps_and_starttls_verify_the_directory_certificate() {
+    use anyproxy::auth::{Attempt, Authenticator, Kind, Verdict};
+
+    let certs = certs();
+    let slapd = Slapd::start_with(Some((&certs.cert, &certs.key))).await;
+    let tls_port = slapd.tls_port.unwrap();
+    let backend = |url: String, starttls: bool, ca: Option<&Path>| {
+        let config: anyproxy::auth::config::LdapConfig = yaml_serde::from_str(&format!(
+            "{{url: \"{url}\", starttls: {starttls}, user_dn: \"uid={{user}},ou=people,{BASE}\", group_base_dn: \"ou=groups,{BASE}\", timeout: 3s}}"
+        ))
+        .unwrap();
+        let tls = anyproxy::transport::tls::client_config_without_alpn(ca).unwrap();
+        anyproxy::auth::ldap::LdapBackend::new("corp", config, Some(tls))
+    };
+    let attempt = |password: &'static str| Attempt {
+        kind: Kind::Proxy,
+        username: "alice",
+        password,
+        client_ip: None,
+        client_id: None,
+        listener: "http",
+    };
+    let ldaps = format!("ldaps://127.0.0.1:{tls_port}");
+    let plain = format!("ldap://127.0.0.1:{}", slapd.port);
+    for (url, starttls) in [(ldaps.clone(), false), (plain.clone(), true)] {
+        let b = backend(url.clone(), starttls, Some(&certs.cert));
+        match b.check(&attempt("alice-pw")).await {
+            Ok(Verdict::Allow { groups }) => {
+                assert!(groups.iter().any(|g| &**g == "staff"), "{url}: {groups:?}")
+            }
+            other => panic!("{url} starttls={starttls}: {other:?}"),
+        }
+        assert!(matches!(
+            b.check(&attempt("wrong")).await,
+            Ok(Verdict::Deny { .. })
+        ));
+        let untrusted = backend(url.clone(), starttls, None);
+        let e = untrusted.check(&attempt("alice-pw")).await.unwrap_err();
+        assert_eq!(&*e.backend, "corp", "{url}: {e}");
+    }
+}
