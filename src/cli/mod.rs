@@ -1,5 +1,6 @@
 //! Command-line entry points of the `anyproxy` binary.
 
+pub mod check;
 pub mod ctl;
 pub mod demo;
 mod logging;
@@ -63,6 +64,9 @@ pub enum Command {
         #[arg(long, default_value_t = 1080)]
         socks_port: u16,
     },
+    /// Validates a configuration file as a start would (files, certificate and key,
+    /// expiry, policy dir), prints a summary and warnings, and starts nothing.
+    Check(check::CheckArgs),
     /// Client of the policy API (PMProxy's `pmcl`): discover, login, logout, status,
     /// reset, show. Keeps the session token in a file and renews it.
     Ctl(ctl::CtlArgs),
@@ -172,6 +176,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .await
         }
+        Command::Check(args) => check::run(args),
         Command::Ctl(args) => {
             logging::init(&LogConfig::default(), log_format);
             ctl::run(args).await

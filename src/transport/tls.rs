@@ -22,6 +22,14 @@ pub enum TlsError {
     Generate(#[from] rcgen::Error),
     #[error("client_ca {path}: {detail}")]
     ClientCa { path: String, detail: String },
+    #[error("the private key in {key} does not match the certificate in {cert}: {detail}")]
+    KeyMismatch {
+        cert: String,
+        key: String,
+        detail: String,
+    },
+    #[error("{path}: cannot read the certificate's validity dates")]
+    Validity { path: String },
 }
 
 /// Socket reads under the agent link's TLS, per syscall.
@@ -72,6 +80,134 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
+/// The validity period of an X.509 certificate, in seconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl Validity {
+    /// `not_after` as RFC 3339 (`2027-01-31T12:00:00Z`).
+    pub fn expiry(&self) -> String {
+        rfc3339(self.not_after)
+    }
+
+    /// Whole days from `now` (Unix seconds) until expiry; negative once expired.
+    pub fn days_left(&self, now: i64) -> i64 {
+        (self.not_after - now).div_euclid(86_400)
+    }
+}
+
+/// Unix seconds as RFC 3339, or the number itself if out of range.
+pub fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
+/// One DER element: (tag, contents, what follows).
+fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// `UTCTime` (tag 0x17, `YYMMDDHHMMSSZ`) or `GeneralizedTime` (0x18,
+/// `YYYYMMDDHHMMSSZ`) as Unix seconds.
+fn der_time(tag: u8, text: &[u8]) -> Option<i64> {
+    let text = std::str::from_utf8(text).ok()?.strip_suffix('Z')?;
+    let (year, rest) = match tag {
+        0x17 if text.len() == 12 => {
+            let yy: i32 = text.get(..2)?.parse().ok()?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &text[2..])
+        }
+        0x18 if text.len() == 14 => (text.get(..4)?.parse().ok()?, &text[4..]),
+        _ => return None,
+    };
+    let field = |i: usize| -> Option<u8> { rest.get(i..i + 2)?.parse().ok() };
+    let month = time::Month::try_from(field(0)?).ok()?;
+    let date = time::Date::from_calendar_date(year, month, field(2)?).ok()?;
+    let at = date.with_hms(field(4)?, field(6)?, field(8)?).ok()?;
+    Some(at.assume_utc().unix_timestamp())
+}
+
+/// The validity period of a DER certificate; `None` if it is not well-formed.
+pub fn validity(cert: &CertificateDer<'_>) -> Option<Validity> {
+    let (_, certificate, _) = der_element(cert.as_ref())?;
+    let (_, tbs, _) = der_element(certificate)?;
+    let mut fields = tbs;
+    // [0] version is optional.
+    if fields.first() == Some(&0xa0) {
+        fields = der_element(fields)?.2;
+    }
+    // serialNumber, signature, issuer.
+    for _ in 0..3 {
+        fields = der_element(fields)?.2;
+    }
+    let (tag, validity, _) = der_element(fields)?;
+    if tag != 0x30 {
+        return None;
+    }
+    let (t1, before, rest) = der_element(validity)?;
+    let (t2, after, _) = der_element(rest)?;
+    Some(Validity {
+        not_before: der_time(t1, before)?,
+        not_after: der_time(t2, after)?,
+    })
+}
+
+/// The leaf certificate's validity, for a file's error messages.
+pub fn leaf_validity(path: &Path, certs: &[CertificateDer<'_>]) -> Result<Validity, TlsError> {
+    certs
+        .first()
+        .and_then(validity)
+        .ok_or_else(|| TlsError::Validity {
+            path: path.display().to_string(),
+        })
+}
+
+/// The certificate chain and key of `cert`/`key`, checked to belong together.
+pub fn load_certified_key(
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
+    let certs = load_certs(cert)?;
+    let key_der = load_key(key)?;
+    let provider = rustls::crypto::ring::default_provider();
+    rustls::sign::CertifiedKey::from_der(certs, key_der, &provider)
+        .map(Arc::new)
+        .map_err(|e| TlsError::KeyMismatch {
+            cert: cert.display().to_string(),
+            key: key.display().to_string(),
+            detail: e.to_string(),
+        })
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 /// Server config for the gateway: TLS 1.2 minimum, HTTP/1.1 ALPN for the upgrade.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     server_config_with_client_ca(cert, key, None)
@@ -105,7 +241,7 @@ pub fn server_config_with_client_ca(
     Ok(Arc::new(config))
 }
 
-fn root_store(path: &Path) -> Result<RootCertStore, TlsError> {
+pub fn root_store(path: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(path)? {
         roots.add(cert).map_err(|e| TlsError::Certs {
@@ -206,4 +342,69 @@ pub fn generate_self_signed(names: &[&str]) -> Result<GeneratedCert, TlsError> {
         cert_pem: certified.cert.pem(),
         key_pem: certified.signing_key.serialize_pem(),
     })
+}
+
+/// As [`generate_self_signed`], valid from a day ago until `not_after` (Unix seconds):
+/// certificates near their expiry, for tests and checks.
+pub fn generate_self_signed_until(
+    names: &[&str],
+    not_after: i64,
+) -> Result<GeneratedCert, TlsError> {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let mut params = rcgen::CertificateParams::new(names)?;
+    let at = |unix: i64| {
+        time::OffsetDateTime::from_unix_timestamp(unix)
+            .map_err(|_| TlsError::Generate(rcgen::Error::Time))
+    };
+    params.not_before = at(unix_now() - 86_400)?;
+    params.not_after = at(not_after)?;
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    Ok(GeneratedCert {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn validity_is_read_from_the_certificate() {
+        let until = 2_000_000_000; // 2033-05-18T03:33:20Z
+        let g = generate_self_signed_until(&["localhost"], until).unwrap();
+        let v = validity(&der(&g.cert_pem)).unwrap();
+        assert_eq!(v.not_after, until);
+        assert!(v.not_before < unix_now());
+        assert_eq!(v.expiry(), "2033-05-18T03:33:20Z");
+        // Far dates use GeneralizedTime.
+        let far = generate_self_signed_until(&["localhost"], 4_102_444_800 + 3600).unwrap();
+        assert_eq!(
+            validity(&der(&far.cert_pem)).unwrap().not_after,
+            4_102_444_800 + 3600
+        );
+        assert!(validity(&CertificateDer::from(vec![0x30, 0x03, 1, 2])).is_none());
+        assert!(validity(&CertificateDer::from(Vec::new())).is_none());
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            generate_self_signed(&["a"]).unwrap(),
+            generate_self_signed(&["b"]).unwrap(),
+        );
+        let (cert, key) = (dir.path().join("a.pem"), dir.path().join("b.key"));
+        std::fs::write(&cert, &a.cert_pem).unwrap();
+        std::fs::write(&key, &b.key_pem).unwrap();
+        let err = load_certified_key(&cert, &key).unwrap_err().to_string();
+        assert!(err.contains("does not match"), "{err}");
+        std::fs::write(&key, &a.key_pem).unwrap();
+        load_certified_key(&cert, &key).unwrap();
+    }
 }
