@@ -304,12 +304,21 @@ fn policy(dir: &Path, report: &mut Report) -> anyhow::Result<()> {
 }
 
 fn check_client(c: &ClientConfig, report: &mut Report) -> anyhow::Result<()> {
-    let trust = match &c.gateway_tls_cert {
-        Some(path) => {
+    let trust = match (&c.gateway_tls_cert, &c.gateway_tls_fingerprint) {
+        (Some(path), fp) => {
             let expiry = check_cert("client.gateway_tls_cert", path, report)?;
-            format!("{} ({expiry})", path.display())
+            format!(
+                "{}{} ({expiry})",
+                path.display(),
+                if fp.is_some() {
+                    " or a fingerprint"
+                } else {
+                    ""
+                }
+            )
         }
-        None => "public web roots".into(),
+        (None, Some(fp)) => format!("pinned {fp}"),
+        (None, None) => "public web roots".into(),
     };
     if let (Some(cert), Some(key)) = (&c.tls_client_cert, &c.tls_client_key) {
         check_cert("client.tls_client_cert", cert, report)?;

@@ -264,23 +264,259 @@ pub fn client_config_with_identity(
     ca: Option<&Path>,
     identity: Option<(&Path, &Path)>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
+    gateway_client_config(ca, None, identity)
+}
+
+/// The agent's client config. With `ca` (a PEM file) or `fingerprint` (SHA-256 of a
+/// DER certificate), a gateway presenting exactly a certificate of the file, or one of
+/// that fingerprint, is trusted as pinned (whatever its CA flag; its handshake
+/// signature is still checked); else the file's certificates are the roots of normal
+/// verification. With neither, the public web roots.
+pub fn gateway_client_config(
+    ca: Option<&Path>,
+    fingerprint: Option<[u8; 32]>,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     install_crypto_provider();
-    let roots = match ca {
-        Some(path) => root_store(path)?,
-        None => {
-            let mut roots = RootCertStore::empty();
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            roots
-        }
+    let builder = ClientConfig::builder_with_protocol_versions(versions());
+    let builder = if ca.is_none() && fingerprint.is_none() {
+        let mut roots = RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        builder.with_root_certificates(roots)
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedVerifier::new(ca, fingerprint)?))
     };
-    let builder =
-        ClientConfig::builder_with_protocol_versions(versions()).with_root_certificates(roots);
     let mut config = match identity {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?)?,
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// SHA-256 of a DER certificate, as `sha256:<hex>`.
+pub fn fingerprint_hex(cert: &[u8]) -> String {
+    hex_pin(&sha256(cert))
+}
+
+fn sha256(cert: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(cert).into()
+}
+
+/// A certificate error in words an operator can act on.
+#[derive(Debug)]
+struct Explained(String);
+
+impl std::fmt::Display for Explained {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Explained {}
+
+fn explained(text: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+        Arc::new(Explained(text)),
+    )))
+}
+
+/// Pinning first (the configured certificate itself, or its fingerprint), then normal
+/// verification against the configured file as roots; every refusal says what to fix.
+#[derive(Debug)]
+struct PinnedVerifier {
+    /// The certificates of the configured file.
+    pinned: Vec<CertificateDer<'static>>,
+    fingerprint: Option<[u8; 32]>,
+    /// The file, for messages.
+    file: Option<String>,
+    /// Normal verification against the file's certificates as roots, when any is one.
+    fallback: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl PinnedVerifier {
+    fn new(ca: Option<&Path>, fingerprint: Option<[u8; 32]>) -> Result<PinnedVerifier, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let pinned = match ca {
+            Some(path) => load_certs(path)?,
+            None => Vec::new(),
+        };
+        let mut roots = RootCertStore::empty();
+        let (added, _) = roots.add_parsable_certificates(pinned.iter().cloned());
+        let fallback = match added {
+            0 => None,
+            _ => Some(
+                rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider.clone(),
+                )
+                .build()
+                .map_err(|e| TlsError::Certs {
+                    path: ca.map(|p| p.display().to_string()).unwrap_or_default(),
+                    detail: e.to_string(),
+                })?,
+            ),
+        };
+        Ok(PinnedVerifier {
+            pinned,
+            fingerprint,
+            file: ca.map(|p| p.display().to_string()),
+            fallback,
+            provider,
+        })
+    }
+
+    /// What was pinned, as the configuration says it.
+    fn configured(&self) -> String {
+        match (&self.file, self.fingerprint) {
+            (Some(f), None) => format!("the certificate in {f}"),
+            (None, Some(fp)) => format!("the pinned fingerprint {}", hex_pin(&fp)),
+            (Some(f), Some(fp)) => format!(
+                "the certificate in {f} nor the pinned fingerprint {}",
+                hex_pin(&fp)
+            ),
+            (None, None) => "anything configured".into(),
+        }
+    }
+
+    fn mismatch(&self, end_entity: &CertificateDer<'_>) -> rustls::Error {
+        explained(format!(
+            "pinned certificate mismatch: the gateway presented a certificate with \
+             fingerprint {}, which is not {} (nor issued by it); if the gateway's \
+             certificate changed, configure the new one",
+            fingerprint_hex(end_entity),
+            self.configured()
+        ))
+    }
+
+    fn explain(
+        &self,
+        e: rustls::Error,
+        end_entity: &CertificateDer<'_>,
+        name: &ServerName<'_>,
+    ) -> rustls::Error {
+        use rustls::CertificateError as C;
+        let rustls::Error::InvalidCertificate(c) = &e else {
+            return e;
+        };
+        match c {
+            C::UnknownIssuer | C::BadSignature => self.mismatch(end_entity),
+            // webpki's `CaUsedAsEndEntity`: a CA certificate that is not the pinned one.
+            C::Other(o) if o.to_string().contains("CaUsedAsEndEntity") => self.mismatch(end_entity),
+            C::NotValidForName | C::NotValidForNameContext { .. } => explained(format!(
+                "the gateway's certificate is not valid for the name {:?}: set \
+             gateway_server_name to a name the certificate carries, or reissue it for \
+             this name",
+                name.to_str()
+            )),
+            C::Expired | C::ExpiredContext { .. } => explained(format!(
+                "the gateway's certificate has expired{}: renew it on the gateway",
+                validity(end_entity)
+                    .map(|v| format!(" (on {})", v.expiry()))
+                    .unwrap_or_default()
+            )),
+            C::NotValidYet | C::NotValidYetContext { .. } => explained(
+                "the gateway's certificate is not valid yet: check the clocks of the agent \
+             and the gateway"
+                    .into(),
+            ),
+            _ => e,
+        }
+    }
+}
+
+/// The words of a TLS failure: the explanation of a refused certificate as this
+/// module wrote it, else the error as rustls says it.
+pub fn describe_io_error(e: &std::io::Error) -> String {
+    let explained = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(|r| match r {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) => {
+                o.0.downcast_ref::<Explained>().map(|x| x.0.clone())
+            }
+            _ => None,
+        });
+    explained.unwrap_or_else(|| e.to_string())
+}
+
+fn hex_pin(fp: &[u8; 32]) -> String {
+    let hex: String = fp.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let is_pinned = self
+            .pinned
+            .iter()
+            .any(|c| c.as_ref() == end_entity.as_ref())
+            || self.fingerprint == Some(sha256(end_entity));
+        if is_pinned {
+            // The very certificate configured: trusted as it is, but not past its end.
+            if let Some(v) = validity(end_entity) {
+                if now.as_secs() as i64 > v.not_after {
+                    return Err(explained(format!(
+                        "the pinned gateway certificate expired on {}: renew it on the \
+             gateway and configure the new one",
+                        v.expiry()
+                    )));
+                }
+            }
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        }
+        match &self.fallback {
+            None => Err(self.mismatch(end_entity)),
+            Some(v) => v
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+                .map_err(|e| self.explain(e, end_entity, server_name)),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {

@@ -75,6 +75,37 @@ pub fn certs() -> Certs {
     Certs { dir, cert, key }
 }
 
+/// A self-signed certificate and key made as most people make one: a bare
+/// `openssl req -x509` (which marks it `CA:TRUE`), for `localhost`. PEM each.
+pub fn openssl_self_signed(dir: &Path, name: &str) -> (String, String) {
+    let (cert, key) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success(), "openssl req -x509 failed");
+    (
+        std::fs::read_to_string(cert).unwrap(),
+        std::fs::read_to_string(key).unwrap(),
+    )
+}
+
 /// A child process killed on drop.
 pub struct Proc(pub Child);
 
@@ -140,6 +171,9 @@ pub struct StackOptions {
     pub top_extra: String,
     /// Extra YAML lines for both proxy listeners (each `key: value`).
     pub listener_extra: Vec<String>,
+    /// The gateway's certificate and key (PEM) instead of a generated pair; the agents
+    /// trust this certificate.
+    pub tls: Option<(String, String)>,
 }
 
 impl Default for StackOptions {
@@ -153,6 +187,7 @@ impl Default for StackOptions {
             client_extra: vec![],
             top_extra: String::new(),
             listener_extra: vec![],
+            tls: None,
         }
     }
 }
@@ -222,6 +257,10 @@ impl Stack {
 
     async fn try_start(opts: StackOptions) -> Option<Stack> {
         let certs = certs();
+        if let Some((cert, key)) = &opts.tls {
+            std::fs::write(&certs.cert, cert).unwrap();
+            std::fs::write(&certs.key, key).unwrap();
+        }
         let (gateway_port, http_port, socks_port) = (free_port(), free_port(), free_port());
         let forbidden: String = opts
             .forbidden_hosts
