@@ -111,6 +111,35 @@ pub fn signals() -> anyhow::Result<Signals> {
     Ok(Signals { first, second })
 }
 
+/// Each SIGHUP reloads the gateway from `config`, one reload at a time; signals that
+/// arrive during a reload are folded into one more reload after it.
+fn reload_on_hangup(
+    reloader: std::sync::Arc<anyproxy::gateway::Reloader>,
+    config: PathBuf,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    got = hup.recv() => if got.is_none() { return },
+                }
+                tracing::info!(config = %config.display(), "SIGHUP: reloading");
+                let (r, path) = (reloader.clone(), config.clone());
+                // Reading files is blocking I/O; the error is logged and counted there.
+                let _ = tokio::task::spawn_blocking(move || r.reload(&path)).await;
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (reloader, config, stop);
+    Ok(())
+}
+
 /// Cancelled on SIGINT or SIGTERM.
 pub fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
     Ok(signals()?.first)
@@ -140,6 +169,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let gateway = Gateway::start(gw, file.proxy)
                 .await
                 .context("starting the gateway")?;
+            reload_on_hangup(gateway.reloader(), config.clone(), signals.first.clone())?;
             signals.first.cancelled().await;
             tracing::info!("shutting down: closing listeners, draining");
             until_stopped(signals, gateway.stop()).await;

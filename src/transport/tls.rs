@@ -28,6 +28,8 @@ pub enum TlsError {
         key: String,
         detail: String,
     },
+    #[error("the certificate in {path} expired on {at}")]
+    Expired { path: String, at: String },
     #[error("{path}: cannot read the certificate's validity dates")]
     Validity { path: String },
 }
@@ -220,7 +222,19 @@ pub fn server_config_with_client_ca(
     key: &Path,
     client_ca: Option<&Path>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    Ok(rotating_server_config(cert, key, client_ca)?.0)
+}
+
+/// As [`server_config_with_client_ca`], with the certificate in a [`CertSlot`] that a
+/// reload may replace: new handshakes take the new certificate, established
+/// connections keep the one they were made with.
+pub fn rotating_server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<(Arc<ServerConfig>, Arc<CertSlot>), TlsError> {
     install_crypto_provider();
+    let slot = Arc::new(CertSlot::load(cert, key)?);
     let builder = ServerConfig::builder_with_protocol_versions(versions());
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
@@ -236,9 +250,79 @@ pub fn server_config_with_client_ca(
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_single_cert(load_certs(cert)?, load_key(key)?)?;
+    let mut config = builder.with_cert_resolver(slot.clone());
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), slot))
+}
+
+/// The server's certificate and key, read at each handshake from a slot a reload
+/// swaps whole (no lock on the handshake path).
+#[derive(Debug)]
+pub struct CertSlot {
+    current: arc_swap::ArcSwap<rustls::sign::CertifiedKey>,
+    /// The leaf's `not_after`, Unix seconds.
+    expiry: std::sync::atomic::AtomicI64,
+}
+
+impl CertSlot {
+    /// The certificate chain and key of these files, checked to belong together.
+    /// An expired certificate is loaded (and logged by the caller): refusing to start
+    /// would not help the clients that cannot connect either way.
+    pub fn load(cert: &Path, key: &Path) -> Result<CertSlot, TlsError> {
+        let certified = load_certified_key(cert, key)?;
+        let validity = leaf_validity(cert, &certified.cert)?;
+        Ok(CertSlot {
+            current: arc_swap::ArcSwap::new(certified),
+            expiry: std::sync::atomic::AtomicI64::new(validity.not_after),
+        })
+    }
+
+    /// Reads the files again and, if they hold a valid certificate with its key, makes
+    /// it the one new handshakes present. On error the current one stays.
+    pub fn replace(&self, cert: &Path, key: &Path) -> Result<Validity, TlsError> {
+        let (certified, validity) = load_checked(cert, key)?;
+        self.current.store(certified);
+        self.expiry
+            .store(validity.not_after, std::sync::atomic::Ordering::Relaxed);
+        Ok(validity)
+    }
+
+    /// The current leaf's `not_after`, Unix seconds.
+    pub fn expiry(&self) -> i64 {
+        self.expiry.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The current leaf certificate (DER).
+    pub fn leaf(&self) -> Option<CertificateDer<'static>> {
+        self.current.load().cert.first().cloned()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CertSlot {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// A certificate and key that belong together, with the leaf's validity; an expired
+/// certificate is refused: replacing a working certificate with it could only fail
+/// every new handshake.
+fn load_checked(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Arc<rustls::sign::CertifiedKey>, Validity), TlsError> {
+    let certified = load_certified_key(cert, key)?;
+    let validity = leaf_validity(cert, &certified.cert)?;
+    if validity.not_after <= unix_now() {
+        return Err(TlsError::Expired {
+            path: cert.display().to_string(),
+            at: validity.expiry(),
+        });
+    }
+    Ok((certified, validity))
 }
 
 pub fn root_store(path: &Path) -> Result<RootCertStore, TlsError> {
@@ -626,6 +710,35 @@ mod tests {
         );
         assert!(validity(&CertificateDer::from(vec![0x30, 0x03, 1, 2])).is_none());
         assert!(validity(&CertificateDer::from(Vec::new())).is_none());
+    }
+
+    #[test]
+    fn a_slot_replaces_its_certificate_and_keeps_it_on_a_bad_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        let write = |g: &GeneratedCert| {
+            std::fs::write(&cert, &g.cert_pem).unwrap();
+            std::fs::write(&key, &g.key_pem).unwrap();
+        };
+        let first = generate_self_signed_until(&["a"], unix_now() + 86_400).unwrap();
+        write(&first);
+        let slot = CertSlot::load(&cert, &key).unwrap();
+        let old_leaf = slot.leaf().unwrap();
+        let second = generate_self_signed_until(&["a"], unix_now() + 2 * 86_400).unwrap();
+        write(&second);
+        let v = slot.replace(&cert, &key).unwrap();
+        assert_eq!(slot.expiry(), v.not_after);
+        let new_leaf = slot.leaf().unwrap();
+        assert_ne!(new_leaf, old_leaf);
+        // A key of another certificate, or an expired one: the slot keeps what it has.
+        std::fs::write(&key, &first.key_pem).unwrap();
+        let err = slot.replace(&cert, &key).unwrap_err().to_string();
+        assert!(err.contains("does not match"), "{err}");
+        write(&generate_self_signed_until(&["a"], unix_now() - 60).unwrap());
+        let err = slot.replace(&cert, &key).unwrap_err().to_string();
+        assert!(err.contains("expired on"), "{err}");
+        assert_eq!(slot.leaf().unwrap(), new_leaf);
+        assert_eq!(slot.expiry(), v.not_after);
     }
 
     #[test]
