@@ -132,8 +132,11 @@ impl Agent {
             .tls_client_cert
             .as_deref()
             .zip(config.tls_client_key.as_deref());
-        let tls_config =
-            tls::client_config_with_identity(config.gateway_tls_cert.as_deref(), identity)?;
+        let tls_config = tls::gateway_client_config(
+            config.gateway_tls_cert.as_deref(),
+            config.gateway_tls_fingerprint.map(|f| f.0),
+            identity,
+        )?;
         let mut gateways = Vec::new();
         for name in config.gateways() {
             let hp: HostPort = name
@@ -456,7 +459,7 @@ impl Agent {
         )
         .await
         .map_err(|_| SessionError::Tls("handshake timed out".into()))?
-        .map_err(|e| SessionError::Tls(e.to_string()))?;
+        .map_err(|e| SessionError::Tls(tls::describe_io_error(&e)))?;
         Ok(Box::new(tls))
     }
 

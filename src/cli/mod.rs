@@ -1,5 +1,6 @@
 //! Command-line entry points of the `anyproxy` binary.
 
+pub mod check;
 pub mod ctl;
 pub mod demo;
 mod logging;
@@ -63,6 +64,9 @@ pub enum Command {
         #[arg(long, default_value_t = 1080)]
         socks_port: u16,
     },
+    /// Validates a configuration file as a start would (files, certificate and key,
+    /// expiry, policy dir), prints a summary and warnings, and starts nothing.
+    Check(check::CheckArgs),
     /// Client of the policy API (PMProxy's `pmcl`): discover, login, logout, status,
     /// reset, show. Keeps the session token in a file and renews it.
     Ctl(ctl::CtlArgs),
@@ -117,6 +121,35 @@ pub fn signals() -> anyhow::Result<Signals> {
     Ok(Signals { first, second })
 }
 
+/// Each SIGHUP reloads the gateway from `config`, one reload at a time; signals that
+/// arrive during a reload are folded into one more reload after it.
+fn reload_on_hangup(
+    reloader: std::sync::Arc<anyproxy::gateway::Reloader>,
+    config: PathBuf,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    got = hup.recv() => if got.is_none() { return },
+                }
+                tracing::info!(config = %config.display(), "SIGHUP: reloading");
+                let (r, path) = (reloader.clone(), config.clone());
+                // Reading files is blocking I/O; the error is logged and counted there.
+                let _ = tokio::task::spawn_blocking(move || r.reload(&path)).await;
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (reloader, config, stop);
+    Ok(())
+}
+
 /// Cancelled on SIGINT or SIGTERM.
 pub fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
     Ok(signals()?.first)
@@ -146,6 +179,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let gateway = Gateway::start(gw, file.proxy)
                 .await
                 .context("starting the gateway")?;
+            reload_on_hangup(gateway.reloader(), config.clone(), signals.first.clone())?;
             signals.first.cancelled().await;
             tracing::info!("shutting down: closing listeners, draining");
             until_stopped(signals, gateway.stop()).await;
@@ -182,6 +216,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .await
         }
+        Command::Check(args) => check::run(args),
         Command::Ctl(args) => {
             logging::init(&LogConfig::default(), log_format);
             ctl::run(args).await

@@ -851,6 +851,11 @@ pub struct ClientConfig {
     /// certificate must chain to. Without it, the bundled public web roots are used.
     #[serde(default)]
     pub gateway_tls_cert: Option<PathBuf>,
+    /// Pins the gateway's certificate by the SHA-256 of its DER form, `sha256:<hex>`
+    /// (what `openssl x509 -noout -fingerprint -sha256` prints, colons allowed), without
+    /// a file. With `gateway_tls_cert` too, either is accepted.
+    #[serde(default)]
+    pub gateway_tls_fingerprint: Option<Fingerprint>,
     /// Name to verify the certificate against, when it differs from `gateway_addr`'s host.
     #[serde(default)]
     pub gateway_server_name: Option<String>,
@@ -933,6 +938,56 @@ impl ClientConfig {
         let one = (!self.gateway_addr.is_empty()).then_some(self.gateway_addr.as_str());
         one.into_iter()
             .chain(self.gateway_addrs.iter().map(String::as_str))
+    }
+}
+
+/// A SHA-256 certificate fingerprint, written `sha256:<64 hex digits>`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl std::fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("sha256:")?;
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl std::str::FromStr for Fingerprint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad =
+            || format!("{s:?} is not a certificate fingerprint like \"sha256:<64 hex digits>\"");
+        let t = s.trim();
+        let hex = t
+            .strip_prefix("sha256:")
+            .or_else(|| t.strip_prefix("SHA256:"))
+            .or_else(|| t.strip_prefix("sha256 Fingerprint="))
+            .or_else(|| t.strip_prefix("SHA256 Fingerprint="))
+            .ok_or_else(bad)?;
+        let digits: Vec<u8> = hex.bytes().filter(|&b| b != b':').collect();
+        if digits.len() != 64 {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in digits.chunks(2).enumerate() {
+            let text = std::str::from_utf8(pair).map_err(|_| bad())?;
+            out[i] = u8::from_str_radix(text, 16).map_err(|_| bad())?;
+        }
+        Ok(Fingerprint(out))
+    }
+}
+
+impl<'de> Deserialize<'de> for Fingerprint {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -1161,6 +1216,34 @@ client:
         assert!(g.forwards[0].proxy_protocol);
         assert!(g.trusted_proxies[0].contains("10.1.2.3".parse().unwrap()));
         assert!(g.trusted_proxies[1].contains("2001:db8::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn fingerprints_parse_as_openssl_prints_them() {
+        let hex = "ab".repeat(32);
+        let colons = vec!["AB"; 32].join(":");
+        for text in [
+            format!("sha256:{hex}"),
+            format!("SHA256:{colons}"),
+            format!("sha256 Fingerprint={colons}"),
+        ] {
+            let f: Fingerprint = text.parse().unwrap();
+            assert_eq!(f.0, [0xab; 32], "{text}");
+            assert_eq!(f.to_string(), format!("sha256:{hex}"));
+        }
+        for bad in [
+            "",
+            "ab",
+            "sha1:abcd",
+            &format!("sha256:{}", "zz".repeat(32)),
+        ] {
+            assert!(bad.parse::<Fingerprint>().is_err(), "{bad}");
+        }
+        let text = "client:\n  gateway_addr: 'g:1'\n  client_id: c\n  auth_username: u\n  auth_password: p\n  gateway_tls_fingerprint: 'sha256:12'\n";
+        let err = Config::parse(text, Path::new("x.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("client.gateway_tls_fingerprint"), "{err}");
     }
 
     #[test]

@@ -151,6 +151,85 @@ pub struct Gateway {
     drain_timeout: Duration,
     /// This node's membership: leaves the cluster (freeing its slots) after the drain.
     membership: Option<Membership>,
+    reloader: Arc<Reloader>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0} has no `gateway:` section")]
+    NoGateway(String),
+    #[error("gateway.tls_cert / gateway.tls_key: {0}; the old certificate stays")]
+    Tls(tls::TlsError),
+}
+
+/// The parts of a running gateway that a reload swaps, and what it counts with.
+pub struct Reloader {
+    /// The certificate new agent handshakes get; a reload replaces it.
+    cert_slot: Arc<tls::CertSlot>,
+    metrics: Arc<crate::metrics::GatewayMetrics>,
+    /// Held by the reload in progress: reloads never interleave.
+    reloading: parking_lot::Mutex<()>,
+}
+
+impl Reloader {
+    /// Reloads what can change live from the configuration file at `path` (see the
+    /// README's "Reload"): the whole file is read and validated first, and a bad file,
+    /// or a certificate that does not load, changes nothing. Counted in
+    /// `anyproxy_config_reload_total{result}`; reloads run one at a time.
+    pub fn reload(&self, path: &std::path::Path) -> Result<(), ReloadError> {
+        let _one = self.reloading.lock();
+        let result = self.apply(path);
+        match &result {
+            Ok(()) => self.metrics.reloads.succeeded(tls::unix_now()),
+            Err(e) => {
+                self.metrics.reloads.failed();
+                tracing::error!(error = %e, "reload failed; the running configuration stays");
+            }
+        }
+        result
+    }
+
+    fn apply(&self, path: &std::path::Path) -> Result<(), ReloadError> {
+        let file = crate::config::Config::load(path)?;
+        let Some(config) = file.gateway else {
+            return Err(ReloadError::NoGateway(path.display().to_string()));
+        };
+        let before = self.cert_slot.leaf();
+        let validity = self
+            .cert_slot
+            .replace(&config.tls_cert, &config.tls_key)
+            .map_err(ReloadError::Tls)?;
+        self.metrics.reloads.tls_expiry(validity.not_after);
+        if before != self.cert_slot.leaf() {
+            tracing::info!(
+                cert = %config.tls_cert.display(),
+                "tls certificate replaced (new expiry {})",
+                validity.expiry()
+            );
+            warn_if_expiring(&config.tls_cert, validity.not_after);
+        } else {
+            tracing::info!("tls certificate unchanged");
+        }
+        tracing::info!(config = %path.display(), "configuration reloaded");
+        Ok(())
+    }
+}
+
+/// Certificates expiring within this many days are logged as a warning.
+pub const CERT_EXPIRY_WARNING_DAYS: i64 = 14;
+
+fn warn_if_expiring(cert: &std::path::Path, not_after: i64) {
+    let days = (not_after - tls::unix_now()).div_euclid(86_400);
+    if days < CERT_EXPIRY_WARNING_DAYS {
+        tracing::warn!(
+            cert = %cert.display(),
+            days,
+            "the tls certificate expires on {}",
+            tls::rfc3339(not_after)
+        );
+    }
 }
 
 /// The heartbeat task of a cluster member and what stops it.
@@ -180,11 +259,12 @@ impl Gateway {
         config: GatewayConfig,
         proxy: Option<ProxyConfig>,
     ) -> Result<Gateway, StartError> {
-        let tls = tls::server_config_with_client_ca(
+        let (tls, cert_slot) = tls::rotating_server_config(
             &config.tls_cert,
             &config.tls_key,
             config.client_ca.as_deref(),
         )?;
+        warn_if_expiring(&config.tls_cert, cert_slot.expiry());
         let drain_timeout = config.drain_timeout.0;
         let registry = Arc::new(AgentRegistry::default());
         let shutdown = CancellationToken::new();
@@ -205,6 +285,7 @@ impl Gateway {
             metrics.show_cluster(c.clone());
         }
         metrics.show_auth_backends(backends.stats.clone());
+        metrics.reloads.tls_expiry(cert_slot.expiry());
         // One PROXY-protocol stage for every listener that sets `proxy_protocol`.
         let proxy_protocol = Arc::new(ProxyProtocol::new(config.trusted_proxies.clone()));
         metrics.show_proxy_protocol(proxy_protocol.clone());
@@ -340,7 +421,9 @@ impl Gateway {
         }
         let admin_stop = CancellationToken::new();
         let admin_addr = match admin {
-            Some(a) => Some(crate::metrics::admin::serve(a, metrics, admin_stop.clone()).await?),
+            Some(a) => {
+                Some(crate::metrics::admin::serve(a, metrics.clone(), admin_stop.clone()).await?)
+            }
             None => None,
         };
         tasks.close();
@@ -367,7 +450,22 @@ impl Gateway {
             server,
             drain_timeout,
             membership,
+            reloader: Arc::new(Reloader {
+                cert_slot,
+                metrics,
+                reloading: parking_lot::Mutex::new(()),
+            }),
         })
+    }
+
+    /// What reloads this gateway; it outlives a `stop` that has begun.
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone()
+    }
+
+    /// See [`Reloader::reload`].
+    pub fn reload(&self, path: &std::path::Path) -> Result<(), ReloadError> {
+        self.reloader.reload(path)
     }
 
     /// Graceful stop with the configured `drain_timeout`; see [`Self::stop_within`].

@@ -67,6 +67,66 @@ pub struct GatewayMetrics {
     proxy_protocol: std::sync::OnceLock<Arc<ProxyProtocol>>,
     /// The named authentication backends' counters.
     auth_backends: std::sync::OnceLock<Vec<Arc<crate::auth::BackendStats>>>,
+    /// Configuration reloads and the certificate's expiry.
+    pub reloads: Reloads,
+}
+
+/// Reloads by result, the last success, and the expiry of the certificate served.
+#[derive(Default)]
+pub struct Reloads {
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+    /// Unix seconds of the last successful reload; 0 = none yet.
+    last_success: std::sync::atomic::AtomicI64,
+    /// Unix seconds of the served certificate's `not_after`; 0 = not known.
+    tls_expiry: std::sync::atomic::AtomicI64,
+}
+
+impl Reloads {
+    pub fn succeeded(&self, at_unix: i64) {
+        bump(&self.succeeded, 1);
+        self.last_success.store(at_unix, Ordering::Relaxed);
+    }
+
+    pub fn failed(&self) {
+        bump(&self.failed, 1);
+    }
+
+    pub fn tls_expiry(&self, not_after_unix: i64) {
+        self.tls_expiry.store(not_after_unix, Ordering::Relaxed);
+    }
+
+    fn encode(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        counters(
+            enc,
+            "config_reload",
+            "Configuration reloads (SIGHUP), by result",
+            &[
+                (labels([("result", "success")]), load(&self.succeeded)),
+                (labels([("result", "failure")]), load(&self.failed)),
+            ],
+        )?;
+        let last = self.last_success.load(Ordering::Relaxed);
+        if last > 0 {
+            gauges(
+                enc,
+                "config_last_reload_success_timestamp_seconds",
+                "When the configuration was last reloaded successfully (Unix seconds)",
+                &[(vec![], last as f64)],
+            )?;
+        }
+        let expiry = self.tls_expiry.load(Ordering::Relaxed);
+        if expiry > 0 {
+            gauges(
+                enc,
+                "tls_cert_expiry_timestamp_seconds",
+                "When the certificate served to agents expires (Unix seconds)",
+                &[(labels([("role", "gateway")]), expiry as f64)],
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// A short, stable name for why a connect failed (the metric's `reason` label).
@@ -104,6 +164,7 @@ impl GatewayMetrics {
             cluster: std::sync::OnceLock::new(),
             proxy_protocol: std::sync::OnceLock::new(),
             auth_backends: std::sync::OnceLock::new(),
+            reloads: Reloads::default(),
         }
     }
 
@@ -235,6 +296,7 @@ impl Observed for GatewayMetrics {
         if let Some(backends) = self.auth_backends.get() {
             encode_auth_backends(enc, backends)?;
         }
+        self.reloads.encode(enc)?;
         match self.cluster.get() {
             Some(c) => encode_cluster(enc, c),
             None => Ok(()),

@@ -22,6 +22,16 @@ pub enum TlsError {
     Generate(#[from] rcgen::Error),
     #[error("client_ca {path}: {detail}")]
     ClientCa { path: String, detail: String },
+    #[error("the private key in {key} does not match the certificate in {cert}: {detail}")]
+    KeyMismatch {
+        cert: String,
+        key: String,
+        detail: String,
+    },
+    #[error("the certificate in {path} expired on {at}")]
+    Expired { path: String, at: String },
+    #[error("{path}: cannot read the certificate's validity dates")]
+    Validity { path: String },
 }
 
 /// Socket reads under the agent link's TLS, per syscall.
@@ -72,6 +82,134 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
+/// The validity period of an X.509 certificate, in seconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl Validity {
+    /// `not_after` as RFC 3339 (`2027-01-31T12:00:00Z`).
+    pub fn expiry(&self) -> String {
+        rfc3339(self.not_after)
+    }
+
+    /// Whole days from `now` (Unix seconds) until expiry; negative once expired.
+    pub fn days_left(&self, now: i64) -> i64 {
+        (self.not_after - now).div_euclid(86_400)
+    }
+}
+
+/// Unix seconds as RFC 3339, or the number itself if out of range.
+pub fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
+/// One DER element: (tag, contents, what follows).
+fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// `UTCTime` (tag 0x17, `YYMMDDHHMMSSZ`) or `GeneralizedTime` (0x18,
+/// `YYYYMMDDHHMMSSZ`) as Unix seconds.
+fn der_time(tag: u8, text: &[u8]) -> Option<i64> {
+    let text = std::str::from_utf8(text).ok()?.strip_suffix('Z')?;
+    let (year, rest) = match tag {
+        0x17 if text.len() == 12 => {
+            let yy: i32 = text.get(..2)?.parse().ok()?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &text[2..])
+        }
+        0x18 if text.len() == 14 => (text.get(..4)?.parse().ok()?, &text[4..]),
+        _ => return None,
+    };
+    let field = |i: usize| -> Option<u8> { rest.get(i..i + 2)?.parse().ok() };
+    let month = time::Month::try_from(field(0)?).ok()?;
+    let date = time::Date::from_calendar_date(year, month, field(2)?).ok()?;
+    let at = date.with_hms(field(4)?, field(6)?, field(8)?).ok()?;
+    Some(at.assume_utc().unix_timestamp())
+}
+
+/// The validity period of a DER certificate; `None` if it is not well-formed.
+pub fn validity(cert: &CertificateDer<'_>) -> Option<Validity> {
+    let (_, certificate, _) = der_element(cert.as_ref())?;
+    let (_, tbs, _) = der_element(certificate)?;
+    let mut fields = tbs;
+    // [0] version is optional.
+    if fields.first() == Some(&0xa0) {
+        fields = der_element(fields)?.2;
+    }
+    // serialNumber, signature, issuer.
+    for _ in 0..3 {
+        fields = der_element(fields)?.2;
+    }
+    let (tag, validity, _) = der_element(fields)?;
+    if tag != 0x30 {
+        return None;
+    }
+    let (t1, before, rest) = der_element(validity)?;
+    let (t2, after, _) = der_element(rest)?;
+    Some(Validity {
+        not_before: der_time(t1, before)?,
+        not_after: der_time(t2, after)?,
+    })
+}
+
+/// The leaf certificate's validity, for a file's error messages.
+pub fn leaf_validity(path: &Path, certs: &[CertificateDer<'_>]) -> Result<Validity, TlsError> {
+    certs
+        .first()
+        .and_then(validity)
+        .ok_or_else(|| TlsError::Validity {
+            path: path.display().to_string(),
+        })
+}
+
+/// The certificate chain and key of `cert`/`key`, checked to belong together.
+pub fn load_certified_key(
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
+    let certs = load_certs(cert)?;
+    let key_der = load_key(key)?;
+    let provider = rustls::crypto::ring::default_provider();
+    rustls::sign::CertifiedKey::from_der(certs, key_der, &provider)
+        .map(Arc::new)
+        .map_err(|e| TlsError::KeyMismatch {
+            cert: cert.display().to_string(),
+            key: key.display().to_string(),
+            detail: e.to_string(),
+        })
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 /// Server config for the gateway: TLS 1.2 minimum, HTTP/1.1 ALPN for the upgrade.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     server_config_with_client_ca(cert, key, None)
@@ -84,7 +222,19 @@ pub fn server_config_with_client_ca(
     key: &Path,
     client_ca: Option<&Path>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    Ok(rotating_server_config(cert, key, client_ca)?.0)
+}
+
+/// As [`server_config_with_client_ca`], with the certificate in a [`CertSlot`] that a
+/// reload may replace: new handshakes take the new certificate, established
+/// connections keep the one they were made with.
+pub fn rotating_server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<(Arc<ServerConfig>, Arc<CertSlot>), TlsError> {
     install_crypto_provider();
+    let slot = Arc::new(CertSlot::load(cert, key)?);
     let builder = ServerConfig::builder_with_protocol_versions(versions());
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
@@ -100,12 +250,82 @@ pub fn server_config_with_client_ca(
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_single_cert(load_certs(cert)?, load_key(key)?)?;
+    let mut config = builder.with_cert_resolver(slot.clone());
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), slot))
 }
 
-fn root_store(path: &Path) -> Result<RootCertStore, TlsError> {
+/// The server's certificate and key, read at each handshake from a slot a reload
+/// swaps whole (no lock on the handshake path).
+#[derive(Debug)]
+pub struct CertSlot {
+    current: arc_swap::ArcSwap<rustls::sign::CertifiedKey>,
+    /// The leaf's `not_after`, Unix seconds.
+    expiry: std::sync::atomic::AtomicI64,
+}
+
+impl CertSlot {
+    /// The certificate chain and key of these files, checked to belong together.
+    /// An expired certificate is loaded (and logged by the caller): refusing to start
+    /// would not help the clients that cannot connect either way.
+    pub fn load(cert: &Path, key: &Path) -> Result<CertSlot, TlsError> {
+        let certified = load_certified_key(cert, key)?;
+        let validity = leaf_validity(cert, &certified.cert)?;
+        Ok(CertSlot {
+            current: arc_swap::ArcSwap::new(certified),
+            expiry: std::sync::atomic::AtomicI64::new(validity.not_after),
+        })
+    }
+
+    /// Reads the files again and, if they hold a valid certificate with its key, makes
+    /// it the one new handshakes present. On error the current one stays.
+    pub fn replace(&self, cert: &Path, key: &Path) -> Result<Validity, TlsError> {
+        let (certified, validity) = load_checked(cert, key)?;
+        self.current.store(certified);
+        self.expiry
+            .store(validity.not_after, std::sync::atomic::Ordering::Relaxed);
+        Ok(validity)
+    }
+
+    /// The current leaf's `not_after`, Unix seconds.
+    pub fn expiry(&self) -> i64 {
+        self.expiry.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The current leaf certificate (DER).
+    pub fn leaf(&self) -> Option<CertificateDer<'static>> {
+        self.current.load().cert.first().cloned()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CertSlot {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// A certificate and key that belong together, with the leaf's validity; an expired
+/// certificate is refused: replacing a working certificate with it could only fail
+/// every new handshake.
+fn load_checked(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Arc<rustls::sign::CertifiedKey>, Validity), TlsError> {
+    let certified = load_certified_key(cert, key)?;
+    let validity = leaf_validity(cert, &certified.cert)?;
+    if validity.not_after <= unix_now() {
+        return Err(TlsError::Expired {
+            path: cert.display().to_string(),
+            at: validity.expiry(),
+        });
+    }
+    Ok((certified, validity))
+}
+
+pub fn root_store(path: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(path)? {
         roots.add(cert).map_err(|e| TlsError::Certs {
@@ -128,17 +348,30 @@ pub fn client_config_with_identity(
     ca: Option<&Path>,
     identity: Option<(&Path, &Path)>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
+    gateway_client_config(ca, None, identity)
+}
+
+/// The agent's client config. With `ca` (a PEM file) or `fingerprint` (SHA-256 of a
+/// DER certificate), a gateway presenting exactly a certificate of the file, or one of
+/// that fingerprint, is trusted as pinned (whatever its CA flag; its handshake
+/// signature is still checked); else the file's certificates are the roots of normal
+/// verification. With neither, the public web roots.
+pub fn gateway_client_config(
+    ca: Option<&Path>,
+    fingerprint: Option<[u8; 32]>,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     install_crypto_provider();
-    let roots = match ca {
-        Some(path) => root_store(path)?,
-        None => {
-            let mut roots = RootCertStore::empty();
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            roots
-        }
+    let builder = ClientConfig::builder_with_protocol_versions(versions());
+    let builder = if ca.is_none() && fingerprint.is_none() {
+        let mut roots = RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        builder.with_root_certificates(roots)
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedVerifier::new(ca, fingerprint)?))
     };
-    let builder =
-        ClientConfig::builder_with_protocol_versions(versions()).with_root_certificates(roots);
     let mut config = match identity {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?)?,
@@ -152,6 +385,229 @@ pub fn client_config_without_alpn(ca: Option<&Path>) -> Result<Arc<ClientConfig>
     let mut config = (*client_config(ca)?).clone();
     config.alpn_protocols.clear();
     Ok(Arc::new(config))
+}
+
+/// SHA-256 of a DER certificate, as `sha256:<hex>`.
+pub fn fingerprint_hex(cert: &[u8]) -> String {
+    hex_pin(&sha256(cert))
+}
+
+fn sha256(cert: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(cert).into()
+}
+
+/// A certificate error in words an operator can act on.
+#[derive(Debug)]
+struct Explained(String);
+
+impl std::fmt::Display for Explained {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Explained {}
+
+fn explained(text: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+        Arc::new(Explained(text)),
+    )))
+}
+
+/// Pinning first (the configured certificate itself, or its fingerprint), then normal
+/// verification against the configured file as roots; every refusal says what to fix.
+#[derive(Debug)]
+struct PinnedVerifier {
+    /// The certificates of the configured file.
+    pinned: Vec<CertificateDer<'static>>,
+    fingerprint: Option<[u8; 32]>,
+    /// The file, for messages.
+    file: Option<String>,
+    /// Normal verification against the file's certificates as roots, when any is one.
+    fallback: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl PinnedVerifier {
+    fn new(ca: Option<&Path>, fingerprint: Option<[u8; 32]>) -> Result<PinnedVerifier, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let pinned = match ca {
+            Some(path) => load_certs(path)?,
+            None => Vec::new(),
+        };
+        let mut roots = RootCertStore::empty();
+        let (added, _) = roots.add_parsable_certificates(pinned.iter().cloned());
+        let fallback = match added {
+            0 => None,
+            _ => Some(
+                rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider.clone(),
+                )
+                .build()
+                .map_err(|e| TlsError::Certs {
+                    path: ca.map(|p| p.display().to_string()).unwrap_or_default(),
+                    detail: e.to_string(),
+                })?,
+            ),
+        };
+        Ok(PinnedVerifier {
+            pinned,
+            fingerprint,
+            file: ca.map(|p| p.display().to_string()),
+            fallback,
+            provider,
+        })
+    }
+
+    /// What was pinned, as the configuration says it.
+    fn configured(&self) -> String {
+        match (&self.file, self.fingerprint) {
+            (Some(f), None) => format!("the certificate in {f}"),
+            (None, Some(fp)) => format!("the pinned fingerprint {}", hex_pin(&fp)),
+            (Some(f), Some(fp)) => format!(
+                "the certificate in {f} nor the pinned fingerprint {}",
+                hex_pin(&fp)
+            ),
+            (None, None) => "anything configured".into(),
+        }
+    }
+
+    fn mismatch(&self, end_entity: &CertificateDer<'_>) -> rustls::Error {
+        explained(format!(
+            "pinned certificate mismatch: the gateway presented a certificate with \
+             fingerprint {}, which is not {} (nor issued by it); if the gateway's \
+             certificate changed, configure the new one",
+            fingerprint_hex(end_entity),
+            self.configured()
+        ))
+    }
+
+    fn explain(
+        &self,
+        e: rustls::Error,
+        end_entity: &CertificateDer<'_>,
+        name: &ServerName<'_>,
+    ) -> rustls::Error {
+        use rustls::CertificateError as C;
+        let rustls::Error::InvalidCertificate(c) = &e else {
+            return e;
+        };
+        match c {
+            C::UnknownIssuer | C::BadSignature => self.mismatch(end_entity),
+            // webpki's `CaUsedAsEndEntity`: a CA certificate that is not the pinned one.
+            C::Other(o) if o.to_string().contains("CaUsedAsEndEntity") => self.mismatch(end_entity),
+            C::NotValidForName | C::NotValidForNameContext { .. } => explained(format!(
+                "the gateway's certificate is not valid for the name {:?}: set \
+             gateway_server_name to a name the certificate carries, or reissue it for \
+             this name",
+                name.to_str()
+            )),
+            C::Expired | C::ExpiredContext { .. } => explained(format!(
+                "the gateway's certificate has expired{}: renew it on the gateway",
+                validity(end_entity)
+                    .map(|v| format!(" (on {})", v.expiry()))
+                    .unwrap_or_default()
+            )),
+            C::NotValidYet | C::NotValidYetContext { .. } => explained(
+                "the gateway's certificate is not valid yet: check the clocks of the agent \
+             and the gateway"
+                    .into(),
+            ),
+            _ => e,
+        }
+    }
+}
+
+/// The words of a TLS failure: the explanation of a refused certificate as this
+/// module wrote it, else the error as rustls says it.
+pub fn describe_io_error(e: &std::io::Error) -> String {
+    let explained = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(|r| match r {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) => {
+                o.0.downcast_ref::<Explained>().map(|x| x.0.clone())
+            }
+            _ => None,
+        });
+    explained.unwrap_or_else(|| e.to_string())
+}
+
+fn hex_pin(fp: &[u8; 32]) -> String {
+    let hex: String = fp.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let is_pinned = self
+            .pinned
+            .iter()
+            .any(|c| c.as_ref() == end_entity.as_ref())
+            || self.fingerprint == Some(sha256(end_entity));
+        if is_pinned {
+            // The very certificate configured: trusted as it is, but not past its end.
+            if let Some(v) = validity(end_entity) {
+                if now.as_secs() as i64 > v.not_after {
+                    return Err(explained(format!(
+                        "the pinned gateway certificate expired on {}: renew it on the \
+             gateway and configure the new one",
+                        v.expiry()
+                    )));
+                }
+            }
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        }
+        match &self.fallback {
+            None => Err(self.mismatch(end_entity)),
+            Some(v) => v
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+                .map_err(|e| self.explain(e, end_entity, server_name)),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
@@ -213,4 +669,98 @@ pub fn generate_self_signed(names: &[&str]) -> Result<GeneratedCert, TlsError> {
         cert_pem: certified.cert.pem(),
         key_pem: certified.signing_key.serialize_pem(),
     })
+}
+
+/// As [`generate_self_signed`], valid from a day ago until `not_after` (Unix seconds):
+/// certificates near their expiry, for tests and checks.
+pub fn generate_self_signed_until(
+    names: &[&str],
+    not_after: i64,
+) -> Result<GeneratedCert, TlsError> {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let mut params = rcgen::CertificateParams::new(names)?;
+    let at = |unix: i64| {
+        time::OffsetDateTime::from_unix_timestamp(unix)
+            .map_err(|_| TlsError::Generate(rcgen::Error::Time))
+    };
+    params.not_before = at(unix_now() - 86_400)?;
+    params.not_after = at(not_after)?;
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    Ok(GeneratedCert {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn validity_is_read_from_the_certificate() {
+        let until = 2_000_000_000; // 2033-05-18T03:33:20Z
+        let g = generate_self_signed_until(&["localhost"], until).unwrap();
+        let v = validity(&der(&g.cert_pem)).unwrap();
+        assert_eq!(v.not_after, until);
+        assert!(v.not_before < unix_now());
+        assert_eq!(v.expiry(), "2033-05-18T03:33:20Z");
+        // Far dates use GeneralizedTime.
+        let far = generate_self_signed_until(&["localhost"], 4_102_444_800 + 3600).unwrap();
+        assert_eq!(
+            validity(&der(&far.cert_pem)).unwrap().not_after,
+            4_102_444_800 + 3600
+        );
+        assert!(validity(&CertificateDer::from(vec![0x30, 0x03, 1, 2])).is_none());
+        assert!(validity(&CertificateDer::from(Vec::new())).is_none());
+    }
+
+    #[test]
+    fn a_slot_replaces_its_certificate_and_keeps_it_on_a_bad_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        let write = |g: &GeneratedCert| {
+            std::fs::write(&cert, &g.cert_pem).unwrap();
+            std::fs::write(&key, &g.key_pem).unwrap();
+        };
+        let first = generate_self_signed_until(&["a"], unix_now() + 86_400).unwrap();
+        write(&first);
+        let slot = CertSlot::load(&cert, &key).unwrap();
+        let old_leaf = slot.leaf().unwrap();
+        let second = generate_self_signed_until(&["a"], unix_now() + 2 * 86_400).unwrap();
+        write(&second);
+        let v = slot.replace(&cert, &key).unwrap();
+        assert_eq!(slot.expiry(), v.not_after);
+        let new_leaf = slot.leaf().unwrap();
+        assert_ne!(new_leaf, old_leaf);
+        // A key of another certificate, or an expired one: the slot keeps what it has.
+        std::fs::write(&key, &first.key_pem).unwrap();
+        let err = slot.replace(&cert, &key).unwrap_err().to_string();
+        assert!(err.contains("does not match"), "{err}");
+        write(&generate_self_signed_until(&["a"], unix_now() - 60).unwrap());
+        let err = slot.replace(&cert, &key).unwrap_err().to_string();
+        assert!(err.contains("expired on"), "{err}");
+        assert_eq!(slot.leaf().unwrap(), new_leaf);
+        assert_eq!(slot.expiry(), v.not_after);
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            generate_self_signed(&["a"]).unwrap(),
+            generate_self_signed(&["b"]).unwrap(),
+        );
+        let (cert, key) = (dir.path().join("a.pem"), dir.path().join("b.key"));
+        std::fs::write(&cert, &a.cert_pem).unwrap();
+        std::fs::write(&key, &b.key_pem).unwrap();
+        let err = load_certified_key(&cert, &key).unwrap_err().to_string();
+        assert!(err.contains("does not match"), "{err}");
+        std::fs::write(&key, &a.key_pem).unwrap();
+        load_certified_key(&cert, &key).unwrap();
+    }
 }

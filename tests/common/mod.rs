@@ -75,6 +75,37 @@ pub fn certs() -> Certs {
     Certs { dir, cert, key }
 }
 
+/// A self-signed certificate and key made as most people make one: a bare
+/// `openssl req -x509` (which marks it `CA:TRUE`), for `localhost`. PEM each.
+pub fn openssl_self_signed(dir: &Path, name: &str) -> (String, String) {
+    let (cert, key) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success(), "openssl req -x509 failed");
+    (
+        std::fs::read_to_string(cert).unwrap(),
+        std::fs::read_to_string(key).unwrap(),
+    )
+}
+
 /// A child process killed on drop.
 pub struct Proc(pub Child);
 
@@ -143,6 +174,9 @@ pub struct StackOptions {
     /// `client.allow_local`: the tests' targets live on loopback, so on unless a test
     /// checks the agent's default refusal.
     pub allow_local: bool,
+    /// The gateway's certificate and key (PEM) instead of a generated pair; the agents
+    /// trust this certificate.
+    pub tls: Option<(String, String)>,
 }
 
 impl Default for StackOptions {
@@ -157,6 +191,7 @@ impl Default for StackOptions {
             top_extra: String::new(),
             listener_extra: vec![],
             allow_local: true,
+            tls: None,
         }
     }
 }
@@ -228,6 +263,10 @@ impl Stack {
 
     async fn try_start(opts: StackOptions) -> Option<Stack> {
         let certs = certs();
+        if let Some((cert, key)) = &opts.tls {
+            std::fs::write(&certs.cert, cert).unwrap();
+            std::fs::write(&certs.key, key).unwrap();
+        }
         let (gateway_port, http_port, socks_port) = (free_port(), free_port(), free_port());
         let forbidden: String = opts
             .forbidden_hosts

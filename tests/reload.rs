@@ -1,0 +1,178 @@
+//! SIGHUP on the gateway: the certificate is re-read, new agent handshakes get the new
+//! one, established sessions and their connections keep working, and a bad file
+//! changes nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{admin_get, free_port, metric, signal, Stack, StackOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A TCP echo server on loopback.
+async fn echo_target() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn round_trip(s: &mut tokio::net::TcpStream, text: &[u8]) {
+    s.write_all(text).await.unwrap();
+    let mut back = vec![0; text.len()];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .expect("echo within 10 s")
+        .unwrap();
+    assert_eq!(back, text);
+}
+
+async fn metrics(port: u16) -> String {
+    admin_get(port, "/metrics", None).await.1
+}
+
+#[tokio::test]
+async fn sighup_rotates_the_certificate_without_dropping_a_session() {
+    let admin = free_port();
+    let stack = Stack::start(StackOptions {
+        gateway_extra: vec![format!("admin_addr: \"127.0.0.1:{admin}\"")],
+        ..Default::default()
+    })
+    .await;
+    let pid = stack.gateway.0.id().unwrap();
+    let echo = echo_target().await;
+    let mut live = stack.socks5_to(echo).await.unwrap();
+    round_trip(&mut live, b"before the reload").await;
+    let m = metrics(admin).await;
+    let first_expiry = metric(&m, "anyproxy_tls_cert_expiry_timestamp_seconds", &[]);
+    assert!(first_expiry > 0.0, "{m}");
+
+    // Rotate: the old certificate is kept aside to prove it is no longer served.
+    let dir = stack.certs.dir.path();
+    std::fs::copy(&stack.certs.cert, dir.join("old.pem")).unwrap();
+    let until = anyproxy::transport::tls::unix_now() + 40 * 86_400;
+    let new =
+        anyproxy::transport::tls::generate_self_signed_until(&["localhost", "127.0.0.1"], until)
+            .unwrap();
+    std::fs::write(&stack.certs.key, &new.key_pem).unwrap();
+    std::fs::write(&stack.certs.cert, &new.cert_pem).unwrap();
+    signal(pid, "HUP");
+    stack
+        .wait_for_log("gateway", "tls certificate replaced (new expiry", 1)
+        .await;
+
+    // The established session and its connection carry on.
+    round_trip(&mut live, b"after the reload").await;
+    let target = common::http_target().await;
+    let status =
+        common::curl_status(&["-x", &stack.http_proxy(), &format!("http://{target}/")]).await;
+    assert_eq!(status, "200");
+    assert_eq!(
+        stack
+            .log("agent")
+            .matches("authenticated to the gateway")
+            .count(),
+        1
+    );
+
+    // A new agent trusting the new file connects; one pinning the old one is refused.
+    let _second = stack.spawn_agent("second", &[]);
+    stack.wait_for_log("gateway", "agent connected", 2).await;
+    let old = dir.join("old.pem");
+    let stale_config = dir.join("stale.yaml");
+    std::fs::write(
+        &stale_config,
+        format!(
+            "client:\n  gateway_addr: \"127.0.0.1:{}\"\n  gateway_tls_cert: \"{}\"\n  client_id: stale\n  auth_username: \"{}\"\n  auth_password: \"{}\"\n",
+            stack.gateway_port,
+            old.display(),
+            common::AGENT_USER,
+            common::AGENT_PASS
+        ),
+    )
+    .unwrap();
+    let _stale = common::spawn(
+        &["client", "--config", stale_config.to_str().unwrap()],
+        &dir.join("agent-stale.log"),
+    );
+    stack
+        .wait_for_log("agent-stale", "pinned certificate mismatch", 1)
+        .await;
+
+    let m = metrics(admin).await;
+    assert_eq!(
+        metric(&m, "anyproxy_tls_cert_expiry_timestamp_seconds", &[]),
+        until as f64
+    );
+    assert_eq!(
+        metric(&m, "anyproxy_config_reload_total", &[("result", "success")]),
+        1.0
+    );
+    assert!(
+        metric(
+            &m,
+            "anyproxy_config_last_reload_success_timestamp_seconds",
+            &[]
+        ) > 0.0
+    );
+
+    // A key of another certificate: the reload fails, the new certificate stays.
+    let other = anyproxy::transport::tls::generate_self_signed(&["localhost"]).unwrap();
+    std::fs::write(&stack.certs.key, &other.key_pem).unwrap();
+    signal(pid, "HUP");
+    stack.wait_for_log("gateway", "reload failed", 1).await;
+    assert!(stack.log("gateway").contains("does not match"));
+    // An invalid config: nothing changes, the error names the key.
+    std::fs::write(&stack.certs.key, &new.key_pem).unwrap();
+    let config = dir.join("config.yaml");
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        good.replace("connect_timeout: 5s", "connect_timeout: soon"),
+    )
+    .unwrap();
+    signal(pid, "HUP");
+    stack.wait_for_log("gateway", "reload failed", 2).await;
+    assert!(stack.log("gateway").contains("gateway.connect_timeout"));
+
+    let m = metrics(admin).await;
+    assert_eq!(
+        metric(&m, "anyproxy_config_reload_total", &[("result", "failure")]),
+        2.0
+    );
+    assert_eq!(
+        metric(&m, "anyproxy_tls_cert_expiry_timestamp_seconds", &[]),
+        until as f64
+    );
+    // Still serving the new certificate, and the first connection still works.
+    let _third = stack.spawn_agent("third", &[]);
+    stack.wait_for_log("gateway", "agent connected", 3).await;
+    round_trip(&mut live, b"after two failed reloads").await;
+}
+
+#[tokio::test]
+async fn a_storm_of_sighups_is_harmless() {
+    let mut stack = Stack::start(StackOptions::default()).await;
+    let pid = stack.gateway.0.id().unwrap();
+    for _ in 0..50 {
+        signal(pid, "HUP");
+    }
+    stack
+        .wait_for_log("gateway", "configuration reloaded", 1)
+        .await;
+    let target = common::http_target().await;
+    let status =
+        common::curl_status(&["-x", &stack.http_proxy(), &format!("http://{target}/")]).await;
+    assert_eq!(status, "200");
+    assert!(
+        stack.gateway.0.try_wait().unwrap().is_none(),
+        "still running"
+    );
+}
