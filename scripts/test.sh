@@ -9,6 +9,11 @@ if ! command -v curl >/dev/null 2>&1; then
   echo "== installing curl"
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq curl; else sudo apt-get update -qq && sudo apt-get install -y -qq curl; fi
 fi
+if ! command -v openssl >/dev/null 2>&1; then
+  # tests/pinning.rs makes certificates the way users do, with `openssl req -x509`.
+  echo "== installing openssl"
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq openssl; else sudo apt-get update -qq && sudo apt-get install -y -qq openssl; fi
+fi
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
   # tests/metrics.rs renders the admin status page in headless Chromium.
   echo "== installing chromium"
