@@ -646,6 +646,21 @@ impl GeneratedCa {
         })
     }
 
+    /// A server certificate for `name`, signed by this CA.
+    pub fn server_cert(&self, name: &str) -> Result<GeneratedCert, TlsError> {
+        let mut params = rcgen::CertificateParams::new(vec![name.to_owned()])?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(GeneratedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
     /// A client certificate for `name`, signed by this CA.
     pub fn client_cert(&self, name: &str) -> Result<GeneratedCert, TlsError> {
         let mut params = rcgen::CertificateParams::new(vec![name.to_owned()])?;
@@ -746,6 +761,62 @@ mod tests {
         assert!(err.contains("expired on"), "{err}");
         assert_eq!(slot.leaf().unwrap(), new_leaf);
         assert_eq!(slot.expiry(), v.not_after);
+    }
+
+    /// A handshake in memory: the gateway serves `served`, the agent trusts `trust`
+    /// (a PEM file) and dials `name`. The agent's error in words, if any.
+    async fn handshake(served: &GeneratedCert, trust: &str, name: &str) -> Result<(), String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |n: &str| dir.path().join(n);
+        std::fs::write(path("c.pem"), &served.cert_pem).unwrap();
+        std::fs::write(path("k.pem"), &served.key_pem).unwrap();
+        std::fs::write(path("trust.pem"), trust).unwrap();
+        let (server, _) = rotating_server_config(&path("c.pem"), &path("k.pem"), None).unwrap();
+        let client = gateway_client_config(Some(&path("trust.pem")), None, None).unwrap();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let accept = tokio::spawn(async move {
+            let _ = tokio_rustls::TlsAcceptor::from(server).accept(b).await;
+        });
+        let result = tokio_rustls::TlsConnector::from(client)
+            .connect(server_name(name).unwrap(), a)
+            .await
+            .map(|_| ())
+            .map_err(|e| describe_io_error(&e));
+        accept.abort();
+        result
+    }
+
+    #[tokio::test]
+    async fn refusals_name_the_fix() {
+        let ca = GeneratedCa::new("test ca").unwrap();
+        let served = ca.server_cert("gw.example").unwrap();
+        // Chained to the configured CA: verified as usual, the name included.
+        handshake(&served, &ca.cert_pem, "gw.example")
+            .await
+            .unwrap();
+        let err = handshake(&served, &ca.cert_pem, "other.example")
+            .await
+            .unwrap_err();
+        assert!(err.contains("not valid for the name"), "{err}");
+        assert!(err.contains("gateway_server_name"), "{err}");
+        // Another CA: a mismatch, with the fingerprint the gateway presented.
+        let other = GeneratedCa::new("other ca").unwrap();
+        let err = handshake(&served, &other.cert_pem, "gw.example")
+            .await
+            .unwrap_err();
+        assert!(err.contains("pinned certificate mismatch"), "{err}");
+        let der = CertificateDer::from_pem_slice(served.cert_pem.as_bytes()).unwrap();
+        assert!(err.contains(&fingerprint_hex(der.as_ref())), "{err}");
+        // The configured certificate itself: pinned, whatever the name.
+        handshake(&served, &served.cert_pem, "anything.example")
+            .await
+            .unwrap();
+        // ... but not once it has expired.
+        let old = generate_self_signed_until(&["gw.example"], unix_now() - 60).unwrap();
+        let err = handshake(&old, &old.cert_pem, "gw.example")
+            .await
+            .unwrap_err();
+        assert!(err.contains("pinned gateway certificate expired"), "{err}");
     }
 
     #[test]
