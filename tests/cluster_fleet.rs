@@ -7,8 +7,9 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::cluster::eventually;
 use common::haproxy::HaProxy;
 use common::redis::Redis;
 use common::*;
@@ -145,18 +146,6 @@ fn agent_config(dir: &std::path::Path, id: &str, certs: &Certs, gateways: &[&Gat
     path
 }
 
-async fn eventually<F, Fut>(within: Duration, what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !f().await {
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 const BOTH_AGENTS: [&str; 2] = ["agent-1", "agent-2"];
 
 /// One GET through the balancer from `from`; its HTTP status.
@@ -193,7 +182,7 @@ async fn three_gateways_behind_haproxy_survive_losing_one_during_a_curl_storm() 
         eventually(
             Duration::from_secs(30),
             "both agents on every gateway",
-            || async { g.agents().await == BOTH_AGENTS },
+            || async { (g.agents().await == BOTH_AGENTS).then_some(()) },
         )
         .await;
     }
@@ -255,10 +244,10 @@ async fn three_gateways_behind_haproxy_survive_losing_one_during_a_curl_storm() 
         || async {
             for _ in 0..10 {
                 if get_via(lb, "127.0.0.6", target).await != "200" {
-                    return false;
+                    return None;
                 }
             }
-            true
+            Some(())
         },
     )
     .await;
@@ -282,7 +271,7 @@ async fn three_gateways_behind_haproxy_survive_losing_one_during_a_curl_storm() 
     gateways[2].start().await;
     let c = &gateways[2];
     eventually(Duration::from_secs(30), "both agents back on C", || async {
-        c.agents().await == BOTH_AGENTS
+        (c.agents().await == BOTH_AGENTS).then_some(())
     })
     .await;
     let served_before = c.log_text().matches("client=127.0.0.7:").count();
@@ -290,8 +279,9 @@ async fn three_gateways_behind_haproxy_survive_losing_one_during_a_curl_storm() 
         Duration::from_secs(30),
         "C serving through the balancer again",
         || async {
-            get_via(lb, "127.0.0.7", target).await == "200"
-                && c.log_text().matches("client=127.0.0.7:").count() > served_before
+            (get_via(lb, "127.0.0.7", target).await == "200"
+                && c.log_text().matches("client=127.0.0.7:").count() > served_before)
+                .then_some(())
         },
     )
     .await;

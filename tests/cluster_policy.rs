@@ -8,9 +8,10 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyproxy::policy::managers::dwn_cons_r::FLUSH_BATCH;
+use common::cluster::eventually;
 use common::redis::Redis;
 use common::*;
 
@@ -32,6 +33,8 @@ staff = "3 MB"
 "#;
 
 const QUOTA: u64 = 3 << 20;
+/// Every wait here is a bounded poll, generous for a loaded 2-core machine.
+const WAIT: Duration = Duration::from_secs(30);
 /// The user's address: the session is opened from it, the traffic comes from it.
 const ALICE: &str = "127.0.0.8";
 
@@ -120,6 +123,14 @@ gateway:
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (bounded) until an agent has connected to this gateway's current process.
+    async fn wait_for_agent(&self) {
+        eventually(WAIT, "the agent on every gateway", || async {
+            self.log_text().contains("agent connected").then_some(())
+        })
+        .await
+    }
+
     /// `GET http://target/bytes/n` from ALICE through this gateway: curl's exit code
     /// and the bytes that arrived.
     async fn download(&self, target: SocketAddr, n: usize) -> (i32, usize) {
@@ -143,19 +154,6 @@ gateway:
         let (_, out) =
             curl(&[&args[..], &["-w", "\n%{http_code}", "-d", &body, &url]].concat()).await;
         String::from_utf8_lossy(&out).into_owned()
-    }
-}
-
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let within = Duration::from_secs(30);
-    let deadline = Instant::now() + within;
-    while !f().await {
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -190,16 +188,7 @@ async fn a_login_and_a_quota_hold_across_three_gateways_and_their_restart() {
         &certs.dir.path().join("agent.log"),
     );
     for g in &gateways {
-        let log = g.log.clone();
-        eventually("the agent on every gateway", || {
-            let log = log.clone();
-            async move {
-                std::fs::read_to_string(&log)
-                    .unwrap_or_default()
-                    .contains("agent connected")
-            }
-        })
-        .await;
+        g.wait_for_agent().await;
     }
     let target = http_target().await;
 
@@ -212,8 +201,8 @@ async fn a_login_and_a_quota_hold_across_three_gateways_and_their_restart() {
     assert!(answer.ends_with("\n200"), "{answer}");
     // ... lets the traffic through B and C too (each refreshes within 1 s).
     for g in &gateways {
-        eventually("the session on every gateway", || async {
-            g.status(target).await == "200"
+        eventually(WAIT, "the session on every gateway", || async {
+            (g.status(target).await == "200").then_some(())
         })
         .await;
     }
@@ -243,8 +232,8 @@ async fn a_login_and_a_quota_hold_across_three_gateways_and_their_restart() {
         "{delivered} bytes delivered, bound {bound}"
     );
     for g in &gateways {
-        eventually("the spent quota on every gateway", || async {
-            g.status(target).await == "403"
+        eventually(WAIT, "the spent quota on every gateway", || async {
+            (g.status(target).await == "403").then_some(())
         })
         .await;
     }
@@ -257,16 +246,7 @@ async fn a_login_and_a_quota_hold_across_three_gateways_and_their_restart() {
         g.start().await;
     }
     for g in &gateways {
-        let log = g.log.clone();
-        eventually("the agent back on every gateway", || {
-            let log = log.clone();
-            async move {
-                std::fs::read_to_string(&log)
-                    .unwrap_or_default()
-                    .contains("agent connected")
-            }
-        })
-        .await;
+        g.wait_for_agent().await;
         assert_eq!(
             g.status(target).await,
             "403",
