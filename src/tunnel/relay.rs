@@ -62,28 +62,33 @@ impl RelayEnd {
 /// When the connection last moved a byte, in ms since the relay started: one relaxed
 /// store per read or write, and a watchdog that sleeps until the deadline instead of
 /// a timer reset on every read.
+/// Without a timeout it does nothing: no clock read on the data path.
 struct Activity {
     // tokio's clock, so that a test with paused time can run the watchdog.
     started: tokio::time::Instant,
     last_ms: AtomicU64,
+    idle: Option<Duration>,
 }
 
 impl Activity {
-    fn new() -> Self {
+    fn new(idle: Option<Duration>) -> Self {
         Activity {
             started: tokio::time::Instant::now(),
             last_ms: AtomicU64::new(0),
+            idle,
         }
     }
 
     fn touch(&self) {
-        let ms = self.started.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
+        if self.idle.is_some() {
+            let ms = self.started.elapsed().as_millis() as u64;
+            self.last_ms.store(ms, Ordering::Relaxed);
+        }
     }
 
-    /// Resolves once nothing has moved for `idle`; never without a timeout.
-    async fn idle_for(&self, idle: Option<Duration>) {
-        let Some(idle) = idle else {
+    /// Resolves once nothing has moved for the timeout; never without one.
+    async fn idle_out(&self) {
+        let Some(idle) = self.idle else {
             return std::future::pending().await;
         };
         loop {
@@ -236,8 +241,7 @@ pub async fn relay_tunnel<S: LocalStream>(
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut sent = 0u64;
     let mut received = 0u64;
-    let activity = Activity::new();
-    let idle = core.conn_idle_timeout();
+    let activity = Activity::new(core.conn_idle_timeout());
 
     let upstream = async {
         let mut buf = BytesMut::new();
@@ -350,7 +354,7 @@ pub async fn relay_tunnel<S: LocalStream>(
                 r = &mut upstream, if !up_done => { up_done = true; r }
                 r = &mut downstream, if !down_done => { down_done = true; r }
                 _ = cancel.cancelled() => Err(Abort::Cancelled),
-                _ = activity.idle_for(idle) => Err(Abort::IdleTimeout),
+                _ = activity.idle_out() => Err(Abort::IdleTimeout),
             };
             match step {
                 Err(reason) => break Err(reason),
@@ -429,7 +433,7 @@ pub async fn relay_direct<S: LocalStream>(
     pace: Option<&dyn Pace>,
     timeouts: DirectTimeouts,
 ) -> RelayStats {
-    let activity = Activity::new();
+    let activity = Activity::new(timeouts.idle);
     let (mut lr, mut lw) = tokio::io::split(local);
     let (mut rr, mut rw) = remote.into_split();
     let mut stats = RelayStats::default();
@@ -488,7 +492,7 @@ pub async fn relay_direct<S: LocalStream>(
         let (mut up_done, mut down_done) = (false, false);
         while !(up_done && down_done) {
             tokio::select! {
-                _ = activity.idle_for(timeouts.idle) => {
+                _ = activity.idle_out() => {
                     stats.ended_by = Some(RelayEnd::IdleTimeout);
                     break;
                 }
