@@ -176,3 +176,130 @@ async fn a_storm_of_sighups_is_harmless() {
         "still running"
     );
 }
+#[tokio::test]
+async fn sighup_reloads_users_and_groups() {
+    let groups = |users: &str, extra: &str| {
+        format!(
+            "groups: [{{ id: office, agent_password: office-secret, users: [{users}] }}{extra}]"
+        )
+    };
+    let stack = Stack::start(StackOptions {
+        gateway_extra: vec![groups("{ username: alice, password: alice-pw }", "")],
+        ..Default::default()
+    })
+    .await;
+    let pid = stack.gateway.0.id().unwrap();
+    let _office = stack.spawn_group_agent("office-1", "office", "office-secret", "");
+    stack.wait_for_log("gateway", "agent connected", 2).await;
+    let target = common::http_target().await;
+    let url = format!("http://{target}/");
+    let status = |user: &'static str, pass: &'static str| {
+        let (proxy, url) = (stack.http_proxy_as(user, pass), url.clone());
+        async move { common::curl_status(&["-x", &proxy, &url]).await }
+    };
+    assert_eq!(status("alice", "alice-pw").await, "200");
+    assert_eq!(status("bob", "bob-pw").await, "407");
+
+    // bob replaces alice; a group `lab` appears; a restart-only key changes too.
+    let config = stack.certs.dir.path().join("config.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let new = text
+        .replace(
+            &groups("{ username: alice, password: alice-pw }", ""),
+            &groups(
+                "{ username: bob, password: bob-pw }",
+                ", { id: lab, agent_password: lab-secret }",
+            ),
+        )
+        .replace("connect_timeout: 5s", "connect_timeout: 6s");
+    assert_ne!(new, text);
+    std::fs::write(&config, new).unwrap();
+    signal(pid, "HUP");
+    stack
+        .wait_for_log("gateway", "configuration reloaded", 1)
+        .await;
+    let log = stack.log("gateway");
+    for line in [
+        "proxy.http user bob added",
+        "proxy.http user alice removed",
+        "proxy.socks5 user bob added",
+        "agent login lab added",
+        "takes effect at the next restart key=\"gateway.connect_timeout\"",
+    ] {
+        assert!(log.contains(line), "{line:?} not in\n{log}");
+    }
+    assert!(
+        !log.contains("bob-pw") && !log.contains("lab-secret"),
+        "{log}"
+    );
+
+    assert_eq!(status("bob", "bob-pw").await, "200");
+    assert_eq!(status("alice", "alice-pw").await, "407");
+    // The listener's own account is untouched.
+    let own = common::curl_status(&["-x", &stack.http_proxy(), &url]).await;
+    assert_eq!(own, "200");
+    // An agent of the new group is accepted; the office agent's session carried on.
+    let _lab = stack.spawn_group_agent("lab-1", "lab", "lab-secret", "");
+    stack
+        .wait_for_log("gateway", "client_id=lab-1 group=lab", 1)
+        .await;
+    assert_eq!(
+        stack
+            .log("office-1")
+            .matches("authenticated to the gateway")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_reload_that_adds_a_backend_is_refused_whole() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let pid = stack.gateway.0.id().unwrap();
+    let target = common::http_target().await;
+    let url = format!("http://{target}/");
+    assert_eq!(
+        common::curl_status(&["-x", &stack.http_proxy(), &url]).await,
+        "200"
+    );
+
+    // A new users file backend, named by the HTTP listener, and the listener's own
+    // password changed in the same file: nothing of it may apply.
+    let dir = stack.certs.dir.path();
+    std::fs::write(dir.join("users.htpasswd"), "carol:carol-pw\n").unwrap();
+    let config = dir.join("config.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let new = text
+        .replacen(
+            &format!("auth_password: \"{}\"", common::HTTP_PASS),
+            "auth_password: \"changed\"\n    auth: [static, users]",
+            1,
+        )
+        .replace(
+            "connect_timeout: 5s",
+            &format!(
+                "connect_timeout: 5s\n  auth_backends:\n    users: {{ type: file, path: \"{}\", allow_plaintext: true }}",
+                dir.join("users.htpasswd").display()
+            ),
+        );
+    assert_ne!(new, text);
+    std::fs::write(&config, new).unwrap();
+    signal(pid, "HUP");
+    stack
+        .wait_for_log(
+            "gateway",
+            "reload failed; the running configuration stays",
+            1,
+        )
+        .await;
+    let log = stack.log("gateway");
+    assert!(
+        log.contains("proxy.http.auth: backend \"users\" is not running"),
+        "{log}"
+    );
+    assert_eq!(
+        common::curl_status(&["-x", &stack.http_proxy(), &url]).await,
+        "200",
+        "the old password still works"
+    );
+}

@@ -26,6 +26,8 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 pub use chain::{BackendStats, Cached, Chain, Metered, Order};
 
 use crate::net::{credentials_match, Credentials};
@@ -142,24 +144,45 @@ impl<T> Outcome<T> {
 /// Who may use one listener (or join as an agent): a chain of backends, and the groups
 /// an allow may lead to. A listener whose only backend is `static` without accounts
 /// is open: everyone reaches the default group.
+///
+/// A reload swaps the rules whole ([`Authority::replace`]); each check reads the rules
+/// current when it starts (a wait-free load), so a listener holds one `Authority` for
+/// its lifetime and never sees half of an old configuration and half of a new one.
 pub struct Authority {
+    rules: ArcSwap<Rules>,
+    /// Agents: an allow without groups names the group by its username (the static
+    /// accounts' rule: an agent's username is its group). A property of the role,
+    /// which no reload changes.
+    username_is_group: bool,
+}
+
+/// What a reload replaces.
+struct Rules {
     chain: Chain,
     open: bool,
     default_group: Arc<str>,
     groups: Vec<Arc<str>>,
-    /// Agents: an allow without groups names the group by its username (the static
-    /// accounts' rule: an agent's username is its group).
-    username_is_group: bool,
+}
+
+impl Rules {
+    fn known(&self, group: &str) -> Option<Arc<str>> {
+        if *self.default_group == *group {
+            return Some(self.default_group.clone());
+        }
+        self.groups.iter().find(|g| ***g == *group).cloned()
+    }
 }
 
 impl Authority {
     /// `groups` are the tunnel groups that exist besides `default_group`.
     pub fn new(chain: Chain, open: bool, default_group: Arc<str>, groups: Vec<Arc<str>>) -> Self {
         Authority {
-            chain,
-            open,
-            default_group,
-            groups,
+            rules: ArcSwap::from_pointee(Rules {
+                chain,
+                open,
+                default_group,
+                groups,
+            }),
             username_is_group: false,
         }
     }
@@ -183,23 +206,22 @@ impl Authority {
         )
     }
 
+    /// Takes `next`'s rules from the next check on; checks under way finish with the
+    /// rules they started with.
+    pub fn replace(&self, next: Authority) {
+        self.rules.store(next.rules.into_inner());
+    }
+
     pub fn is_open(&self) -> bool {
-        self.open
+        self.rules.load().open
     }
 
     /// The identity of an open listener's users.
     pub fn anonymous(&self) -> Identity {
         Identity {
             user: None,
-            group: self.default_group.clone(),
+            group: self.rules.load().default_group.clone(),
         }
-    }
-
-    fn known(&self, group: &str) -> Option<Arc<str>> {
-        if *self.default_group == *group {
-            return Some(self.default_group.clone());
-        }
-        self.groups.iter().find(|g| ***g == *group).cloned()
     }
 
     /// Asks the chain, and turns an allow into the user's identity: the first of its
@@ -207,16 +229,17 @@ impl Authority {
     /// username names, else the default). Groups given, none of them configured →
     /// refused.
     pub async fn authenticate(&self, attempt: &Attempt<'_>) -> Outcome {
-        match self.chain.check(attempt).await {
+        let rules = self.rules.load_full();
+        match rules.chain.check(attempt).await {
             Ok(Verdict::Allow { groups }) => {
                 let group = if groups.is_empty() {
                     let by_name = self
                         .username_is_group
-                        .then(|| self.known(attempt.username))
+                        .then(|| rules.known(attempt.username))
                         .flatten();
-                    Some(by_name.unwrap_or_else(|| self.default_group.clone()))
+                    Some(by_name.unwrap_or_else(|| rules.default_group.clone()))
                 } else {
-                    groups.iter().find_map(|g| self.known(g))
+                    groups.iter().find_map(|g| rules.known(g))
                 };
                 match group {
                     Some(group) => Outcome::Allowed(Identity {
@@ -347,6 +370,51 @@ mod tests {
         let open = Accounts::new(vec![], Arc::from("default"));
         assert!(open.is_open());
         assert_eq!(open.anonymous().group.as_ref(), "default");
+    }
+
+    fn attempt<'a>(username: &'a str, password: &'a str) -> Attempt<'a> {
+        Attempt {
+            kind: Kind::Agent,
+            username,
+            password,
+            client_ip: None,
+            client_id: Some("a1"),
+            listener: "gateway",
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replaced_authority_checks_with_the_new_rules_and_keeps_its_role() {
+        let office: Arc<str> = Arc::from("office");
+        let authority = Authority::of_accounts(
+            Accounts::new(
+                vec![(creds("office", "old"), office.clone())],
+                Arc::from("default"),
+            ),
+            vec![office.clone()],
+        )
+        .for_agents();
+        assert!(matches!(
+            authority.authenticate(&attempt("office", "old")).await,
+            Outcome::Allowed(Identity { ref group, .. }) if **group == *"office"
+        ));
+        authority.replace(Authority::of_accounts(
+            Accounts::new(
+                vec![(creds("office", "new"), office.clone())],
+                Arc::from("default"),
+            ),
+            vec![office],
+        ));
+        assert!(matches!(
+            authority.authenticate(&attempt("office", "old")).await,
+            Outcome::Denied(_)
+        ));
+        // Still the agents' authority: the username names the group.
+        assert!(matches!(
+            authority.authenticate(&attempt("office", "new")).await,
+            Outcome::Allowed(Identity { ref group, .. }) if **group == *"office"
+        ));
+        assert!(!authority.is_open());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::auth::ldap::LdapBackend;
 use crate::auth::{
     Accounts, Authenticator, Authority, BackendStats, Cached, Chain, Metered, Order,
 };
-use crate::config::GatewayConfig;
+use crate::config::{Credentials, GatewayConfig, GroupConfig, ProxyListener, DEFAULT_GROUP};
 use crate::transport::tls;
 
 #[derive(Debug, thiserror::Error)]
@@ -90,13 +90,19 @@ impl AuthBackends {
         Ok(AuthBackends {
             named,
             order: config.auth_order,
-            groups: config
-                .groups
-                .iter()
-                .map(|g| Arc::from(g.id.as_str()))
-                .collect(),
+            groups: tunnel_groups(&config.groups),
             stats,
         })
+    }
+
+    /// Follows a reload's groups: the chains built from now on lead to them.
+    pub fn set_groups(&mut self, groups: &[GroupConfig]) {
+        self.groups = tunnel_groups(groups);
+    }
+
+    /// Whether a chain may name `name`: `static`, or a backend opened at start.
+    pub fn runs(&self, name: &str) -> bool {
+        name == STATIC || self.named.contains_key(name)
     }
 
     /// The chain `names` (empty: `[static]`), where `static` is `accounts`. Open when
@@ -125,4 +131,48 @@ impl AuthBackends {
             self.groups.clone(),
         )
     }
+}
+
+/// Who may use one proxy listener: its own credentials lead to the default group, and
+/// every group's users to their group. With neither, the listener is open.
+pub(super) fn listener_accounts(listener: &ProxyListener, groups: &[GroupConfig]) -> Accounts {
+    let default: Arc<str> = Arc::from(DEFAULT_GROUP);
+    let mut accounts: Vec<(Credentials, Arc<str>)> = listener
+        .credentials()
+        .map(|c| (c, default.clone()))
+        .into_iter()
+        .collect();
+    for g in groups {
+        let group: Arc<str> = Arc::from(g.id.as_str());
+        accounts.extend(g.users.iter().map(|u| (u.into(), group.clone())));
+    }
+    Accounts::new(accounts, default)
+}
+
+/// The agents' static accounts: the default group's agents use the gateway's own
+/// credentials; agents of a configured group use its id and agent password. Only this
+/// configuration defines them.
+pub(super) fn agent_accounts(config: &GatewayConfig) -> Accounts {
+    let mut accounts = vec![(
+        Credentials {
+            username: config.auth_username.clone(),
+            password: config.auth_password.expose().to_owned(),
+        },
+        Arc::from(DEFAULT_GROUP),
+    )];
+    accounts.extend(config.groups.iter().map(|g| {
+        (
+            Credentials {
+                username: g.id.clone(),
+                password: g.agent_password.expose().to_owned(),
+            },
+            Arc::from(g.id.as_str()),
+        )
+    }));
+    Accounts::new(accounts, Arc::from(DEFAULT_GROUP))
+}
+
+/// The tunnel groups besides the default one.
+fn tunnel_groups(groups: &[GroupConfig]) -> Vec<Arc<str>> {
+    groups.iter().map(|g| Arc::from(g.id.as_str())).collect()
 }

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod forward;
 pub mod registry;
+pub mod reload;
 pub mod server;
 
 use std::net::SocketAddr;
@@ -16,9 +17,8 @@ use tokio_util::task::TaskTracker;
 
 use anyproxy_proto::ErrorCode;
 
-use crate::auth::Accounts;
 use crate::cluster::Cluster;
-use crate::config::{Credentials, GatewayConfig, ProxyConfig, ProxyListener, DEFAULT_GROUP};
+use crate::config::{GatewayConfig, ProxyConfig};
 use crate::connect::{ConnectError, Connector, Requester, Upstream};
 use crate::limits::{LimitGuard, Limits};
 use crate::net::HostPort;
@@ -27,7 +27,10 @@ use crate::proxy::socks5::Socks5Proxy;
 use crate::transport::listen::{AcceptLoop, ProxyProtocol};
 use crate::transport::tls;
 use crate::tunnel::OpenError;
+use auth::{agent_accounts, listener_accounts};
 pub use registry::AgentRegistry;
+use reload::{warn_if_expiring, Logins, Running};
+pub use reload::{ReloadError, Reloader, CERT_EXPIRY_WARNING_DAYS};
 pub use server::AgentServer;
 
 /// Opens user connections through the least-loaded live agent of the user's group.
@@ -67,45 +70,6 @@ impl Connector for TunnelConnector {
         }
         Err(last.unwrap_or_else(|| ConnectError::NoAgent(who.group.to_string())))
     }
-}
-
-/// Who may use one proxy listener: its own credentials lead to the default group, and
-/// every group's users to their group. With neither, the listener is open.
-fn listener_accounts(listener: &ProxyListener, groups: &[crate::config::GroupConfig]) -> Accounts {
-    let default: Arc<str> = Arc::from(DEFAULT_GROUP);
-    let mut accounts: Vec<(Credentials, Arc<str>)> = listener
-        .credentials()
-        .map(|c| (c, default.clone()))
-        .into_iter()
-        .collect();
-    for g in groups {
-        let group: Arc<str> = Arc::from(g.id.as_str());
-        accounts.extend(g.users.iter().map(|u| (u.into(), group.clone())));
-    }
-    Accounts::new(accounts, default)
-}
-
-/// The agents' static accounts: the default group's agents use the gateway's own
-/// credentials; agents of a configured group use its id and agent password. Only this
-/// configuration defines them.
-fn agent_accounts(config: &GatewayConfig) -> Accounts {
-    let mut accounts = vec![(
-        Credentials {
-            username: config.auth_username.clone(),
-            password: config.auth_password.expose().to_owned(),
-        },
-        Arc::from(DEFAULT_GROUP),
-    )];
-    accounts.extend(config.groups.iter().map(|g| {
-        (
-            Credentials {
-                username: g.id.clone(),
-                password: g.agent_password.expose().to_owned(),
-            },
-            Arc::from(g.id.as_str()),
-        )
-    }));
-    Accounts::new(accounts, Arc::from(DEFAULT_GROUP))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,84 +116,6 @@ pub struct Gateway {
     /// This node's membership: leaves the cluster (freeing its slots) after the drain.
     membership: Option<Membership>,
     reloader: Arc<Reloader>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    #[error("{0} has no `gateway:` section")]
-    NoGateway(String),
-    #[error("gateway.tls_cert / gateway.tls_key: {0}; the old certificate stays")]
-    Tls(tls::TlsError),
-}
-
-/// The parts of a running gateway that a reload swaps, and what it counts with.
-pub struct Reloader {
-    /// The certificate new agent handshakes get; a reload replaces it.
-    cert_slot: Arc<tls::CertSlot>,
-    metrics: Arc<crate::metrics::GatewayMetrics>,
-    /// Held by the reload in progress: reloads never interleave.
-    reloading: parking_lot::Mutex<()>,
-}
-
-impl Reloader {
-    /// Reloads what can change live from the configuration file at `path` (see the
-    /// README's "Reload"): the whole file is read and validated first, and a bad file,
-    /// or a certificate that does not load, changes nothing. Counted in
-    /// `anyproxy_config_reload_total{result}`; reloads run one at a time.
-    pub fn reload(&self, path: &std::path::Path) -> Result<(), ReloadError> {
-        let _one = self.reloading.lock();
-        let result = self.apply(path);
-        match &result {
-            Ok(()) => self.metrics.reloads.succeeded(tls::unix_now()),
-            Err(e) => {
-                self.metrics.reloads.failed();
-                tracing::error!(error = %e, "reload failed; the running configuration stays");
-            }
-        }
-        result
-    }
-
-    fn apply(&self, path: &std::path::Path) -> Result<(), ReloadError> {
-        let file = crate::config::Config::load(path)?;
-        let Some(config) = file.gateway else {
-            return Err(ReloadError::NoGateway(path.display().to_string()));
-        };
-        let before = self.cert_slot.leaf();
-        let validity = self
-            .cert_slot
-            .replace(&config.tls_cert, &config.tls_key)
-            .map_err(ReloadError::Tls)?;
-        self.metrics.reloads.tls_expiry(validity.not_after);
-        if before != self.cert_slot.leaf() {
-            tracing::info!(
-                cert = %config.tls_cert.display(),
-                "tls certificate replaced (new expiry {})",
-                validity.expiry()
-            );
-            warn_if_expiring(&config.tls_cert, validity.not_after);
-        } else {
-            tracing::info!("tls certificate unchanged");
-        }
-        tracing::info!(config = %path.display(), "configuration reloaded");
-        Ok(())
-    }
-}
-
-/// Certificates expiring within this many days are logged as a warning.
-pub const CERT_EXPIRY_WARNING_DAYS: i64 = 14;
-
-fn warn_if_expiring(cert: &std::path::Path, not_after: i64) {
-    let days = (not_after - tls::unix_now()).div_euclid(86_400);
-    if days < CERT_EXPIRY_WARNING_DAYS {
-        tracing::warn!(
-            cert = %cert.display(),
-            days,
-            "the tls certificate expires on {}",
-            tls::rfc3339(not_after)
-        );
-    }
 }
 
 /// The heartbeat task of a cluster member and what stops it.
@@ -350,12 +236,15 @@ impl Gateway {
             limits.clone(),
             proxy_protocol.clone(),
         ));
-        let agents = backends
-            .authority(&config.agent_auth, agent_accounts(&config))
-            .for_agents();
+        let agents = Arc::new(
+            backends
+                .authority(&config.agent_auth, agent_accounts(&config))
+                .for_agents(),
+        );
+        let running_gateway = config.clone();
         let server = Arc::new(AgentServer::new(
             config,
-            agents,
+            agents.clone(),
             registry.clone(),
             tls,
             agent_forwards,
@@ -368,6 +257,12 @@ impl Gateway {
         let conns = TaskTracker::new();
 
         let proxy = proxy.unwrap_or_default();
+        let mut logins = Logins {
+            agents,
+            http: None,
+            socks5: None,
+        };
+        let (running_http, running_socks5) = (proxy.http.clone(), proxy.socks5.clone());
         let mut http_addr = None;
         if let Some(http) = proxy.http {
             let listener = bind("http proxy", http.listen_addr.0).await?;
@@ -376,6 +271,7 @@ impl Gateway {
             if users.is_open() {
                 tracing::warn!(addr = ?http_addr, "HTTP proxy has no credentials: anyone who can reach it may use it");
             }
+            logins.http = Some(users.clone());
             let role = Arc::new(HttpProxy {
                 users,
                 limits: limits.clone(),
@@ -394,6 +290,7 @@ impl Gateway {
             if users.is_open() {
                 tracing::warn!(addr = ?socks5_addr, "SOCKS5 proxy has no credentials: anyone who can reach it may use it");
             }
+            logins.socks5 = Some(users.clone());
             let role = Arc::new(Socks5Proxy {
                 users,
                 limits: limits.clone(),
@@ -450,11 +347,17 @@ impl Gateway {
             server,
             drain_timeout,
             membership,
-            reloader: Arc::new(Reloader {
+            reloader: Arc::new(Reloader::new(
                 cert_slot,
                 metrics,
-                reloading: parking_lot::Mutex::new(()),
-            }),
+                logins,
+                Running {
+                    gateway: running_gateway,
+                    http: running_http,
+                    socks5: running_socks5,
+                    backends,
+                },
+            )),
         })
     }
 

@@ -28,7 +28,7 @@ use crate::tunnel::{SessionCore, SessionOptions};
 pub struct AgentServer {
     pub config: GatewayConfig,
     pub registry: Arc<AgentRegistry>,
-    agents: Authority,
+    agents: Arc<Authority>,
     forwards: Arc<AgentForwardTable>,
     throttle: Lockout,
     acceptor: TlsAcceptor,
@@ -60,7 +60,7 @@ impl Serve for AgentServer {
 impl AgentServer {
     pub fn new(
         config: GatewayConfig,
-        agents: Authority,
+        agents: Arc<Authority>,
         registry: Arc<AgentRegistry>,
         tls: Arc<rustls::ServerConfig>,
         forwards: Arc<AgentForwardTable>,

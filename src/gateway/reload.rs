@@ -1,0 +1,381 @@
+//! SIGHUP (and the admin `POST /reload`): what a running gateway takes from its
+//! configuration file without a restart — the agent certificate, the agents' logins and
+//! the proxy listeners' users — and the keys it names as needing one.
+//!
+//! A reload reads and checks the whole file before it changes anything, so a bad file
+//! (or a certificate that does not load, or a chain naming a backend that is not
+//! running) leaves the gateway exactly as it was.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::auth::{agent_accounts, listener_accounts, AuthBackends};
+use crate::auth::Authority;
+use crate::config::{GatewayConfig, ProxyListener, DEFAULT_GROUP};
+use crate::transport::tls;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0} has no `gateway:` section")]
+    NoGateway(String),
+    #[error("gateway.tls_cert / gateway.tls_key: {0}; the old certificate stays")]
+    Tls(tls::TlsError),
+    #[error(
+        "{key}: backend {name:?} is not running; adding an authentication backend takes a restart"
+    )]
+    NewBackend { key: &'static str, name: String },
+}
+
+/// Who checks the credentials of each kind of user; a reload gives each its new rules.
+pub(super) struct Logins {
+    pub agents: Arc<Authority>,
+    /// The proxy listeners', when the listener runs.
+    pub http: Option<Arc<Authority>>,
+    pub socks5: Option<Arc<Authority>>,
+}
+
+/// The configuration a gateway runs with, and the backends it opened at start.
+pub(super) struct Running {
+    pub gateway: GatewayConfig,
+    pub http: Option<ProxyListener>,
+    pub socks5: Option<ProxyListener>,
+    pub backends: AuthBackends,
+}
+
+/// The parts of a running gateway that a reload swaps, and what it counts with.
+pub struct Reloader {
+    /// The certificate new agent handshakes get; a reload replaces it.
+    cert_slot: Arc<tls::CertSlot>,
+    metrics: Arc<crate::metrics::GatewayMetrics>,
+    logins: Logins,
+    /// Held by the reload in progress: reloads never interleave.
+    running: parking_lot::Mutex<Running>,
+}
+
+impl Reloader {
+    pub(super) fn new(
+        cert_slot: Arc<tls::CertSlot>,
+        metrics: Arc<crate::metrics::GatewayMetrics>,
+        logins: Logins,
+        running: Running,
+    ) -> Self {
+        Reloader {
+            cert_slot,
+            metrics,
+            logins,
+            running: parking_lot::Mutex::new(running),
+        }
+    }
+
+    /// Reloads what can change live from the configuration file at `path` (see the
+    /// README's "Reload"). Counted in `anyproxy_config_reload_total{result}`.
+    pub fn reload(&self, path: &Path) -> Result<(), ReloadError> {
+        let mut running = self.running.lock();
+        let result = self.apply(path, &mut running);
+        match &result {
+            Ok(()) => self.metrics.reloads.succeeded(tls::unix_now()),
+            Err(e) => {
+                self.metrics.reloads.failed();
+                tracing::error!(error = %e, "reload failed; the running configuration stays");
+            }
+        }
+        result
+    }
+
+    fn apply(&self, path: &Path, running: &mut Running) -> Result<(), ReloadError> {
+        let file = crate::config::Config::load(path)?;
+        let Some(gateway) = file.gateway else {
+            return Err(ReloadError::NoGateway(path.display().to_string()));
+        };
+        let proxy = file.proxy.unwrap_or_default();
+        let next = Next {
+            gateway,
+            http: proxy.http,
+            socks5: proxy.socks5,
+        };
+        // Everything that can fail comes first; after the certificate, nothing can.
+        next.check_backends(&running.backends)?;
+        self.replace_certificate(&next.gateway)?;
+
+        running.backends.set_groups(&next.gateway.groups);
+        self.replace_logins(running, &next);
+        for key in restart_only(running, &next) {
+            tracing::warn!(key, "changed in the file; takes effect at the next restart");
+        }
+        running.gateway = next.gateway;
+        running.http = next.http;
+        running.socks5 = next.socks5;
+        tracing::info!(config = %path.display(), "configuration reloaded");
+        Ok(())
+    }
+
+    fn replace_certificate(&self, config: &GatewayConfig) -> Result<(), ReloadError> {
+        let before = self.cert_slot.leaf();
+        let validity = self
+            .cert_slot
+            .replace(&config.tls_cert, &config.tls_key)
+            .map_err(ReloadError::Tls)?;
+        self.metrics.reloads.tls_expiry(validity.not_after);
+        if before != self.cert_slot.leaf() {
+            tracing::info!(
+                cert = %config.tls_cert.display(),
+                "tls certificate replaced (new expiry {})",
+                validity.expiry()
+            );
+            warn_if_expiring(&config.tls_cert, validity.not_after);
+        } else {
+            tracing::info!("tls certificate unchanged");
+        }
+        Ok(())
+    }
+
+    /// New connections (and each new request of a keep-alive HTTP connection) are
+    /// checked against the new logins; sessions and tunnels already open carry on.
+    fn replace_logins(&self, running: &Running, next: &Next) {
+        let (old, new) = (&running.gateway, &next.gateway);
+        log_changes(&agent_logins(old), &agent_logins(new), "agent login");
+        let agents = running
+            .backends
+            .authority(&new.agent_auth, agent_accounts(new))
+            .for_agents();
+        self.logins.agents.replace(agents);
+        for (name, authority, was, now) in [
+            ("http", &self.logins.http, &running.http, &next.http),
+            ("socks5", &self.logins.socks5, &running.socks5, &next.socks5),
+        ] {
+            // A listener that is not running is not started by a reload.
+            let (Some(authority), Some(now)) = (authority, now) else {
+                continue;
+            };
+            log_changes(
+                &proxy_users(was.as_ref(), &old.groups),
+                &proxy_users(Some(now), &new.groups),
+                &format!("proxy.{name} user"),
+            );
+            let next = running
+                .backends
+                .authority(&now.auth, listener_accounts(now, &new.groups));
+            if next.is_open() {
+                tracing::warn!(
+                    listener = name,
+                    "proxy listener has no credentials now: anyone who can reach it may use it"
+                );
+            }
+            authority.replace(next);
+        }
+    }
+}
+
+/// The configuration a reload is about to apply.
+struct Next {
+    gateway: GatewayConfig,
+    http: Option<ProxyListener>,
+    socks5: Option<ProxyListener>,
+}
+
+impl Next {
+    /// Every chain names only backends that run: the backends themselves are opened at
+    /// start (a users file watched, a directory's TLS configured), not by a reload.
+    fn check_backends(&self, backends: &AuthBackends) -> Result<(), ReloadError> {
+        let chains = [
+            ("gateway.agent_auth", Some(&self.gateway.agent_auth)),
+            ("proxy.http.auth", self.http.as_ref().map(|l| &l.auth)),
+            ("proxy.socks5.auth", self.socks5.as_ref().map(|l| &l.auth)),
+        ];
+        for (key, names) in chains {
+            if let Some(name) = names
+                .into_iter()
+                .flatten()
+                .find(|n| !backends.runs(n.as_str()))
+            {
+                return Err(ReloadError::NewBackend {
+                    key,
+                    name: name.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Agent logins: the default group's (named with its username) and each group's, by
+/// name, to their password.
+fn agent_logins(g: &GatewayConfig) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    m.insert(
+        format!("{DEFAULT_GROUP} ({})", g.auth_username),
+        g.auth_password.expose().to_owned(),
+    );
+    for x in &g.groups {
+        m.insert(x.id.clone(), x.agent_password.expose().to_owned());
+    }
+    m
+}
+
+/// A listener's proxy users, by name, to their group and password.
+fn proxy_users(
+    l: Option<&ProxyListener>,
+    groups: &[crate::config::GroupConfig],
+) -> BTreeMap<String, (String, String)> {
+    let mut m = BTreeMap::new();
+    if let Some(c) = l.and_then(|l| l.credentials()) {
+        m.insert(c.username, (DEFAULT_GROUP.to_owned(), c.password));
+    }
+    for g in groups {
+        for u in &g.users {
+            m.insert(u.username.clone(), (g.id.clone(), u.password.clone()));
+        }
+    }
+    m
+}
+
+/// One log line per account added, removed or changed; never the secret.
+fn log_changes<V: PartialEq>(old: &BTreeMap<String, V>, new: &BTreeMap<String, V>, what: &str) {
+    for (name, value) in new {
+        match old.get(name) {
+            None => tracing::info!("{what} {name} added"),
+            Some(v) if v != value => tracing::info!("{what} {name} changed"),
+            Some(_) => {}
+        }
+    }
+    for name in old.keys().filter(|k| !new.contains_key(*k)) {
+        tracing::info!("{what} {name} removed (new connections are refused; live ones finish)");
+    }
+}
+
+/// The keys of `next` that differ from what runs and that a reload does not apply.
+///
+/// Each configuration struct is destructured field by field, without `..`: a field
+/// added to `GatewayConfig` or `ProxyListener` does not compile here until it is
+/// declared either reloaded or restart-only.
+fn restart_only(running: &Running, next: &Next) -> Vec<&'static str> {
+    let (old, new) = (&running.gateway, &next.gateway);
+    let mut changed = Vec::new();
+    macro_rules! compare {
+        ($prefix:literal, $old:expr, $new:expr, $($field:ident),+) => {
+            $(
+                if format!("{:?}", $old.$field) != format!("{:?}", $new.$field) {
+                    changed.push(concat!($prefix, stringify!($field)));
+                }
+            )+
+        };
+    }
+    let GatewayConfig {
+        // Reloaded.
+        tls_cert: _,
+        tls_key: _,
+        auth_username: _,
+        auth_password: _,
+        groups: _,
+        agent_auth: _,
+        // Compared below: secrets' Debug is redacted.
+        admin_password: _,
+        // Restart-only.
+        listen_addr: _,
+        auth_timeout: _,
+        connect_timeout: _,
+        max_auth_failures: _,
+        auth_failure_window: _,
+        auth_lockout: _,
+        idle_timeout: _,
+        conn_idle_timeout: _,
+        max_message_size: _,
+        stall_timeout: _,
+        max_window: _,
+        ping_interval: _,
+        encodings: _,
+        deflate: _,
+        drain_timeout: _,
+        client_ca: _,
+        forwards: _,
+        agent_forwards: _,
+        policy: _,
+        admin_addr: _,
+        admin_username: _,
+        limits: _,
+        cluster: _,
+        trusted_proxies: _,
+        auth_backends: _,
+        auth_order: _,
+    } = old;
+    compare!(
+        "gateway.",
+        old,
+        new,
+        listen_addr,
+        auth_timeout,
+        connect_timeout,
+        max_auth_failures,
+        auth_failure_window,
+        auth_lockout,
+        idle_timeout,
+        conn_idle_timeout,
+        max_message_size,
+        stall_timeout,
+        max_window,
+        ping_interval,
+        encodings,
+        deflate,
+        drain_timeout,
+        client_ca,
+        forwards,
+        agent_forwards,
+        policy,
+        admin_addr,
+        admin_username,
+        limits,
+        cluster,
+        trusted_proxies,
+        auth_backends,
+        auth_order
+    );
+    let secret = |s: &Option<crate::config::Secret>| s.as_ref().map(|s| s.expose().to_owned());
+    if secret(&old.admin_password) != secret(&new.admin_password) {
+        changed.push("gateway.admin_password");
+    }
+    for (key, was, now) in [
+        ("proxy.http", &running.http, &next.http),
+        ("proxy.socks5", &running.socks5, &next.socks5),
+    ] {
+        match (was, now) {
+            (Some(was), Some(now)) => {
+                let ProxyListener {
+                    // Reloaded.
+                    auth_username: _,
+                    auth_password: _,
+                    auth: _,
+                    // Restart-only.
+                    listen_addr: _,
+                    proxy_protocol: _,
+                } = was;
+                if format!("{:?}", (&was.listen_addr, was.proxy_protocol))
+                    != format!("{:?}", (&now.listen_addr, now.proxy_protocol))
+                {
+                    changed.push(key);
+                }
+            }
+            (None, None) => {}
+            // A listener added or removed.
+            _ => changed.push(key),
+        }
+    }
+    changed
+}
+
+/// Certificates expiring within this many days are logged as a warning.
+pub const CERT_EXPIRY_WARNING_DAYS: i64 = 14;
+
+pub(super) fn warn_if_expiring(cert: &Path, not_after: i64) {
+    let days = (not_after - tls::unix_now()).div_euclid(86_400);
+    if days < CERT_EXPIRY_WARNING_DAYS {
+        tracing::warn!(
+            cert = %cert.display(),
+            days,
+            "the tls certificate expires on {}",
+            tls::rfc3339(not_after)
+        );
+    }
+}
