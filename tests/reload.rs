@@ -303,3 +303,44 @@ async fn a_reload_that_adds_a_backend_is_refused_whole() {
         "the old password still works"
     );
 }
+
+#[tokio::test]
+async fn a_certificate_close_to_expiry_is_warned_about_on_both_sides() {
+    let (gw_admin, agent_admin) = (free_port(), free_port());
+    let until = anyproxy::transport::tls::unix_now() + 5 * 86_400;
+    let cert =
+        anyproxy::transport::tls::generate_self_signed_until(&["localhost", "127.0.0.1"], until)
+            .unwrap();
+    let stack = Stack::start(StackOptions {
+        tls: Some((cert.cert_pem, cert.key_pem)),
+        gateway_extra: vec![format!("admin_addr: \"127.0.0.1:{gw_admin}\"")],
+        client_extra: vec![format!("admin_addr: \"127.0.0.1:{agent_admin}\"")],
+        ..Default::default()
+    })
+    .await;
+    assert!(stack
+        .log("gateway")
+        .contains("the tls certificate expires on"));
+    stack
+        .wait_for_log("agent", "the gateway's tls certificate expires on", 1)
+        .await;
+    let g = metrics(gw_admin).await;
+    assert_eq!(
+        metric(
+            &g,
+            "anyproxy_tls_cert_expiry_timestamp_seconds",
+            &[("role", "gateway")]
+        ),
+        until as f64
+    );
+    let a = metrics(agent_admin).await;
+    assert_eq!(
+        metric(
+            &a,
+            "anyproxy_tls_cert_expiry_timestamp_seconds",
+            &[("role", "peer")]
+        ),
+        until as f64,
+        "{a}"
+    );
+}

@@ -460,6 +460,19 @@ impl Agent {
         .await
         .map_err(|_| SessionError::Tls("handshake timed out".into()))?
         .map_err(|e| SessionError::Tls(tls::describe_io_error(&e)))?;
+        let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+        if let Some(v) = leaf.and_then(tls::validity) {
+            if self.metrics.gateway_cert_seen(&gateway.name, v.not_after) {
+                let days = v.days_left(tls::unix_now());
+                if days < CERT_EXPIRY_WARNING_DAYS {
+                    tracing::warn!(
+                        days,
+                        "the gateway's tls certificate expires on {}",
+                        v.expiry()
+                    );
+                }
+            }
+        }
         Ok(Box::new(tls))
     }
 
@@ -825,6 +838,9 @@ impl SessionRole for AgentRole {
         self.0.on_role_message(core, msg).await
     }
 }
+
+/// A gateway certificate expiring within this many days is logged as a warning.
+const CERT_EXPIRY_WARNING_DAYS: i64 = 14;
 
 /// A TLS failure surfaces as an I/O error of the first write or read; name it as such.
 fn handshake_error(e: handshake::HandshakeError) -> SessionError {

@@ -25,6 +25,9 @@ pub struct AgentMetrics {
     started: Instant,
     traffic: TrafficRing,
     refused: [AtomicU64; ErrorCode::ALL.len()],
+    /// `not_after` (Unix seconds) of the certificate each gateway presented last, by
+    /// gateway name; the configuration bounds the names.
+    gateway_cert_expiry: parking_lot::Mutex<std::collections::BTreeMap<String, i64>>,
 }
 
 impl Default for AgentMetrics {
@@ -36,11 +39,21 @@ impl Default for AgentMetrics {
             started: Instant::now(),
             traffic: TrafficRing::default(),
             refused: Default::default(),
+            gateway_cert_expiry: Default::default(),
         }
     }
 }
 
 impl AgentMetrics {
+    /// The certificate `gateway` presented expires at `not_after`; true when that is
+    /// news (a first handshake, or a rotated certificate).
+    pub fn gateway_cert_seen(&self, gateway: &str, not_after: i64) -> bool {
+        self.gateway_cert_expiry
+            .lock()
+            .insert(gateway.to_owned(), not_after)
+            != Some(not_after)
+    }
+
     /// A `connect` was refused or its dial failed with `code`.
     pub fn connect_refused(&self, code: ErrorCode) {
         if let Some(i) = ErrorCode::ALL.iter().position(|c| *c == code) {
@@ -90,6 +103,18 @@ impl Observed for AgentMetrics {
             "agent_connects_refused",
             "connect requests refused or not dialed, by the error code sent to the gateway",
             &refused,
+        )?;
+        let expiry: Vec<_> = self
+            .gateway_cert_expiry
+            .lock()
+            .iter()
+            .map(|(g, t)| (labels([("role", "peer"), ("gateway", g)]), *t as f64))
+            .collect();
+        gauges(
+            enc,
+            "tls_cert_expiry_timestamp_seconds",
+            "When the certificate each gateway presented at its last handshake expires (Unix seconds)",
+            &expiry,
         )
     }
 
