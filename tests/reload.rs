@@ -344,3 +344,77 @@ async fn a_certificate_close_to_expiry_is_warned_about_on_both_sides() {
         "{a}"
     );
 }
+
+#[tokio::test]
+async fn post_reload_needs_the_admin_credentials() {
+    let admin = free_port();
+    let stack = Stack::start(StackOptions {
+        gateway_extra: vec![
+            format!("admin_addr: \"127.0.0.1:{admin}\""),
+            "admin_username: ops".into(),
+            "admin_password: ops-secret".into(),
+        ],
+        with_agent: false,
+        ..Default::default()
+    })
+    .await;
+    let url = format!("http://127.0.0.1:{admin}/reload");
+    let post = |auth: Option<&'static str>| {
+        let url = url.clone();
+        async move {
+            let mut args = vec!["-X", "POST"];
+            if let Some(a) = auth {
+                args.extend(["-u", a]);
+            }
+            args.push(&url);
+            common::curl_status_body(&args).await
+        }
+    };
+    assert_eq!(post(None).await.0, "401");
+    assert_eq!(post(Some("ops:wrong")).await.0, "401");
+    let (status, body) = post(Some("ops:ops-secret")).await;
+    assert_eq!((status.as_str(), body.as_str()), ("200", "reloaded\n"));
+
+    let config = stack.certs.dir.path().join("config.yaml");
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        good.replace("connect_timeout: 5s", "connect_timeout: soon"),
+    )
+    .unwrap();
+    let (status, body) = post(Some("ops:ops-secret")).await;
+    assert_eq!(status, "422", "{body}");
+    assert!(body.contains("gateway.connect_timeout"), "{body}");
+    let m = metrics_as(admin, "ops:ops-secret").await;
+    assert_eq!(
+        metric(&m, "anyproxy_config_reload_total", &[("result", "success")]),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "anyproxy_config_reload_total", &[("result", "failure")]),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn post_reload_is_refused_without_configured_credentials() {
+    let admin = free_port();
+    let _stack = Stack::start(StackOptions {
+        gateway_extra: vec![format!("admin_addr: \"127.0.0.1:{admin}\"")],
+        with_agent: false,
+        ..Default::default()
+    })
+    .await;
+    let url = format!("http://127.0.0.1:{admin}/reload");
+    let (status, body) = common::curl_status_body(&["-X", "POST", &url]).await;
+    assert_eq!(status, "403", "{body}");
+    let m = metrics(admin).await;
+    assert_eq!(
+        metric(&m, "anyproxy_config_reload_total", &[("result", "success")]),
+        0.0
+    );
+}
+
+async fn metrics_as(port: u16, auth: &str) -> String {
+    admin_get(port, "/metrics", Some(auth)).await.1
+}

@@ -180,6 +180,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .context("starting the gateway")?;
             reload_on_hangup(gateway.reloader(), config.clone(), signals.first.clone())?;
+            gateway.enable_admin_reload(config.clone());
             signals.first.cancelled().await;
             tracing::info!("shutting down: closing listeners, draining");
             until_stopped(signals, gateway.stop()).await;

@@ -366,6 +366,18 @@ impl Gateway {
         self.reloader.clone()
     }
 
+    /// Lets an authenticated `POST /reload` on the admin listener reload from `path`.
+    pub fn enable_admin_reload(&self, path: std::path::PathBuf) {
+        // Weak: the metrics must not keep the reloader (which holds them) alive.
+        let weak = Arc::downgrade(&self.reloader);
+        self.reloader
+            .metrics()
+            .enable_reload(Box::new(move || match weak.upgrade() {
+                Some(r) => r.reload(&path).map_err(|e| e.to_string()),
+                None => Err("the gateway has stopped".into()),
+            }));
+    }
+
     /// See [`Reloader::reload`].
     pub fn reload(&self, path: &std::path::Path) -> Result<(), ReloadError> {
         self.reloader.reload(path)

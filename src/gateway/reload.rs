@@ -70,6 +70,11 @@ impl Reloader {
         }
     }
 
+    /// What the reloads are counted in; the admin listener's `POST /reload` lives there.
+    pub(super) fn metrics(&self) -> &crate::metrics::GatewayMetrics {
+        &self.metrics
+    }
+
     /// Reloads what can change live from the configuration file at `path` (see the
     /// README's "Reload"). Counted in `anyproxy_config_reload_total{result}`.
     pub fn reload(&self, path: &Path) -> Result<(), ReloadError> {

@@ -36,6 +36,11 @@ pub trait Observed: Send + Sync + 'static {
     /// Running totals for the traffic chart: bytes in, bytes out, live connections.
     fn running_totals(&self) -> (u64, u64, usize);
     fn traffic(&self) -> &TrafficRing;
+    /// `POST /reload`: reloads the configuration; `None` where that is not possible.
+    /// Runs on a blocking thread (it reads files).
+    fn reload(&self) -> Option<Result<(), String>> {
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,7 +154,12 @@ impl Serve for Admin {
     async fn serve(self: Arc<Self>, tcp: TcpStream, _peer: std::net::SocketAddr) {
         let service = hyper::service::service_fn(move |req| {
             let admin = self.clone();
-            async move { Ok::<_, Infallible>(admin.handle(&req)) }
+            async move {
+                if req.uri().path() == "/reload" && req.method() == Method::POST {
+                    return Ok::<_, Infallible>(admin.reload(&req).await);
+                }
+                Ok::<_, Infallible>(admin.handle(&req))
+            }
         });
         let _ = hyper::server::conn::http1::Builder::new()
             .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
@@ -196,6 +206,44 @@ impl Admin {
         user_ok & pass_ok
     }
 
+    fn unauthorized() -> Response<Full<Bytes>> {
+        let mut r = reply(StatusCode::UNAUTHORIZED, TEXT, "authentication required\n");
+        r.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Basic realm=\"anyproxy admin\""),
+        );
+        r
+    }
+
+    /// `POST /reload`: only with configured credentials, and only when given them.
+    async fn reload(self: Arc<Self>, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if self.credentials.is_none() {
+            return reply(
+                StatusCode::FORBIDDEN,
+                TEXT,
+                "POST /reload needs admin_username and admin_password in the configuration\n",
+            );
+        }
+        if !self.authorized(req) {
+            return Self::unauthorized();
+        }
+        let observed = self.observed.clone();
+        match tokio::task::spawn_blocking(move || observed.reload()).await {
+            Ok(Some(Ok(()))) => reply(StatusCode::OK, TEXT, "reloaded\n"),
+            Ok(Some(Err(e))) => reply(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                TEXT,
+                format!("reload failed; the running configuration stays: {e}\n"),
+            ),
+            Ok(None) => reply(
+                StatusCode::NOT_FOUND,
+                TEXT,
+                "this process does not reload\n",
+            ),
+            Err(_) => reply(StatusCode::INTERNAL_SERVER_ERROR, TEXT, "reload failed\n"),
+        }
+    }
+
     fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "GET only\n");
@@ -215,12 +263,7 @@ impl Admin {
             _ => {}
         }
         if !self.authorized(req) {
-            let mut r = reply(StatusCode::UNAUTHORIZED, TEXT, "authentication required\n");
-            r.headers_mut().insert(
-                hyper::header::WWW_AUTHENTICATE,
-                hyper::header::HeaderValue::from_static("Basic realm=\"anyproxy admin\""),
-            );
-            return r;
+            return Self::unauthorized();
         }
         match path {
             "/metrics" => {

@@ -69,7 +69,12 @@ pub struct GatewayMetrics {
     auth_backends: std::sync::OnceLock<Vec<Arc<crate::auth::BackendStats>>>,
     /// Configuration reloads and the certificate's expiry.
     pub reloads: Reloads,
+    /// What `POST /reload` runs, once the process knows its configuration file.
+    reload: std::sync::OnceLock<ReloadHook>,
 }
+
+/// Reloads the configuration; the error in words.
+pub type ReloadHook = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// Reloads by result, the last success, and the expiry of the certificate served.
 #[derive(Default)]
@@ -165,7 +170,13 @@ impl GatewayMetrics {
             proxy_protocol: std::sync::OnceLock::new(),
             auth_backends: std::sync::OnceLock::new(),
             reloads: Reloads::default(),
+            reload: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Lets `POST /reload` on the admin listener run `hook`.
+    pub fn enable_reload(&self, hook: ReloadHook) {
+        let _ = self.reload.set(hook);
     }
 
     /// Shows the cluster's nodes on `/api/status`, and its store's health as metrics.
@@ -215,6 +226,10 @@ impl GatewayMetrics {
 }
 
 impl Observed for GatewayMetrics {
+    fn reload(&self) -> Option<Result<(), String>> {
+        self.reload.get().map(|hook| hook())
+    }
+
     fn encode(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let rows = self.sessions.rows();
         super::tunnel::encode(enc, &rows)?;
