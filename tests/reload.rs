@@ -418,3 +418,47 @@ async fn post_reload_is_refused_without_configured_credentials() {
 async fn metrics_as(port: u16, auth: &str) -> String {
     admin_get(port, "/metrics", Some(auth)).await.1
 }
+
+/// Reloads that change credentials under a 64 MiB download leave it whole: the
+/// connection was authenticated once, and a reload never touches what is open.
+#[tokio::test]
+async fn a_download_runs_through_reloads_that_change_credentials() {
+    let stack = Stack::start(StackOptions {
+        gateway_extra: vec![
+            "groups: [{ id: office, agent_password: office-secret, users: [] }]".into(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let pid = stack.gateway.0.id().unwrap();
+    let target = common::http_target().await;
+    const N: usize = 64 << 20;
+    let expected = common::sha256_hex(&common::pattern(N, 7));
+    let (proxy, url) = (stack.http_proxy(), format!("http://{target}/bytes/{N}"));
+    // Slowed so that the reloads below land while the body is in flight.
+    let download =
+        tokio::spawn(
+            async move { common::curl(&["--limit-rate", "16M", "-x", &proxy, &url]).await },
+        );
+
+    let config = stack.certs.dir.path().join("config.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    for round in 1..=3 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let users = format!("users: [{{ username: u{round}, password: p{round} }}]");
+        std::fs::write(&config, text.replace("users: []", &users)).unwrap();
+        signal(pid, "HUP");
+        stack
+            .wait_for_log("gateway", "configuration reloaded", round)
+            .await;
+    }
+    assert!(stack.log("gateway").contains("proxy.http user u3 added"));
+
+    let (code, body) = tokio::time::timeout(Duration::from_secs(120), download)
+        .await
+        .expect("the download ends within 120 s")
+        .unwrap();
+    assert_eq!(code, 0);
+    assert_eq!(body.len(), N);
+    assert_eq!(common::sha256_hex(&body), expected);
+}
