@@ -462,3 +462,29 @@ async fn a_download_runs_through_reloads_that_change_credentials() {
     assert_eq!(body.len(), N);
     assert_eq!(common::sha256_hex(&body), expected);
 }
+
+#[tokio::test]
+async fn sighup_applies_the_log_level() {
+    let stack = Stack::start(StackOptions {
+        top_extra: "log: { level: \"info\" }".into(),
+        ..Default::default()
+    })
+    .await;
+    let pid = stack.gateway.0.id().unwrap();
+    let target = common::http_target().await;
+    let url = format!("http://{target}/");
+    let proxy = stack.http_proxy();
+    let args = ["-x", proxy.as_str(), url.as_str()];
+    assert_eq!(common::curl_status(&args).await, "200");
+    stack.wait_for_log("gateway", "access:", 1).await;
+    assert!(!stack.log("gateway").contains("relay finished"));
+
+    let config = stack.certs.dir.path().join("config.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("level: \"info\"", "level: \"debug\"")).unwrap();
+    signal(pid, "HUP");
+    stack.wait_for_log("gateway", "log level changed", 1).await;
+    assert_eq!(common::curl_status(&args).await, "200");
+    // A debug line of the tunnel's relay, which `info` hid.
+    stack.wait_for_log("gateway", "relay finished", 1).await;
+}

@@ -171,7 +171,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Gateway { config } => {
             let file = Config::load(&config)?;
-            logging::init(&file.log, log_format);
+            let log_level = logging::init(&file.log, log_format);
             let Some(gw) = file.gateway else {
                 bail!("{} has no `gateway:` section", config.display());
             };
@@ -179,6 +179,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let gateway = Gateway::start(gw, file.proxy)
                 .await
                 .context("starting the gateway")?;
+            gateway.reloader().follow_log_level(log_level);
             reload_on_hangup(gateway.reloader(), config.clone(), signals.first.clone())?;
             gateway.enable_admin_reload(config.clone());
             signals.first.cancelled().await;

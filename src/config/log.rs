@@ -65,6 +65,17 @@ pub fn check_filter(s: &str) -> Result<(), ConfigError> {
         .map_err(|e| ConfigError::Semantic(format!("log.level {s:?}: {e}")))
 }
 
+/// The running process's log filter, as the binary that installed the subscriber
+/// exposes it: a reload applies `log.level` through it.
+pub trait LevelSwitch: Send + Sync {
+    /// The filter in force.
+    fn current(&self) -> String;
+    /// `RUST_LOG` chose the filter at start: the file's level does not apply.
+    fn overridden(&self) -> bool;
+    /// Replaces the filter; `filter` was checked by [`check_filter`].
+    fn set(&self, filter: &str) -> Result<(), String>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

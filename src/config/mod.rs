@@ -19,7 +19,7 @@ pub use crate::net::{
 };
 pub use cluster::{ClusterConfig, StoreFailureMode};
 pub use deflate::{DeflateConfig, MAX_WINDOW_BITS, MIN_WINDOW_BITS};
-pub use log::{LogConfig, LogFormat};
+pub use log::{LevelSwitch, LogConfig, LogFormat};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

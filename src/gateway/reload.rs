@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::auth::{agent_accounts, listener_accounts, AuthBackends};
 use crate::auth::Authority;
-use crate::config::{GatewayConfig, ProxyListener, DEFAULT_GROUP};
+use crate::config::{GatewayConfig, LevelSwitch, LogConfig, ProxyListener, DEFAULT_GROUP};
 use crate::transport::tls;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +51,8 @@ pub struct Reloader {
     cert_slot: Arc<tls::CertSlot>,
     metrics: Arc<crate::metrics::GatewayMetrics>,
     logins: Logins,
+    /// The process's log filter, when the binary hands it over.
+    log: std::sync::OnceLock<Arc<dyn LevelSwitch>>,
     /// Held by the reload in progress: reloads never interleave.
     running: parking_lot::Mutex<Running>,
 }
@@ -66,8 +68,14 @@ impl Reloader {
             cert_slot,
             metrics,
             logins,
+            log: std::sync::OnceLock::new(),
             running: parking_lot::Mutex::new(running),
         }
+    }
+
+    /// From now on a reload also applies `log.level` (unless `RUST_LOG` chose it).
+    pub fn follow_log_level(&self, switch: Arc<dyn LevelSwitch>) {
+        let _ = self.log.set(switch);
     }
 
     /// What the reloads are counted in; the admin listener's `POST /reload` lives there.
@@ -96,6 +104,7 @@ impl Reloader {
             return Err(ReloadError::NoGateway(path.display().to_string()));
         };
         let proxy = file.proxy.unwrap_or_default();
+        let log = file.log;
         let next = Next {
             gateway,
             http: proxy.http,
@@ -110,6 +119,7 @@ impl Reloader {
         for key in restart_only(running, &next) {
             tracing::warn!(key, "changed in the file; takes effect at the next restart");
         }
+        self.replace_log_level(&log);
         running.gateway = next.gateway;
         running.http = next.http;
         running.socks5 = next.socks5;
@@ -135,6 +145,26 @@ impl Reloader {
             tracing::info!("tls certificate unchanged");
         }
         Ok(())
+    }
+
+    fn replace_log_level(&self, log: &LogConfig) {
+        let Some(switch) = self.log.get() else {
+            return;
+        };
+        if switch.current() == log.level {
+            return;
+        }
+        if switch.overridden() {
+            tracing::warn!(
+                level = %log.level,
+                "log.level changed in the file, but RUST_LOG chose the filter at start; it stays"
+            );
+            return;
+        }
+        match switch.set(&log.level) {
+            Ok(()) => tracing::info!(level = %log.level, "log level changed"),
+            Err(e) => tracing::warn!(level = %log.level, error = %e, "log level not changed"),
+        }
     }
 
     /// New connections (and each new request of a keep-alive HTTP connection) are
