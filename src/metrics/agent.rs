@@ -25,6 +25,8 @@ pub struct AgentMetrics {
     started: Instant,
     traffic: TrafficRing,
     refused: [AtomicU64; ErrorCode::ALL.len()],
+    /// Every datagram flow this agent serves.
+    pub udp: Arc<crate::tunnel::datagram::UdpStats>,
 }
 
 impl Default for AgentMetrics {
@@ -36,6 +38,7 @@ impl Default for AgentMetrics {
             started: Instant::now(),
             traffic: TrafficRing::default(),
             refused: Default::default(),
+            udp: Arc::default(),
         }
     }
 }
@@ -52,6 +55,7 @@ impl AgentMetrics {
 impl Observed for AgentMetrics {
     fn encode(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         super::tunnel::encode(enc, &self.sessions.rows())?;
+        super::udp::encode(enc, &self.udp)?;
         let links = self.links.status();
         let link = |l: &super::links::LinkStatus| {
             labels([

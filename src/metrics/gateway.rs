@@ -69,6 +69,8 @@ pub struct GatewayMetrics {
     auth_backends: std::sync::OnceLock<Vec<Arc<crate::auth::BackendStats>>>,
     /// Configuration reloads and the certificate's expiry.
     pub reloads: Reloads,
+    /// Every datagram flow of the SOCKS5 listener and the UDP forwards.
+    pub udp: Arc<crate::tunnel::datagram::UdpStats>,
 }
 
 /// Reloads by result, the last success, and the expiry of the certificate served.
@@ -165,6 +167,7 @@ impl GatewayMetrics {
             proxy_protocol: std::sync::OnceLock::new(),
             auth_backends: std::sync::OnceLock::new(),
             reloads: Reloads::default(),
+            udp: Arc::default(),
         }
     }
 
@@ -218,6 +221,7 @@ impl Observed for GatewayMetrics {
     fn encode(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let rows = self.sessions.rows();
         super::tunnel::encode(enc, &rows)?;
+        super::udp::encode(enc, &self.udp)?;
 
         let mut agents: BTreeMap<(Arc<str>, &'static str, bool), f64> = BTreeMap::new();
         for (group, handles) in self.registry.sessions() {
