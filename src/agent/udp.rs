@@ -12,8 +12,8 @@ use super::Agent;
 use crate::connect::Access;
 use crate::dial::{self, DialError};
 use crate::net::HostPort;
-use crate::tunnel::datagram::{relay_connected, DatagramLimits};
-use crate::tunnel::{RelayStats, SessionCore};
+use crate::tunnel::datagram::{relay_connected, DatagramLimits, FlowEnd};
+use crate::tunnel::{RelayEnd, RelayStats, SessionCore};
 
 impl Agent {
     /// The flow's limits, from the configuration.
@@ -78,7 +78,7 @@ impl Agent {
             .relayed(RelayStats {
                 sent: t.received_bytes,
                 received: t.sent_bytes,
-                ended_by: None,
+                ended_by: (end == FlowEnd::Idle).then_some(RelayEnd::IdleTimeout),
             });
         tracing::debug!(conn = %id, reason = end.as_str(), dropped = t.dropped, "udp flow ended");
         flow.close(end.as_str()).await;

@@ -198,14 +198,11 @@ impl Acl {
         }
         if !self.allow.is_empty() {
             let name = normalize_name(host);
-            let allowed = self
-                .allow
-                .iter()
-                .any(|a| {
-                    a.protocol == protocol
-                        && a.port == addr.port()
-                        && (a.host == name || a.ip == Some(ip))
-                });
+            let allowed = self.allow.iter().any(|a| {
+                a.protocol == protocol
+                    && a.port == addr.port()
+                    && (a.host == name || a.ip == Some(ip))
+            });
             if !allowed {
                 return Err(format!(
                     "{host}:{} over {} is not in the limit allowlist",

@@ -25,9 +25,9 @@ use crate::limits::{LimitGuard, Limits};
 use crate::net::HostPort;
 use crate::proxy::http::HttpProxy;
 use crate::proxy::socks5::Socks5Proxy;
+use crate::proxy::socks5_udp::UdpSupport;
 use crate::transport::listen::{AcceptLoop, ProxyProtocol};
 use crate::transport::tls;
-use crate::proxy::socks5_udp::UdpSupport;
 use crate::tunnel::datagram::DatagramLimits;
 use crate::tunnel::OpenError;
 pub use registry::AgentRegistry;
@@ -415,7 +415,10 @@ impl Gateway {
             let udp = if !socks.protocols.udp {
                 Err("proxy.socks5.protocols does not list udp".to_owned())
             } else if policy_on {
-                Err("gateway.policy decides TCP requests only, so UDP is off while it is set".to_owned())
+                Err(
+                    "gateway.policy decides TCP requests only, so UDP is off while it is set"
+                        .to_owned(),
+                )
             } else {
                 Ok(udp_support.clone())
             };
@@ -436,13 +439,14 @@ impl Gateway {
         for f in declared {
             if f.protocol == anyproxy_proto::Protocol::Udp {
                 let addr = f.listen_addr.0;
-                let socket = tokio::net::UdpSocket::bind(addr)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        what: "udp forward",
-                        addr,
-                        source,
-                    })?;
+                let socket =
+                    tokio::net::UdpSocket::bind(addr)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            what: "udp forward",
+                            addr,
+                            source,
+                        })?;
                 let addr = socket.local_addr().unwrap_or(addr);
                 tracing::info!(%addr, group = %f.group, target = %f.target, "forwarding udp");
                 forward_addrs.push(addr);

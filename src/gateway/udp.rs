@@ -123,7 +123,8 @@ pub async fn serve_forward(
                 who: Arc::new(who),
                 reply: Reply::To(src),
             };
-            let dest = Destination::spawn(route, support.clone(), socket.clone(), flows_stop.clone());
+            let dest =
+                Destination::spawn(route, support.clone(), socket.clone(), flows_stop.clone());
             clients.insert(src, dest);
         }
         if let Some(c) = clients.get(&src) {

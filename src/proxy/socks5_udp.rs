@@ -140,7 +140,10 @@ impl Client {
         if src.ip().to_canonical() != self.ip {
             return false;
         }
-        match self.port.compare_exchange(0, src.port(), Ordering::AcqRel, Ordering::Acquire) {
+        match self
+            .port
+            .compare_exchange(0, src.port(), Ordering::AcqRel, Ordering::Acquire)
+        {
             Ok(_) => true,
             Err(port) => port == src.port(),
         }
@@ -439,7 +442,10 @@ mod tests {
             parse_header(&[0, 0, 0, 3, 5, b'a']),
             Err(DropReason::Malformed)
         );
-        assert_eq!(parse_header(&[0, 0, 0, 9, 0, 0]), Err(DropReason::Malformed));
+        assert_eq!(
+            parse_header(&[0, 0, 0, 9, 0, 0]),
+            Err(DropReason::Malformed)
+        );
         assert_eq!(
             parse_header(&[0, 0, 0, 3, 1, 0xff, 0, 1]),
             Err(DropReason::Malformed)
@@ -457,7 +463,10 @@ mod tests {
         let declared = Client::new("10.0.0.9:6000".parse().unwrap(), control);
         assert!(declared.admits("10.0.0.9:6000".parse().unwrap()));
         assert!(!declared.admits("10.0.0.1:6000".parse().unwrap()));
-        let mapped = Client::new("0.0.0.0:0".parse().unwrap(), "[::ffff:10.0.0.1]:1".parse().unwrap());
+        let mapped = Client::new(
+            "0.0.0.0:0".parse().unwrap(),
+            "[::ffff:10.0.0.1]:1".parse().unwrap(),
+        );
         assert!(mapped.admits("10.0.0.1:7".parse().unwrap()));
     }
 }

@@ -577,10 +577,7 @@ impl SessionCore {
         }
         let id = self.alloc_id();
         let (ptx, prx) = oneshot::channel();
-        let Some(mut flow) = self
-            .datagrams()
-            .insert(self, id, Some(ptx), limits, stats)
-        else {
+        let Some(mut flow) = self.datagrams().insert(self, id, Some(ptx), limits, stats) else {
             return Err(OpenError::SessionClosed);
         };
         let connect = Message::Connect(Connect {

@@ -22,9 +22,9 @@ use super::{
 };
 use crate::transport::ws::deflate::{CompressionCounters, CompressionStats};
 use crate::transport::WsWriter;
+use crate::tunnel::datagram::DatagramTable;
 use crate::tunnel::flow::{Inbox, SendCredit};
 use crate::tunnel::stats::{bump, SessionStats};
-use crate::tunnel::datagram::DatagramTable;
 use crate::tunnel::table::ShardedMap;
 
 pub(super) struct Slot {
