@@ -456,3 +456,33 @@ async fn a_flood_on_one_flow_leaves_a_tcp_download_on_the_same_session_intact() 
     assert!(sent > 0);
     drop(a.control);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_caps_count_udp_flows() {
+    let echo = echo_server().await;
+    let dns = dns_server(ANSWER).await;
+    let stack = Stack::start(StackOptions {
+        gateway_extra: vec!["limits: { per_user: { max_concurrent: 1 } }".into()],
+        ..Default::default()
+    })
+    .await;
+    let a = associate(&stack).await;
+    a.send(&Dest::Addr(echo.addr), b"one").await;
+    assert_eq!(a.recv(Duration::from_secs(5)).await.unwrap().1, b"one");
+    // A second destination is a second flow: over the user's cap.
+    a.send(&Dest::Addr(dns.addr), &dns_query(1, "x.internal")).await;
+    stack
+        .wait_for_log("gateway", "user suser has 1 connections open (limit 1)", 1)
+        .await;
+    // The first flow still works, and once it is gone the place is free again.
+    a.send(&Dest::Addr(echo.addr), b"two").await;
+    assert_eq!(a.recv(Duration::from_secs(5)).await.unwrap().1, b"two");
+    drop(a);
+    // The refused flow's line and the first flow's, written when it ended.
+    stack.wait_for_log("gateway", "socks5-udp", 2).await;
+    let b = associate(&stack).await;
+    assert_eq!(
+        b.resolve(&Dest::Addr(dns.addr), 2, "y.internal").await,
+        Some(ANSWER)
+    );
+}

@@ -79,6 +79,13 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(http) = self.proxy.as_ref().and_then(|p| p.http.as_ref()) {
+            if !http.protocols.tcp {
+                return Err(ConfigError::Semantic(
+                    "proxy.http.protocols must list tcp: the HTTP proxy carries TCP only".into(),
+                ));
+            }
+        }
         if let Some(c) = &self.client {
             if c.replicas == 0 {
                 return Err(ConfigError::Semantic(
