@@ -14,6 +14,7 @@ mod soak;
 mod socks5;
 mod stack;
 mod targets;
+mod udp;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -92,6 +93,8 @@ enum Cmd {
     Cluster,
     /// Minutes of mixed work with agent and gateway restarts: growth and stray failures.
     Soak,
+    /// 512 B datagrams/s and loss through a UDP forward and SOCKS5 UDP vs direct.
+    Udp,
     /// (internal) Hold every accepted connection open; prints the port.
     #[command(hide = true)]
     Hold,
@@ -175,6 +178,7 @@ async fn run(args: Args) -> Result<()> {
         Cmd::Scale => scale::run(&env, &mut rep).await?,
         Cmd::Latency => latency::run(&env, &mut rep).await?,
         Cmd::Cluster => cluster::run(&env, &mut rep).await?,
+        Cmd::Udp => udp::run(&env, &mut rep).await?,
         Cmd::Peers => {
             curl::run(&env, &mut rep).await?;
             bulk::run(&env, &mut rep, bulk::Matrix::Peers).await?;
@@ -185,6 +189,7 @@ async fn run(args: Args) -> Result<()> {
             bulk::run(&env, &mut rep, bulk::Matrix::Full).await?;
             latency::run(&env, &mut rep).await?;
             scale::run(&env, &mut rep).await?;
+            udp::run(&env, &mut rep).await?;
         }
         Cmd::Soak => {
             let minutes = args
@@ -245,7 +250,7 @@ fn env(args: &Args, nofile: u64) -> Result<Env> {
     };
     let curl = need("curl", "apt-get install -y curl")?;
     // The soak and the cluster scenario drive curl and their own clients only.
-    let iperf3 = if matches!(args.cmd, Cmd::Soak | Cmd::Cluster) {
+    let iperf3 = if matches!(args.cmd, Cmd::Soak | Cmd::Cluster | Cmd::Udp) {
         procs::which("iperf3").unwrap_or_default()
     } else {
         need(

@@ -9,6 +9,8 @@
 //! sessions; a failed resolution keeps what there is. A literal address is one target,
 //! never resolved again. TLS always verifies the gateway's name, never the address.
 
+mod udp;
+
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -29,7 +31,7 @@ use crate::config::ClientConfig;
 use crate::connect::Access;
 use crate::dial::{self as dial, acl, acl::Acl};
 use crate::metrics::links::{LinkRow, LinkState};
-use crate::net::{FailureKind, HostPort};
+use crate::net::HostPort;
 use crate::transport::ws::close_code;
 use crate::transport::{handshake, tls, ws, BoxIo, WsReader};
 use crate::tunnel::session::{
@@ -753,12 +755,23 @@ impl Agent {
             )
             .await;
         };
-        if c.protocol == Protocol::Udp {
+        if !self.config.protocols.allows(c.protocol) {
             return refuse(
-                ErrorCode::ConnectionFailed,
-                FailureKind::Unreachable.message("udp is not supported by this agent"),
+                ErrorCode::ForbiddenHost,
+                format!(
+                    "{} is not in this agent's protocols {}",
+                    c.protocol.as_str(),
+                    self.config.protocols.describe()
+                ),
             )
             .await;
+        }
+        if c.protocol == Protocol::Udp {
+            if let Err(e) = self.serve_udp(&core, &c).await {
+                refuse(e.code, e.message).await;
+            }
+            drop(permit);
+            return;
         }
         // Registered before dialing, so that a `close` from the gateway (it gave up
         // waiting) cancels this connect instead of leaving an orphan.

@@ -4,6 +4,7 @@
 mod cluster;
 mod deflate;
 mod log;
+mod udp;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ pub use crate::net::{
 pub use cluster::{ClusterConfig, StoreFailureMode};
 pub use deflate::{DeflateConfig, MAX_WINDOW_BITS, MIN_WINDOW_BITS};
 pub use log::{LevelSwitch, LogConfig, LogFormat};
+pub use udp::{Protocols, MAX_UDP_DATAGRAM};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -77,6 +79,13 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(http) = self.proxy.as_ref().and_then(|p| p.http.as_ref()) {
+            if !http.protocols.tcp {
+                return Err(ConfigError::Semantic(
+                    "proxy.http.protocols must list tcp: the HTTP proxy carries TCP only".into(),
+                ));
+            }
+        }
         if let Some(c) = &self.client {
             if c.replicas == 0 {
                 return Err(ConfigError::Semantic(
@@ -106,6 +115,8 @@ impl Config {
                 ));
             }
             check_max_window("client.max_window", c.max_window)?;
+            udp::check_max_datagram("client.udp_max_datagram", c.udp_max_datagram)
+                .map_err(ConfigError::Semantic)?;
             match (&c.group_id, c.auth_username.is_empty()) {
                 (Some(_), false) => return Err(ConfigError::Semantic(
                     "client: set either auth_username (the default group) or group_id, not both"
@@ -140,12 +151,19 @@ impl Config {
                 ));
             }
             check_max_window("gateway.max_window", g.max_window)?;
+            udp::check_max_datagram("gateway.udp_max_datagram", g.udp_max_datagram)
+                .map_err(ConfigError::Semantic)?;
             check_groups(g, self.proxy.as_ref())?;
             check_auth(g, self.proxy.as_ref())?;
             if let Some(c) = &g.cluster {
                 cluster::validate(c).map_err(ConfigError::Semantic)?;
             }
             for (i, f) in g.forwards.iter().enumerate() {
+                if f.protocol == anyproxy_proto::Protocol::Udp && f.proxy_protocol {
+                    return Err(ConfigError::Semantic(format!(
+                        "gateway.forwards[{i}]: proxy_protocol is for TCP; a udp forward cannot carry a PROXY header"
+                    )));
+                }
                 if f.group != DEFAULT_GROUP && !g.groups.iter().any(|x| x.id == f.group) {
                     return Err(ConfigError::Semantic(format!(
                         "gateway.forwards[{i}].group {:?} is not a configured group",
@@ -216,6 +234,10 @@ pub struct ProxyListener {
     /// default `[static]`.
     #[serde(default)]
     pub auth: Vec<String>,
+    /// What the listener carries: `[tcp, udp]` (default; SOCKS5 UDP ASSOCIATE) or
+    /// `[tcp]`, which answers UDP ASSOCIATE with "command not supported".
+    #[serde(default)]
+    pub protocols: Protocols,
 }
 
 impl ProxyListener {
@@ -521,6 +543,13 @@ pub struct GatewayConfig {
     /// How chains combine their backends: `first_allow` (default) or `first_answer`.
     #[serde(default)]
     pub auth_order: AuthOrder,
+    /// A datagram flow (SOCKS5 UDP, a UDP forward) with no datagram either way for this
+    /// long is closed; 60 s by default.
+    #[serde(default = "udp::default_udp_idle_timeout")]
+    pub udp_idle_timeout: HumanDuration,
+    /// Datagrams larger than this are dropped and counted; at most 65507 (the default).
+    #[serde(default = "udp::default_udp_max_datagram")]
+    pub udp_max_datagram: ByteSize,
 }
 
 /// `gateway.limits`: what proxy users may do. Every part is off unless present.
@@ -699,6 +728,12 @@ pub struct ForwardConfig {
     /// As on a proxy listener: a PROXY header from `gateway.trusted_proxies` required.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// `tcp` (default) or `udp`: a UDP forward carries datagrams to `target`.
+    #[serde(
+        default = "udp::default_forward_protocol",
+        deserialize_with = "udp::forward_protocol"
+    )]
+    pub protocol: anyproxy_proto::Protocol,
 }
 
 fn default_group() -> String {
@@ -930,6 +965,17 @@ pub struct ClientConfig {
     pub admin_username: Option<String>,
     #[serde(default)]
     pub admin_password: Option<Secret>,
+    /// What this agent carries: `[tcp, udp]` (default) or either alone; a `connect`
+    /// for another protocol is refused as a forbidden host, naming the list.
+    #[serde(default)]
+    pub protocols: Protocols,
+    /// A datagram flow with no datagram either way for this long is closed (its UDP
+    /// socket released); 60 s by default.
+    #[serde(default = "udp::default_udp_idle_timeout")]
+    pub udp_idle_timeout: HumanDuration,
+    /// Datagrams larger than this are dropped and counted; at most 65507 (the default).
+    #[serde(default = "udp::default_udp_max_datagram")]
+    pub udp_max_datagram: ByteSize,
 }
 
 impl ClientConfig {

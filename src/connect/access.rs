@@ -24,6 +24,8 @@ pub struct Access<'a> {
     target: Option<&'a HostPort>,
     conn: Option<ConnId>,
     started: Option<Instant>,
+    /// Datagrams each way (UDP flows): from the user, toward the user.
+    datagrams: (u64, u64),
 }
 
 /// How the line ends: the fields that depend on the outcome.
@@ -89,6 +91,12 @@ impl<'a> Access<'a> {
         self
     }
 
+    /// A UDP flow's datagrams from the user toward the target, and back.
+    pub fn datagrams(mut self, sent: u64, received: u64) -> Self {
+        self.datagrams = (sent, received);
+        self
+    }
+
     /// When the request started, for `ms`.
     pub fn since(mut self, started: Instant) -> Self {
         self.started = Some(started);
@@ -149,6 +157,8 @@ impl<'a> Access<'a> {
             status = o.status,
             sent = o.stats.sent,
             received = o.stats.received,
+            dgrams_sent = self.datagrams.0,
+            dgrams_received = self.datagrams.1,
             ms,
         );
     }

@@ -5,6 +5,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use anyproxy_proto::Protocol;
+
 use crate::config::LimitRule;
 use crate::net::{canonical, Cidr};
 
@@ -29,6 +31,7 @@ struct Allowed {
     host: String,
     ip: Option<IpAddr>,
     port: u16,
+    protocol: Protocol,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -101,9 +104,8 @@ impl Acl {
                 entry: rule.addr.clone(),
                 why,
             };
-            if !rule.protocol.eq_ignore_ascii_case("tcp") {
-                return Err(err("only protocol \"tcp\" is supported"));
-            }
+            let protocol = Protocol::parse(&rule.protocol.to_ascii_lowercase())
+                .ok_or_else(|| err("protocol must be \"tcp\" or \"udp\""))?;
             let (host, port) = rule
                 .addr
                 .rsplit_once(':')
@@ -111,7 +113,12 @@ impl Acl {
             let port = port.parse::<u16>().map_err(|_| err("bad port"))?;
             let host = normalize_name(host);
             let ip = host.parse::<IpAddr>().ok().map(canonical);
-            allow.push(Allowed { host, ip, port });
+            allow.push(Allowed {
+                host,
+                ip,
+                port,
+                protocol,
+            });
         }
         Ok(Acl {
             forbidden,
@@ -157,8 +164,19 @@ impl Acl {
         self.forbidden.is_empty() && self.allow.is_empty()
     }
 
-    /// Checks one resolved address of a target named `host`.
+    /// Checks one resolved address of a TCP target named `host`.
     pub fn check_addr(&self, addr: SocketAddr, host: &str) -> Result<(), String> {
+        self.check_addr_for(addr, host, Protocol::Tcp)
+    }
+
+    /// Checks one resolved address of a target named `host` reached over `protocol`:
+    /// `forbidden_hosts` apply to both protocols, a `limit` entry to its own only.
+    pub fn check_addr_for(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        protocol: Protocol,
+    ) -> Result<(), String> {
         let ip = canonical(addr.ip());
         // Connecting to 0.0.0.0 or :: reaches this host itself, whatever the list says.
         if ip.is_unspecified() {
@@ -180,14 +198,16 @@ impl Acl {
         }
         if !self.allow.is_empty() {
             let name = normalize_name(host);
-            let allowed = self
-                .allow
-                .iter()
-                .any(|a| a.port == addr.port() && (a.host == name || a.ip == Some(ip)));
+            let allowed = self.allow.iter().any(|a| {
+                a.protocol == protocol
+                    && a.port == addr.port()
+                    && (a.host == name || a.ip == Some(ip))
+            });
             if !allowed {
                 return Err(format!(
-                    "{host}:{} is not in the limit allowlist",
-                    addr.port()
+                    "{host}:{} over {} is not in the limit allowlist",
+                    addr.port(),
+                    protocol.as_str()
                 ));
             }
         }
@@ -301,5 +321,40 @@ mod tests {
         assert!(a.check_addr(addr("127.0.0.1:8081"), "localhost").is_err());
         assert!(a.check_addr(addr("127.0.0.2:22"), "whatever").is_ok());
         assert!(a.check_addr(addr("127.0.0.3:22"), "whatever").is_err());
+        // A tcp entry allows no udp.
+        let e = a
+            .check_addr_for(addr("127.0.0.2:22"), "whatever", Protocol::Udp)
+            .unwrap_err();
+        assert!(e.contains("over udp"), "{e}");
+    }
+
+    #[test]
+    fn limit_entries_honour_their_protocol() {
+        let a = Acl::new(
+            &["10.9.0.0/16".into()],
+            &[LimitRule {
+                name: Some("dns".into()),
+                addr: "10.0.0.53:53".into(),
+                protocol: "udp".into(),
+            }],
+        )
+        .unwrap();
+        let dns = addr("10.0.0.53:53");
+        assert!(a.check_addr_for(dns, "x", Protocol::Udp).is_ok());
+        assert!(a.check_addr_for(dns, "x", Protocol::Tcp).is_err());
+        // forbidden_hosts apply to every protocol.
+        let e = a
+            .check_addr_for(addr("10.9.1.1:53"), "x", Protocol::Udp)
+            .unwrap_err();
+        assert!(e.contains("forbidden"), "{e}");
+        let bad = Acl::new(
+            &[],
+            &[LimitRule {
+                name: None,
+                addr: "a:1".into(),
+                protocol: "sctp".into(),
+            }],
+        );
+        assert!(bad.is_err());
     }
 }

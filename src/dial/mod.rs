@@ -4,11 +4,12 @@
 
 pub mod acl;
 pub mod direct;
+pub mod udp;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use anyproxy_proto::ErrorCode;
+use anyproxy_proto::{ErrorCode, Protocol};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::connect::ConnectError;
@@ -25,21 +26,21 @@ pub struct DialError {
 }
 
 impl DialError {
-    fn forbidden(message: String) -> Self {
+    pub fn forbidden(message: String) -> Self {
         DialError {
             code: ErrorCode::ForbiddenHost,
             message,
         }
     }
 
-    fn internal(message: String) -> Self {
+    pub fn internal(message: String) -> Self {
         DialError {
             code: ErrorCode::InternalError,
             message,
         }
     }
 
-    fn failed(kind: FailureKind, detail: impl std::fmt::Display) -> Self {
+    pub fn failed(kind: FailureKind, detail: impl std::fmt::Display) -> Self {
         DialError {
             code: ErrorCode::ConnectionFailed,
             message: kind.message(detail),
@@ -72,9 +73,39 @@ pub async fn dial_from(
     timeout: Duration,
     iface: Option<&str>,
 ) -> Result<TcpStream, DialError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let addrs = resolve_checked(acl, host, port, deadline, Protocol::Tcp).await?;
+    let mut last = None;
+    for addr in addrs {
+        let socket = socket_for(addr, iface)?;
+        match tokio::time::timeout_at(deadline, socket.connect(addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => last = Some(classify(&e, addr)),
+            Err(_) => {
+                return Err(DialError::failed(
+                    FailureKind::Timeout,
+                    format!("{host}:{port}: no answer within {timeout:?}"),
+                ))
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| DialError::failed(FailureKind::Unreachable, host)))
+}
+
+/// Resolves `host` before `deadline` and checks the name and every address against
+/// the ACL for `protocol`; the addresses returned are the ones checked.
+pub async fn resolve_checked(
+    acl: &Acl,
+    host: &str,
+    port: u16,
+    deadline: tokio::time::Instant,
+    protocol: Protocol,
+) -> Result<Vec<SocketAddr>, DialError> {
     acl.check_name(host, port).map_err(DialError::forbidden)?;
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let deadline = tokio::time::Instant::now() + timeout;
     let addrs: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, port)],
         Err(_) => {
@@ -95,26 +126,10 @@ pub async fn dial_from(
         ));
     }
     for addr in &addrs {
-        acl.check_addr(*addr, host).map_err(DialError::forbidden)?;
+        acl.check_addr_for(*addr, host, protocol)
+            .map_err(DialError::forbidden)?;
     }
-    let mut last = None;
-    for addr in addrs {
-        let socket = socket_for(addr, iface)?;
-        match tokio::time::timeout_at(deadline, socket.connect(addr)).await {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
-                return Ok(stream);
-            }
-            Ok(Err(e)) => last = Some(classify(&e, addr)),
-            Err(_) => {
-                return Err(DialError::failed(
-                    FailureKind::Timeout,
-                    format!("{host}:{port}: no answer within {timeout:?}"),
-                ))
-            }
-        }
-    }
-    Err(last.unwrap_or_else(|| DialError::failed(FailureKind::Unreachable, host)))
+    Ok(addrs)
 }
 
 fn socket_for(addr: SocketAddr, iface: Option<&str>) -> Result<TcpSocket, DialError> {

@@ -6,6 +6,7 @@ pub mod forward;
 pub mod registry;
 pub mod reload;
 pub mod server;
+pub mod udp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,8 +25,10 @@ use crate::limits::{LimitGuard, Limits};
 use crate::net::HostPort;
 use crate::proxy::http::HttpProxy;
 use crate::proxy::socks5::Socks5Proxy;
+use crate::proxy::socks5_udp::UdpSupport;
 use crate::transport::listen::{AcceptLoop, ProxyProtocol};
 use crate::transport::tls;
+use crate::tunnel::datagram::DatagramLimits;
 use crate::tunnel::OpenError;
 use auth::{agent_accounts, listener_accounts};
 pub use registry::AgentRegistry;
@@ -230,6 +233,21 @@ impl Gateway {
         });
         let groups = config.groups.clone();
         let declared = config.forwards.clone();
+        let udp_support = Arc::new(UdpSupport {
+            connector: Arc::new(udp::TunnelDatagrams {
+                registry: registry.clone(),
+                limits: limits.clone(),
+                connect_timeout: config.connect_timeout.0,
+                flow_limits: DatagramLimits {
+                    max_datagram: config.udp_max_datagram.0 as usize,
+                    ..DatagramLimits::default()
+                },
+                stats: metrics.udp.clone(),
+            }),
+            idle_timeout: config.udp_idle_timeout.0,
+            stats: metrics.udp.clone(),
+        });
+        let policy_on = config.policy.is_some();
         let agent_forwards = Arc::new(forward::AgentForwardTable::new(
             config.agent_forwards.clone(),
             config.connect_timeout.0,
@@ -291,10 +309,22 @@ impl Gateway {
                 tracing::warn!(addr = ?socks5_addr, "SOCKS5 proxy has no credentials: anyone who can reach it may use it");
             }
             logins.socks5 = Some(users.clone());
+            let udp = if !socks.protocols.udp {
+                Err("proxy.socks5.protocols does not list udp".to_owned())
+            } else if policy_on {
+                Err(
+                    "gateway.policy decides TCP requests only, so UDP is off while it is set"
+                        .to_owned(),
+                )
+            } else {
+                Ok(udp_support.clone())
+            };
             let role = Arc::new(Socks5Proxy {
                 users,
                 limits: limits.clone(),
                 connector: guarded.clone(),
+                udp,
+                tcp: socks.protocols.tcp,
             });
             let accept = pp(
                 socks.proxy_protocol,
@@ -304,6 +334,28 @@ impl Gateway {
         }
         let mut forward_addrs = Vec::new();
         for f in declared {
+            if f.protocol == anyproxy_proto::Protocol::Udp {
+                let addr = f.listen_addr.0;
+                let socket =
+                    tokio::net::UdpSocket::bind(addr)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            what: "udp forward",
+                            addr,
+                            source,
+                        })?;
+                let addr = socket.local_addr().unwrap_or(addr);
+                tracing::info!(%addr, group = %f.group, target = %f.target, "forwarding udp");
+                forward_addrs.push(addr);
+                tasks.spawn(udp::serve_forward(
+                    socket,
+                    Arc::from(f.group.as_str()),
+                    f.target,
+                    udp_support.clone(),
+                    shutdown.clone(),
+                ));
+                continue;
+            }
             let listener = bind("forward", f.listen_addr.0).await?;
             let addr = listener.local_addr().unwrap_or(f.listen_addr.0);
             tracing::info!(%addr, group = %f.group, target = %f.target, "forwarding");

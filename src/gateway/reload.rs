@@ -335,6 +335,8 @@ fn restart_only(running: &Running, next: &Next) -> Vec<&'static str> {
         trusted_proxies: _,
         auth_backends: _,
         auth_order: _,
+        udp_idle_timeout: _,
+        udp_max_datagram: _,
     } = old;
     compare!(
         "gateway.",
@@ -365,7 +367,9 @@ fn restart_only(running: &Running, next: &Next) -> Vec<&'static str> {
         cluster,
         trusted_proxies,
         auth_backends,
-        auth_order
+        auth_order,
+        udp_idle_timeout,
+        udp_max_datagram
     );
     let secret = |s: &Option<crate::config::Secret>| s.as_ref().map(|s| s.expose().to_owned());
     if secret(&old.admin_password) != secret(&new.admin_password) {
@@ -385,10 +389,15 @@ fn restart_only(running: &Running, next: &Next) -> Vec<&'static str> {
                     // Restart-only.
                     listen_addr: _,
                     proxy_protocol: _,
+                    protocols: _,
                 } = was;
-                if format!("{:?}", (&was.listen_addr, was.proxy_protocol))
-                    != format!("{:?}", (&now.listen_addr, now.proxy_protocol))
-                {
+                if format!(
+                    "{:?}",
+                    (&was.listen_addr, was.proxy_protocol, &was.protocols)
+                ) != format!(
+                    "{:?}",
+                    (&now.listen_addr, now.proxy_protocol, &now.protocols)
+                ) {
                     changed.push(key);
                 }
             }

@@ -28,6 +28,8 @@ pub struct AgentMetrics {
     /// `not_after` (Unix seconds) of the certificate each gateway presented last, by
     /// gateway name; the configuration bounds the names.
     gateway_cert_expiry: parking_lot::Mutex<std::collections::BTreeMap<String, i64>>,
+    /// Every datagram flow this agent serves.
+    pub udp: Arc<crate::tunnel::datagram::UdpStats>,
 }
 
 impl Default for AgentMetrics {
@@ -40,6 +42,7 @@ impl Default for AgentMetrics {
             traffic: TrafficRing::default(),
             refused: Default::default(),
             gateway_cert_expiry: Default::default(),
+            udp: Arc::default(),
         }
     }
 }
@@ -65,6 +68,7 @@ impl AgentMetrics {
 impl Observed for AgentMetrics {
     fn encode(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         super::tunnel::encode(enc, &self.sessions.rows())?;
+        super::udp::encode(enc, &self.udp)?;
         let links = self.links.status();
         let link = |l: &super::links::LinkStatus| {
             labels([

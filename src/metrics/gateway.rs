@@ -71,6 +71,8 @@ pub struct GatewayMetrics {
     pub reloads: Reloads,
     /// What `POST /reload` runs, once the process knows its configuration file.
     reload: std::sync::OnceLock<ReloadHook>,
+    /// Every datagram flow of the SOCKS5 listener and the UDP forwards.
+    pub udp: Arc<crate::tunnel::datagram::UdpStats>,
 }
 
 /// Reloads the configuration; the error in words.
@@ -171,6 +173,7 @@ impl GatewayMetrics {
             auth_backends: std::sync::OnceLock::new(),
             reloads: Reloads::default(),
             reload: std::sync::OnceLock::new(),
+            udp: Arc::default(),
         }
     }
 
@@ -233,6 +236,7 @@ impl Observed for GatewayMetrics {
     fn encode(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let rows = self.sessions.rows();
         super::tunnel::encode(enc, &rows)?;
+        super::udp::encode(enc, &self.udp)?;
 
         let mut agents: BTreeMap<(Arc<str>, &'static str, bool), f64> = BTreeMap::new();
         for (group, handles) in self.registry.sessions() {

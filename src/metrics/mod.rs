@@ -12,6 +12,7 @@ pub mod process;
 pub mod status;
 pub mod table;
 mod tunnel;
+pub mod udp;
 
 pub use admin::{AdminError, Observed};
 pub use agent::AgentMetrics;

@@ -5,3 +5,4 @@
 
 pub mod http;
 pub mod socks5;
+pub mod socks5_udp;

@@ -1,6 +1,6 @@
-//! SOCKS5 front end (RFC 1928 CONNECT, RFC 1929 username/password). Domain names are
-//! passed to the agent unresolved. The success reply is sent only after the agent
-//! reached the target.
+//! SOCKS5 front end (RFC 1928 CONNECT and UDP ASSOCIATE, RFC 1929 username/password).
+//! Domain names are passed to the agent unresolved. The success reply to CONNECT is
+//! sent only after the agent reached the target; UDP ASSOCIATE is `socks5_udp`.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -18,12 +18,15 @@ use crate::limits::{AuthVerdict, Limits, LOCKED_OUT};
 use crate::net::HostPort;
 use crate::transport::listen::Serve;
 
+use super::socks5_udp::{self, UdpSupport};
+
 const VERSION: u8 = 0x05;
 const AUTH_VERSION: u8 = 0x01;
 const METHOD_NONE: u8 = 0x00;
 const METHOD_USERPASS: u8 = 0x02;
 const METHOD_UNACCEPTABLE: u8 = 0xFF;
 const CMD_CONNECT: u8 = 0x01;
+const CMD_UDP_ASSOCIATE: u8 = 0x03;
 const ATYP_V4: u8 = 0x01;
 const ATYP_DOMAIN: u8 = 0x03;
 const ATYP_V6: u8 = 0x04;
@@ -64,11 +67,15 @@ pub struct Socks5Proxy<C> {
     pub users: Arc<Authority>,
     pub limits: Arc<Limits>,
     pub connector: Arc<C>,
+    /// UDP ASSOCIATE, or why this listener refuses it (logged as the hint).
+    pub udp: Result<Arc<UdpSupport>, String>,
+    /// CONNECT is carried (`protocols` lists tcp).
+    pub tcp: bool,
 }
 
 impl<C: Connector> Serve for Socks5Proxy<C> {
     async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        if let Err(e) = handle(stream, peer, &self.users, &self.limits, &*self.connector).await {
+        if let Err(e) = handle(stream, peer, &self).await {
             tracing::debug!(%peer, error = %e, "socks5 session ended");
         }
     }
@@ -77,19 +84,17 @@ impl<C: Connector> Serve for Socks5Proxy<C> {
 async fn handle<C: Connector>(
     mut stream: TcpStream,
     peer: SocketAddr,
-    users: &Authority,
-    limits: &Limits,
-    connector: &C,
+    proxy: &Socks5Proxy<C>,
 ) -> Result<(), Socks5Error> {
     let auth = Auth {
-        users,
-        limits,
+        users: &proxy.users,
+        limits: &proxy.limits,
         peer,
     };
     let negotiated = tokio::time::timeout(NEGOTIATION_TIMEOUT, negotiate(&mut stream, &auth))
         .await
         .map_err(|_| Socks5Error::Timeout)?;
-    let (target, identity) = match negotiated {
+    let (command, target, identity) = match negotiated {
         Ok(x) => x,
         Err(e) => {
             let code = match &e {
@@ -105,6 +110,27 @@ async fn handle<C: Connector>(
         }
     };
     let who = Requester::new(peer, identity);
+    match command {
+        CMD_CONNECT if proxy.tcp => connect(stream, who, target, &*proxy.connector).await,
+        CMD_CONNECT => {
+            tracing::warn!(%peer, "socks5 CONNECT refused: proxy.socks5.protocols does not list tcp");
+            reply(&mut stream, REPLY_CMD_NOT_SUPPORTED).await?;
+            Ok(())
+        }
+        CMD_UDP_ASSOCIATE => associate(stream, who, target, &proxy.udp).await,
+        other => {
+            reply(&mut stream, REPLY_CMD_NOT_SUPPORTED).await?;
+            Err(Socks5Error::Command(other))
+        }
+    }
+}
+
+async fn connect<C: Connector>(
+    mut stream: TcpStream,
+    who: Requester,
+    target: HostPort,
+    connector: &C,
+) -> Result<(), Socks5Error> {
     let started = std::time::Instant::now();
     match connector.connect(&target, &who).await {
         Ok(conn) => {
@@ -137,7 +163,7 @@ struct Auth<'a> {
 async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     auth: &Auth<'_>,
-) -> Result<(HostPort, Identity), Socks5Error> {
+) -> Result<(u8, HostPort, Identity), Socks5Error> {
     let users = auth.users;
     let version = stream.read_u8().await?;
     if version != VERSION {
@@ -188,11 +214,7 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
         other => return Err(Socks5Error::AddressType(other)),
     };
     let port = stream.read_u16().await?;
-    if command != CMD_CONNECT {
-        // BIND and UDP ASSOCIATE are not carried by the tunnel yet.
-        return Err(Socks5Error::Command(command));
-    }
-    Ok((HostPort { host, port }, identity))
+    Ok((command, HostPort { host, port }, identity))
 }
 
 async fn sub_negotiate<S: AsyncRead + AsyncWrite + Unpin>(
@@ -261,8 +283,65 @@ async fn sub_negotiate<S: AsyncRead + AsyncWrite + Unpin>(
 /// A reply with BND.ADDR 0.0.0.0:0: the bound address is on the agent's side and of
 /// no use to the client.
 async fn reply<S: AsyncWrite + Unpin>(stream: &mut S, code: u8) -> std::io::Result<()> {
-    stream
-        .write_all(&[VERSION, code, 0x00, ATYP_V4, 0, 0, 0, 0, 0, 0])
-        .await?;
+    reply_bound(stream, code, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).await
+}
+
+async fn reply_bound<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    code: u8,
+    bound: SocketAddr,
+) -> std::io::Result<()> {
+    let mut msg = vec![VERSION, code, 0x00];
+    match bound.ip().to_canonical() {
+        std::net::IpAddr::V4(v4) => {
+            msg.push(ATYP_V4);
+            msg.extend_from_slice(&v4.octets());
+        }
+        std::net::IpAddr::V6(v6) => {
+            msg.push(ATYP_V6);
+            msg.extend_from_slice(&v6.octets());
+        }
+    }
+    msg.extend_from_slice(&bound.port().to_be_bytes());
+    stream.write_all(&msg).await?;
     stream.flush().await
+}
+
+/// UDP ASSOCIATE: binds the association's relay socket, tells the client where it is,
+/// and relays until the control connection closes. `declared` is where the client
+/// said it will send from (zeros: not known yet).
+async fn associate(
+    mut stream: TcpStream,
+    who: Requester,
+    declared: HostPort,
+    udp: &Result<Arc<UdpSupport>, String>,
+) -> Result<(), Socks5Error> {
+    let support = match udp {
+        Ok(s) => s.clone(),
+        Err(why) => {
+            tracing::warn!(peer = %who.peer, "socks5 UDP ASSOCIATE refused: {why}");
+            Access::new("socks5-udp")
+                .requester(&who)
+                .refused(ErrorCode::ForbiddenHost, why);
+            reply(&mut stream, REPLY_CMD_NOT_SUPPORTED).await?;
+            return Ok(());
+        }
+    };
+    // A domain name says nothing about the client's address: treat it as zeros.
+    let ip = declared
+        .host
+        .parse::<std::net::IpAddr>()
+        .unwrap_or(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let declared = SocketAddr::new(ip, declared.port);
+    let socket = match socks5_udp::bind_relay(&stream).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(peer = %who.peer, error = %e, "cannot bind a UDP relay socket");
+            reply(&mut stream, REPLY_GENERAL_FAILURE).await?;
+            return Err(e.into());
+        }
+    };
+    reply_bound(&mut stream, REPLY_OK, socket.local_addr()?).await?;
+    socks5_udp::run_association(stream, socket, declared, who, support).await;
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! The multiplexer both ends share: a session over one WebSocket carries many
 //! tunnelled connections, each with its own bounded queue.
 
+pub mod datagram;
 pub mod flow;
 pub mod relay;
 pub mod session;

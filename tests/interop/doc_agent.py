@@ -89,6 +89,25 @@ class Conn:
         self.closed = False  # no more messages must be sent for this id
         self.tasks = []
         self.connect_task = None
+        self.udp = None  # a datagram transport, for a `protocol: "udp"` connect
+
+
+class UdpFlow(asyncio.DatagramProtocol):
+    """A `protocol: "udp"` connection: each datagram from the target is one `data`."""
+
+    def __init__(self, agent, conn):
+        self.agent = agent
+        self.conn = conn
+
+    def datagram_received(self, datagram, addr):
+        if not self.conn.closed:
+            self.agent.spawn(self.agent.send_quiet(
+                "data",
+                {"connection_id": self.conn.cid, "payload": base64.b64encode(datagram).decode("ascii")},
+            ))
+
+    def error_received(self, exc):
+        pass  # an ICMP error for an earlier datagram: UDP carries on
 
 
 class Agent:
@@ -232,7 +251,7 @@ class Agent:
             problem = "connect: target_host must be a non-empty string"
         elif not isinstance(port, int) or isinstance(port, bool) or not (0 < port < 65536):
             problem = "connect: target_port must be an integer in 1..65535"
-        elif proto != "tcp":
+        elif proto not in ("tcp", "udp"):
             problem = f"connect: unsupported protocol {proto!r}"
         elif cid in self.conns:
             problem = f"connect: connection_id {cid} already in use"
@@ -246,7 +265,38 @@ class Agent:
         conn = Conn(cid)
         self.conns[cid] = conn
         self.recently_closed.pop(cid, None)
-        conn.connect_task = self.spawn(self.do_connect(conn, host, port))
+        if proto == "udp":
+            conn.connect_task = self.spawn(self.do_connect_udp(conn, host, port))
+        else:
+            conn.connect_task = self.spawn(self.do_connect(conn, host, port))
+
+    async def do_connect_udp(self, conn, host, port):
+        """The document's `connect` with `"protocol": "udp"`: a UDP socket toward the
+        target; each `data` payload is one datagram, both ways."""
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: UdpFlow(self, conn), remote_addr=(host, port)
+            )
+        except Exception as e:
+            self.forget(conn)
+            conn.closed = True
+            message = f"unreachable: {host}:{port}: {e}"
+            if await self.send_quiet(
+                "error", {"code": "CONNECTION_FAILED", "message": message, "connection_id": conn.cid}
+            ):
+                await self.send_quiet(
+                    "connect_response", {"connection_id": conn.cid, "success": False, "message": message}
+                )
+            return
+        if conn.closed:
+            transport.close()
+            return
+        conn.udp = transport
+        await self.send_quiet(
+            "connect_response",
+            {"connection_id": conn.cid, "success": True, "message": "UDP socket open"},
+        )
 
     async def _reject(self, cid, err):
         if await self.send_quiet("error", err) and cid is not None:
@@ -373,6 +423,9 @@ class Agent:
                 {"code": "INVALID_MESSAGE", "message": f"data: invalid base64 payload: {e}", "connection_id": cid},
             )
             return
+        if conn.udp is not None:
+            conn.udp.sendto(chunk)  # one payload, one datagram (an empty one too)
+            return
         if chunk:
             # Bounded queue: only when a single target falls >QUEUE_MAX chunks
             # behind does this await (and thus stall the session).
@@ -385,6 +438,9 @@ class Agent:
             return
         conn.closed = True
         self.forget(conn)
+        if conn.udp is not None:
+            conn.udp.close()
+            return
         if conn.writer is None:
             return  # still connecting; do_connect will close the socket
         # Let the writer task flush everything queued before closing the target.
@@ -408,6 +464,8 @@ class Agent:
                 conn.connect_task.cancel()
             if conn.writer is not None:
                 conn.writer.close()
+            if conn.udp is not None:
+                conn.udp.close()
         self.conns.clear()
 
 

@@ -22,6 +22,7 @@ use super::{
 };
 use crate::transport::ws::deflate::{CompressionCounters, CompressionStats};
 use crate::transport::WsWriter;
+use crate::tunnel::datagram::DatagramTable;
 use crate::tunnel::flow::{Inbox, SendCredit};
 use crate::tunnel::stats::{bump, SessionStats};
 use crate::tunnel::table::ShardedMap;
@@ -59,6 +60,8 @@ pub struct SessionCore {
     pub(super) ids: Arc<dyn ConnIdMap + Send + Sync>,
     /// Counters for metrics and the status page (relaxed atomics).
     pub(super) stats: Arc<SessionStats>,
+    /// The datagram (UDP) flows, beside the streams (`tunnel::datagram`).
+    datagrams: DatagramTable,
 }
 
 impl SessionCore {
@@ -83,6 +86,7 @@ impl SessionCore {
             going_away: CancellationToken::new(),
             peer_going_away: CancellationToken::new(),
             stats: stats.clone(),
+            datagrams: DatagramTable::default(),
             ids: match (encoding, options.ids) {
                 (Encoding::Json, IdSpace::Peers) => Arc::new(InternedIds::new()),
                 _ => Arc::new(NumericIds),
@@ -106,6 +110,23 @@ impl SessionCore {
             r = self.out.send(Outbound::Msg(msg)) => r.map_err(|_| SessionClosed),
             _ = self.closed.cancelled() => Err(SessionClosed),
         }
+    }
+
+    /// Queues a message only if the writer's queue has more than `keep_free` places
+    /// left; false otherwise, or when the session is gone. Datagrams go this way:
+    /// dropping one beats holding a reader, and streams keep their places.
+    pub(crate) fn try_send(&self, msg: Message, keep_free: usize) -> bool {
+        self.out.capacity() > keep_free && self.out.try_send(Outbound::Msg(msg)).is_ok()
+    }
+
+    /// This session's datagram flows.
+    pub(crate) fn datagrams(&self) -> &DatagramTable {
+        &self.datagrams
+    }
+
+    /// Cancelled when the session ends.
+    pub(crate) fn closed_token(&self) -> &CancellationToken {
+        &self.closed
     }
 
     pub(super) async fn send_raw(&self, item: Outbound) -> Result<(), SessionClosed> {
@@ -156,7 +177,7 @@ impl SessionCore {
 
     /// Tunnelled connections currently open or being opened.
     pub fn active_conns(&self) -> usize {
-        self.conns.len()
+        self.conns.len() + self.datagrams.len()
     }
 
     /// Ends the session: every connection it carried is cancelled at once (their
@@ -168,6 +189,7 @@ impl SessionCore {
             slot.cancel.cancel();
             // Dropping `slot.pending` is what tells `open` the session is gone.
         }
+        self.datagrams.shutdown();
     }
 
     /// Tells the peer we are shutting down (PROTOCOL.md §5.6); from now on this side
@@ -213,10 +235,10 @@ impl SessionCore {
         true
     }
 
-    pub(super) fn alloc_id(&self) -> ConnId {
+    pub(crate) fn alloc_id(&self) -> ConnId {
         loop {
             let id = ConnId(self.next_id.fetch_add(1, Ordering::Relaxed));
-            if id.0 != 0 && !self.conns.contains(&id) {
+            if id.0 != 0 && !self.conns.contains(&id) && !self.datagrams.contains(&id) {
                 return id;
             }
         }

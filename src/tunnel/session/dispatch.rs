@@ -35,10 +35,13 @@ impl SessionCore {
     pub async fn dispatch(&self, msg: Message) -> Option<Message> {
         match msg {
             Message::Data(Data { id, payload }) => {
-                self.deliver(id, payload).await;
+                if let Err(payload) = self.datagrams().deliver(id, payload) {
+                    self.deliver(id, payload).await;
+                }
                 None
             }
             Message::Close(Close { id, reason }) => {
+                self.datagrams().closed_by_peer(id, &reason);
                 if let Some(slot) = self.conns.remove(&id) {
                     tracing::debug!(conn = %id, %reason, "closed by peer");
                     if let Some(p) = slot.pending {
@@ -152,6 +155,9 @@ impl SessionCore {
 
     /// Settles a pending `open`. Returns false when nothing was pending for `id`.
     fn resolve(&self, id: ConnId, success: bool, code: ErrorCode, message: String) -> bool {
+        let Some(message) = self.datagrams().resolve(id, success, code, message) else {
+            return true;
+        };
         let pending = self.conns.with(&id, |slot| slot.pending.take()).flatten();
         let Some(pending) = pending else {
             return false;
