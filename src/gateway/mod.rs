@@ -23,6 +23,7 @@ use crate::connect::{ConnectError, Connector, Requester, Upstream};
 use crate::limits::{LimitGuard, Limits};
 use crate::net::HostPort;
 use crate::proxy::http::HttpProxy;
+use crate::proxy::https::HttpsProxy;
 use crate::proxy::socks5::Socks5Proxy;
 use crate::transport::listen::{AcceptLoop, ProxyProtocol};
 use crate::transport::tls;
@@ -134,6 +135,8 @@ pub enum StartError {
 pub struct Gateway {
     pub agent_addr: SocketAddr,
     pub http_addr: Option<SocketAddr>,
+    /// The HTTPS proxy listener (`proxy.https`), when configured.
+    pub https_addr: Option<SocketAddr>,
     pub socks5_addr: Option<SocketAddr>,
     /// The declared forwards' listeners, in configuration order.
     pub forward_addrs: Vec<SocketAddr>,
@@ -162,12 +165,17 @@ pub enum ReloadError {
     NoGateway(String),
     #[error("gateway.tls_cert / gateway.tls_key: {0}; the old certificate stays")]
     Tls(tls::TlsError),
+    #[error("proxy.https.tls_cert / tls_key: {0}; the old certificates stay")]
+    ProxyTls(tls::TlsError),
 }
 
 /// The parts of a running gateway that a reload swaps, and what it counts with.
 pub struct Reloader {
     /// The certificate new agent handshakes get; a reload replaces it.
     cert_slot: Arc<tls::CertSlot>,
+    /// The HTTPS proxy listener's, when it has files of its own (else it shares
+    /// `cert_slot`).
+    proxy_cert_slot: Option<Arc<tls::CertSlot>>,
     metrics: Arc<crate::metrics::GatewayMetrics>,
     /// Held by the reload in progress: reloads never interleave.
     reloading: parking_lot::Mutex<()>,
@@ -197,10 +205,24 @@ impl Reloader {
             return Err(ReloadError::NoGateway(path.display().to_string()));
         };
         let before = self.cert_slot.leaf();
-        let validity = self
-            .cert_slot
-            .replace(&config.tls_cert, &config.tls_key)
-            .map_err(ReloadError::Tls)?;
+        // Every certificate is checked before any is swapped.
+        let checked =
+            tls::load_checked(&config.tls_cert, &config.tls_key).map_err(ReloadError::Tls)?;
+        let proxy = match &self.proxy_cert_slot {
+            Some(slot) => {
+                let https = file.proxy.as_ref().and_then(|p| p.https.as_ref());
+                let (cert, key) = https_cert_files(https, &config);
+                Some((
+                    slot,
+                    tls::load_checked(cert, key).map_err(ReloadError::ProxyTls)?,
+                ))
+            }
+            None => None,
+        };
+        let validity = self.cert_slot.store(checked);
+        if let Some((slot, checked)) = proxy {
+            slot.store(checked);
+        }
         self.metrics.reloads.tls_expiry(validity.not_after);
         if before != self.cert_slot.leaf() {
             tracing::info!(
@@ -247,6 +269,17 @@ fn default_node_id(config: &GatewayConfig) -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "gateway".into());
     format!("{host}:{}", config.listen_addr.0.port())
+}
+
+/// The certificate and key files of the HTTPS proxy listener: its own, or the gateway's.
+fn https_cert_files<'a>(
+    https: Option<&'a ProxyListener>,
+    gateway: &'a GatewayConfig,
+) -> (&'a std::path::Path, &'a std::path::Path) {
+    match https.and_then(|l| l.tls_cert.as_deref().zip(l.tls_key.as_deref())) {
+        Some(own) => own,
+        None => (&gateway.tls_cert, &gateway.tls_key),
+    }
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -368,29 +401,60 @@ impl Gateway {
         let conns = TaskTracker::new();
 
         let proxy = proxy.unwrap_or_default();
-        let mut http_addr = None;
-        if let Some(http) = proxy.http {
-            let listener = bind("http proxy", http.listen_addr.0).await?;
-            http_addr = listener.local_addr().ok();
-            let users = Arc::new(backends.authority(&http.auth, listener_accounts(&http, &groups)));
+        // The HTTP front end of `proxy.http`, and of `proxy.https` behind TLS.
+        let http_front = |l: &ProxyListener, addr: Option<SocketAddr>| {
+            let users = Arc::new(backends.authority(&l.auth, listener_accounts(l, &groups)));
             if users.is_open() {
-                tracing::warn!(addr = ?http_addr, "HTTP proxy has no credentials: anyone who can reach it may use it");
+                tracing::warn!(
+                    ?addr,
+                    "HTTP proxy has no credentials: anyone who can reach it may use it"
+                );
             }
-            let role = Arc::new(HttpProxy {
+            Arc::new(HttpProxy {
                 users,
                 limits: limits.clone(),
                 connector: guarded.clone(),
                 request_timeout: crate::proxy::http::HEADER_READ_TIMEOUT,
-            });
+            })
+        };
+        let mut http_addr = None;
+        if let Some(http) = &proxy.http {
+            let listener = bind("http proxy", http.listen_addr.0).await?;
+            http_addr = listener.local_addr().ok();
+            let role = http_front(http, http_addr);
             let accept = pp(http.proxy_protocol, AcceptLoop::new(listener, "http proxy"));
             tasks.spawn(accept.run(role, shutdown.clone().cancelled_owned(), conns.clone()));
         }
+        let mut https_addr = None;
+        let mut proxy_cert_slot = None;
+        if let Some(https) = &proxy.https {
+            let slot = match (&https.tls_cert, &https.tls_key) {
+                (Some(cert), Some(key)) => {
+                    let own = Arc::new(tls::CertSlot::load(cert, key)?);
+                    warn_if_expiring(cert, own.expiry());
+                    proxy_cert_slot = Some(own.clone());
+                    own
+                }
+                _ => cert_slot.clone(),
+            };
+            let listener = bind("https proxy", https.listen_addr.0).await?;
+            https_addr = listener.local_addr().ok();
+            let role = Arc::new(HttpsProxy::new(
+                http_front(https, https_addr),
+                tls::proxy_server_config(slot),
+            ));
+            let accept = pp(
+                https.proxy_protocol,
+                AcceptLoop::new(listener, "https proxy"),
+            );
+            tasks.spawn(accept.run(role, shutdown.clone().cancelled_owned(), conns.clone()));
+        }
         let mut socks5_addr = None;
-        if let Some(socks) = proxy.socks5 {
+        if let Some(socks) = &proxy.socks5 {
             let listener = bind("socks5 proxy", socks.listen_addr.0).await?;
             socks5_addr = listener.local_addr().ok();
             let users =
-                Arc::new(backends.authority(&socks.auth, listener_accounts(&socks, &groups)));
+                Arc::new(backends.authority(&socks.auth, listener_accounts(socks, &groups)));
             if users.is_open() {
                 tracing::warn!(addr = ?socks5_addr, "SOCKS5 proxy has no credentials: anyone who can reach it may use it");
             }
@@ -434,10 +498,11 @@ impl Gateway {
             let task = tokio::spawn(cluster.run(report, stop.clone()));
             Membership { stop, task }
         });
-        tracing::info!(%agent_addr, ?http_addr, ?socks5_addr, "gateway listening");
+        tracing::info!(%agent_addr, ?http_addr, ?https_addr, ?socks5_addr, "gateway listening");
         Ok(Gateway {
             agent_addr,
             http_addr,
+            https_addr,
             socks5_addr,
             forward_addrs,
             registry,
@@ -452,6 +517,7 @@ impl Gateway {
             membership,
             reloader: Arc::new(Reloader {
                 cert_slot,
+                proxy_cert_slot,
                 metrics,
                 reloading: parking_lot::Mutex::new(()),
             }),

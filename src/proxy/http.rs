@@ -46,6 +46,14 @@ pub struct HttpProxy<C> {
 
 impl<C: Connector> Serve for HttpProxy<C> {
     async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        self.serve_io(stream, peer).await
+    }
+}
+
+impl<C: Connector> HttpProxy<C> {
+    /// Serves one user connection over `io`: the accepted TCP socket, or the TLS
+    /// session of the HTTPS listener (`proxy/https.rs`).
+    pub async fn serve_io<S: LocalStream + 'static>(self: Arc<Self>, io: S, peer: SocketAddr) {
         let state = Arc::new(ConnState {
             peer,
             users: self.users.clone(),
@@ -57,7 +65,7 @@ impl<C: Connector> Serve for HttpProxy<C> {
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
             let connector = connector.clone();
-            async move { Ok::<_, Infallible>(handle(req, &state, &*connector).await) }
+            async move { Ok::<_, Infallible>(handle::<C, S>(req, &state, &*connector).await) }
         });
         let result = hyper::server::conn::http1::Builder::new()
             .preserve_header_case(true)
@@ -65,7 +73,7 @@ impl<C: Connector> Serve for HttpProxy<C> {
             // A client that trickles its request head (slowloris) is dropped.
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(self.request_timeout)
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(io), service)
             .with_upgrades()
             .await;
         if let Err(e) = result {
@@ -235,7 +243,7 @@ fn split_authority(uri: &Uri, default_port: Option<u16>) -> Option<HostPort> {
     })
 }
 
-async fn handle<C: Connector>(
+async fn handle<C: Connector, S: LocalStream + 'static>(
     req: Request<Incoming>,
     state: &ConnState,
     connector: &C,
@@ -249,7 +257,7 @@ async fn handle<C: Connector>(
     };
     let who = Requester::new(state.peer, identity);
     if req.method() == Method::CONNECT {
-        connect_tunnel(req, who, connector).await
+        connect_tunnel::<C, S>(req, who, connector).await
     } else {
         forward(req, who, state, connector).await
     }
@@ -269,7 +277,7 @@ fn log_failure(
         .refused(e.code(), e);
 }
 
-async fn connect_tunnel<C: Connector>(
+async fn connect_tunnel<C: Connector, S: LocalStream + 'static>(
     mut req: Request<Incoming>,
     who: Requester,
     connector: &C,
@@ -294,10 +302,10 @@ async fn connect_tunnel<C: Connector>(
                         .requester(&who)
                         .target(&target)
                         .since(started);
-                    // Take the socket back from hyper (it is ours: `HttpProxy::serve`),
+                    // Take the socket back from hyper (it is ours: `HttpProxy::serve_io`),
                     // so that a tunnel the far side lost ends with a reset, never with a
                     // clean close that would pass for a complete download.
-                    match upgraded.downcast::<TokioIo<TcpStream>>() {
+                    match upgraded.downcast::<TokioIo<S>>() {
                         Ok(parts) => {
                             let socket = Rewound {
                                 early: parts.read_buf,
@@ -465,12 +473,12 @@ async fn forward<C: Connector>(
 /// A CONNECT tunnel's socket after hyper's upgrade, with the bytes hyper had already
 /// read past the request head (a client may send its TLS hello right behind CONNECT),
 /// which are read first.
-struct Rewound {
+struct Rewound<S> {
     early: Bytes,
-    io: TcpStream,
+    io: S,
 }
 
-impl tokio::io::AsyncRead for Rewound {
+impl<S: LocalStream> tokio::io::AsyncRead for Rewound<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -486,7 +494,7 @@ impl tokio::io::AsyncRead for Rewound {
     }
 }
 
-impl tokio::io::AsyncWrite for Rewound {
+impl<S: LocalStream> tokio::io::AsyncWrite for Rewound<S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -510,7 +518,7 @@ impl tokio::io::AsyncWrite for Rewound {
     }
 }
 
-impl LocalStream for Rewound {
+impl<S: LocalStream> LocalStream for Rewound<S> {
     fn abort_on_close(&self) {
         self.io.abort_on_close()
     }
