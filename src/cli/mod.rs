@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use anyproxy::agent::Agent;
 use anyproxy::config::{Config, LogConfig, LogFormat};
 use anyproxy::gateway::Gateway;
+use anyproxy::net::notify::{notify, State};
 
 #[derive(Parser)]
 #[command(
@@ -180,6 +181,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .context("starting the gateway")?;
             reload_on_hangup(gateway.reloader(), config.clone(), signals.first.clone())?;
+            // Ready: every listener is bound, and a SIGHUP now reloads instead of killing.
+            notify(State::Ready);
             signals.first.cancelled().await;
             tracing::info!("shutting down: closing listeners, draining");
             until_stopped(signals, gateway.stop()).await;

@@ -21,6 +21,7 @@ use crate::cluster::Cluster;
 use crate::config::{Credentials, GatewayConfig, ProxyConfig, ProxyListener, DEFAULT_GROUP};
 use crate::connect::{ConnectError, Connector, Requester, Upstream};
 use crate::limits::{LimitGuard, Limits};
+use crate::net::notify::{notify, State};
 use crate::net::HostPort;
 use crate::proxy::http::HttpProxy;
 use crate::proxy::https::HttpsProxy;
@@ -188,7 +189,9 @@ impl Reloader {
     /// `anyproxy_config_reload_total{result}`; reloads run one at a time.
     pub fn reload(&self, path: &std::path::Path) -> Result<(), ReloadError> {
         let _one = self.reloading.lock();
+        notify(State::Reloading);
         let result = self.apply(path);
+        notify(State::Ready);
         match &result {
             Ok(()) => self.metrics.reloads.succeeded(tls::unix_now()),
             Err(e) => {
@@ -545,6 +548,7 @@ impl Gateway {
     /// closes every session (WebSocket close 1001) and returns once every task it
     /// started has ended.
     pub async fn stop_within(self, drain: Duration) {
+        notify(State::Stopping);
         self.shutdown.cancel();
         self.tasks.wait().await;
         tracing::info!(
