@@ -288,3 +288,116 @@ async fn chromium_fetches_pages_through_an_https_proxy_with_its_own_certificate(
         "200"
     );
 }
+
+/// A TLS connection to the proxy that offers only `h2`, verified with `ca`.
+async fn h2_connection(
+    port: u16,
+    ca: &Path,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let mut config = (*anyproxy::transport::tls::client_config(Some(ca)).unwrap()).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = anyproxy::transport::tls::server_name("127.0.0.1").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS to the proxy");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .expect("HTTP/2 to the proxy");
+    tokio::spawn(connection);
+    sender
+}
+
+fn basic(user: &str, pass: &str) -> String {
+    use base64::Engine;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    format!("Basic {token}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_connect_tunnels_share_one_http2_connection_to_the_proxy() {
+    use http_body_util::{BodyExt, Empty};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const TUNNELS: usize = 24;
+    let port = free_port();
+    let stack = https_stack(port, true, &[]).await;
+    let target = http_target().await;
+    let sender = h2_connection(port, &stack.certs.cert).await;
+    let request = |method: hyper::Method, uri: String, auth: Option<String>| {
+        let mut req = hyper::Request::builder().method(method).uri(uri);
+        if let Some(auth) = auth {
+            req = req.header("proxy-authorization", auth);
+        }
+        req.body(Empty::<bytes::Bytes>::new()).unwrap()
+    };
+
+    // Tunnels at once, each a stream of the one connection, each carrying its own
+    // HTTP/1.1 exchange with the target; and one without credentials among them.
+    let mut tunnels = Vec::new();
+    for i in 0..TUNNELS {
+        let mut sender = sender.clone();
+        let req = request(
+            hyper::Method::CONNECT,
+            target.to_string(),
+            Some(basic(HTTP_USER, HTTP_PASS)),
+        );
+        tunnels.push(tokio::spawn(async move {
+            let resp = sender.send_request(req).await.expect("CONNECT stream");
+            assert_eq!(resp.status(), 200, "tunnel {i}");
+            let upgraded = hyper::upgrade::on(resp).await.expect("the tunnel");
+            let mut io = hyper_util::rt::TokioIo::new(upgraded);
+            let len = 1000 + i * 1000;
+            io.write_all(
+                format!("GET /bytes/{len} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut answer = Vec::new();
+            io.read_to_end(&mut answer).await.unwrap();
+            assert!(answer.starts_with(b"HTTP/1.1 200"), "tunnel {i}");
+            assert!(answer.ends_with(&pattern(len, 7)), "tunnel {i}: body");
+        }));
+    }
+    let mut anonymous = sender.clone();
+    let resp = anonymous
+        .send_request(request(hyper::Method::CONNECT, target.to_string(), None))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 407);
+    for t in tunnels {
+        t.await.unwrap();
+    }
+    // Absolute-form over the same connection.
+    let mut get = sender.clone();
+    let resp = get
+        .send_request(request(
+            hyper::Method::GET,
+            format!("http://{target}/"),
+            Some(basic(HTTP_USER, HTTP_PASS)),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"hello");
+
+    // Every tunnel came from one client connection (one source port).
+    let log = stack.log("gateway");
+    let clients: std::collections::HashSet<&str> = log
+        .lines()
+        .filter(|l| l.contains(r#"proto="connect""#) && l.contains(r#"result="ok""#))
+        .filter_map(|l| l.split("client=").nth(1)?.split(' ').next())
+        .collect();
+    let tunnels_logged = log
+        .lines()
+        .filter(|l| l.contains(r#"proto="connect""#) && l.contains(r#"result="ok""#))
+        .count();
+    assert_eq!((clients.len(), tunnels_logged), (1, TUNNELS), "{log}");
+}

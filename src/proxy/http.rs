@@ -44,16 +44,53 @@ pub struct HttpProxy<C> {
     pub request_timeout: Duration,
 }
 
+/// HTTP/2 streams one client connection may have open at once (each CONNECT tunnel
+/// is one, for as long as it lives).
+pub const H2_MAX_STREAMS: u32 = 256;
+
+/// How often an HTTP/2 connection is pinged, and how long the answer may take: a peer
+/// that vanished is dropped with its tunnels.
+const H2_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Spawns HTTP/2 streams inside the connection's span, so that their log lines (the
+/// access line too) name the listener and the peer like HTTP/1 requests do.
+#[derive(Clone)]
+struct InSpan(tracing::Span);
+
+impl<F> hyper::rt::Executor<F> for InSpan
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut.instrument(self.0.clone()));
+    }
+}
+
+/// The HTTP version a user connection speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    Http1,
+    /// Only over TLS, when the client chose `h2` by ALPN.
+    Http2,
+}
+
 impl<C: Connector> Serve for HttpProxy<C> {
     async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        self.serve_io(stream, peer).await
+        self.serve_io(stream, peer, Version::Http1).await
     }
 }
 
 impl<C: Connector> HttpProxy<C> {
     /// Serves one user connection over `io`: the accepted TCP socket, or the TLS
-    /// session of the HTTPS listener (`proxy/https.rs`).
-    pub async fn serve_io<S: LocalStream + 'static>(self: Arc<Self>, io: S, peer: SocketAddr) {
+    /// session of the HTTPS listener (`proxy/https.rs`), in HTTP/1.1 or HTTP/2 (where
+    /// every CONNECT is a stream of the one connection).
+    pub async fn serve_io<S: LocalStream + 'static>(
+        self: Arc<Self>,
+        io: S,
+        peer: SocketAddr,
+        version: Version,
+    ) {
         let state = Arc::new(ConnState {
             peer,
             users: self.users.clone(),
@@ -67,15 +104,28 @@ impl<C: Connector> HttpProxy<C> {
             let connector = connector.clone();
             async move { Ok::<_, Infallible>(handle::<C, S>(req, &state, &*connector).await) }
         });
-        let result = hyper::server::conn::http1::Builder::new()
-            .preserve_header_case(true)
-            .title_case_headers(true)
-            // A client that trickles its request head (slowloris) is dropped.
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(self.request_timeout)
-            .serve_connection(TokioIo::new(io), service)
-            .with_upgrades()
-            .await;
+        let result = match version {
+            Version::Http1 => {
+                hyper::server::conn::http1::Builder::new()
+                    .preserve_header_case(true)
+                    .title_case_headers(true)
+                    // A client that trickles its request head (slowloris) is dropped.
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(self.request_timeout)
+                    .serve_connection(TokioIo::new(io), service)
+                    .with_upgrades()
+                    .await
+            }
+            Version::Http2 => {
+                hyper::server::conn::http2::Builder::new(InSpan(tracing::Span::current()))
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .max_concurrent_streams(H2_MAX_STREAMS)
+                    .keep_alive_interval(H2_KEEPALIVE)
+                    .keep_alive_timeout(H2_KEEPALIVE)
+                    .serve_connection(TokioIo::new(io), service)
+                    .await
+            }
+        };
         if let Err(e) = result {
             tracing::debug!(%peer, error = %e, "http proxy connection ended");
         }
@@ -389,6 +439,8 @@ async fn forward<C: Connector>(
         }
     }
     parts.uri = origin_form;
+    // The upstream connection speaks HTTP/1.1, whatever the user's connection speaks.
+    parts.version = hyper::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     let req = Request::from_parts(parts, body);
 

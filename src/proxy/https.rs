@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::http::HttpProxy;
+use super::http::{HttpProxy, Version};
 use crate::connect::Connector;
 use crate::transport::listen::Serve;
 use crate::tunnel::relay::LocalStream;
@@ -57,7 +57,13 @@ impl<C: Connector> Serve for HttpsProxy<C> {
             _ => return,
         }
         match tokio::time::timeout(within, self.acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => self.http.clone().serve_io(tls, peer).await,
+            Ok(Ok(tls)) => {
+                let version = match tls.get_ref().1.alpn_protocol() {
+                    Some(b"h2") => Version::Http2,
+                    _ => Version::Http1,
+                };
+                self.http.clone().serve_io(tls, peer, version).await
+            }
             Ok(Err(e)) => tracing::debug!(%peer, error = %e, "https proxy: TLS handshake failed"),
             Err(_) => tracing::debug!(%peer, ?within, "https proxy: TLS handshake timed out"),
         }

@@ -257,13 +257,13 @@ pub fn rotating_server_config(
 
 /// Server config for the HTTPS proxy listener: the certificate of `slot` (the agent
 /// listener's own when the listener names no files, so that one reload rotates both),
-/// no client certificates, HTTP/1.1.
+/// no client certificates, HTTP/2 (preferred) or HTTP/1.1 by ALPN.
 pub fn proxy_server_config(slot: Arc<CertSlot>) -> Arc<ServerConfig> {
     install_crypto_provider();
     let mut config = ServerConfig::builder_with_protocol_versions(versions())
         .with_no_client_auth()
         .with_cert_resolver(slot);
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Arc::new(config)
 }
 
