@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what the tests drive (curl, the
-# Python `websockets` package, headless Chromium, redis-server, HAProxy, slapd; iperf3 and
+# Python `websockets` package, headless Chromium, redis-server, HAProxy, slapd,
+# systemd-analyze; iperf3 and
 # rathole for the load-test smoke run), then runs fmt, clippy, a tiny load test and every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,12 @@ if [ ! -x /usr/sbin/slapd ] || ! command -v ldapsearch >/dev/null 2>&1; then
   # system service; noninteractive, so debconf asks nothing).
   echo "== installing slapd and ldap-utils"
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slapd ldap-utils; else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slapd ldap-utils; fi
+fi
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+  # tests/systemd.rs runs `systemd-analyze verify` and `security --offline` on the
+  # units in contrib/systemd (offline: no running systemd needed).
+  echo "== installing systemd (for systemd-analyze)"
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd; else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd; fi
 fi
 if ! python3 -c 'import websockets' >/dev/null 2>&1; then
   echo "== installing the Python websockets package"

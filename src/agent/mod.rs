@@ -201,6 +201,11 @@ impl Agent {
     /// returns once every task it started has ended.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut tasks = tokio::task::JoinSet::new();
+        let stopping = shutdown.clone();
+        tasks.spawn(async move {
+            stopping.cancelled().await;
+            crate::net::notify::notify(crate::net::notify::State::Stopping);
+        });
         for gateway in &self.gateways {
             tasks.spawn(self.clone().keep_gateway(gateway.clone(), shutdown.clone()));
         }
@@ -601,6 +606,7 @@ impl Agent {
             deflate = core.compressed(),
             "authenticated to the gateway"
         );
+        crate::net::notify::ready_once();
 
         let group = cfg
             .group_id

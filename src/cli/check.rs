@@ -131,10 +131,12 @@ fn check_gateway(
     ));
     let mut listeners = 0;
     if let Some(p) = proxy {
-        for (name, l) in [("http", &p.http), ("socks5", &p.socks5)] {
-            let Some(l) = l else { continue };
+        for (name, l) in p.listeners() {
             listeners += 1;
             listener(name, l, proxy_users, report);
+        }
+        if let Some(l) = &p.https {
+            https_cert(l, g, report)?;
         }
     }
     let s = &mut report.summary;
@@ -154,8 +156,11 @@ fn check_gateway(
     ));
     for f in &g.forwards {
         s.push(format!(
-            "  forward {} -> {} via group {}",
-            f.listen_addr.0, f.target, f.group
+            "  forward {} {} -> {} via group {}",
+            f.protocol.as_str(),
+            f.listen_addr.0,
+            f.target,
+            f.group
         ));
     }
     s.push(format!("limits: {}", limits(g)));
@@ -213,6 +218,24 @@ fn listener(name: &str, l: &ProxyListener, group_users: usize, report: &mut Repo
             l.listen_addr.0
         ));
     }
+}
+
+/// The HTTPS listener's own certificate and key, when it names them, as the gateway's.
+fn https_cert(l: &ProxyListener, g: &GatewayConfig, report: &mut Report) -> anyhow::Result<()> {
+    let (Some(cert), Some(key)) = (&l.tls_cert, &l.tls_key) else {
+        report.summary.push(format!(
+            "proxy.https: TLS with the gateway's certificate ({})",
+            g.tls_cert.display()
+        ));
+        return Ok(());
+    };
+    let expiry = check_cert("proxy.https.tls_cert", cert, report)?;
+    tls::load_certified_key(cert, key).context("proxy.https.tls_key")?;
+    report.summary.push(format!(
+        "proxy.https: TLS with {} ({expiry})",
+        cert.display()
+    ));
+    Ok(())
 }
 
 fn admin(section: &str, addr: SocketAddr, auth: bool, report: &mut Report) {
@@ -356,10 +379,9 @@ fn check_client(c: &ClientConfig, report: &mut Report) -> anyhow::Result<()> {
 fn plain_text_passwords(path: &Path, config: &Config, report: &mut Report) {
     let mut count = 0;
     if let Some(p) = &config.proxy {
-        count += [&p.http, &p.socks5]
-            .into_iter()
-            .flatten()
-            .filter(|l| l.credentials().is_some())
+        count += p
+            .listeners()
+            .filter(|(_, l)| l.credentials().is_some())
             .count();
     }
     if let Some(g) = &config.gateway {

@@ -31,7 +31,8 @@ fn free_port(preferred: u16) -> u16 {
         .unwrap_or(preferred)
 }
 
-fn secret() -> String {
+/// A generated password: 20 alphanumerics (119 bits).
+pub(super) fn secret() -> String {
     Alphanumeric.sample_string(&mut rand::rng(), 20)
 }
 

@@ -3,6 +3,7 @@
 pub mod check;
 pub mod ctl;
 pub mod demo;
+pub mod init;
 mod logging;
 pub mod pmproxy;
 
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use anyproxy::agent::Agent;
 use anyproxy::config::{Config, LogConfig, LogFormat};
 use anyproxy::gateway::Gateway;
+use anyproxy::net::notify::{notify, State};
 
 #[derive(Parser)]
 #[command(
@@ -64,6 +66,11 @@ pub enum Command {
         #[arg(long, default_value_t = 1080)]
         socks_port: u16,
     },
+    /// Writes the files of a real deployment: a commented configuration with public
+    /// listeners, a certificate, generated credentials (secrets mode 0600), and for a
+    /// gateway the matching agent configuration.
+    /// Example: `anyproxy init gateway --host gw.example.com --dir /etc/anyproxy`
+    Init(init::InitArgs),
     /// Validates a configuration file as a start would (files, certificate and key,
     /// expiry, policy dir), prints a summary and warnings, and starts nothing.
     Check(check::CheckArgs),
@@ -182,6 +189,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             gateway.reloader().follow_log_level(log_level);
             reload_on_hangup(gateway.reloader(), config.clone(), signals.first.clone())?;
             gateway.enable_admin_reload(config.clone());
+            // Ready: every listener is bound, and a SIGHUP now reloads instead of killing.
+            notify(State::Ready);
             signals.first.cancelled().await;
             tracing::info!("shutting down: closing listeners, draining");
             until_stopped(signals, gateway.stop()).await;
@@ -219,6 +228,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Command::Check(args) => check::run(args),
+        Command::Init(args) => init::run(args),
         Command::Ctl(args) => {
             logging::init(&LogConfig::default(), log_format);
             ctl::run(args).await
@@ -228,15 +238,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             pmproxy::run(args).await
         }
         Command::Passwd { bcrypt, cost } => {
-            let mut line = String::new();
-            std::io::stdin()
-                .read_line(&mut line)
-                .context("reading the password from stdin")?;
-            let password = line.strip_suffix('\n').unwrap_or(&line);
-            let password = password.strip_suffix('\r').unwrap_or(password);
-            if password.is_empty() {
-                bail!("empty password on stdin");
-            }
+            let password = init::read_password_line()?;
+            let password = password.as_str();
             let hash = if bcrypt {
                 anyproxy::auth::hash::hash_bcrypt(password, cost)
             } else {

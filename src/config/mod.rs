@@ -174,6 +174,9 @@ impl Config {
             check_heartbeat("gateway", g.ping_interval, g.idle_timeout)?;
             check_limits(g)?;
             check_proxy_protocol(g, self.proxy.as_ref())?;
+            if let Some(p) = &self.proxy {
+                check_proxy_tls(p)?;
+            }
             g.deflate
                 .validate()
                 .map_err(|e| ConfigError::Semantic(format!("gateway.{e}")))?;
@@ -212,8 +215,27 @@ pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
 pub struct ProxyConfig {
     #[serde(default)]
     pub http: Option<ProxyListener>,
+    /// The HTTP proxy again, behind TLS (`curl -x https://...`, Chromium's
+    /// `--proxy-server=https://...`): credentials never cross the network in clear.
+    /// A listener of its own rather than a TLS switch on `http`, so that one gateway
+    /// can serve both the clients that speak TLS to a proxy and those that cannot.
+    #[serde(default)]
+    pub https: Option<ProxyListener>,
     #[serde(default)]
     pub socks5: Option<ProxyListener>,
+}
+
+impl ProxyConfig {
+    /// The configured listeners with their key (`"http"`, `"https"`, `"socks5"`).
+    pub fn listeners(&self) -> impl Iterator<Item = (&'static str, &ProxyListener)> {
+        [
+            ("http", &self.http),
+            ("https", &self.https),
+            ("socks5", &self.socks5),
+        ]
+        .into_iter()
+        .filter_map(|(k, l)| Some((k, l.as_ref()?)))
+    }
 }
 
 /// One proxy listener with its own credentials; no credentials means open.
@@ -238,6 +260,12 @@ pub struct ProxyListener {
     /// `[tcp]`, which answers UDP ASSOCIATE with "command not supported".
     #[serde(default)]
     pub protocols: Protocols,
+    /// `proxy.https` only: the certificate chain and key it presents; default the
+    /// gateway's own `tls_cert`/`tls_key` (and a SIGHUP rotates either).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl ProxyListener {
@@ -334,7 +362,7 @@ fn check_groups(g: &GatewayConfig, proxy: Option<&ProxyConfig>) -> Result<(), Co
     let mut ids = std::collections::HashSet::new();
     let mut users = std::collections::HashSet::new();
     if let Some(p) = proxy {
-        for l in [&p.http, &p.socks5].into_iter().flatten() {
+        for (_, l) in p.listeners() {
             if let Some(c) = l.credentials() {
                 users.insert(c.username);
             }
@@ -388,14 +416,12 @@ fn check_auth(g: &GatewayConfig, proxy: Option<&ProxyConfig>) -> Result<(), Conf
         }
         backend.validate(name).map_err(ConfigError::Semantic)?;
     }
-    let mut chains = vec![("gateway.agent_auth", &g.agent_auth)];
+    let mut chains = vec![("gateway.agent_auth".to_owned(), &g.agent_auth)];
     if let Some(p) = proxy {
-        if let Some(l) = &p.http {
-            chains.push(("proxy.http.auth", &l.auth));
-        }
-        if let Some(l) = &p.socks5 {
-            chains.push(("proxy.socks5.auth", &l.auth));
-        }
+        chains.extend(
+            p.listeners()
+                .map(|(k, l)| (format!("proxy.{k}.auth"), &l.auth)),
+        );
     }
     for (key, chain) in chains {
         let mut seen = std::collections::HashSet::new();
@@ -682,8 +708,8 @@ fn check_proxy_protocol(g: &GatewayConfig, proxy: Option<&ProxyConfig>) -> Resul
     }
     let mut on = Vec::new();
     if let Some(p) = proxy {
-        for (key, l) in [("http", &p.http), ("socks5", &p.socks5)] {
-            if l.as_ref().is_some_and(|l| l.proxy_protocol) {
+        for (key, l) in p.listeners() {
+            if l.proxy_protocol {
                 on.push(format!("proxy.{key}"));
             }
         }
@@ -702,6 +728,25 @@ fn check_proxy_protocol(g: &GatewayConfig, proxy: Option<&ProxyConfig>) -> Resul
             "{first}.proxy_protocol needs gateway.trusted_proxies: the addresses (CIDRs) of the load balancers that may send PROXY headers"
         ))),
     }
+}
+
+/// Only `proxy.https` speaks TLS, and its certificate and key go together.
+fn check_proxy_tls(p: &ProxyConfig) -> Result<(), ConfigError> {
+    for (key, l) in p.listeners() {
+        let (cert, tls_key) = (l.tls_cert.is_some(), l.tls_key.is_some());
+        if key != "https" && (cert || tls_key) {
+            return Err(ConfigError::Semantic(format!(
+                "proxy.{key}.tls_cert/tls_key: only proxy.https serves TLS; declare this listener as proxy.https"
+            )));
+        }
+        if cert != tls_key {
+            return Err(ConfigError::Semantic(
+                "proxy.https.tls_cert and proxy.https.tls_key go together (neither: the gateway's own)"
+                    .into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Below this a single 64 KiB read would wait a minute: surely a typo.
@@ -1221,6 +1266,42 @@ client:
             ("    bandwidth: { per_user: 10B/s }\n", "1KiB/s"),
             ("    bandwidth: { per_group: { lab: 1MiB } }\n", "\"lab\""),
             ("    per_usr: {}\n", "per_usr"),
+        ] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn only_the_https_listener_takes_a_certificate_and_both_files_go_together() {
+        let gw = "gateway:\n  listen_addr: '127.0.0.1:9'\n  tls_cert: a\n  tls_key: b\n  auth_username: u\n  auth_password: p\n";
+        let parse =
+            |proxy: &str| Config::parse(&format!("proxy:\n{proxy}{gw}"), Path::new("x.yaml"));
+        let p = parse("  https: { listen_addr: ':1', tls_cert: c, tls_key: k }\n")
+            .unwrap()
+            .proxy
+            .unwrap();
+        let https = p.https.as_ref().unwrap();
+        assert_eq!(https.tls_cert.as_deref(), Some(Path::new("c")));
+        assert_eq!(p.listeners().map(|(k, _)| k).collect::<Vec<_>>(), ["https"]);
+        assert!(parse("  https: { listen_addr: ':1' }\n").is_ok());
+        for (bad, why) in [
+            (
+                "  http: { listen_addr: ':1', tls_cert: c, tls_key: k }\n",
+                "only proxy.https",
+            ),
+            (
+                "  https: { listen_addr: ':1', tls_cert: c }\n",
+                "go together",
+            ),
+            (
+                "  https: { listen_addr: ':1', proxy_protocol: true }\n",
+                "proxy.https.proxy_protocol",
+            ),
+            (
+                "  https: { listen_addr: ':1', auth: [corp] }\n",
+                "proxy.https.auth",
+            ),
         ] {
             let err = parse(bad).unwrap_err().to_string();
             assert!(err.contains(why), "{bad}: {err}");

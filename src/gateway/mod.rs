@@ -19,11 +19,13 @@ use tokio_util::task::TaskTracker;
 use anyproxy_proto::ErrorCode;
 
 use crate::cluster::Cluster;
-use crate::config::{GatewayConfig, ProxyConfig};
+use crate::config::{GatewayConfig, ProxyConfig, ProxyListener};
 use crate::connect::{ConnectError, Connector, Requester, Upstream};
 use crate::limits::{LimitGuard, Limits};
+use crate::net::notify::{notify, State};
 use crate::net::HostPort;
 use crate::proxy::http::HttpProxy;
+use crate::proxy::https::HttpsProxy;
 use crate::proxy::socks5::Socks5Proxy;
 use crate::proxy::socks5_udp::UdpSupport;
 use crate::transport::listen::{AcceptLoop, ProxyProtocol};
@@ -101,6 +103,8 @@ pub enum StartError {
 pub struct Gateway {
     pub agent_addr: SocketAddr,
     pub http_addr: Option<SocketAddr>,
+    /// The HTTPS proxy listener (`proxy.https`), when configured.
+    pub https_addr: Option<SocketAddr>,
     pub socks5_addr: Option<SocketAddr>,
     /// The declared forwards' listeners, in configuration order.
     pub forward_addrs: Vec<SocketAddr>,
@@ -278,33 +282,70 @@ impl Gateway {
         let mut logins = Logins {
             agents,
             http: None,
+            https: None,
             socks5: None,
         };
-        let (running_http, running_socks5) = (proxy.http.clone(), proxy.socks5.clone());
-        let mut http_addr = None;
-        if let Some(http) = proxy.http {
-            let listener = bind("http proxy", http.listen_addr.0).await?;
-            http_addr = listener.local_addr().ok();
-            let users = Arc::new(backends.authority(&http.auth, listener_accounts(&http, &groups)));
+        let (running_http, running_https, running_socks5) = (
+            proxy.http.clone(),
+            proxy.https.clone(),
+            proxy.socks5.clone(),
+        );
+        // The HTTP front end of `proxy.http`, and of `proxy.https` behind TLS, with who
+        // checks its users (a reload replaces their rules).
+        let http_front = |l: &ProxyListener, addr: Option<SocketAddr>| {
+            let users = Arc::new(backends.authority(&l.auth, listener_accounts(l, &groups)));
             if users.is_open() {
-                tracing::warn!(addr = ?http_addr, "HTTP proxy has no credentials: anyone who can reach it may use it");
+                tracing::warn!(
+                    ?addr,
+                    "HTTP proxy has no credentials: anyone who can reach it may use it"
+                );
             }
-            logins.http = Some(users.clone());
             let role = Arc::new(HttpProxy {
-                users,
+                users: users.clone(),
                 limits: limits.clone(),
                 connector: guarded.clone(),
                 request_timeout: crate::proxy::http::HEADER_READ_TIMEOUT,
             });
+            (role, users)
+        };
+        let mut http_addr = None;
+        if let Some(http) = &proxy.http {
+            let listener = bind("http proxy", http.listen_addr.0).await?;
+            http_addr = listener.local_addr().ok();
+            let (role, users) = http_front(http, http_addr);
+            logins.http = Some(users);
             let accept = pp(http.proxy_protocol, AcceptLoop::new(listener, "http proxy"));
             tasks.spawn(accept.run(role, shutdown.clone().cancelled_owned(), conns.clone()));
         }
+        let mut https_addr = None;
+        let mut proxy_cert_slot = None;
+        if let Some(https) = &proxy.https {
+            let slot = match (&https.tls_cert, &https.tls_key) {
+                (Some(cert), Some(key)) => {
+                    let own = Arc::new(tls::CertSlot::load(cert, key)?);
+                    warn_if_expiring(cert, own.expiry());
+                    proxy_cert_slot = Some(own.clone());
+                    own
+                }
+                _ => cert_slot.clone(),
+            };
+            let listener = bind("https proxy", https.listen_addr.0).await?;
+            https_addr = listener.local_addr().ok();
+            let (front, users) = http_front(https, https_addr);
+            logins.https = Some(users);
+            let role = Arc::new(HttpsProxy::new(front, tls::proxy_server_config(slot)));
+            let accept = pp(
+                https.proxy_protocol,
+                AcceptLoop::new(listener, "https proxy"),
+            );
+            tasks.spawn(accept.run(role, shutdown.clone().cancelled_owned(), conns.clone()));
+        }
         let mut socks5_addr = None;
-        if let Some(socks) = proxy.socks5 {
+        if let Some(socks) = &proxy.socks5 {
             let listener = bind("socks5 proxy", socks.listen_addr.0).await?;
             socks5_addr = listener.local_addr().ok();
             let users =
-                Arc::new(backends.authority(&socks.auth, listener_accounts(&socks, &groups)));
+                Arc::new(backends.authority(&socks.auth, listener_accounts(socks, &groups)));
             if users.is_open() {
                 tracing::warn!(addr = ?socks5_addr, "SOCKS5 proxy has no credentials: anyone who can reach it may use it");
             }
@@ -383,10 +424,11 @@ impl Gateway {
             let task = tokio::spawn(cluster.run(report, stop.clone()));
             Membership { stop, task }
         });
-        tracing::info!(%agent_addr, ?http_addr, ?socks5_addr, "gateway listening");
+        tracing::info!(%agent_addr, ?http_addr, ?https_addr, ?socks5_addr, "gateway listening");
         Ok(Gateway {
             agent_addr,
             http_addr,
+            https_addr,
             socks5_addr,
             forward_addrs,
             registry,
@@ -400,12 +442,16 @@ impl Gateway {
             drain_timeout,
             membership,
             reloader: Arc::new(Reloader::new(
-                cert_slot,
+                reload::Certificates {
+                    agents: cert_slot,
+                    https: proxy_cert_slot,
+                },
                 metrics,
                 logins,
                 Running {
                     gateway: running_gateway,
                     http: running_http,
+                    https: running_https,
                     socks5: running_socks5,
                     backends,
                 },
@@ -446,6 +492,7 @@ impl Gateway {
     /// closes every session (WebSocket close 1001) and returns once every task it
     /// started has ended.
     pub async fn stop_within(self, drain: Duration) {
+        notify(State::Stopping);
         self.shutdown.cancel();
         self.tasks.wait().await;
         tracing::info!(

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use super::auth::{agent_accounts, listener_accounts, AuthBackends};
 use crate::auth::Authority;
 use crate::config::{GatewayConfig, LevelSwitch, LogConfig, ProxyListener, DEFAULT_GROUP};
+use crate::net::notify::{notify, State};
 use crate::transport::tls;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,8 @@ pub enum ReloadError {
     NoGateway(String),
     #[error("gateway.tls_cert / gateway.tls_key: {0}; the old certificate stays")]
     Tls(tls::TlsError),
+    #[error("proxy.https.tls_cert / tls_key: {0}; the old certificates stay")]
+    ProxyTls(tls::TlsError),
     #[error(
         "{key}: backend {name:?} is not running; adding an authentication backend takes a restart"
     )]
@@ -34,21 +37,31 @@ pub(super) struct Logins {
     pub agents: Arc<Authority>,
     /// The proxy listeners', when the listener runs.
     pub http: Option<Arc<Authority>>,
+    pub https: Option<Arc<Authority>>,
     pub socks5: Option<Arc<Authority>>,
+}
+
+/// The certificates the gateway presents.
+pub(super) struct Certificates {
+    /// To agents, and to HTTPS proxy users when their listener has no files of its own.
+    pub agents: Arc<tls::CertSlot>,
+    /// The HTTPS proxy listener's own, when it has files of its own.
+    pub https: Option<Arc<tls::CertSlot>>,
 }
 
 /// The configuration a gateway runs with, and the backends it opened at start.
 pub(super) struct Running {
     pub gateway: GatewayConfig,
     pub http: Option<ProxyListener>,
+    pub https: Option<ProxyListener>,
     pub socks5: Option<ProxyListener>,
     pub backends: AuthBackends,
 }
 
 /// The parts of a running gateway that a reload swaps, and what it counts with.
 pub struct Reloader {
-    /// The certificate new agent handshakes get; a reload replaces it.
-    cert_slot: Arc<tls::CertSlot>,
+    /// The certificates new handshakes get; a reload replaces them.
+    certs: Certificates,
     metrics: Arc<crate::metrics::GatewayMetrics>,
     logins: Logins,
     /// The process's log filter, when the binary hands it over.
@@ -59,13 +72,13 @@ pub struct Reloader {
 
 impl Reloader {
     pub(super) fn new(
-        cert_slot: Arc<tls::CertSlot>,
+        certs: Certificates,
         metrics: Arc<crate::metrics::GatewayMetrics>,
         logins: Logins,
         running: Running,
     ) -> Self {
         Reloader {
-            cert_slot,
+            certs,
             metrics,
             logins,
             log: std::sync::OnceLock::new(),
@@ -87,7 +100,9 @@ impl Reloader {
     /// README's "Reload"). Counted in `anyproxy_config_reload_total{result}`.
     pub fn reload(&self, path: &Path) -> Result<(), ReloadError> {
         let mut running = self.running.lock();
+        notify(State::Reloading);
         let result = self.apply(path, &mut running);
+        notify(State::Ready);
         match &result {
             Ok(()) => self.metrics.reloads.succeeded(tls::unix_now()),
             Err(e) => {
@@ -108,11 +123,13 @@ impl Reloader {
         let next = Next {
             gateway,
             http: proxy.http,
+            https: proxy.https,
             socks5: proxy.socks5,
         };
-        // Everything that can fail comes first; after the certificate, nothing can.
+        // Everything that can fail comes first; after it, nothing can.
         next.check_backends(&running.backends)?;
-        self.replace_certificate(&next.gateway)?;
+        let checked = self.check_certificates(&next)?;
+        self.replace_certificates(&next.gateway, checked);
 
         running.backends.set_groups(&next.gateway.groups);
         self.replace_logins(running, &next);
@@ -127,14 +144,28 @@ impl Reloader {
         Ok(())
     }
 
-    fn replace_certificate(&self, config: &GatewayConfig) -> Result<(), ReloadError> {
-        let before = self.cert_slot.leaf();
-        let validity = self
-            .cert_slot
-            .replace(&config.tls_cert, &config.tls_key)
-            .map_err(ReloadError::Tls)?;
+    /// Every certificate is loaded and checked before any is swapped.
+    fn check_certificates(&self, next: &Next) -> Result<CheckedCertificates, ReloadError> {
+        let g = &next.gateway;
+        let agents = tls::load_checked(&g.tls_cert, &g.tls_key).map_err(ReloadError::Tls)?;
+        let https = match &self.certs.https {
+            Some(_) => {
+                let (cert, key) = https_cert_files(next.https.as_ref(), g);
+                Some(tls::load_checked(cert, key).map_err(ReloadError::ProxyTls)?)
+            }
+            None => None,
+        };
+        Ok(CheckedCertificates { agents, https })
+    }
+
+    fn replace_certificates(&self, config: &GatewayConfig, checked: CheckedCertificates) {
+        let before = self.certs.agents.leaf();
+        let validity = self.certs.agents.store(checked.agents);
+        if let (Some(slot), Some(key)) = (&self.certs.https, checked.https) {
+            slot.store(key);
+        }
         self.metrics.reloads.tls_expiry(validity.not_after);
-        if before != self.cert_slot.leaf() {
+        if before != self.certs.agents.leaf() {
             tracing::info!(
                 cert = %config.tls_cert.display(),
                 "tls certificate replaced (new expiry {})",
@@ -144,7 +175,6 @@ impl Reloader {
         } else {
             tracing::info!("tls certificate unchanged");
         }
-        Ok(())
     }
 
     fn replace_log_level(&self, log: &LogConfig) {
@@ -179,6 +209,7 @@ impl Reloader {
         self.logins.agents.replace(agents);
         for (name, authority, was, now) in [
             ("http", &self.logins.http, &running.http, &next.http),
+            ("https", &self.logins.https, &running.https, &next.https),
             ("socks5", &self.logins.socks5, &running.socks5, &next.socks5),
         ] {
             // A listener that is not running is not started by a reload.
@@ -208,7 +239,14 @@ impl Reloader {
 struct Next {
     gateway: GatewayConfig,
     http: Option<ProxyListener>,
+    https: Option<ProxyListener>,
     socks5: Option<ProxyListener>,
+}
+
+/// The certificates of a reload, loaded and checked, not yet served.
+struct CheckedCertificates {
+    agents: tls::CheckedKey,
+    https: Option<tls::CheckedKey>,
 }
 
 impl Next {
@@ -218,6 +256,7 @@ impl Next {
         let chains = [
             ("gateway.agent_auth", Some(&self.gateway.agent_auth)),
             ("proxy.http.auth", self.http.as_ref().map(|l| &l.auth)),
+            ("proxy.https.auth", self.https.as_ref().map(|l| &l.auth)),
             ("proxy.socks5.auth", self.socks5.as_ref().map(|l| &l.auth)),
         ];
         for (key, names) in chains {
@@ -377,6 +416,7 @@ fn restart_only(running: &Running, next: &Next) -> Vec<&'static str> {
     }
     for (key, was, now) in [
         ("proxy.http", &running.http, &next.http),
+        ("proxy.https", &running.https, &next.https),
         ("proxy.socks5", &running.socks5, &next.socks5),
     ] {
         match (was, now) {
@@ -390,7 +430,14 @@ fn restart_only(running: &Running, next: &Next) -> Vec<&'static str> {
                     listen_addr: _,
                     proxy_protocol: _,
                     protocols: _,
+                    // Reloaded when the listener started with files of its own (its
+                    // certificate slot); adding or dropping them takes a restart.
+                    tls_cert: _,
+                    tls_key: _,
                 } = was;
+                if was.tls_cert.is_some() != now.tls_cert.is_some() {
+                    changed.push("proxy.https.tls_cert");
+                }
                 if format!(
                     "{:?}",
                     (&was.listen_addr, was.proxy_protocol, &was.protocols)
@@ -421,5 +468,16 @@ pub(super) fn warn_if_expiring(cert: &Path, not_after: i64) {
             "the tls certificate expires on {}",
             tls::rfc3339(not_after)
         );
+    }
+}
+
+/// The certificate and key files of the HTTPS proxy listener: its own, or the gateway's.
+pub(super) fn https_cert_files<'a>(
+    https: Option<&'a ProxyListener>,
+    gateway: &'a GatewayConfig,
+) -> (&'a std::path::Path, &'a std::path::Path) {
+    match https.and_then(|l| l.tls_cert.as_deref().zip(l.tls_key.as_deref())) {
+        Some(own) => own,
+        None => (&gateway.tls_cert, &gateway.tls_key),
     }
 }

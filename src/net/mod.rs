@@ -1,10 +1,12 @@
 //! The neutral vocabulary every layer shares, and that imports no other part of the
 //! crate: targets (`HostPort`), IP networks (`Cidr`), human-readable units, secrets and
-//! their constant-time comparison, and the typed reasons a dial fails.
+//! their constant-time comparison, the typed reasons a dial fails, and the service
+//! manager's readiness protocol (`notify`).
 
 mod addr;
 mod cidr;
 mod failure;
+pub mod notify;
 mod secret;
 mod units;
 

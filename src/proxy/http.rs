@@ -44,8 +44,53 @@ pub struct HttpProxy<C> {
     pub request_timeout: Duration,
 }
 
+/// HTTP/2 streams one client connection may have open at once (each CONNECT tunnel
+/// is one, for as long as it lives).
+pub const H2_MAX_STREAMS: u32 = 256;
+
+/// How often an HTTP/2 connection is pinged, and how long the answer may take: a peer
+/// that vanished is dropped with its tunnels.
+const H2_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Spawns HTTP/2 streams inside the connection's span, so that their log lines (the
+/// access line too) name the listener and the peer like HTTP/1 requests do.
+#[derive(Clone)]
+struct InSpan(tracing::Span);
+
+impl<F> hyper::rt::Executor<F> for InSpan
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut.instrument(self.0.clone()));
+    }
+}
+
+/// The HTTP version a user connection speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    Http1,
+    /// Only over TLS, when the client chose `h2` by ALPN.
+    Http2,
+}
+
 impl<C: Connector> Serve for HttpProxy<C> {
     async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        self.serve_io(stream, peer, Version::Http1).await
+    }
+}
+
+impl<C: Connector> HttpProxy<C> {
+    /// Serves one user connection over `io`: the accepted TCP socket, or the TLS
+    /// session of the HTTPS listener (`proxy/https.rs`), in HTTP/1.1 or HTTP/2 (where
+    /// every CONNECT is a stream of the one connection).
+    pub async fn serve_io<S: LocalStream + 'static>(
+        self: Arc<Self>,
+        io: S,
+        peer: SocketAddr,
+        version: Version,
+    ) {
         let state = Arc::new(ConnState {
             peer,
             users: self.users.clone(),
@@ -57,17 +102,30 @@ impl<C: Connector> Serve for HttpProxy<C> {
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
             let connector = connector.clone();
-            async move { Ok::<_, Infallible>(handle(req, &state, &*connector).await) }
+            async move { Ok::<_, Infallible>(handle::<C, S>(req, &state, &*connector).await) }
         });
-        let result = hyper::server::conn::http1::Builder::new()
-            .preserve_header_case(true)
-            .title_case_headers(true)
-            // A client that trickles its request head (slowloris) is dropped.
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(self.request_timeout)
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades()
-            .await;
+        let result = match version {
+            Version::Http1 => {
+                hyper::server::conn::http1::Builder::new()
+                    .preserve_header_case(true)
+                    .title_case_headers(true)
+                    // A client that trickles its request head (slowloris) is dropped.
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(self.request_timeout)
+                    .serve_connection(TokioIo::new(io), service)
+                    .with_upgrades()
+                    .await
+            }
+            Version::Http2 => {
+                hyper::server::conn::http2::Builder::new(InSpan(tracing::Span::current()))
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .max_concurrent_streams(H2_MAX_STREAMS)
+                    .keep_alive_interval(H2_KEEPALIVE)
+                    .keep_alive_timeout(H2_KEEPALIVE)
+                    .serve_connection(TokioIo::new(io), service)
+                    .await
+            }
+        };
         if let Err(e) = result {
             tracing::debug!(%peer, error = %e, "http proxy connection ended");
         }
@@ -235,7 +293,7 @@ fn split_authority(uri: &Uri, default_port: Option<u16>) -> Option<HostPort> {
     })
 }
 
-async fn handle<C: Connector>(
+async fn handle<C: Connector, S: LocalStream + 'static>(
     req: Request<Incoming>,
     state: &ConnState,
     connector: &C,
@@ -249,7 +307,7 @@ async fn handle<C: Connector>(
     };
     let who = Requester::new(state.peer, identity);
     if req.method() == Method::CONNECT {
-        connect_tunnel(req, who, connector).await
+        connect_tunnel::<C, S>(req, who, connector).await
     } else {
         forward(req, who, state, connector).await
     }
@@ -269,7 +327,7 @@ fn log_failure(
         .refused(e.code(), e);
 }
 
-async fn connect_tunnel<C: Connector>(
+async fn connect_tunnel<C: Connector, S: LocalStream + 'static>(
     mut req: Request<Incoming>,
     who: Requester,
     connector: &C,
@@ -294,10 +352,10 @@ async fn connect_tunnel<C: Connector>(
                         .requester(&who)
                         .target(&target)
                         .since(started);
-                    // Take the socket back from hyper (it is ours: `HttpProxy::serve`),
+                    // Take the socket back from hyper (it is ours: `HttpProxy::serve_io`),
                     // so that a tunnel the far side lost ends with a reset, never with a
                     // clean close that would pass for a complete download.
-                    match upgraded.downcast::<TokioIo<TcpStream>>() {
+                    match upgraded.downcast::<TokioIo<S>>() {
                         Ok(parts) => {
                             let socket = Rewound {
                                 early: parts.read_buf,
@@ -381,6 +439,8 @@ async fn forward<C: Connector>(
         }
     }
     parts.uri = origin_form;
+    // The upstream connection speaks HTTP/1.1, whatever the user's connection speaks.
+    parts.version = hyper::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     let req = Request::from_parts(parts, body);
 
@@ -465,12 +525,12 @@ async fn forward<C: Connector>(
 /// A CONNECT tunnel's socket after hyper's upgrade, with the bytes hyper had already
 /// read past the request head (a client may send its TLS hello right behind CONNECT),
 /// which are read first.
-struct Rewound {
+struct Rewound<S> {
     early: Bytes,
-    io: TcpStream,
+    io: S,
 }
 
-impl tokio::io::AsyncRead for Rewound {
+impl<S: LocalStream> tokio::io::AsyncRead for Rewound<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -486,7 +546,7 @@ impl tokio::io::AsyncRead for Rewound {
     }
 }
 
-impl tokio::io::AsyncWrite for Rewound {
+impl<S: LocalStream> tokio::io::AsyncWrite for Rewound<S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -510,7 +570,7 @@ impl tokio::io::AsyncWrite for Rewound {
     }
 }
 
-impl LocalStream for Rewound {
+impl<S: LocalStream> LocalStream for Rewound<S> {
     fn abort_on_close(&self) {
         self.io.abort_on_close()
     }

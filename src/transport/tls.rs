@@ -255,6 +255,18 @@ pub fn rotating_server_config(
     Ok((Arc::new(config), slot))
 }
 
+/// Server config for the HTTPS proxy listener: the certificate of `slot` (the agent
+/// listener's own when the listener names no files, so that one reload rotates both),
+/// no client certificates, HTTP/2 (preferred) or HTTP/1.1 by ALPN.
+pub fn proxy_server_config(slot: Arc<CertSlot>) -> Arc<ServerConfig> {
+    install_crypto_provider();
+    let mut config = ServerConfig::builder_with_protocol_versions(versions())
+        .with_no_client_auth()
+        .with_cert_resolver(slot);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
 /// The server's certificate and key, read at each handshake from a slot a reload
 /// swaps whole (no lock on the handshake path).
 #[derive(Debug)]
@@ -280,11 +292,17 @@ impl CertSlot {
     /// Reads the files again and, if they hold a valid certificate with its key, makes
     /// it the one new handshakes present. On error the current one stays.
     pub fn replace(&self, cert: &Path, key: &Path) -> Result<Validity, TlsError> {
-        let (certified, validity) = load_checked(cert, key)?;
+        let checked = load_checked(cert, key)?;
+        Ok(self.store(checked))
+    }
+
+    /// Makes a certificate from [`load_checked`] the one new handshakes present: a
+    /// reload that swaps several slots checks every file before it stores any.
+    pub fn store(&self, (certified, validity): CheckedKey) -> Validity {
         self.current.store(certified);
         self.expiry
             .store(validity.not_after, std::sync::atomic::Ordering::Relaxed);
-        Ok(validity)
+        validity
     }
 
     /// The current leaf's `not_after`, Unix seconds.
@@ -307,13 +325,13 @@ impl rustls::server::ResolvesServerCert for CertSlot {
     }
 }
 
+/// A certificate with its key, and the leaf's validity, as [`load_checked`] made it.
+pub type CheckedKey = (Arc<rustls::sign::CertifiedKey>, Validity);
+
 /// A certificate and key that belong together, with the leaf's validity; an expired
 /// certificate is refused: replacing a working certificate with it could only fail
 /// every new handshake.
-fn load_checked(
-    cert: &Path,
-    key: &Path,
-) -> Result<(Arc<rustls::sign::CertifiedKey>, Validity), TlsError> {
+pub fn load_checked(cert: &Path, key: &Path) -> Result<CheckedKey, TlsError> {
     let certified = load_certified_key(cert, key)?;
     let validity = leaf_validity(cert, &certified.cert)?;
     if validity.not_after <= unix_now() {

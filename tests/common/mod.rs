@@ -172,6 +172,9 @@ pub struct StackOptions {
     pub top_extra: String,
     /// Extra YAML lines for both proxy listeners (each `key: value`).
     pub listener_extra: Vec<String>,
+    /// Extra YAML text inside the `proxy:` section (another listener, e.g. `https:`),
+    /// each line indented by two spaces.
+    pub proxy_extra: String,
     /// `client.allow_local`: the tests' targets live on loopback, so on unless a test
     /// checks the agent's default refusal.
     pub allow_local: bool,
@@ -191,6 +194,7 @@ impl Default for StackOptions {
             client_extra: vec![],
             top_extra: String::new(),
             listener_extra: vec![],
+            proxy_extra: String::new(),
             allow_local: true,
             tls: None,
         }
@@ -290,6 +294,7 @@ proxy:
     listen_addr: "127.0.0.1:{socks_port}"
     auth_username: "{SOCKS_USER}"
     auth_password: "{SOCKS_PASS}"{listener_extra}
+{proxy_extra}
 gateway:
   listen_addr: "127.0.0.1:{gateway_port}"
   tls_cert: "{cert}"
@@ -301,6 +306,7 @@ gateway:
             cert = certs.cert.display(),
             key = certs.key.display(),
             top_extra = opts.top_extra,
+            proxy_extra = opts.proxy_extra,
             listener_extra = opts
                 .listener_extra
                 .iter()
