@@ -470,7 +470,8 @@ async fn per_user_caps_count_udp_flows() {
     a.send(&Dest::Addr(echo.addr), b"one").await;
     assert_eq!(a.recv(Duration::from_secs(5)).await.unwrap().1, b"one");
     // A second destination is a second flow: over the user's cap.
-    a.send(&Dest::Addr(dns.addr), &dns_query(1, "x.internal")).await;
+    a.send(&Dest::Addr(dns.addr), &dns_query(1, "x.internal"))
+        .await;
     stack
         .wait_for_log("gateway", "user suser has 1 connections open (limit 1)", 1)
         .await;

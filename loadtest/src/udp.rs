@@ -58,7 +58,14 @@ pub async fn run(env: &Env, report: &mut Report) -> Result<()> {
     let mut rows = Vec::new();
     rows.push(measure("direct", Path::Plain(echo), duration).await?);
     let forward = SocketAddr::from((Ipv4Addr::LOCALHOST, forward_port));
-    rows.push(measure("anyproxy binary udp forward", Path::Plain(forward), duration).await?);
+    rows.push(
+        measure(
+            "anyproxy binary udp forward",
+            Path::Plain(forward),
+            duration,
+        )
+        .await?,
+    );
     let assoc = associate(stack.socks_port).await?;
     let via = Path::Socks5 {
         relay: assoc.1,
@@ -72,10 +79,15 @@ pub async fn run(env: &Env, report: &mut Report) -> Result<()> {
 
     let direct = rows[0].rate();
     let mut t = Table::new(
-        format!(
-            "udp: {SIZE} B datagrams echoed, {WINDOW} in flight, {secs} s per route"
-        ),
-        &["route", "sent", "received", "datagrams/s", "loss %", "x direct rate"],
+        format!("udp: {SIZE} B datagrams echoed, {WINDOW} in flight, {secs} s per route"),
+        &[
+            "route",
+            "sent",
+            "received",
+            "datagrams/s",
+            "loss %",
+            "x direct rate",
+        ],
     );
     for r in &rows {
         t.rows.push(vec![
@@ -152,8 +164,12 @@ async fn measure(route: &'static str, path: Path, duration: Duration) -> Result<
     let received = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
     let reader = {
-        let (socket, window, received, done) =
-            (socket.clone(), window.clone(), received.clone(), done.clone());
+        let (socket, window, received, done) = (
+            socket.clone(),
+            window.clone(),
+            received.clone(),
+            done.clone(),
+        );
         let want = header.len() + SIZE;
         tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];
