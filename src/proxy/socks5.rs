@@ -266,3 +266,19 @@ async fn reply<S: AsyncWrite + Unpin>(stream: &mut S, code: u8) -> std::io::Resu
         .await?;
     stream.flush().await
 }
+
+/// The negotiation alone, for the fuzz targets (`crate::fuzzing`).
+#[cfg(feature = "fuzzing")]
+pub(crate) async fn negotiate_for_fuzzing<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    users: &Authority,
+    limits: &Limits,
+    peer: SocketAddr,
+) -> Result<(HostPort, Identity), String> {
+    let auth = Auth {
+        users,
+        limits,
+        peer,
+    };
+    negotiate(stream, &auth).await.map_err(|e| e.to_string())
+}
