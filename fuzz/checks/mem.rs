@@ -19,6 +19,9 @@ pub fn block_on<F: Future>(f: F) -> F::Output {
     RT.with(|rt| rt.block_on(f))
 }
 
+/// Computes the input from what was written and the input as given.
+pub type Answer = fn(&[u8], &[u8]) -> Vec<u8>;
+
 /// Reads come from `input` in pieces whose sizes `chunking` picks (so that the parser
 /// sees a message split at every place), then end of stream; writes are collected in
 /// `written`.
@@ -28,7 +31,7 @@ pub struct Mem {
     chunking: u8,
     reads: usize,
     /// Rewrites the input not read yet from what was written, before the first read.
-    answer: Option<fn(&[u8], &[u8]) -> Vec<u8>>,
+    answer: Option<Answer>,
     pub written: Vec<u8>,
 }
 
@@ -54,7 +57,7 @@ impl Mem {
 
     /// Before the first read, the input becomes `answer(written, input)`: a client
     /// check can compute the part of the answer that depends on its request.
-    pub fn answering(mut self, answer: fn(&[u8], &[u8]) -> Vec<u8>) -> Mem {
+    pub fn answering(mut self, answer: Answer) -> Mem {
         self.answer = Some(answer);
         self
     }

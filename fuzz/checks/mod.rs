@@ -13,9 +13,12 @@ pub mod socks5;
 pub mod ws_frame;
 pub mod ws_handshake;
 
+/// A target's property: panics when it does not hold for the input.
+pub type Check = fn(&[u8]);
+
 /// Every target, by the name of its `fuzz_targets/` binary and of its directories
 /// under `seeds/` and `regressions/`.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Check)] = &[
     ("acl", acl::check),
     ("config", config::check),
     ("http_head", http_head::check),

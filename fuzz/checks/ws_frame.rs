@@ -19,7 +19,7 @@ use super::mem::{block_on, Mem};
 const MAX_MESSAGES: usize = 64;
 
 pub fn check(data: &[u8]) {
-    let Some((&[mode, chunking], wire)) = data.split_first_chunk::<2>().map(|(a, b)| (a, b)) else {
+    let Some((&[mode, chunking], wire)) = data.split_first_chunk::<2>() else {
         return;
     };
     let server = mode & 1 == 1;
@@ -48,7 +48,8 @@ pub fn check(data: &[u8]) {
                     );
                 }
                 Incoming::Ping(p) => assert!(p.len() <= 125),
-                Incoming::Close { reason, .. } => assert!(reason.len() <= 123),
+                // Lossy UTF-8: a replacement character is 3 bytes for each bad one.
+                Incoming::Close { reason, .. } => assert!(reason.chars().count() <= 123),
                 Incoming::Pong => {}
             }
         }
@@ -120,7 +121,19 @@ async fn write_all(read: &[Incoming], server: bool, deflate: Option<&DeflatePara
     wire
 }
 
-/// A comparable summary (Incoming is not `PartialEq`).
+/// A comparable summary (Incoming is not `PartialEq`); a close reason as the writer
+/// sends it, cut to 123 bytes on a character boundary.
 fn describe(read: &[Incoming]) -> Vec<String> {
-    read.iter().map(|m| format!("{m:?}")).collect()
+    read.iter()
+        .map(|m| match m {
+            Incoming::Close { code, reason } => {
+                let mut end = reason.len().min(123);
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                format!("Close {code:?} {:?}", &reason[..end])
+            }
+            other => format!("{other:?}"),
+        })
+        .collect()
 }

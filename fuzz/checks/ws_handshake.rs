@@ -23,7 +23,7 @@ use anyproxy_proto::Encoding;
 use super::mem::{block_on, Mem};
 
 pub fn check(data: &[u8]) {
-    let Some((&[mode, chunking], wire)) = data.split_first_chunk::<2>().map(|(a, b)| (a, b)) else {
+    let Some((&[mode, chunking], wire)) = data.split_first_chunk::<2>() else {
         return;
     };
     let encodings: &[Encoding] = match (mode >> 1) & 3 {
