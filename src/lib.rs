@@ -43,3 +43,37 @@ pub mod proxy;
 
 pub mod agent;
 pub mod gateway;
+
+/// Entry points for the fuzz targets in `fuzz/` and their replay on stable
+/// (`tests/fuzz_regressions.rs`) into parsers that are not public otherwise. Not an
+/// API: present only with the `fuzzing` feature.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::net::SocketAddr;
+
+    use tokio::io::{AsyncRead, AsyncWrite};
+
+    use crate::auth::{Authority, Identity};
+    use crate::limits::Limits;
+    use crate::net::HostPort;
+
+    /// The SOCKS5 negotiation (greeting, RFC 1929 sub-negotiation, request) over
+    /// `stream`; the error as the log would show it.
+    pub async fn socks5_negotiate<S: AsyncRead + AsyncWrite + Unpin>(
+        stream: &mut S,
+        users: &Authority,
+        limits: &Limits,
+        peer: SocketAddr,
+    ) -> Result<(HostPort, Identity), String> {
+        crate::proxy::socks5::negotiate_for_fuzzing(stream, users, limits, peer).await
+    }
+
+    pub use crate::proxy::http::HeadReading;
+
+    /// What the HTTP front end reads from one parsed request head; `headers` are left
+    /// as they would be forwarded.
+    pub fn http_read_head(uri: &hyper::Uri, headers: &mut hyper::HeaderMap) -> HeadReading {
+        crate::proxy::http::read_head_for_fuzzing(uri, headers)
+    }
+}

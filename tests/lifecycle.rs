@@ -96,7 +96,13 @@ async fn killing_one_of_two_agents_fails_only_its_own_connections() {
     let killed = Instant::now();
     let _ = agent.0.wait().await;
 
-    let (a, b) = (first.await.unwrap(), second.await.unwrap());
+    // Bounded, generously: a user connection the lost session left open would hang
+    // for conn_idle_timeout (an hour).
+    let (a, b) = tokio::time::timeout(Duration::from_secs(60), async {
+        (first.await.unwrap(), second.await.unwrap())
+    })
+    .await
+    .expect("a transfer hangs after its agent died");
     let full = 40 * SLOW_CHUNK;
     let (ok, failed) = if a.code == 0 { (a, b) } else { (b, a) };
     assert_eq!(
@@ -106,9 +112,15 @@ async fn killing_one_of_two_agents_fails_only_its_own_connections() {
     );
     assert_ne!(failed.code, 0, "the killed agent's transfer fails");
     assert!(failed.len < full);
-    let failed_after = failed.ended - killed;
-    eprintln!("transfer through the killed agent failed {failed_after:?} after SIGKILL");
-    assert!(failed_after < Duration::from_secs(3), "{failed_after:?}");
+    eprintln!(
+        "transfer through the killed agent failed {:?} after SIGKILL",
+        failed.ended - killed
+    );
+    // The gateway saw the agent's connection end, rather than waiting for the
+    // heartbeat to give up on it (idle_timeout, 30 s by default).
+    stack.wait_for_log("gateway", "agent disconnected", 1).await;
+    let gateway_log = stack.log("gateway");
+    assert!(!gateway_log.contains("peer silent"), "{gateway_log}");
 
     for _ in 0..5 {
         assert_eq!(hello(&stack, target).await, "hello");
@@ -134,17 +146,20 @@ async fn a_frozen_agent_is_detected_by_heartbeat_and_reconnects_after_it_thaws()
     wait_for_slow_requests(target, 1).await;
     signal(agent_pid, "STOP");
     let stopped = Instant::now();
-    let t = transfer.await.unwrap();
+    // Bounded far above the 2 s idle_timeout: a transfer still hanging by then was
+    // never cut (the frozen agent keeps its socket open).
+    let t = tokio::time::timeout(Duration::from_secs(30), transfer).await;
     // Resume before any assertion, so a failure leaves no frozen process behind.
-    let detected_after = t.ended - stopped;
     let status = curl_status(&["-x", &stack.http_proxy(), &format!("http://{target}/")]).await;
     signal(agent_pid, "CONT");
-    eprintln!("in-flight transfer failed {detected_after:?} after SIGSTOP (idle_timeout 2s)");
-    assert_ne!(t.code, 0, "the in-flight transfer fails instead of hanging");
-    assert!(
-        detected_after < Duration::from_millis(4500),
-        "{detected_after:?}"
+    let t = t.expect("the in-flight transfer hangs").unwrap();
+    eprintln!(
+        "in-flight transfer failed {:?} after SIGSTOP (idle_timeout 2s)",
+        t.ended - stopped
     );
+    assert_ne!(t.code, 0, "the in-flight transfer fails instead of hanging");
+    assert!(t.len < 80 * SLOW_CHUNK, "cut, not completed");
+    // The heartbeat is what cut it.
     assert!(stack.log("gateway").contains("peer silent for 2s"));
     assert_eq!(status, "503", "no live agent left");
 
@@ -190,8 +205,10 @@ async fn sigterm_on_the_gateway_closes_listeners_and_drains_a_live_download() {
         t.ended - termed,
         t.ended.elapsed()
     );
-    assert!(status.success(), "{status:?}\n{}", stack.log("gateway"));
-    assert!(t.ended.elapsed() < Duration::from_secs(3));
+    let gateway_log = stack.log("gateway");
+    assert!(status.success(), "{status:?}\n{gateway_log}");
+    // It stopped because the drain was done, not at drain_timeout.
+    assert!(!gateway_log.contains("drain timeout"), "{gateway_log}");
     let agent_log = stack.log("agent");
     assert!(agent_log.contains("peer is going away"), "{agent_log}");
     assert!(agent_log.contains("gateway shutting down"), "{agent_log}");
@@ -212,7 +229,8 @@ async fn a_second_signal_ends_the_gateway_drain_at_once() {
         .await;
     signal(gw, "INT");
     let second = Instant::now();
-    let status = exit_status(&mut stack.gateway, Duration::from_secs(3)).await;
+    // Well under the 30 s drain_timeout, which the second signal cuts short.
+    let status = exit_status(&mut stack.gateway, Duration::from_secs(15)).await;
     eprintln!("exited {:?} after the second signal", second.elapsed());
     assert!(!status.success());
     assert!(stack.log("gateway").contains("second signal"));

@@ -575,3 +575,28 @@ impl<S: LocalStream> LocalStream for Rewound<S> {
         self.io.abort_on_close()
     }
 }
+
+/// What [`read_head_for_fuzzing`] found in a request head.
+#[cfg(feature = "fuzzing")]
+#[derive(Debug)]
+pub struct HeadReading {
+    /// `Proxy-Authorization: Basic`, decoded.
+    pub credentials: Option<(String, String)>,
+    /// The target as a CONNECT request names it (no default port).
+    pub connect_target: Option<HostPort>,
+    /// The target of an absolute-form request (port 80 by default).
+    pub forward_target: Option<HostPort>,
+}
+
+/// The front end's own readings of a request head hyper parsed, for the fuzz targets
+/// (`crate::fuzzing`); `headers` are left as they would be forwarded.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn read_head_for_fuzzing(uri: &Uri, headers: &mut HeaderMap) -> HeadReading {
+    let credentials = basic_credentials(headers);
+    strip_hop_by_hop(headers);
+    HeadReading {
+        credentials,
+        connect_target: split_authority(uri, None),
+        forward_target: split_authority(uri, Some(80)),
+    }
+}

@@ -345,3 +345,24 @@ async fn associate(
     socks5_udp::run_association(stream, socket, declared, who, support).await;
     Ok(())
 }
+
+/// The negotiation alone, for the fuzz targets (`crate::fuzzing`).
+#[cfg(feature = "fuzzing")]
+pub(crate) async fn negotiate_for_fuzzing<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    users: &Authority,
+    limits: &Limits,
+    peer: SocketAddr,
+) -> Result<(HostPort, Identity), String> {
+    let auth = Auth {
+        users,
+        limits,
+        peer,
+    };
+    let (command, target, identity) = negotiate(stream, &auth).await.map_err(|e| e.to_string())?;
+    // The request a CONNECT would carry; the other commands are `handle`'s to answer.
+    if command != CMD_CONNECT {
+        return Err(Socks5Error::Command(command).to_string());
+    }
+    Ok((target, identity))
+}

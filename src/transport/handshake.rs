@@ -165,14 +165,17 @@ where
     let head = read_head(stream).await?;
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
-    match req.parse(&head) {
-        Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => unreachable!("read_head returns a complete head"),
-        Err(e) => {
-            let reason = format!("malformed request: {e}");
-            respond(stream, 400, &reason, "").await?;
-            return Err(HandshakeError::Malformed(reason));
-        }
+    let parsed = match req.parse(&head) {
+        Ok(httparse::Status::Complete(_)) => Ok(()),
+        // httparse skips blank lines before the request line, so a head of blank
+        // lines alone is still partial (fuzz/regressions/ws_handshake).
+        Ok(httparse::Status::Partial) => Err("no request line".to_owned()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = parsed {
+        let reason = format!("malformed request: {e}");
+        respond(stream, 400, &reason, "").await?;
+        return Err(HandshakeError::Malformed(reason));
     }
     let path = req.path.unwrap_or("");
     let path = path.split('?').next().unwrap_or("");
@@ -366,6 +369,21 @@ mod tests {
         a.read_to_string(&mut resp).await.unwrap();
         assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
         assert!(server.await.unwrap().is_err());
+    }
+
+    /// A regression input of the ws_handshake fuzz target: httparse skips the blank
+    /// lines, so the head was still partial, which once reached `unreachable!`.
+    #[tokio::test]
+    async fn blank_lines_alone_get_400() {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let server = tokio::spawn(async move { accept(&mut b, &[Encoding::Json], None).await });
+        a.write_all(b"\r\n\r\n").await.unwrap();
+        let mut resp = String::new();
+        a.read_to_string(&mut resp).await.unwrap();
+        assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+        assert!(resp.contains("no request line"), "{resp}");
+        let err = server.await.unwrap().unwrap_err();
+        assert!(matches!(err, HandshakeError::Malformed(_)), "{err}");
     }
 
     fn deflate_on() -> DeflateConfig {

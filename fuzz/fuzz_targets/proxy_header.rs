@@ -1,0 +1,4 @@
+//! See `checks/proxy_header.rs` for what this target asserts.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|input: &[u8]| anyproxy_fuzz::proxy_header::check(input));
