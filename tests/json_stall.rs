@@ -243,13 +243,20 @@ async fn iperf_like_target() -> SocketAddr {
         let (mut data, _) = listener.accept().await.unwrap();
         let received = Arc::new(AtomicU64::new(0));
         let counted = received.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let reading = tokio::spawn(async move {
             let mut buf = vec![0u8; 64 * 1024];
-            while let Ok(n) = data.read(&mut buf).await {
-                if n == 0 {
-                    break;
+            tokio::pin!(stopped);
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    r = data.read(&mut buf) => match r {
+                        Ok(n) if n > 0 => {
+                            counted.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        _ => break,
+                    },
                 }
-                counted.fetch_add(n as u64, Ordering::Relaxed);
             }
             data
         });
@@ -257,7 +264,8 @@ async fn iperf_like_target() -> SocketAddr {
         control.read_exact(&mut word).await.unwrap();
         assert_eq!(&word, b"END");
         // Stop reading the data connection, keep it open, and exchange results.
-        reading.abort();
+        let _ = stop.send(());
+        let _held_open = reading.await.unwrap();
         control.write_all(b"RES?").await.unwrap();
         let mut theirs = [0u8; 6];
         control.read_exact(&mut theirs).await.unwrap();
@@ -285,10 +293,25 @@ async fn an_upload_whose_receiver_stops_at_the_end_still_finishes_its_exchange()
     // The SOCKS5 answer comes after the agent reached the target, so the target
     // accepts the control connection first.
     let mut control = open().await.expect("control connection");
-    let mut data = open().await.expect("data connection");
-    let block = pattern(1 << 20, 13);
-    for _ in 0..64 {
-        data.write_all(&block).await.unwrap();
+    let data = open().await.expect("data connection");
+    // Like iperf3's client, the data connection is written flat out; the control says
+    // the end while megabytes of it are still on their way.
+    let written = Arc::new(AtomicU64::new(0));
+    let counted = written.clone();
+    let writer = tokio::spawn(async move {
+        let mut data = data;
+        let block = pattern(1 << 20, 13);
+        for _ in 0..512 {
+            if data.write_all(&block).await.is_err() {
+                return;
+            }
+            counted.fetch_add(block.len() as u64, Ordering::Relaxed);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while written.load(Ordering::Relaxed) < 16 << 20 {
+        assert!(Instant::now() < deadline, "the upload did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     control.write_all(b"END").await.unwrap();
     let exchange = async {
@@ -306,7 +329,7 @@ async fn an_upload_whose_receiver_stops_at_the_end_still_finishes_its_exchange()
         .await
         .expect("the control exchange after the end of the upload got through");
     eprintln!("target received {received} bytes of the upload before it stopped reading");
-    drop(data);
+    writer.abort();
 }
 
 /// Accepts one connection per upload: reads an 8-byte length, then that many bytes,
