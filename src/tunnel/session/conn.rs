@@ -7,6 +7,7 @@ use anyproxy_proto::{Close, ConnId, Message};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::writer::Lane;
 use super::{Outbound, SessionCore, Unsent};
 use crate::tunnel::flow::{Inbox, SendCredit};
 
@@ -58,7 +59,7 @@ impl Drop for AbandonGuard {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 let core = self.core.clone();
                 rt.spawn(async move {
-                    let _ = core.send_raw(item).await;
+                    let _ = core.send_in(Lane::Control, item).await;
                 });
             }
         }

@@ -124,7 +124,7 @@ impl SessionCore {
         }
     }
 
-    async fn send_in(&self, lane: Lane, item: Outbound) -> Result<(), SessionClosed> {
+    pub(super) async fn send_in(&self, lane: Lane, item: Outbound) -> Result<(), SessionClosed> {
         tokio::select! {
             r = self.lane(lane).send(item) => r.map_err(|_| SessionClosed),
             _ = self.closed.cancelled() => Err(SessionClosed),
