@@ -3,6 +3,7 @@
 pub mod check;
 pub mod ctl;
 pub mod demo;
+pub mod export;
 mod logging;
 pub mod pmproxy;
 
@@ -74,6 +75,9 @@ pub enum Command {
     /// `server.toml` and `managers.toml` from the config dir, serves the HTTP proxy on
     /// `proxy.server.addr` with direct egress and the HTTPS API on `api.server.addr`.
     Pmproxy(pmproxy::PmproxyArgs),
+    /// Prints one user's client profile: a PAC file, a Clash / Mihomo configuration, a
+    /// proxychains4 configuration, shell `export` lines or curl commands.
+    Export(export::ExportArgs),
     /// Reads a password from stdin (its first line) and prints its hash for a users
     /// file (`gateway.auth_backends`, type `file`): argon2id by default.
     Passwd {
@@ -217,6 +221,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Command::Check(args) => check::run(args),
+        Command::Export(args) => export::run(args),
         Command::Ctl(args) => {
             logging::init(&LogConfig::default(), log_format);
             ctl::run(args).await

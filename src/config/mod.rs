@@ -4,6 +4,7 @@
 mod cluster;
 mod deflate;
 mod log;
+pub mod profile;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
