@@ -5,6 +5,7 @@ pub mod ctl;
 pub mod demo;
 pub mod export;
 mod logging;
+pub mod manual;
 pub mod pmproxy;
 
 use std::path::PathBuf;
@@ -20,9 +21,9 @@ use anyproxy::gateway::Gateway;
 #[derive(Parser)]
 #[command(
     name = "anyproxy",
-    version,
+    version = env!("ANYPROXY_LONG_VERSION"),
     about = "Reverse-tunnel proxy: a public gateway serves HTTP and SOCKS5 proxies whose connections leave through client agents over WebSocket + TLS.",
-    after_help = "Quick start: `anyproxy demo` runs a gateway, an agent and both proxies on loopback and prints curl commands.\nLogs: the config's `log: {level, format}`; RUST_LOG=debug overrides the level."
+    after_help = "Quick start: `anyproxy demo` runs a gateway, an agent and both proxies on loopback and prints curl commands.\nLogs: the config's `log: {level, format}`; RUST_LOG=debug overrides the level.\n\nExamples:\n  anyproxy demo\n  anyproxy gateway --config /etc/anyproxy/gateway.yaml\n  anyproxy client --config /etc/anyproxy/client.yaml\n  anyproxy COMMAND --help"
 )]
 pub struct Cli {
     /// Log line format on stderr, `human` or `json`; overrides the config's `log.format`.
@@ -36,6 +37,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the public gateway: accepts agents at wss://LISTEN/ws and serves the proxy
     /// listeners of the `proxy:` section. Needs `gateway:` in the config file.
+    #[command(
+        after_help = "Examples:\n  anyproxy gateway --config /etc/anyproxy/gateway.yaml\n  anyproxy gateway -c anyproxy-demo/config.yaml --log-format json\n  kill -HUP $(pidof anyproxy)   # reload the certificate"
+    )]
     Gateway {
         /// YAML file with a `gateway:` section and optionally `proxy: {http, socks5}`.
         #[arg(long, short)]
@@ -43,6 +47,9 @@ pub enum Command {
     },
     /// Run a client agent: connects to the gateway, authenticates and dials the targets
     /// it is asked for. Needs `client:` in the config file.
+    #[command(
+        after_help = "Examples:\n  anyproxy client --config /etc/anyproxy/client.yaml\n  anyproxy client -c anyproxy-demo/config.yaml"
+    )]
     Client {
         /// YAML file with a `client:` section.
         #[arg(long, short)]
@@ -51,6 +58,9 @@ pub enum Command {
     /// Zero-config demo on loopback: generates a certificate and credentials, starts a
     /// gateway, an agent, HTTP and SOCKS5 proxies and a sample target, and prints curl
     /// commands that work as printed.
+    #[command(
+        after_help = "Examples:\n  anyproxy demo\n  anyproxy demo --dir /tmp/demo --http-port 18080 --socks-port 11080"
+    )]
     Demo {
         /// Where the certificate, key and an equivalent config file are written.
         #[arg(long, default_value = "anyproxy-demo")]
@@ -78,8 +88,15 @@ pub enum Command {
     /// Prints one user's client profile: a PAC file, a Clash / Mihomo configuration, a
     /// proxychains4 configuration, shell `export` lines or curl commands.
     Export(export::ExportArgs),
+    /// Prints shell completions for bash, zsh, fish, elvish or PowerShell.
+    Completions(manual::CompletionsArgs),
+    /// Prints the man page (roff), or writes one per subcommand with --dir.
+    Man(manual::ManArgs),
     /// Reads a password from stdin (its first line) and prints its hash for a users
     /// file (`gateway.auth_backends`, type `file`): argon2id by default.
+    #[command(
+        after_help = "Examples:\n  printf '%s\\n' 'alice-password' | anyproxy passwd\n  anyproxy passwd --bcrypt --cost 12 < password.txt"
+    )]
     Passwd {
         /// A bcrypt hash instead of argon2id.
         #[arg(long)]
@@ -222,6 +239,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Check(args) => check::run(args),
         Command::Export(args) => export::run(args),
+        Command::Completions(args) => manual::completions(args),
+        Command::Man(args) => manual::man(args),
         Command::Ctl(args) => {
             logging::init(&LogConfig::default(), log_format);
             ctl::run(args).await
