@@ -148,3 +148,81 @@ fn every_subcommands_help_has_an_example() {
     // anyproxy, its subcommands and ctl's.
     assert!(seen >= 17, "only {seen} help texts found");
 }
+
+/// `anyproxy demo` as a newcomer meets it: every command it prints works as printed,
+/// the status page and /metrics included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_prints_commands_and_admin_urls_that_work_as_printed() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<String> = (0..4).map(|_| common::free_port().to_string()).collect();
+    let mut demo = tokio::process::Command::new(BIN)
+        .args(["demo", "--dir", dir.path().to_str().unwrap()])
+        .args(["--gateway-port", &ports[0], "--http-port", &ports[1]])
+        .args(["--socks-port", &ports[2], "--admin-port", &ports[3]])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn anyproxy demo");
+    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !printed
+        .iter()
+        .any(|l: &String| l.contains("Ctrl-C stops everything"))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, lines.next_line()).await {
+            Ok(Ok(Some(line))) => printed.push(line),
+            other => panic!(
+                "the demo stopped printing ({other:?}):\n{}",
+                printed.join("\n")
+            ),
+        }
+    }
+    let text = printed.join("\n");
+    assert!(
+        text.contains("The status page operators use: http://127.0.0.1:"),
+        "{text}"
+    );
+    let commands: Vec<&str> = printed
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| l.starts_with("curl "))
+        .collect();
+    assert_eq!(commands.len(), 6, "{text}");
+    for cmd in commands {
+        let out = tokio::process::Command::new("bash")
+            .args(["-c", &format!("{cmd} -sS --fail --max-time 20")])
+            .output()
+            .await
+            .unwrap();
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let want = if cmd.contains("/api/status") {
+            "\"ready\":true"
+        } else if cmd.contains("/metrics") {
+            "anyproxy_gateway_agents"
+        } else if cmd.contains("/profiles/env") {
+            "export ALL_PROXY=socks5h://user:"
+        } else {
+            "hello from behind the anyproxy agent"
+        };
+        assert!(body.contains(want), "{cmd}: {body}");
+    }
+    let pid = demo.id().expect("demo running");
+    common::signal(pid, "TERM");
+    let status = tokio::time::timeout(Duration::from_secs(30), demo.wait())
+        .await
+        .expect("the demo stops on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}

@@ -20,6 +20,7 @@ pub struct Options {
     pub gateway_port: u16,
     pub http_port: u16,
     pub socks_port: u16,
+    pub admin_port: u16,
 }
 
 /// The preferred port if it is free, else one the OS picks.
@@ -76,6 +77,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let gateway_port = free_port(opts.gateway_port);
     let http_port = free_port(opts.http_port);
     let socks_port = free_port(opts.socks_port);
+    let admin_port = free_port(opts.admin_port);
+    let (admin_user, admin_pass) = ("admin".to_string(), secret());
     let (agent_user, agent_pass) = ("agent".to_string(), secret());
     // One user on both listeners, with a password of each.
     let user = "user".to_string();
@@ -100,6 +103,10 @@ gateway:
   tls_key: "{key}"
   auth_username: "{agent_user}"
   auth_password: "{agent_pass}"
+  # Metrics, health checks, the status page and client profiles.
+  admin_addr: "127.0.0.1:{admin_port}"
+  admin_username: "{admin_user}"
+  admin_password: "{admin_pass}"
 client:
   gateway_addr: "127.0.0.1:{gateway_port}"
   # The demo's sample target lives on this host: let users reach loopback.
@@ -137,6 +144,11 @@ client:
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    let admin_url = match gateway.admin_addr {
+        Some(a) => format!("http://{a}"),
+        None => bail!("the demo gateway started without its admin listener"),
+    };
+    let user_name = user.clone();
     let profile = profiles
         .profile(&ProfileRequest {
             user: Some(user),
@@ -158,9 +170,18 @@ Try it (the sample target {target} stands for a service inside the agent's netwo
 
 {curl}
 Any host the agent can reach works the same way; `anyproxy export env|pac|clash|proxychains
---config {cfg}` prints the same settings for other clients. Ctrl-C stops everything."#,
+--config {cfg}` prints the same settings for other clients.
+
+The status page operators use: {admin}/  (log in as {admin_user} / {admin_pass})
+  curl -u {admin_user}:{admin_pass} {admin}/api/status
+  curl -u {admin_user}:{admin_pass} {admin}/metrics
+  curl -u {admin_user}:{admin_pass} '{admin}/profiles/env?user={profile_user}'
+
+Ctrl-C stops everything."#,
         dir = dir.display(),
         cfg = config_path.display(),
+        admin = admin_url,
+        profile_user = user_name,
     );
     shutdown.cancelled().await;
     gateway.stop().await;

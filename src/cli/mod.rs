@@ -56,8 +56,8 @@ pub enum Command {
         config: PathBuf,
     },
     /// Zero-config demo on loopback: generates a certificate and credentials, starts a
-    /// gateway, an agent, HTTP and SOCKS5 proxies and a sample target, and prints curl
-    /// commands that work as printed.
+    /// gateway, an agent, HTTP and SOCKS5 proxies, the admin listener and a sample target,
+    /// and prints curl commands and the status page's URL that work as printed.
     #[command(
         after_help = "Examples:\n  anyproxy demo\n  anyproxy demo --dir /tmp/demo --http-port 18080 --socks-port 11080"
     )]
@@ -74,6 +74,9 @@ pub enum Command {
         /// SOCKS5 proxy port; falls back to a free port if taken.
         #[arg(long, default_value_t = 1080)]
         socks_port: u16,
+        /// Admin listener port (status page, /metrics); falls back to a free port if taken.
+        #[arg(long, default_value_t = 9090)]
+        admin_port: u16,
     },
     /// Validates a configuration file as a start would (files, certificate and key,
     /// expiry, policy dir), prints a summary and warnings, and starts nothing.
@@ -227,6 +230,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             gateway_port,
             http_port,
             socks_port,
+            admin_port,
         } => {
             logging::init(&LogConfig::default(), log_format);
             demo::run(demo::Options {
@@ -234,6 +238,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 gateway_port,
                 http_port,
                 socks_port,
+                admin_port,
             })
             .await
         }

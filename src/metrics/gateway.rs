@@ -309,7 +309,10 @@ impl Observed for GatewayMetrics {
         }
         match self.registry.live() {
             0 => (false, "not ready: no agent connected".into()),
-            n => (true, format!("ready: {n} agents")),
+            n => (
+                true,
+                format!("ready: {}", super::status::counted(n, "agent", "agents")),
+            ),
         }
     }
 
