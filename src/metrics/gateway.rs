@@ -534,6 +534,35 @@ impl<C: Connector> Connector for MeteredConnector<C> {
     }
 }
 
+/// The policy's download quotas in use, for dashboards: the [`QUOTA_ROWS`] most used
+/// users per manager, as on the status page (bounded, whatever the user count).
+fn encode_quotas(
+    enc: &mut DescriptorEncoder,
+    usage: &[crate::policy::QuotaUsage],
+) -> Result<(), std::fmt::Error> {
+    let rows = |value: fn(&crate::policy::QuotaUsage) -> u64| -> Vec<_> {
+        usage
+            .iter()
+            .map(|q| {
+                let l = labels([("manager", q.manager.as_str()), ("user", q.user.as_str())]);
+                (l, value(q) as f64)
+            })
+            .collect()
+    };
+    gauges(
+        enc,
+        "policy_quota_used_bytes",
+        "Bytes downloaded in the current quota cycle, per quota manager and user (the most used)",
+        &rows(|q| q.used),
+    )?;
+    gauges(
+        enc,
+        "policy_quota_bytes",
+        "The download quota per cycle, per quota manager and user (the most used)",
+        &rows(|q| q.quota),
+    )
+}
+
 #[cfg(test)]
 mod layer_tests {
     use super::*;
@@ -573,33 +602,4 @@ mod layer_tests {
         let key: FailKey = (Arc::from("office"), "FORBIDDEN_HOST", "forbidden");
         assert_eq!(failed.get(&key), Some(&2));
     }
-}
-
-/// The policy's download quotas in use, for dashboards: the [`QUOTA_ROWS`] most used
-/// users per manager, as on the status page (bounded, whatever the user count).
-fn encode_quotas(
-    enc: &mut DescriptorEncoder,
-    usage: &[crate::policy::QuotaUsage],
-) -> Result<(), std::fmt::Error> {
-    let rows = |value: fn(&crate::policy::QuotaUsage) -> u64| -> Vec<_> {
-        usage
-            .iter()
-            .map(|q| {
-                let l = labels([("manager", q.manager.as_str()), ("user", q.user.as_str())]);
-                (l, value(q) as f64)
-            })
-            .collect()
-    };
-    gauges(
-        enc,
-        "policy_quota_used_bytes",
-        "Bytes downloaded in the current quota cycle, per quota manager and user (the most used)",
-        &rows(|q| q.used),
-    )?;
-    gauges(
-        enc,
-        "policy_quota_bytes",
-        "The download quota per cycle, per quota manager and user (the most used)",
-        &rows(|q| q.quota),
-    )
 }
