@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what the tests drive (curl, the
 # Python `websockets` package, headless Chromium, redis-server, HAProxy, slapd,
-# systemd-analyze; iperf3 and
+# systemd-analyze, proxychains4, node with the pac-resolver package; iperf3 and
 # rathole for the load-test smoke run), then runs fmt, clippy, a tiny load test and every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +44,22 @@ if ! command -v systemd-analyze >/dev/null 2>&1; then
   # units in contrib/systemd (offline: no running systemd needed).
   echo "== installing systemd (for systemd-analyze)"
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd; else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd; fi
+fi
+if ! command -v proxychains4 >/dev/null 2>&1; then
+  # tests/export.rs runs curl under proxychains4 with an exported configuration.
+  echo "== installing proxychains4"
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq proxychains4; else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq proxychains4; fi
+fi
+if ! command -v npm >/dev/null 2>&1; then
+  echo "== installing node and npm"
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; fi
+fi
+if [ ! -d target/test-deps/npm/node_modules/pac-resolver ] || [ ! -d target/test-deps/npm/node_modules/quickjs-emscripten ]; then
+  # tests/export.rs evaluates the exported PAC file with the pac-resolver package (and
+  # its QuickJS engine) under node, from this directory only.
+  echo "== installing pac-resolver for node"
+  mkdir -p target/test-deps/npm
+  (cd target/test-deps/npm && npm install --no-audit --no-fund --silent pac-resolver@7.0.1 quickjs-emscripten@0.31)
 fi
 if ! python3 -c 'import websockets' >/dev/null 2>&1; then
   echo "== installing the Python websockets package"

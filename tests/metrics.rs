@@ -64,7 +64,7 @@ async fn metrics_health_and_counters_move_with_real_traffic() {
     let _agent = stack.spawn_agent("test-agent", &admin_lines(agent_admin, false));
     stack.wait_for_agent().await;
     let body = wait_until_status(gw_admin, "/readyz", "200").await;
-    assert!(body.contains("ready: 1 agents"), "{body}");
+    assert!(body.contains("ready: 1 agent\n"), "{body:?}");
     wait_for_port(agent_admin).await;
     wait_until_status(agent_admin, "/readyz", "200").await;
 
@@ -233,6 +233,9 @@ async fn status_api_and_page_show_the_agent_and_a_live_connection() {
         dom.contains(r#"<dd id="total-live-connections">1</dd>"#),
         "{dom}"
     );
+    // Counts read as words do: one session, one live connection.
+    assert!(dom.contains("group default (1 session)"), "{dom}");
+    assert!(dom.contains("· 1 live connection</p>"), "{dom}");
 
     let shot = out_dir.join("status.png");
     run_chromium(

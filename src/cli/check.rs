@@ -16,6 +16,9 @@ use anyproxy::transport::tls;
 pub const EXPIRY_WARNING_DAYS: i64 = 14;
 
 #[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  anyproxy check --config /etc/anyproxy/gateway.yaml\n  anyproxy check -c new.yaml && kill -HUP $(pidof anyproxy)"
+)]
 pub struct CheckArgs {
     /// The configuration file to check (any of `proxy:`, `gateway:`, `client:`).
     #[arg(long, short)]

@@ -13,6 +13,9 @@ use anyproxy::policy::jwt::peek_expiry;
 use anyproxy::policy::{Cmd, CmdCredentials, ServerConf};
 
 #[derive(Args)]
+#[command(
+    after_help = "Examples:\n  anyproxy ctl discover\n  anyproxy ctl --cacert ~/.config/pmproxy/cert.pem login --user alice\n  anyproxy ctl status"
+)]
 pub struct CtlArgs {
     /// API URL (https://host:port). Default: `api.server.addr` of the config dir's
     /// server.toml, on this machine, trusting the dir's certificate.
@@ -38,12 +41,16 @@ pub struct CtlArgs {
 #[derive(Subcommand)]
 enum CtlCommand {
     /// Whether this machine may use the proxy, and which managers decided it.
+    #[command(after_help = "Example:\n  anyproxy ctl discover --target example.com:443")]
     Discover {
         /// Target `host:port` to ask about (some rules depend on it).
         #[arg(long)]
         target: Option<String>,
     },
     /// Open a session from this machine's address and keep its token.
+    #[command(
+        after_help = "Example:\n  anyproxy ctl login --user alice\n  anyproxy ctl login --user alice --password-stdin < password.txt"
+    )]
     Login {
         /// Asked for when missing.
         #[arg(long)]
@@ -56,18 +63,23 @@ enum CtlCommand {
         manager: Option<String>,
     },
     /// Close the session and forget the token.
+    #[command(after_help = "Example:\n  anyproxy ctl logout")]
     Logout {
         #[arg(long)]
         manager: Option<String>,
     },
     /// Check the session (renewing the token when it is close to expiry) and show the
     /// download quota.
+    #[command(after_help = "Example:\n  anyproxy ctl status")]
     Status {
         /// The dwnConsR, when there are several.
         #[arg(long)]
         manager: Option<String>,
     },
     /// Administrators: set a user's consumption (to 0 unless --bytes is given).
+    #[command(
+        after_help = "Example:\n  anyproxy ctl reset alice\n  anyproxy ctl reset alice --bytes 1048576"
+    )]
     Reset {
         user: String,
         #[arg(long, default_value_t = 0)]
@@ -76,6 +88,7 @@ enum CtlCommand {
         manager: Option<String>,
     },
     /// A dwnConsR's configuration (and everyone's consumption, for administrators).
+    #[command(after_help = "Example:\n  anyproxy ctl show")]
     Show {
         #[arg(long)]
         manager: Option<String>,

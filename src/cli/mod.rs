@@ -3,8 +3,10 @@
 pub mod check;
 pub mod ctl;
 pub mod demo;
+pub mod export;
 pub mod init;
 mod logging;
+pub mod manual;
 pub mod pmproxy;
 
 use std::path::PathBuf;
@@ -21,9 +23,9 @@ use anyproxy::net::notify::{notify, State};
 #[derive(Parser)]
 #[command(
     name = "anyproxy",
-    version,
+    version = env!("ANYPROXY_LONG_VERSION"),
     about = "Reverse-tunnel proxy: a public gateway serves HTTP and SOCKS5 proxies whose connections leave through client agents over WebSocket + TLS.",
-    after_help = "Quick start: `anyproxy demo` runs a gateway, an agent and both proxies on loopback and prints curl commands.\nLogs: the config's `log: {level, format}`; RUST_LOG=debug overrides the level."
+    after_help = "Quick start: `anyproxy demo` runs a gateway, an agent and both proxies on loopback and prints curl commands.\nLogs: the config's `log: {level, format}`; RUST_LOG=debug overrides the level.\n\nExamples:\n  anyproxy demo\n  anyproxy gateway --config /etc/anyproxy/gateway.yaml\n  anyproxy client --config /etc/anyproxy/client.yaml\n  anyproxy COMMAND --help"
 )]
 pub struct Cli {
     /// Log line format on stderr, `human` or `json`; overrides the config's `log.format`.
@@ -37,6 +39,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the public gateway: accepts agents at wss://LISTEN/ws and serves the proxy
     /// listeners of the `proxy:` section. Needs `gateway:` in the config file.
+    #[command(
+        after_help = "Examples:\n  anyproxy gateway --config /etc/anyproxy/gateway.yaml\n  anyproxy gateway -c anyproxy-demo/config.yaml --log-format json\n  kill -HUP $(pidof anyproxy)   # reload the certificate"
+    )]
     Gateway {
         /// YAML file with a `gateway:` section and optionally `proxy: {http, socks5}`.
         #[arg(long, short)]
@@ -44,14 +49,20 @@ pub enum Command {
     },
     /// Run a client agent: connects to the gateway, authenticates and dials the targets
     /// it is asked for. Needs `client:` in the config file.
+    #[command(
+        after_help = "Examples:\n  anyproxy client --config /etc/anyproxy/client.yaml\n  anyproxy client -c anyproxy-demo/config.yaml"
+    )]
     Client {
         /// YAML file with a `client:` section.
         #[arg(long, short)]
         config: PathBuf,
     },
     /// Zero-config demo on loopback: generates a certificate and credentials, starts a
-    /// gateway, an agent, HTTP and SOCKS5 proxies and a sample target, and prints curl
-    /// commands that work as printed.
+    /// gateway, an agent, HTTP and SOCKS5 proxies, the admin listener and a sample target,
+    /// and prints curl commands and the status page's URL that work as printed.
+    #[command(
+        after_help = "Examples:\n  anyproxy demo\n  anyproxy demo --dir /tmp/demo --http-port 18080 --socks-port 11080"
+    )]
     Demo {
         /// Where the certificate, key and an equivalent config file are written.
         #[arg(long, default_value = "anyproxy-demo")]
@@ -65,6 +76,9 @@ pub enum Command {
         /// SOCKS5 proxy port; falls back to a free port if taken.
         #[arg(long, default_value_t = 1080)]
         socks_port: u16,
+        /// Admin listener port (status page, /metrics); falls back to a free port if taken.
+        #[arg(long, default_value_t = 9090)]
+        admin_port: u16,
     },
     /// Writes the files of a real deployment: a commented configuration with public
     /// listeners, a certificate, generated credentials (secrets mode 0600), and for a
@@ -81,8 +95,18 @@ pub enum Command {
     /// `server.toml` and `managers.toml` from the config dir, serves the HTTP proxy on
     /// `proxy.server.addr` with direct egress and the HTTPS API on `api.server.addr`.
     Pmproxy(pmproxy::PmproxyArgs),
+    /// Prints one user's client profile: a PAC file, a Clash / Mihomo configuration, a
+    /// proxychains4 configuration, shell `export` lines or curl commands.
+    Export(export::ExportArgs),
+    /// Prints shell completions for bash, zsh, fish, elvish or PowerShell.
+    Completions(manual::CompletionsArgs),
+    /// Prints the man page (roff), or writes one per subcommand with --dir.
+    Man(manual::ManArgs),
     /// Reads a password from stdin (its first line) and prints its hash for a users
     /// file (`gateway.auth_backends`, type `file`): argon2id by default.
+    #[command(
+        after_help = "Examples:\n  printf '%s\\n' 'alice-password' | anyproxy passwd\n  anyproxy passwd --bcrypt --cost 12 < password.txt"
+    )]
     Passwd {
         /// A bcrypt hash instead of argon2id.
         #[arg(long)]
@@ -217,6 +241,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             gateway_port,
             http_port,
             socks_port,
+            admin_port,
         } => {
             logging::init(&LogConfig::default(), log_format);
             demo::run(demo::Options {
@@ -224,11 +249,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 gateway_port,
                 http_port,
                 socks_port,
+                admin_port,
             })
             .await
         }
         Command::Check(args) => check::run(args),
         Command::Init(args) => init::run(args),
+        Command::Export(args) => export::run(args),
+        Command::Completions(args) => manual::completions(args),
+        Command::Man(args) => manual::man(args),
         Command::Ctl(args) => {
             logging::init(&LogConfig::default(), log_format);
             ctl::run(args).await

@@ -18,6 +18,9 @@ use tokio_util::task::TaskTracker;
 use super::{signals, until_stopped};
 
 #[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  anyproxy pmproxy\n  anyproxy pmproxy --config-dir /etc/pmproxy"
+)]
 pub struct PmproxyArgs {
     /// Config dir with `server.toml` and `managers.toml` (created with a working
     /// default, a certificate and a JWT key when missing).

@@ -4,6 +4,7 @@
 mod cluster;
 mod deflate;
 mod log;
+pub mod profile;
 mod udp;
 
 use std::net::SocketAddr;

@@ -163,6 +163,8 @@ impl Gateway {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let admin = config.admin();
+        // Users change only with a restart, so the listeners as started are the profiles'.
+        let profiles = crate::config::profile::ProfileSource::new(&config, proxy.as_ref());
         let cluster = match &config.cluster {
             Some(c) => Some(Cluster::open(c, &default_node_id(&config))?),
             None => None,
@@ -412,7 +414,14 @@ impl Gateway {
         let admin_stop = CancellationToken::new();
         let admin_addr = match admin {
             Some(a) => {
-                Some(crate::metrics::admin::serve(a, metrics.clone(), admin_stop.clone()).await?)
+                let m = metrics.clone();
+                let served = crate::metrics::admin::serve_with_profiles(
+                    a,
+                    m,
+                    Some(profiles),
+                    admin_stop.clone(),
+                );
+                Some(served.await?)
             }
             None => None,
         };

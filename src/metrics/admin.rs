@@ -1,7 +1,8 @@
 //! The admin listener: plain HTTP/1.1 on `admin_addr`, serving `/metrics`, `/healthz`,
-//! `/readyz`, `/api/status` and the status page. Basic auth, when configured, guards
-//! everything except the two health checks (load balancers probe them without
-//! credentials, and they reveal no more than an agent count).
+//! `/readyz`, `/api/status`, the status page and, on a gateway, the client profiles
+//! (`/profiles/FORMAT?user=NAME`). Basic auth, when configured, guards everything except
+//! the two health checks (load balancers probe them without credentials, and they reveal
+//! no more than an agent count); profiles carry passwords, so they need it.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::process::ProcessStats;
 use super::status::{unix_secs, Status, TrafficRing, SAMPLE_EVERY};
+use crate::config::profile::{ProfileRequest, ProfileSource};
 use crate::config::AdminConfig;
 use crate::net::secret_eq;
 
@@ -90,12 +92,24 @@ struct Admin {
     observed: Arc<dyn Observed>,
     /// The expected `Authorization` header value, when basic auth is on.
     credentials: Option<(String, String)>,
+    /// The gateway's proxy listeners, for `/profiles/`.
+    profiles: Option<ProfileSource>,
 }
 
 /// Binds `cfg.addr` and serves until `stop`; also samples traffic for the status page.
 pub async fn serve(
     cfg: AdminConfig,
     observed: Arc<dyn Observed>,
+    stop: CancellationToken,
+) -> Result<SocketAddr, AdminError> {
+    serve_with_profiles(cfg, observed, None, stop).await
+}
+
+/// [`serve`], also answering `/profiles/FORMAT` from `profiles`.
+pub async fn serve_with_profiles(
+    cfg: AdminConfig,
+    observed: Arc<dyn Observed>,
+    profiles: Option<ProfileSource>,
     stop: CancellationToken,
 ) -> Result<SocketAddr, AdminError> {
     let credentials = match (cfg.username, cfg.password) {
@@ -125,6 +139,7 @@ pub async fn serve(
         registry,
         observed: observed.clone(),
         credentials,
+        profiles,
     });
     tokio::spawn(sample_traffic(observed, stop.clone()));
     tokio::spawn(AcceptLoop::new(listener, "admin").run(
@@ -284,9 +299,73 @@ impl Admin {
             "/" | "/index.html" => reply(StatusCode::OK, "text/html; charset=utf-8", PAGE_HTML),
             "/app.js" => reply(StatusCode::OK, "text/javascript; charset=utf-8", PAGE_JS),
             "/style.css" => reply(StatusCode::OK, "text/css; charset=utf-8", PAGE_CSS),
-            _ => reply(StatusCode::NOT_FOUND, TEXT, "not found\n"),
+            _ => match path.strip_prefix("/profiles/") {
+                Some(format) => self.profile(format, req.uri().query().unwrap_or("")),
+                None => reply(StatusCode::NOT_FOUND, TEXT, "not found\n"),
+            },
         }
     }
+
+    /// `/profiles/FORMAT?user=&host=&bypass=&url=`, the query as `anyproxy export`'s
+    /// options. Only behind credentials: a profile carries its user's password.
+    fn profile(&self, format: &str, query: &str) -> Response<Full<Bytes>> {
+        let Some(source) = &self.profiles else {
+            return reply(StatusCode::NOT_FOUND, TEXT, "not found\n");
+        };
+        if self.credentials.is_none() {
+            return reply(
+                StatusCode::FORBIDDEN,
+                TEXT,
+                "profiles carry passwords: set admin_username and admin_password to serve them\n",
+            );
+        }
+        let rendered = profile_request(query).and_then(|req| {
+            let format = format
+                .parse::<crate::config::profile::Format>()
+                .map_err(|e| e.to_string())?;
+            let profile = source.profile(&req).map_err(|e| e.to_string())?;
+            profile
+                .render(format)
+                .map(|text| (format, text))
+                .map_err(|e| e.to_string())
+        });
+        match rendered {
+            Ok((format, text)) => reply(StatusCode::OK, format.content_type(), text),
+            Err(e) => reply(StatusCode::BAD_REQUEST, TEXT, format!("{e}\n")),
+        }
+    }
+}
+
+/// The query of a `/profiles/` request; unknown or repeated keys are refused, so that a
+/// typo is not silently a different profile.
+fn profile_request(query: &str) -> Result<ProfileRequest, String> {
+    let mut req = ProfileRequest::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = crate::net::percent_decode(&value.replace('+', " "))
+            .and_then(|v| String::from_utf8(v).ok())
+            .ok_or_else(|| format!("query {key}: bad percent-encoding"))?;
+        let slot = match key {
+            "user" => &mut req.user,
+            "host" => &mut req.host,
+            "url" => &mut req.url,
+            "bypass" => {
+                for entry in value.split(',').filter(|e| !e.is_empty()) {
+                    req.bypass.push(entry.parse().map_err(|e| format!("{e}"))?);
+                }
+                continue;
+            }
+            other => {
+                return Err(format!(
+                    "unknown query parameter {other:?} (user, host, bypass, url)"
+                ))
+            }
+        };
+        if slot.replace(value).is_some() {
+            return Err(format!("query parameter {key} appears twice"));
+        }
+    }
+    Ok(req)
 }
 
 /// What every role's status shares.

@@ -128,7 +128,13 @@ impl Observed for AgentMetrics {
         }
         match self.sessions.live_sessions() {
             0 => (false, "not ready: no authenticated session".into()),
-            n => (true, format!("ready: {n} sessions")),
+            n => (
+                true,
+                format!(
+                    "ready: {}",
+                    super::status::counted(n, "session", "sessions")
+                ),
+            ),
         }
     }
 

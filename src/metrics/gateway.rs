@@ -312,6 +312,9 @@ impl Observed for GatewayMetrics {
                 .collect::<Vec<_>>(),
         )?;
         encode_limits(enc, &self.limits)?;
+        if let Some(policy) = self.policy.get() {
+            encode_quotas(enc, &policy.quota_usage(QUOTA_ROWS))?;
+        }
         if let Some(backends) = self.auth_backends.get() {
             encode_auth_backends(enc, backends)?;
         }
@@ -328,7 +331,10 @@ impl Observed for GatewayMetrics {
         }
         match self.registry.live() {
             0 => (false, "not ready: no agent connected".into()),
-            n => (true, format!("ready: {n} agents")),
+            n => (
+                true,
+                format!("ready: {}", super::status::counted(n, "agent", "agents")),
+            ),
         }
     }
 
@@ -545,6 +551,35 @@ impl<C: Connector> Connector for MeteredConnector<C> {
         }
         r
     }
+}
+
+/// The policy's download quotas in use, for dashboards: the [`QUOTA_ROWS`] most used
+/// users per manager, as on the status page (bounded, whatever the user count).
+fn encode_quotas(
+    enc: &mut DescriptorEncoder,
+    usage: &[crate::policy::QuotaUsage],
+) -> Result<(), std::fmt::Error> {
+    let rows = |value: fn(&crate::policy::QuotaUsage) -> u64| -> Vec<_> {
+        usage
+            .iter()
+            .map(|q| {
+                let l = labels([("manager", q.manager.as_str()), ("user", q.user.as_str())]);
+                (l, value(q) as f64)
+            })
+            .collect()
+    };
+    gauges(
+        enc,
+        "policy_quota_used_bytes",
+        "Bytes downloaded in the current quota cycle, per quota manager and user (the most used)",
+        &rows(|q| q.used),
+    )?;
+    gauges(
+        enc,
+        "policy_quota_bytes",
+        "The download quota per cycle, per quota manager and user (the most used)",
+        &rows(|q| q.quota),
+    )
 }
 
 #[cfg(test)]

@@ -179,6 +179,11 @@ impl TrafficRing {
     }
 }
 
+/// `1 agent`, `2 agents`: counts as an operator reads them.
+pub fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,25 @@ function bytes(n) {
   return (i ? n.toFixed(1) : n) + " " + units[i];
 }
 
+// "1 agent", "2 agents".
+function count(n, one, many) {
+  return n + " " + (n === 1 ? one : many);
+}
+
+// 59 s, 4 min 10 s, 3 h 5 min, 2 d 4 h: what an operator reads at a glance.
+function duration(secs) {
+  const units = [["d", 86400], ["h", 3600], ["min", 60], ["s", 1]];
+  for (let i = 0; i < units.length - 1; i++) {
+    const [name, size] = units[i];
+    if (secs >= size) {
+      const [next, nextSize] = units[i + 1];
+      const rest = Math.floor((secs % size) / nextSize);
+      return Math.floor(secs / size) + " " + name + (rest ? " " + rest + " " + next : "");
+    }
+  }
+  return secs + " s";
+}
+
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
@@ -16,11 +35,11 @@ function el(tag, attrs, ...children) {
   return e;
 }
 
-function renderTotals(t) {
+function renderTotals(t, role) {
   const dl = document.getElementById("totals");
   dl.replaceChildren();
   const items = [
-    ["agents", t.agents], ["live connections", t.live_connections],
+    [role === "agent" ? "sessions" : "agents", t.agents], ["live connections", t.live_connections],
     ["connections opened", t.connections_opened], ["connections failed", t.connections_failed],
     ["bytes in", bytes(t.bytes_in)], ["bytes out", bytes(t.bytes_out)],
   ];
@@ -29,10 +48,15 @@ function renderTotals(t) {
   }
 }
 
-function renderGroups(groups) {
+// On a gateway, its agents; on an agent, its own sessions to the gateways.
+function renderGroups(groups, role) {
+  document.getElementById("groups-title").textContent = role === "agent" ? "Sessions by group" : "Agents by group";
   const root = document.getElementById("groups");
   root.replaceChildren();
-  if (!groups.length) { root.append(el("p", { class: "bad" }, "no agent connected")); return; }
+  if (!groups.length) {
+    root.append(el("p", { class: "bad" }, role === "agent" ? "no authenticated session" : "no agent connected"));
+    return;
+  }
   for (const g of groups) {
     const table = el("table", { class: "agents" },
       el("tr", {}, ...["client id", "remote", "encoding", "deflate", "RTT", "live connections", "opened", "in", "out", "connected"].map(h => el("th", {}, h))));
@@ -47,9 +71,9 @@ function renderGroups(groups) {
         el("td", {}, a.connections_opened),
         el("td", {}, bytes(a.bytes_in)),
         el("td", {}, bytes(a.bytes_out)),
-        el("td", {}, a.connected_secs + " s")));
+        el("td", {}, duration(a.connected_secs))));
     }
-    root.append(el("h3", {}, "group " + g.group + " (" + g.agents.length + " sessions)"), table);
+    root.append(el("h3", {}, "group " + g.group + " (" + count(g.agents.length, "session", "sessions") + ")"), table);
   }
 }
 
@@ -66,7 +90,7 @@ function renderGateways(gateways) {
       el("td", {}, g.address || "-"),
       el("td", {}, g.client_id),
       el("td", { class: g.state === "connected" ? "ok" : "bad" }, g.state),
-      el("td", {}, g.state_secs + " s"),
+      el("td", {}, duration(g.state_secs)),
       el("td", {}, g.reconnects),
       el("td", {}, g.last_error || "-")));
   }
@@ -128,10 +152,11 @@ async function poll() {
     const st = await r.json();
     document.getElementById("role").textContent = st.role + " " + st.version;
     const summary = document.getElementById("summary");
-    summary.textContent = st.readiness + " · up " + st.uptime_secs + " s · " + st.totals.live_connections + " live connections";
+    summary.textContent = st.readiness + " · up " + duration(st.uptime_secs) + " · " +
+      count(st.totals.live_connections, "live connection", "live connections");
     summary.className = st.ready ? "ok" : "bad";
-    renderTotals(st.totals);
-    renderGroups(st.groups);
+    renderTotals(st.totals, st.role);
+    renderGroups(st.groups, st.role);
     renderGateways(st.gateways);
     renderQuotas(st.quotas);
     renderChart(st.traffic);

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use hyper::StatusCode;
 
 use super::{respond, ApiOptions, Resp};
+use crate::net::percent_decode;
 
 /// Static files are read whole; a web interface's files are far below this.
 const MAX_FILE: u64 = 32 << 20;
@@ -35,24 +36,6 @@ fn content_type(path: &Path) -> &'static str {
         Some("wasm") => "application/wasm",
         _ => "application/octet-stream",
     }
-}
-
-fn percent_decode(s: &str) -> Option<Vec<u8>> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3)?;
-            let hex = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    Some(out)
 }
 
 fn not_found() -> Resp {
