@@ -13,7 +13,6 @@ mod scale;
 mod soak;
 mod socks5;
 mod stack;
-mod stall;
 mod targets;
 mod udp;
 

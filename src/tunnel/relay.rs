@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyproxy_proto::{Data, Fin, Message, WindowUpdate, INITIAL_WINDOW, MAX_DATA_PAYLOAD};
+use anyproxy_proto::{Close, Data, Fin, Message, WindowUpdate, INITIAL_WINDOW, MAX_DATA_PAYLOAD};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -48,8 +48,6 @@ pub enum RelayEnd {
     IdleTimeout,
     /// The download quota was spent.
     QuotaExceeded,
-    /// JSON mode: the local side stopped reading and its queue outgrew the cap.
-    Stalled,
 }
 
 impl RelayEnd {
@@ -57,7 +55,6 @@ impl RelayEnd {
         match self {
             RelayEnd::IdleTimeout => "idle timeout",
             RelayEnd::QuotaExceeded => "download quota exceeded",
-            RelayEnd::Stalled => "stalled: the local side stopped reading",
         }
     }
 }
@@ -157,7 +154,6 @@ enum Abort {
     Cancelled,
     QuotaExceeded,
     IdleTimeout,
-    Stalled,
 }
 
 impl Abort {
@@ -172,7 +168,6 @@ impl Abort {
             Abort::Cancelled => "cancelled",
             Abort::QuotaExceeded => RelayEnd::QuotaExceeded.as_str(),
             Abort::IdleTimeout => RelayEnd::IdleTimeout.as_str(),
-            Abort::Stalled => RelayEnd::Stalled.as_str(),
         }
     }
 
@@ -181,17 +176,15 @@ impl Abort {
         match self {
             Abort::QuotaExceeded => Some(RelayEnd::QuotaExceeded),
             Abort::IdleTimeout => Some(RelayEnd::IdleTimeout),
-            Abort::Stalled => Some(RelayEnd::Stalled),
             _ => None,
         }
     }
 
-    /// The tunnel, not the local socket, failed (or dropped data it could not queue):
-    /// the local peer must learn of it.
+    /// The tunnel, not the local socket, failed: the local peer must learn of it.
     fn tunnel_failed(self) -> bool {
         matches!(
             self,
-            Abort::SessionClosed | Abort::ResetByPeer | Abort::Cancelled | Abort::Stalled
+            Abort::SessionClosed | Abort::ResetByPeer | Abort::Cancelled
         )
     }
 }
@@ -237,7 +230,6 @@ pub async fn relay_tunnel<S: LocalStream>(
         core,
         inbox,
         credit,
-        unsent,
         cancel,
         mut guard,
     } = conn;
@@ -250,7 +242,6 @@ pub async fn relay_tunnel<S: LocalStream>(
     let mut sent = 0u64;
     let mut received = 0u64;
     let activity = Activity::new(core.conn_idle_timeout());
-    let grace = core.stall_grace();
 
     let upstream = async {
         let mut buf = BytesMut::new();
@@ -278,7 +269,7 @@ pub async fn relay_tunnel<S: LocalStream>(
                 if !half_close {
                     return Err(Abort::LocalClosed);
                 }
-                return match core.send_ordered(Message::Fin(Fin { id }), &unsent).await {
+                return match core.send(Message::Fin(Fin { id })).await {
                     Ok(()) => Ok(()),
                     Err(_) => Err(Abort::SessionClosed),
                 };
@@ -289,7 +280,7 @@ pub async fn relay_tunnel<S: LocalStream>(
             bump(&counters.bytes_in, n as u64);
             let payload = buf.split_to(n).freeze();
             if core
-                .send_ordered(Message::Data(Data { id, payload }), &unsent)
+                .send(Message::Data(Data { id, payload }))
                 .await
                 .is_err()
             {
@@ -320,7 +311,6 @@ pub async fn relay_tunnel<S: LocalStream>(
             }
             activity.touch();
             let mut written = 0usize;
-            let taken: usize = chunks.iter().map(Bytes::len).sum();
             for chunk in chunks.drain(..) {
                 paced(pace, chunk.len()).await;
                 let cut = quota.and_then(|m| m.admit(chunk.len()).err());
@@ -342,7 +332,6 @@ pub async fn relay_tunnel<S: LocalStream>(
                 }
             }
             received += written as u64;
-            inbox.delivered(taken);
             if half_close {
                 let rtt = core.rtt().unwrap_or(Duration::ZERO);
                 if let Some(increment) = window.consumed(written, Instant::now(), rtt) {
@@ -364,19 +353,8 @@ pub async fn relay_tunnel<S: LocalStream>(
             let step: Step = tokio::select! {
                 r = &mut upstream, if !up_done => { up_done = true; r }
                 r = &mut downstream, if !down_done => { down_done = true; r }
-                // The session reader closes a stalled connection that reached twice
-                // its cap; the grace below is this relay's to watch.
-                _ = cancel.cancelled() => Err(if inbox.is_stalled() {
-                    Abort::Stalled
-                } else {
-                    Abort::Cancelled
-                }),
+                _ = cancel.cancelled() => Err(Abort::Cancelled),
                 _ = activity.idle_out() => Err(Abort::IdleTimeout),
-                _ = inbox.over_cap_for(grace) => {
-                    let why = format!("over {} bytes queued for {grace:?}", core.json_cap());
-                    core.close_stalled(id, &why).await;
-                    Err(Abort::Stalled)
-                }
             };
             match step {
                 Err(reason) => break Err(reason),
@@ -409,9 +387,12 @@ pub async fn relay_tunnel<S: LocalStream>(
         }
         Err(reason) => {
             if removed {
-                // After this connection's last data: in JSON mode this is its end of
-                // stream.
-                let _ = core.send_close(id, reason.as_str().into(), &unsent).await;
+                let _ = core
+                    .send(Message::Close(Close {
+                        id,
+                        reason: reason.as_str().into(),
+                    }))
+                    .await;
             }
             tracing::debug!(conn = %id, reason = reason.as_str(), sent = stats.sent, received = stats.received, "relay ended");
         }
