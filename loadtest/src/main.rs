@@ -13,6 +13,7 @@ mod scale;
 mod soak;
 mod socks5;
 mod stack;
+mod stall;
 mod targets;
 mod udp;
 

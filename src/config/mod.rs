@@ -118,6 +118,7 @@ impl Config {
             check_max_window("client.max_window", c.max_window)?;
             udp::check_max_datagram("client.udp_max_datagram", c.udp_max_datagram)
                 .map_err(ConfigError::Semantic)?;
+            check_json_conn_buffer("client.json_conn_buffer", c.json_conn_buffer)?;
             match (&c.group_id, c.auth_username.is_empty()) {
                 (Some(_), false) => return Err(ConfigError::Semantic(
                     "client: set either auth_username (the default group) or group_id, not both"
@@ -154,6 +155,7 @@ impl Config {
             check_max_window("gateway.max_window", g.max_window)?;
             udp::check_max_datagram("gateway.udp_max_datagram", g.udp_max_datagram)
                 .map_err(ConfigError::Semantic)?;
+            check_json_conn_buffer("gateway.json_conn_buffer", g.json_conn_buffer)?;
             check_groups(g, self.proxy.as_ref())?;
             check_auth(g, self.proxy.as_ref())?;
             if let Some(c) = &g.cluster {
@@ -354,7 +356,10 @@ fn default_encodings() -> Vec<EncodingName> {
     vec![EncodingName::Binary, EncodingName::Json]
 }
 fn default_stall_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(30))
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_json_conn_buffer() -> ByteSize {
+    ByteSize(4 << 20)
 }
 /// Group ids and proxy usernames must be unambiguous: an agent's username selects its
 /// group, a proxy user's name selects theirs.
@@ -457,6 +462,19 @@ fn check_max_window(key: &str, w: ByteSize) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Below one read's worth a connection would stall on its first message; the ceiling
+/// is the same as the window's.
+fn check_json_conn_buffer(key: &str, b: ByteSize) -> Result<(), ConfigError> {
+    const MIN: u64 = 64 << 10;
+    if b.0 < MIN || b.0 > MAX_WINDOW_LIMIT {
+        return Err(ConfigError::Semantic(format!(
+            "{key} must be between 64KiB and 1GiB, got {} bytes",
+            b.0
+        )));
+    }
+    Ok(())
+}
+
 /// A peer that answers every heartbeat must never be taken for dead.
 fn check_heartbeat(
     section: &str,
@@ -504,10 +522,15 @@ pub struct GatewayConfig {
     /// Largest WebSocket message accepted from an agent.
     #[serde(default = "default_max_message")]
     pub max_message_size: ByteSize,
-    /// JSON mode (no flow control): a connection whose user stops reading for this long
-    /// is closed so that it cannot hold up the others on its WebSocket.
+    /// JSON mode (no flow control): a connection with more than `json_conn_buffer`
+    /// queued toward its user for this long is closed (the user stopped reading).
     #[serde(default = "default_stall_timeout")]
     pub stall_timeout: HumanDuration,
+    /// JSON mode: bytes one connection may queue toward its local socket before the
+    /// `stall_timeout` grace starts; twice this closes it at once. The session reader
+    /// never waits for one connection, so this bounds its memory.
+    #[serde(default = "default_json_conn_buffer")]
+    pub json_conn_buffer: ByteSize,
     /// Binary mode: the largest receive window one connection may grow to, i.e. the
     /// most the agent can have in flight toward one stalled user.
     #[serde(default = "default_max_window")]
@@ -979,8 +1002,11 @@ pub struct ClientConfig {
     pub reconnect_max: HumanDuration,
     #[serde(default = "default_max_message")]
     pub max_message_size: ByteSize,
+    /// JSON mode: as on the gateway, toward the targets.
     #[serde(default = "default_stall_timeout")]
     pub stall_timeout: HumanDuration,
+    #[serde(default = "default_json_conn_buffer")]
+    pub json_conn_buffer: ByteSize,
     /// Binary mode: the largest receive window one connection may grow to.
     #[serde(default = "default_max_window")]
     pub max_window: ByteSize,

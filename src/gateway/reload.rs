@@ -376,6 +376,7 @@ fn restart_only(running: &Running, next: &Next) -> Vec<&'static str> {
         auth_order: _,
         udp_idle_timeout: _,
         udp_max_datagram: _,
+        json_conn_buffer: _,
     } = old;
     compare!(
         "gateway.",
@@ -408,7 +409,8 @@ fn restart_only(running: &Running, next: &Next) -> Vec<&'static str> {
         auth_backends,
         auth_order,
         udp_idle_timeout,
-        udp_max_datagram
+        udp_max_datagram,
+        json_conn_buffer
     );
     let secret = |s: &Option<crate::config::Secret>| s.as_ref().map(|s| s.expose().to_owned());
     if secret(&old.admin_password) != secret(&new.admin_password) {

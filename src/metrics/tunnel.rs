@@ -82,11 +82,17 @@ pub fn encode(enc: &mut DescriptorEncoder, rows: &[Row]) -> Result<(), std::fmt:
     counters(
         enc,
         "tunnel_flow_stalls",
-        "Waits for flow control: credit = a relay had data but no send credit (binary); json_reader = the session reader waited on a full connection (JSON)",
+        "Waits for flow control: credit = a relay had data but no send credit (binary); json_reader = a connection's queue went over json_conn_buffer (JSON; the session reader does not wait)",
         &[
             (labels([("kind", "credit")]), all.credit_stalls),
             (labels([("kind", "json_reader")]), all.json_stalls),
         ],
+    )?;
+    counters(
+        enc,
+        "tunnel_json_stall_closes",
+        "JSON-mode connections closed because their local side stopped reading (queue over json_conn_buffer for stall_timeout, or at twice it)",
+        &[(vec![], all.json_stall_closes)],
     )?;
     counters(
         enc,

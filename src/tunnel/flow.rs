@@ -3,8 +3,9 @@
 //!
 //! * [`Inbox`]: what the peer sent for one connection, waiting for the local socket.
 //!   In binary mode it is bounded by the credit we granted (a peer that sends beyond it
-//!   is refused, never buffered); in JSON mode, which has no credit, the session reader
-//!   waits for room instead.
+//!   is refused, never buffered); in JSON mode, which has no credit, by a [`QueueCap`]:
+//!   the session reader never waits for one connection, so a connection that falls too
+//!   far behind is closed instead (see [`Inbox::push`]).
 //! * [`SendCredit`]: how many payload bytes we may still send on one connection.
 //! * [`RecvWindow`]: when to grant the peer more credit, and how much. The window
 //!   starts at [`anyproxy_proto::INITIAL_WINDOW`] and doubles while the local side
@@ -12,7 +13,7 @@
 //!   maximum; a connection whose reader stalls stops granting, so it stops only itself.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -48,15 +49,55 @@ pub enum PushError {
     AfterEnd,
     #[error("flow-control violation: {len} bytes sent with {allowance} bytes of credit")]
     Overrun { len: usize, allowance: u64 },
+    #[error(
+        "{queued} bytes queued toward a local socket that is not reading (the most is {limit})"
+    )]
+    Overfull { queued: usize, limit: usize },
+}
+
+/// JSON mode's bound on one connection's queue, which no credit limits. Past `cap` the
+/// connection has `grace` to drain below it again (see [`Inbox::over_cap_for`]); it may
+/// never hold more than twice the cap, so memory stays bounded during the grace too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueCap {
+    pub cap: usize,
+}
+
+impl QueueCap {
+    /// The hard ceiling: data that would take the queue past it is refused.
+    pub fn limit(self) -> usize {
+        self.cap.saturating_mul(2)
+    }
+}
+
+/// What bounds an inbox: the peer's credit (binary) or a queue cap (JSON).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bound {
+    /// Binary mode: the credit the peer holds when the connection starts.
+    Credit(u64),
+    /// JSON mode.
+    Queue(QueueCap),
+}
+
+/// A payload accepted by [`Inbox::push`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pushed {
+    Queued,
+    /// JSON mode: this payload took the queue past its cap; the grace starts now.
+    OverCap,
 }
 
 struct InboxState {
     chunks: VecDeque<Bytes>,
     tail: BytesMut,
+    /// Bytes pushed and not yet written to the local socket (taken ones included until
+    /// the relay reports them [`Inbox::delivered`]): what the connection holds.
     queued: usize,
     end: Option<InboxEnd>,
     /// Binary mode: credit the peer still holds, i.e. what it may send before waiting.
     allowance: u64,
+    /// JSON mode: since when the queue has been over its cap.
+    over_since: Option<tokio::time::Instant>,
 }
 
 impl InboxState {
@@ -71,11 +112,19 @@ impl InboxState {
 pub struct Inbox {
     state: Mutex<InboxState>,
     readable: Notify,
-    space: Notify,
+    /// JSON mode: the queue went over its cap (wakes [`Inbox::over_cap_for`]).
+    over_cap: Notify,
+    cap: Option<QueueCap>,
+    /// The connection was closed because it stalled (for its relay's access log).
+    stalled: AtomicBool,
 }
 
 impl Inbox {
-    pub fn new(allowance: u64) -> Self {
+    pub fn new(bound: Bound) -> Self {
+        let (allowance, cap) = match bound {
+            Bound::Credit(allowance) => (allowance, None),
+            Bound::Queue(cap) => (u64::MAX, Some(cap)),
+        };
         Inbox {
             state: Mutex::new(InboxState {
                 chunks: VecDeque::new(),
@@ -83,31 +132,52 @@ impl Inbox {
                 queued: 0,
                 end: None,
                 allowance,
+                over_since: None,
             }),
             readable: Notify::new(),
-            space: Notify::new(),
+            over_cap: Notify::new(),
+            cap,
+            stalled: AtomicBool::new(false),
         }
     }
 
-    /// Queues a payload. With `metered` (binary mode) it must fit the peer's credit.
-    pub fn push(&self, data: Bytes, metered: bool) -> Result<(), PushError> {
+    /// Queues a payload without ever waiting. Binary mode: it must fit the peer's
+    /// credit. JSON mode: it must keep the queue within twice the cap; the payload that
+    /// takes the queue past the cap starts the grace ([`Pushed::OverCap`]).
+    pub fn push(&self, data: Bytes) -> Result<Pushed, PushError> {
+        let mut pushed = Pushed::Queued;
         {
             let mut st = self.state.lock();
             if st.end.is_some() {
                 return Err(PushError::AfterEnd);
             }
-            if metered {
-                let len = data.len() as u64;
-                if len > st.allowance {
-                    return Err(PushError::Overrun {
-                        len: data.len(),
-                        allowance: st.allowance,
-                    });
+            match self.cap {
+                None => {
+                    let len = data.len() as u64;
+                    if len > st.allowance {
+                        return Err(PushError::Overrun {
+                            len: data.len(),
+                            allowance: st.allowance,
+                        });
+                    }
+                    st.allowance -= len;
                 }
-                st.allowance -= len;
+                Some(cap) => {
+                    let queued = st.queued + data.len();
+                    if queued > cap.limit() {
+                        return Err(PushError::Overfull {
+                            queued,
+                            limit: cap.limit(),
+                        });
+                    }
+                    if queued > cap.cap && st.over_since.is_none() {
+                        st.over_since = Some(tokio::time::Instant::now());
+                        pushed = Pushed::OverCap;
+                    }
+                }
             }
             if data.is_empty() {
-                return Ok(());
+                return Ok(pushed);
             }
             st.queued += data.len();
             if data.len() < COPY_BELOW {
@@ -117,24 +187,57 @@ impl Inbox {
                 st.chunks.push_back(data);
             }
         }
+        if pushed == Pushed::OverCap {
+            self.over_cap.notify_one();
+        }
         self.readable.notify_one();
-        Ok(())
+        Ok(pushed)
     }
 
-    /// Bytes queued and not yet taken by the relay.
+    /// Bytes queued and not yet written to the local socket.
     pub fn queued(&self) -> usize {
         self.state.lock().queued
     }
 
-    /// JSON mode: waits until fewer than `limit` bytes are queued.
-    pub async fn wait_for_room(&self, limit: usize) {
-        loop {
-            let notified = self.space.notified();
-            if self.queued() < limit {
-                return;
-            }
-            notified.await;
+    /// The relay wrote `n` taken bytes to the local socket. A JSON-mode queue back
+    /// within its cap ends the grace.
+    pub fn delivered(&self, n: usize) {
+        let mut st = self.state.lock();
+        st.queued = st.queued.saturating_sub(n);
+        if self.cap.is_some_and(|c| st.queued <= c.cap) {
+            st.over_since = None;
         }
+    }
+
+    /// JSON mode: resolves once the queue has stayed over its cap for `grace`, i.e. the
+    /// local socket did not take the excess in that time. Never in binary mode.
+    pub async fn over_cap_for(&self, grace: Duration) {
+        if self.cap.is_none() {
+            return std::future::pending().await;
+        }
+        loop {
+            let notified = self.over_cap.notified();
+            let since = self.state.lock().over_since;
+            match since {
+                None => notified.await,
+                Some(since) => {
+                    let deadline = since + grace;
+                    if tokio::time::Instant::now() >= deadline {
+                        return;
+                    }
+                    tokio::time::sleep_until(deadline).await;
+                }
+            }
+        }
+    }
+
+    /// Marks the connection as closed for stalling; its relay reports that reason.
+    pub fn mark_stalled(&self) {
+        self.stalled.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
     }
 
     /// Ends the incoming direction. A reset overrides an earlier finish.
@@ -166,9 +269,6 @@ impl Inbox {
                 st.seal_tail();
                 if !st.chunks.is_empty() {
                     std::mem::swap(&mut st.chunks, out);
-                    st.queued = 0;
-                    drop(st);
-                    self.space.notify_one();
                     return None;
                 }
                 if let Some(end) = st.end {
@@ -302,12 +402,12 @@ mod tests {
 
     #[tokio::test]
     async fn inbox_keeps_order_and_coalesces_small_payloads() {
-        let inbox = Inbox::new(1 << 20);
+        let inbox = Inbox::new(Bound::Credit(1 << 20));
         let big = Bytes::from(vec![7u8; COPY_BELOW]);
-        inbox.push(Bytes::from_static(b"ab"), true).unwrap();
-        inbox.push(Bytes::from_static(b"cd"), true).unwrap();
-        inbox.push(big.clone(), true).unwrap();
-        inbox.push(Bytes::from_static(b"ef"), true).unwrap();
+        inbox.push(Bytes::from_static(b"ab")).unwrap();
+        inbox.push(Bytes::from_static(b"cd")).unwrap();
+        inbox.push(big.clone()).unwrap();
+        inbox.push(Bytes::from_static(b"ef")).unwrap();
         assert_eq!(inbox.queued(), 6 + COPY_BELOW);
         let mut out = VecDeque::new();
         assert_eq!(inbox.take(&mut out).await, None);
@@ -317,25 +417,28 @@ mod tests {
         want.extend_from_slice(&big);
         want.extend_from_slice(b"ef");
         assert_eq!(collect(&mut out), want);
+        // Taken is not written: the relay still holds them until it says so.
+        assert_eq!(inbox.queued(), 6 + COPY_BELOW);
+        inbox.delivered(6 + COPY_BELOW);
         assert_eq!(inbox.queued(), 0);
     }
 
     #[tokio::test]
     async fn inbox_refuses_data_beyond_the_credit_and_after_the_end() {
-        let inbox = Inbox::new(10);
-        inbox.push(Bytes::from_static(b"0123456789"), true).unwrap();
+        let inbox = Inbox::new(Bound::Credit(10));
+        inbox.push(Bytes::from_static(b"0123456789")).unwrap();
         assert_eq!(
-            inbox.push(Bytes::from_static(b"x"), true),
+            inbox.push(Bytes::from_static(b"x")),
             Err(PushError::Overrun {
                 len: 1,
                 allowance: 0
             })
         );
         inbox.granted(1);
-        inbox.push(Bytes::from_static(b"x"), true).unwrap();
+        inbox.push(Bytes::from_static(b"x")).unwrap();
         inbox.end(InboxEnd::Finished);
         assert_eq!(
-            inbox.push(Bytes::from_static(b"y"), false),
+            inbox.push(Bytes::from_static(b"y")),
             Err(PushError::AfterEnd)
         );
         // What was queued before the end is still delivered, then the end.
@@ -347,7 +450,7 @@ mod tests {
 
     #[tokio::test]
     async fn reset_overrides_finish() {
-        let inbox = Inbox::new(0);
+        let inbox = Inbox::new(Bound::Credit(0));
         inbox.end(InboxEnd::Finished);
         inbox.end(InboxEnd::Reset);
         inbox.end(InboxEnd::Finished);
@@ -357,7 +460,7 @@ mod tests {
 
     #[tokio::test]
     async fn take_waits_for_data() {
-        let inbox = std::sync::Arc::new(Inbox::new(100));
+        let inbox = std::sync::Arc::new(Inbox::new(Bound::Credit(100)));
         let reader = {
             let inbox = inbox.clone();
             tokio::spawn(async move {
@@ -367,26 +470,49 @@ mod tests {
             })
         };
         tokio::task::yield_now().await;
-        inbox.push(Bytes::from_static(b"late"), true).unwrap();
+        inbox.push(Bytes::from_static(b"late")).unwrap();
         assert_eq!(reader.await.unwrap(), b"late");
     }
 
-    #[tokio::test]
-    async fn room_is_signalled_when_the_relay_takes() {
-        let inbox = std::sync::Arc::new(Inbox::new(0));
-        inbox.push(Bytes::from(vec![1u8; 100]), false).unwrap();
-        let waiter = {
-            let inbox = inbox.clone();
-            tokio::spawn(async move { inbox.wait_for_room(50).await })
-        };
-        tokio::task::yield_now().await;
-        assert!(!waiter.is_finished());
+    #[tokio::test(start_paused = true)]
+    async fn a_json_queue_past_its_cap_gets_the_grace_and_never_twice_the_cap() {
+        let inbox = std::sync::Arc::new(Inbox::new(Bound::Queue(QueueCap { cap: 100 })));
+        let grace = Duration::from_secs(5);
+        let kib = |n| Bytes::from(vec![1u8; n]);
+        assert_eq!(inbox.push(kib(100)), Ok(Pushed::Queued));
+        // Past the cap: accepted, and the grace starts (once).
+        assert_eq!(inbox.push(kib(50)), Ok(Pushed::OverCap));
+        assert_eq!(inbox.push(kib(50)), Ok(Pushed::Queued));
+        // Never past twice the cap: refused, not buffered.
+        assert_eq!(
+            inbox.push(kib(1)),
+            Err(PushError::Overfull {
+                queued: 201,
+                limit: 200
+            })
+        );
+        assert_eq!(inbox.queued(), 200);
+        // Taken but not written still counts; written back within the cap ends the grace.
         let mut out = VecDeque::new();
         inbox.take(&mut out).await;
-        tokio::time::timeout(Duration::from_secs(5), waiter)
+        assert_eq!(inbox.queued(), 200);
+        inbox.delivered(150);
+        let watchdog = {
+            let inbox = inbox.clone();
+            tokio::spawn(async move { inbox.over_cap_for(grace).await })
+        };
+        tokio::time::sleep(grace * 3).await;
+        assert!(!watchdog.is_finished(), "fired for a queue within its cap");
+        // Over the cap again and not drained: it fires after the grace.
+        assert_eq!(inbox.push(kib(60)), Ok(Pushed::OverCap));
+        tokio::time::timeout(grace * 2, watchdog)
             .await
-            .expect("woken")
+            .expect("fired after the grace")
             .unwrap();
+        // Binary inboxes have no cap to outstay.
+        let binary = Inbox::new(Bound::Credit(10));
+        let never = tokio::time::timeout(grace * 10, binary.over_cap_for(grace)).await;
+        assert!(never.is_err());
     }
 
     #[tokio::test]

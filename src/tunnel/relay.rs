@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyproxy_proto::{Close, Data, Fin, Message, WindowUpdate, INITIAL_WINDOW, MAX_DATA_PAYLOAD};
+use anyproxy_proto::{Data, Fin, Message, WindowUpdate, INITIAL_WINDOW, MAX_DATA_PAYLOAD};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -48,6 +48,8 @@ pub enum RelayEnd {
     IdleTimeout,
     /// The download quota was spent.
     QuotaExceeded,
+    /// JSON mode: the local side stopped reading and its queue outgrew the cap.
+    Stalled,
 }
 
 impl RelayEnd {
@@ -55,6 +57,7 @@ impl RelayEnd {
         match self {
             RelayEnd::IdleTimeout => "idle timeout",
             RelayEnd::QuotaExceeded => "download quota exceeded",
+            RelayEnd::Stalled => "stalled: the local side stopped reading",
         }
     }
 }
@@ -154,6 +157,7 @@ enum Abort {
     Cancelled,
     QuotaExceeded,
     IdleTimeout,
+    Stalled,
 }
 
 impl Abort {
@@ -168,6 +172,7 @@ impl Abort {
             Abort::Cancelled => "cancelled",
             Abort::QuotaExceeded => RelayEnd::QuotaExceeded.as_str(),
             Abort::IdleTimeout => RelayEnd::IdleTimeout.as_str(),
+            Abort::Stalled => RelayEnd::Stalled.as_str(),
         }
     }
 
@@ -176,15 +181,17 @@ impl Abort {
         match self {
             Abort::QuotaExceeded => Some(RelayEnd::QuotaExceeded),
             Abort::IdleTimeout => Some(RelayEnd::IdleTimeout),
+            Abort::Stalled => Some(RelayEnd::Stalled),
             _ => None,
         }
     }
 
-    /// The tunnel, not the local socket, failed: the local peer must learn of it.
+    /// The tunnel, not the local socket, failed (or dropped data it could not queue):
+    /// the local peer must learn of it.
     fn tunnel_failed(self) -> bool {
         matches!(
             self,
-            Abort::SessionClosed | Abort::ResetByPeer | Abort::Cancelled
+            Abort::SessionClosed | Abort::ResetByPeer | Abort::Cancelled | Abort::Stalled
         )
     }
 }
@@ -230,6 +237,7 @@ pub async fn relay_tunnel<S: LocalStream>(
         core,
         inbox,
         credit,
+        unsent,
         cancel,
         mut guard,
     } = conn;
@@ -242,6 +250,7 @@ pub async fn relay_tunnel<S: LocalStream>(
     let mut sent = 0u64;
     let mut received = 0u64;
     let activity = Activity::new(core.conn_idle_timeout());
+    let grace = core.stall_grace();
 
     let upstream = async {
         let mut buf = BytesMut::new();
@@ -269,7 +278,7 @@ pub async fn relay_tunnel<S: LocalStream>(
                 if !half_close {
                     return Err(Abort::LocalClosed);
                 }
-                return match core.send(Message::Fin(Fin { id })).await {
+                return match core.send_ordered(Message::Fin(Fin { id }), &unsent).await {
                     Ok(()) => Ok(()),
                     Err(_) => Err(Abort::SessionClosed),
                 };
@@ -280,7 +289,7 @@ pub async fn relay_tunnel<S: LocalStream>(
             bump(&counters.bytes_in, n as u64);
             let payload = buf.split_to(n).freeze();
             if core
-                .send(Message::Data(Data { id, payload }))
+                .send_ordered(Message::Data(Data { id, payload }), &unsent)
                 .await
                 .is_err()
             {
@@ -311,6 +320,7 @@ pub async fn relay_tunnel<S: LocalStream>(
             }
             activity.touch();
             let mut written = 0usize;
+            let taken: usize = chunks.iter().map(Bytes::len).sum();
             for chunk in chunks.drain(..) {
                 paced(pace, chunk.len()).await;
                 let cut = quota.and_then(|m| m.admit(chunk.len()).err());
@@ -332,6 +342,7 @@ pub async fn relay_tunnel<S: LocalStream>(
                 }
             }
             received += written as u64;
+            inbox.delivered(taken);
             if half_close {
                 let rtt = core.rtt().unwrap_or(Duration::ZERO);
                 if let Some(increment) = window.consumed(written, Instant::now(), rtt) {
@@ -353,8 +364,19 @@ pub async fn relay_tunnel<S: LocalStream>(
             let step: Step = tokio::select! {
                 r = &mut upstream, if !up_done => { up_done = true; r }
                 r = &mut downstream, if !down_done => { down_done = true; r }
-                _ = cancel.cancelled() => Err(Abort::Cancelled),
+                // The session reader closes a stalled connection that reached twice
+                // its cap; the grace below is this relay's to watch.
+                _ = cancel.cancelled() => Err(if inbox.is_stalled() {
+                    Abort::Stalled
+                } else {
+                    Abort::Cancelled
+                }),
                 _ = activity.idle_out() => Err(Abort::IdleTimeout),
+                _ = inbox.over_cap_for(grace) => {
+                    let why = format!("over {} bytes queued for {grace:?}", core.json_cap());
+                    core.close_stalled(id, &why).await;
+                    Err(Abort::Stalled)
+                }
             };
             match step {
                 Err(reason) => break Err(reason),
@@ -387,12 +409,9 @@ pub async fn relay_tunnel<S: LocalStream>(
         }
         Err(reason) => {
             if removed {
-                let _ = core
-                    .send(Message::Close(Close {
-                        id,
-                        reason: reason.as_str().into(),
-                    }))
-                    .await;
+                // After this connection's last data: in JSON mode this is its end of
+                // stream.
+                let _ = core.send_close(id, reason.as_str().into(), &unsent).await;
             }
             tracing::debug!(conn = %id, reason = reason.as_str(), sent = stats.sent, received = stats.received, "relay ended");
         }

@@ -124,8 +124,10 @@ pub struct SessionStats {
     pub conns_opened: AtomicU64,
     /// A relay had data to send but no send credit (binary mode).
     pub credit_stalls: AtomicU64,
-    /// The session reader waited on a full JSON-mode connection.
+    /// A JSON-mode connection's queue went over its cap (the grace started).
     pub json_stalls: AtomicU64,
+    /// JSON-mode connections closed because their local side stopped reading.
+    pub json_stall_closes: AtomicU64,
     /// Connections closed after `conn_idle_timeout` without a byte either way.
     pub idle_timeouts: AtomicU64,
     pub connect_time: AtomicHistogram,
@@ -145,6 +147,7 @@ impl Default for SessionStats {
             conns_opened: AtomicU64::new(0),
             credit_stalls: AtomicU64::new(0),
             json_stalls: AtomicU64::new(0),
+            json_stall_closes: AtomicU64::new(0),
             idle_timeouts: AtomicU64::new(0),
             connect_time: AtomicHistogram::new(LATENCY_BUCKETS),
             conn_duration: AtomicHistogram::new(DURATION_BUCKETS),
@@ -188,6 +191,7 @@ impl SessionStats {
             conns_opened: load(&self.conns_opened),
             credit_stalls: load(&self.credit_stalls),
             json_stalls: load(&self.json_stalls),
+            json_stall_closes: load(&self.json_stall_closes),
             idle_timeouts: load(&self.idle_timeouts),
             connect_time: self.connect_time.snapshot(),
             conn_duration: self.conn_duration.snapshot(),
@@ -208,6 +212,7 @@ pub struct StatsSnapshot {
     pub conns_opened: u64,
     pub credit_stalls: u64,
     pub json_stalls: u64,
+    pub json_stall_closes: u64,
     pub idle_timeouts: u64,
     pub connect_time: HistogramSnapshot,
     pub conn_duration: HistogramSnapshot,
@@ -225,6 +230,7 @@ impl Default for StatsSnapshot {
             conns_opened: 0,
             credit_stalls: 0,
             json_stalls: 0,
+            json_stall_closes: 0,
             idle_timeouts: 0,
             connect_time: HistogramSnapshot::empty(LATENCY_BUCKETS),
             conn_duration: HistogramSnapshot::empty(DURATION_BUCKETS),
@@ -244,6 +250,7 @@ impl StatsSnapshot {
         self.conns_opened += o.conns_opened;
         self.credit_stalls += o.credit_stalls;
         self.json_stalls += o.json_stalls;
+        self.json_stall_closes += o.json_stall_closes;
         self.idle_timeouts += o.idle_timeouts;
         self.connect_time.add(&o.connect_time);
         self.conn_duration.add(&o.conn_duration);

@@ -41,6 +41,7 @@ fn pair() -> Pair {
     let (x, y) = tokio::io::duplex(1 << 20);
     let options = SessionOptions {
         stall_timeout: Duration::from_secs(600),
+        json_cap: crate::tunnel::flow::QueueCap { cap: 4 << 20 },
         max_window: 8 << 20,
         ids: super::session::IdSpace::Ours,
         conn_idle_timeout: None,

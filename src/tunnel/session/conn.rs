@@ -7,7 +7,8 @@ use anyproxy_proto::{Close, ConnId, Message};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Outbound, SessionCore};
+use super::writer::Lane;
+use super::{Outbound, SessionCore, Unsent};
 use crate::tunnel::flow::{Inbox, SendCredit};
 
 /// One open tunnelled connection, held by its relay.
@@ -16,6 +17,7 @@ pub struct TunnelConn {
     pub(crate) core: Arc<SessionCore>,
     pub(crate) inbox: Arc<Inbox>,
     pub(crate) credit: Arc<SendCredit>,
+    pub(crate) unsent: Unsent,
     pub(crate) cancel: CancellationToken,
     pub(crate) guard: AbandonGuard,
 }
@@ -49,14 +51,15 @@ impl Drop for AbandonGuard {
             id: self.id,
             reason: "abandoned".into(),
         });
+        // Nobody relayed it, so none of its data is queued: the control lane.
         if let Err(mpsc::error::TrySendError::Full(item)) =
-            self.core.out.try_send(Outbound::Msg(close))
+            self.core.ctl.try_send(Outbound::Msg(close))
         {
             // The writer is behind: queue it from a task rather than lose it.
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 let core = self.core.clone();
                 rt.spawn(async move {
-                    let _ = core.send_raw(item).await;
+                    let _ = core.send_in(Lane::Control, item).await;
                 });
             }
         }

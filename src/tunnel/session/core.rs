@@ -15,21 +15,22 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{AbandonGuard, TunnelConn};
-use super::writer::write_loop;
+use super::writer::{write_loop, Lane, Lanes};
 use super::{
     is_going_away, ConnectFailure, IdSpace, OpenError, Outbound, Session, SessionClosed,
-    SessionOptions, GOING_AWAY, OUT_QUEUE,
+    SessionOptions, Unsent, CTL_QUEUE, GOING_AWAY, OUT_QUEUE,
 };
 use crate::transport::ws::deflate::{CompressionCounters, CompressionStats};
 use crate::transport::WsWriter;
 use crate::tunnel::datagram::DatagramTable;
-use crate::tunnel::flow::{Inbox, SendCredit};
+use crate::tunnel::flow::{Bound, Inbox, SendCredit};
 use crate::tunnel::stats::{bump, SessionStats};
 use crate::tunnel::table::ShardedMap;
 
 pub(super) struct Slot {
     pub(super) inbox: Arc<Inbox>,
     pub(super) credit: Arc<SendCredit>,
+    pub(super) unsent: Unsent,
     /// Present until the agent answers the `connect` (gateway side only).
     pub(super) pending: Option<oneshot::Sender<Result<(), ConnectFailure>>>,
     pub(super) cancel: CancellationToken,
@@ -38,7 +39,10 @@ pub(super) struct Slot {
 /// Shared state of one session. Cheap to clone behind an `Arc`.
 pub struct SessionCore {
     pub encoding: Encoding,
+    /// The writer's data lane (see `writer`'s [`Lane`]).
     pub(super) out: mpsc::Sender<Outbound>,
+    /// The writer's control lane, drained first.
+    pub(super) ctl: mpsc::Sender<Outbound>,
     pub(super) conns: ShardedMap<ConnId, Slot>,
     pub(super) next_id: AtomicU32,
     pub(super) closed: CancellationToken,
@@ -68,12 +72,14 @@ impl SessionCore {
     /// Creates the session state and spawns its writer task on `writer`; the
     /// [`Session`] returned owns both.
     pub fn start(encoding: Encoding, writer: WsWriter, options: SessionOptions) -> Session {
-        let (out, rx) = mpsc::channel(OUT_QUEUE);
+        let (out, data_rx) = mpsc::channel(OUT_QUEUE);
+        let (ctl, ctl_rx) = mpsc::channel(CTL_QUEUE);
         let compression = writer.compression_counters();
         let stats = Arc::new(SessionStats::default());
         let core = Arc::new(SessionCore {
             encoding,
             out,
+            ctl,
             conns: ShardedMap::default(),
             next_id: AtomicU32::new(1),
             closed: CancellationToken::new(),
@@ -94,7 +100,7 @@ impl SessionCore {
         });
         let writer_task = tokio::spawn(write_loop(
             writer,
-            rx,
+            Lanes::new(ctl_rx, data_rx),
             encoding,
             core.ids.clone(),
             core.closed.clone(),
@@ -103,11 +109,28 @@ impl SessionCore {
         Session::new(core, writer_task)
     }
 
-    /// Queues a message for the peer. Waits while the writer is behind (backpressure);
-    /// fails only when the session is gone.
+    /// Queues a message for the peer, in the lane its kind takes (control messages go
+    /// ahead of data). Waits while the writer is behind (backpressure); fails only when
+    /// the session is gone. A connection's data goes through [`Self::send_ordered`].
     pub async fn send(&self, msg: Message) -> Result<(), SessionClosed> {
+        self.send_raw(Outbound::Msg(msg)).await
+    }
+
+    pub(super) async fn send_raw(&self, item: Outbound) -> Result<(), SessionClosed> {
+        let lane = Lane::of(&item);
+        self.send_in(lane, item).await
+    }
+
+    pub(super) fn lane(&self, lane: Lane) -> &mpsc::Sender<Outbound> {
+        match lane {
+            Lane::Control => &self.ctl,
+            Lane::Data => &self.out,
+        }
+    }
+
+    pub(super) async fn send_in(&self, lane: Lane, item: Outbound) -> Result<(), SessionClosed> {
         tokio::select! {
-            r = self.out.send(Outbound::Msg(msg)) => r.map_err(|_| SessionClosed),
+            r = self.lane(lane).send(item) => r.map_err(|_| SessionClosed),
             _ = self.closed.cancelled() => Err(SessionClosed),
         }
     }
@@ -129,11 +152,74 @@ impl SessionCore {
         &self.closed
     }
 
-    pub(super) async fn send_raw(&self, item: Outbound) -> Result<(), SessionClosed> {
-        tokio::select! {
-            r = self.out.send(item) => r.map_err(|_| SessionClosed),
-            _ = self.closed.cancelled() => Err(SessionClosed),
+    /// Queues `item` without waiting: at once when its lane has room, else from a task.
+    /// For the session reader's own replies that take the data lane (`close` of an
+    /// unknown connection, id releases): a reader waiting on its writer while the
+    /// peer's reader waits on the peer's writer would be a deadlock over two full
+    /// sockets.
+    pub(super) fn send_soon(&self, item: Outbound) {
+        let lane = self.lane(Lane::of(&item));
+        if let Err(mpsc::error::TrySendError::Full(item)) = lane.try_send(item) {
+            let (lane, closed) = (lane.clone(), self.closed.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = lane.send(item) => {}
+                    _ = closed.cancelled() => {}
+                }
+            });
         }
+    }
+
+    /// Queues one of a connection's data or `fin` messages, counted in `unsent` until
+    /// the writer takes it, so that its `close` knows whether it may go first.
+    pub(crate) async fn send_ordered(
+        &self,
+        msg: Message,
+        unsent: &Unsent,
+    ) -> Result<(), SessionClosed> {
+        // Room first, then count and queue at once: a send cancelled while waiting
+        // leaves no count behind.
+        let permit = tokio::select! {
+            p = self.out.reserve() => p.map_err(|_| SessionClosed)?,
+            _ = self.closed.cancelled() => return Err(SessionClosed),
+        };
+        unsent.fetch_add(1, Ordering::AcqRel);
+        permit.send(Outbound::Ordered(msg, unsent.clone()));
+        Ok(())
+    }
+
+    /// Queues a connection's `close`: in the control lane when none of its data is
+    /// still queued, else in the data lane behind that data (never ahead of it).
+    pub(crate) async fn send_close(
+        &self,
+        id: ConnId,
+        reason: String,
+        unsent: &Unsent,
+    ) -> Result<(), SessionClosed> {
+        let lane = match unsent.load(Ordering::Acquire) {
+            0 => Lane::Control,
+            _ => Lane::Data,
+        };
+        let close = Outbound::Msg(Message::Close(Close { id, reason }));
+        self.send_in(lane, close).await
+    }
+
+    /// JSON mode: closes a connection whose local socket stopped taking what the peer
+    /// sends (its queue outgrew the cap, see [`crate::tunnel::flow::QueueCap`]): only
+    /// that connection ends, with `why` in the log, the `close` and its relay's access
+    /// log. False when the connection was already gone.
+    pub(crate) async fn close_stalled(&self, id: ConnId, why: &str) -> bool {
+        let Some(slot) = self.conns.remove(&id) else {
+            return false;
+        };
+        slot.inbox.mark_stalled();
+        slot.cancel.cancel();
+        bump(&self.stats.json_stall_closes, 1);
+        tracing::warn!(conn = %id, peer = self.peer(), queued = slot.inbox.queued(), "closing a connection whose local side stopped reading: {why}");
+        let _ = self
+            .send_close(id, format!("stalled: {why}"), &slot.unsent)
+            .await;
+        true
     }
 
     /// Names the peer once it has authenticated; later calls are ignored.
@@ -286,13 +372,9 @@ impl SessionCore {
             Ok(Ok(Err(failure))) => Err(OpenError::Failed(failure)),
             Ok(Err(_)) => Err(OpenError::SessionClosed),
             Err(_) => {
-                if self.conns.remove(&id).is_some() {
-                    let _ = self
-                        .send(Message::Close(Close {
-                            id,
-                            reason: "connect timed out at the gateway".into(),
-                        }))
-                        .await;
+                if let Some(slot) = self.conns.remove(&id) {
+                    let reason = "connect timed out at the gateway".into();
+                    let _ = self.send_close(id, reason, &slot.unsent).await;
                 }
                 Err(OpenError::Timeout(timeout))
             }
@@ -324,25 +406,37 @@ impl SessionCore {
         self.options.conn_idle_timeout
     }
 
+    /// JSON mode: how long a connection may stay over its queue cap.
+    pub fn stall_grace(&self) -> Duration {
+        self.options.stall_timeout
+    }
+
+    /// JSON mode: the per-connection queue cap in bytes.
+    pub fn json_cap(&self) -> usize {
+        self.options.json_cap.cap
+    }
+
     pub(super) fn new_conn(
         self: &Arc<Self>,
         id: ConnId,
         pending: Option<oneshot::Sender<Result<(), ConnectFailure>>>,
     ) -> (Slot, TunnelConn) {
-        let (allowance, credit) = if self.flow_controlled() {
+        let (bound, credit) = if self.flow_controlled() {
             (
-                u64::from(INITIAL_WINDOW),
+                Bound::Credit(u64::from(INITIAL_WINDOW)),
                 SendCredit::new(u64::from(INITIAL_WINDOW)),
             )
         } else {
-            (u64::MAX, SendCredit::unlimited())
+            (Bound::Queue(self.options.json_cap), SendCredit::unlimited())
         };
-        let inbox = Arc::new(Inbox::new(allowance));
+        let inbox = Arc::new(Inbox::new(bound));
         let credit = Arc::new(credit);
         let cancel = self.closed.child_token();
+        let unsent = Unsent::default();
         let slot = Slot {
             inbox: inbox.clone(),
             credit: credit.clone(),
+            unsent: unsent.clone(),
             pending,
             cancel: cancel.clone(),
         };
@@ -351,6 +445,7 @@ impl SessionCore {
             core: self.clone(),
             inbox,
             credit,
+            unsent,
             cancel,
             guard: AbandonGuard {
                 id,

@@ -12,10 +12,10 @@ use anyproxy_proto::{
 };
 use bytes::Bytes;
 
-use super::{is_going_away, ConnectFailure, Outbound, SessionCore, SessionEnd, JSON_CONN_BUFFER};
+use super::{is_going_away, ConnectFailure, Outbound, SessionCore, SessionEnd};
 use crate::transport::ws::close_code;
 use crate::transport::{Incoming, WsReader};
-use crate::tunnel::flow::{InboxEnd, PushError};
+use crate::tunnel::flow::{InboxEnd, PushError, Pushed};
 use crate::tunnel::stats::bump;
 
 /// What differs between the gateway and the agent: the messages only one side may
@@ -60,7 +60,7 @@ impl SessionCore {
                 }
                 // Whatever we still queued for it goes out first (FIFO), then its
                 // string is forgotten.
-                let _ = self.send_raw(Outbound::Release(id)).await;
+                self.send_soon(Outbound::Release(id));
                 None
             }
             Message::WindowUpdate(WindowUpdate { id, increment }) => {
@@ -171,52 +171,35 @@ impl SessionCore {
         true
     }
 
-    /// Hands a payload to its connection's inbox.
+    /// Hands a payload to its connection's inbox, never waiting: the session reader
+    /// serves every connection, so one whose local socket stopped reading must not hold
+    /// it.
     ///
-    /// Binary mode never waits: the peer may only send what we granted, so the inbox has
-    /// room by construction, and a peer that oversteps has that one connection reset.
-    /// JSON mode has no credit: the reader waits while the connection is full (lossless
-    /// backpressure), and a connection that stays full past the stall timeout is closed
-    /// so that it cannot hold the whole session hostage.
+    /// Binary mode: the peer may only send what we granted, so the inbox has room by
+    /// construction, and a peer that oversteps has that one connection reset. JSON mode
+    /// has no credit: a connection's queue may pass its cap for the stall grace (its
+    /// relay watches that) but never reach twice the cap; data that would is refused and
+    /// the connection closed, so one stalled user costs only itself.
     async fn deliver(&self, id: ConnId, payload: Bytes) {
         let Some(inbox) = self.conns.with(&id, |s| s.inbox.clone()) else {
-            let _ = self
-                .send(Message::Close(Close {
-                    id,
-                    reason: "unknown connection".into(),
-                }))
-                .await;
+            // After whatever we still queued for it (its relay's last data and close).
+            self.send_soon(Outbound::Msg(Message::Close(Close {
+                id,
+                reason: "unknown connection".into(),
+            })));
             return;
         };
-        if self.flow_controlled() {
-            if let Err(e) = inbox.push(payload, true) {
-                self.reset(id, &e).await;
+        match inbox.push(payload) {
+            Ok(Pushed::Queued) => {}
+            Ok(Pushed::OverCap) => bump(&self.stats.json_stalls, 1),
+            Err(e @ PushError::Overfull { .. }) => {
+                self.close_stalled(id, &e.to_string()).await;
             }
-            return;
+            // A JSON-mode inbox only ends when its slot is gone, and then the relay no
+            // longer reads it: nothing to report.
+            Err(PushError::AfterEnd) if !self.flow_controlled() => {}
+            Err(e) => self.reset(id, &e).await,
         }
-        if inbox.queued() >= JSON_CONN_BUFFER {
-            bump(&self.stats.json_stalls, 1);
-        }
-        let room = inbox.wait_for_room(JSON_CONN_BUFFER);
-        if tokio::time::timeout(self.options.stall_timeout, room)
-            .await
-            .is_err()
-        {
-            if let Some(slot) = self.conns.remove(&id) {
-                slot.cancel.cancel();
-                tracing::warn!(conn = %id, timeout = ?self.options.stall_timeout, "closing a connection whose reader stalled");
-                let _ = self
-                    .send(Message::Close(Close {
-                        id,
-                        reason: "stalled: the receiving side stopped reading".into(),
-                    }))
-                    .await;
-            }
-            return;
-        }
-        // A JSON-mode inbox only ends when its slot is gone, and then the relay no
-        // longer reads it: nothing to report.
-        let _ = inbox.push(payload, false);
     }
 
     /// Answers a message that could not be decoded. One that names a live connection
@@ -236,17 +219,10 @@ impl SessionCore {
                         message: e.to_string(),
                     }));
                 }
-                let _ = self
-                    .send(Message::Close(Close {
-                        id,
-                        reason: e.to_string(),
-                    }))
-                    .await;
+                let _ = self.send_close(id, e.to_string(), &slot.unsent).await;
             }
             // An id the decoder interned only for this error: forget it again.
-            None => {
-                let _ = self.send_raw(Outbound::Release(id)).await;
-            }
+            None => self.send_soon(Outbound::Release(id)),
         }
     }
 
@@ -260,12 +236,7 @@ impl SessionCore {
         tracing::warn!(conn = %id, error = %why, "resetting a connection whose peer broke the protocol");
         self.reply_error(ErrorCode::InvalidMessage, why.to_string(), Some(id))
             .await;
-        let _ = self
-            .send(Message::Close(Close {
-                id,
-                reason: why.to_string(),
-            }))
-            .await;
+        let _ = self.send_close(id, why.to_string(), &slot.unsent).await;
     }
 
     /// Reads and dispatches messages until the socket closes, fails or stays silent

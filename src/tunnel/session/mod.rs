@@ -12,6 +12,7 @@ mod dispatch;
 mod heartbeat;
 mod writer;
 
+use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,17 +21,16 @@ use bytes::Bytes;
 use tokio::task::JoinHandle;
 
 use crate::transport::WsError;
+use crate::tunnel::flow::QueueCap;
 
 pub use self::core::SessionCore;
 pub use conn::TunnelConn;
 pub use dispatch::{decode_all, FirstMessage, Role};
 
-/// JSON mode has no flow control: the session reader waits while a connection has
-/// this many bytes queued toward its local socket (and closes it after the stall
-/// timeout), so one connection's memory stays bounded.
-pub const JSON_CONN_BUFFER: usize = 1 << 20;
-/// Messages queued toward the WebSocket writer, shared by all connections.
+/// Messages queued toward the WebSocket writer's data lane, shared by all connections.
 pub const OUT_QUEUE: usize = 256;
+/// Messages queued toward the writer's control lane, which it drains first.
+pub const CTL_QUEUE: usize = 256;
 
 /// Starts the message of the `error` (code `INTERNAL_ERROR`, no connection id) by
 /// which a side that is shutting down tells its peer to open nothing more on this
@@ -45,8 +45,11 @@ pub fn is_going_away(message: &str) -> bool {
 /// Settings of one session that come from the configuration.
 #[derive(Clone, Copy, Debug)]
 pub struct SessionOptions {
-    /// JSON mode: how long a connection may keep the session reader waiting.
+    /// JSON mode: how long a connection's queue may stay over `json_cap` before the
+    /// connection is closed (the grace).
     pub stall_timeout: Duration,
+    /// JSON mode: the per-connection queue cap (no credit bounds it).
+    pub json_cap: QueueCap,
     /// Binary mode: the largest receive window a connection may grow to.
     pub max_window: u32,
     /// Who chooses the connection ids this side receives in `connect`.
@@ -75,6 +78,9 @@ impl From<&crate::config::GatewayConfig> for SessionOptions {
     fn from(c: &crate::config::GatewayConfig) -> Self {
         SessionOptions {
             stall_timeout: c.stall_timeout.0,
+            json_cap: QueueCap {
+                cap: c.json_conn_buffer.0 as usize,
+            },
             max_window: c.max_window.0 as u32,
             ids: IdSpace::Ours,
             conn_idle_timeout: nonzero(c.conn_idle_timeout.0),
@@ -86,6 +92,9 @@ impl From<&crate::config::ClientConfig> for SessionOptions {
     fn from(c: &crate::config::ClientConfig) -> Self {
         SessionOptions {
             stall_timeout: c.stall_timeout.0,
+            json_cap: QueueCap {
+                cap: c.json_conn_buffer.0 as usize,
+            },
             max_window: c.max_window.0 as u32,
             ids: IdSpace::Peers,
             conn_idle_timeout: nonzero(c.conn_idle_timeout.0),
@@ -93,10 +102,17 @@ impl From<&crate::config::ClientConfig> for SessionOptions {
     }
 }
 
+/// How many of one connection's order-bound messages (data, `fin`) are queued in the
+/// writer's data lane and not yet written: its `close` may go ahead in the control lane
+/// only at zero.
+pub(crate) type Unsent = Arc<AtomicU32>;
+
 /// Queued for the writer task.
 #[derive(Debug)]
 pub(super) enum Outbound {
     Msg(Message),
+    /// A connection's data or `fin`, counted in its [`Unsent`] until written.
+    Ordered(Message, Unsent),
     WsPong(Bytes),
     WsClose(u16, String),
     /// Nothing more will be written for this id: forget the peer's string for it.

@@ -1,7 +1,16 @@
 //! The single writer task that owns a session's WebSocket write side: it drains what
 //! is queued, packs binary frames back to back into one WebSocket message, and flushes
 //! once per batch (fastwebsockets never flushes, and rustls would hold the bytes).
+//!
+//! Two lanes feed it, and it always empties the control lane first ([`Lane`] says which
+//! message takes which): a `connect`, its answer, a heartbeat or an error never waits
+//! behind megabytes of other connections' data. Order within each lane is FIFO. A
+//! connection's order-bound messages (data, `fin`) all take the data lane, so they keep
+//! their order; its `close` takes the control lane only when none of them is still
+//! queued ([`super::Unsent`] is zero), and otherwise the data lane, behind them. So a
+//! `close` never overtakes its own connection's data.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyproxy_proto::{binary, json, ConnId, ConnIdMap, Encoding, Message};
@@ -17,9 +26,80 @@ use crate::tunnel::stats::SessionStats;
 /// The writer flushes after at most this many bytes in one batch.
 const BATCH_BYTES: usize = 256 * 1024;
 
+/// Which of the writer's queues a message takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Lane {
+    Control,
+    Data,
+}
+
+impl Lane {
+    /// The lane of `item` when its sender knows no more than its kind. A `close` takes
+    /// the data lane: whether the connection still has data queued is known only to
+    /// [`super::SessionCore::send_close`], which may choose the control lane instead.
+    pub(super) fn of(item: &Outbound) -> Lane {
+        match item {
+            Outbound::Msg(Message::Close(_) | Message::Data(_) | Message::Fin(_))
+            | Outbound::Ordered(..) => Lane::Data,
+            // After everything queued before it (a refusal, say), as the caller expects.
+            Outbound::WsClose(..) => Lane::Data,
+            // Must follow whatever of that connection is still queued.
+            Outbound::Release(_) => Lane::Data,
+            Outbound::Msg(_) | Outbound::WsPong(_) => Lane::Control,
+        }
+    }
+}
+
+/// The writer's two queues, control first.
+pub(super) struct Lanes {
+    ctl: mpsc::Receiver<Outbound>,
+    data: mpsc::Receiver<Outbound>,
+    ctl_open: bool,
+    data_open: bool,
+}
+
+impl Lanes {
+    pub(super) fn new(ctl: mpsc::Receiver<Outbound>, data: mpsc::Receiver<Outbound>) -> Self {
+        Lanes {
+            ctl,
+            data,
+            ctl_open: true,
+            data_open: true,
+        }
+    }
+
+    /// The next item, control first; `None` once both lanes are closed and empty.
+    async fn recv(&mut self) -> Option<Outbound> {
+        loop {
+            if !self.ctl_open && !self.data_open {
+                return None;
+            }
+            tokio::select! {
+                biased;
+                m = self.ctl.recv(), if self.ctl_open => match m {
+                    Some(m) => return Some(m),
+                    None => self.ctl_open = false,
+                },
+                m = self.data.recv(), if self.data_open => match m {
+                    Some(m) => return Some(m),
+                    None => self.data_open = false,
+                },
+            }
+        }
+    }
+
+    /// What is already queued, control first, without waiting.
+    fn try_recv(&mut self) -> Option<Outbound> {
+        self.ctl
+            .try_recv()
+            .ok()
+            .or_else(|| self.data.try_recv().ok())
+    }
+}
+
 pub(super) async fn write_loop(
     mut ws: WsWriter,
-    mut rx: mpsc::Receiver<Outbound>,
+    mut rx: Lanes,
     encoding: Encoding,
     ids: Arc<dyn ConnIdMap + Send + Sync>,
     closed: CancellationToken,
@@ -86,7 +166,7 @@ impl Batch {
 /// Returns false once a close frame has been sent.
 async fn write_batch(
     ws: &mut WsWriter,
-    rx: &mut mpsc::Receiver<Outbound>,
+    rx: &mut Lanes,
     first: Outbound,
     encoding: Encoding,
     ids: &(dyn ConnIdMap + Send + Sync),
@@ -96,49 +176,73 @@ async fn write_batch(
     let mut written = 0usize;
     let mut item = Some(first);
     while let Some(next) = item.take() {
-        match next {
-            Outbound::Msg(msg) => {
-                stats.sent(msg.kind());
-                match encoding {
-                    Encoding::Binary => {
-                        if batch.must_split_before(&msg) {
-                            written += batch.buf.len();
-                            flush_batch(ws, batch).await?;
-                        }
-                        batch.push(&msg);
-                        if batch.buf.len() >= BATCH_BYTES {
-                            written += batch.buf.len();
-                            flush_batch(ws, batch).await?;
-                        }
-                    }
-                    Encoding::Json => {
-                        let text = json::encode_with(&msg, ids);
-                        written += text.len();
-                        ws.send_text(text).await?;
-                        if let Some(id) = last_for_connection(&msg) {
-                            ids.release(id);
-                        }
-                    }
-                }
+        let msg = match next {
+            Outbound::Msg(msg) => Some(msg),
+            Outbound::Ordered(msg, unsent) => {
+                unsent.fetch_sub(1, Ordering::Release);
+                Some(msg)
             }
-            Outbound::Release(id) => ids.release(id),
+            Outbound::Release(id) => {
+                ids.release(id);
+                None
+            }
             Outbound::WsPong(p) => {
                 flush_batch(ws, batch).await?;
                 ws.send_pong(p).await?;
+                None
             }
             Outbound::WsClose(code, reason) => {
                 flush_batch(ws, batch).await?;
                 ws.send_close(code, &reason).await?;
                 return Ok(false);
             }
+        };
+        if let Some(msg) = msg {
+            written += write_msg(ws, msg, encoding, ids, batch, stats).await?;
         }
         if written + batch.buf.len() < BATCH_BYTES {
-            item = rx.try_recv().ok();
+            item = rx.try_recv();
         }
     }
     flush_batch(ws, batch).await?;
     ws.flush().await?;
     Ok(true)
+}
+
+/// Encodes one message: into the batch (binary, flushed when full or when isolation
+/// demands) or as its own text message (JSON). Returns the bytes flushed or sent.
+async fn write_msg(
+    ws: &mut WsWriter,
+    msg: Message,
+    encoding: Encoding,
+    ids: &(dyn ConnIdMap + Send + Sync),
+    batch: &mut Batch,
+    stats: &SessionStats,
+) -> Result<usize, WsError> {
+    stats.sent(msg.kind());
+    let mut written = 0;
+    match encoding {
+        Encoding::Binary => {
+            if batch.must_split_before(&msg) {
+                written += batch.buf.len();
+                flush_batch(ws, batch).await?;
+            }
+            batch.push(&msg);
+            if batch.buf.len() >= BATCH_BYTES {
+                written += batch.buf.len();
+                flush_batch(ws, batch).await?;
+            }
+        }
+        Encoding::Json => {
+            let text = json::encode_with(&msg, ids);
+            written += text.len();
+            ws.send_text(text).await?;
+            if let Some(id) = last_for_connection(&msg) {
+                ids.release(id);
+            }
+        }
+    }
+    Ok(written)
 }
 
 /// The id of a message after which nothing more is written for its connection: our
@@ -162,8 +266,12 @@ async fn flush_batch(ws: &mut WsWriter, batch: &mut Batch) -> Result<(), WsError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use anyproxy_proto::{Data, WindowUpdate};
+    use crate::transport::ws;
+    use crate::transport::Incoming;
+    use crate::tunnel::session::{decode_all, IdSpace, SessionCore, SessionOptions, Unsent};
+    use anyproxy_proto::{Close, Connect, Data, Heartbeat, NumericIds, Protocol, WindowUpdate};
     use bytes::Bytes;
+    use std::time::Duration;
 
     fn data(id: u32) -> Message {
         Message::Data(Data {
@@ -197,5 +305,111 @@ mod tests {
         assert!(!plain.must_split_before(&data(2)));
         plain.push(&data(2));
         assert!(!plain.must_split_before(&data(3)));
+    }
+
+    fn options() -> SessionOptions {
+        SessionOptions {
+            stall_timeout: Duration::from_secs(600),
+            json_cap: crate::tunnel::flow::QueueCap { cap: 4 << 20 },
+            max_window: 8 << 20,
+            ids: IdSpace::Ours,
+            conn_idle_timeout: None,
+        }
+    }
+
+    /// What the peer receives, in order, until it has `n` messages.
+    async fn received(reader: &mut crate::transport::WsReader, n: usize) -> Vec<Message> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let next = tokio::time::timeout(Duration::from_secs(10), reader.next())
+                .await
+                .expect("the writer wrote")
+                .expect("a frame");
+            if let Incoming::Message { payload, .. } = next {
+                got.extend(decode_all(Encoding::Binary, &NumericIds, payload).map(Result::unwrap));
+            }
+        }
+        got
+    }
+
+    fn describe(m: &Message) -> String {
+        match m {
+            Message::Data(d) => format!("data {}", d.id),
+            Message::Close(c) => format!("close {}", c.id),
+            Message::Connect(c) => format!("connect {}", c.id),
+            other => other.kind().as_str().to_owned(),
+        }
+    }
+
+    // One runtime thread: everything below is queued before the writer task first runs,
+    // so the order on the wire is the writer's choice alone.
+    #[tokio::test]
+    async fn control_messages_overtake_queued_data_but_a_close_never_its_own() {
+        let (near, far) = tokio::io::duplex(1 << 20);
+        let (_unused, writer) =
+            ws::split(Box::new(near), fastwebsockets::Role::Server, 1 << 20, None);
+        let (mut reader, _far_writer) =
+            ws::split(Box::new(far), fastwebsockets::Role::Client, 4 << 20, None);
+        let session = SessionCore::start(Encoding::Binary, writer, options());
+        let core = session.core().clone();
+        let data = |id: u32| {
+            Message::Data(Data {
+                id: ConnId(id),
+                payload: Bytes::from_static(b"payload"),
+            })
+        };
+        let (one, two): (Unsent, Unsent) = Default::default();
+        for _ in 0..3 {
+            core.send_ordered(data(1), &one).await.unwrap();
+        }
+        core.send_ordered(data(2), &two).await.unwrap();
+        // Connection 2 still has data queued: its close waits behind it.
+        core.send_close(ConnId(2), "done".into(), &two)
+            .await
+            .unwrap();
+        // Connection 3 has none: its close, like every control message, goes first.
+        let none = Unsent::default();
+        core.send_close(ConnId(3), "reset".into(), &none)
+            .await
+            .unwrap();
+        core.send(Message::Ping(Heartbeat::new(1))).await.unwrap();
+        core.send(Message::Connect(Connect {
+            id: ConnId(4),
+            host: "example".into(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        }))
+        .await
+        .unwrap();
+        // A close sent without its connection's count is data-lane: never ahead.
+        core.send(Message::Close(Close {
+            id: ConnId(1),
+            reason: "end".into(),
+        }))
+        .await
+        .unwrap();
+        let order: Vec<String> = received(&mut reader, 9)
+            .await
+            .iter()
+            .map(describe)
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "close 3",
+                "ping",
+                "connect 4",
+                "data 1",
+                "data 1",
+                "data 1",
+                "data 2",
+                "close 2",
+                "close 1",
+            ]
+        );
+        // Written data is no longer counted: the next close of connection 2 may go first.
+        assert_eq!(two.load(std::sync::atomic::Ordering::Acquire), 0);
+        assert_eq!(one.load(std::sync::atomic::Ordering::Acquire), 0);
+        session.end().await;
     }
 }
