@@ -337,6 +337,15 @@ async fn an_upload_whose_receiver_stops_at_the_end_still_finishes_its_exchange()
 /// faster than the tunnel delivers even in a debug build), and answers `"<n> ok\n"`,
 /// or where the first difference was (JSON mode has no half-close to end an upload).
 async fn checking_sink(expected: Arc<Vec<u8>>) -> SocketAddr {
+    paced_checking_sink(expected, None).await
+}
+
+/// [`checking_sink`], reading at most `(bytes, pause)` at a time when paced: a reader
+/// that is slower than the tunnel but never stops.
+async fn paced_checking_sink(
+    expected: Arc<Vec<u8>>,
+    pace: Option<(usize, Duration)>,
+) -> SocketAddr {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -346,7 +355,7 @@ async fn checking_sink(expected: Arc<Vec<u8>>) -> SocketAddr {
                 let Ok(len) = s.read_u64().await else { return };
                 let len = (len as usize).min(expected.len());
                 let mut at = 0;
-                let mut buf = vec![0u8; 256 * 1024];
+                let mut buf = vec![0u8; pace.map_or(256 * 1024, |(n, _)| n)];
                 let mut verdict = "ok".to_string();
                 while at < len {
                     let want = buf.len().min(len - at);
@@ -357,6 +366,9 @@ async fn checking_sink(expected: Arc<Vec<u8>>) -> SocketAddr {
                                 verdict = format!("differs within {at}..{}", at + n);
                             }
                             at += n;
+                            if let Some((_, pause)) = pace {
+                                tokio::time::sleep(pause).await;
+                            }
                         }
                     }
                 }
@@ -367,6 +379,27 @@ async fn checking_sink(expected: Arc<Vec<u8>>) -> SocketAddr {
     addr
 }
 
+/// Uploads `upload` to a checking sink through SOCKS5 and returns the sink's answer.
+async fn upload_to(stack: &Stack, sink: SocketAddr, upload: &[u8]) -> String {
+    let mut s = socks5_stream(
+        stack.socks_port,
+        SOCKS_USER,
+        SOCKS_PASS,
+        "127.0.0.1",
+        sink.port(),
+    )
+    .await
+    .expect("socks5 connect");
+    s.write_u64(upload.len() as u64).await.unwrap();
+    if let Err(e) = s.write_all(upload).await {
+        panic!("the upload was cut ({e}):\n{}", stack.log("agent"));
+    }
+    let mut answer = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(120), s.read_to_string(&mut answer));
+    let _ = read.await.expect("the sink answers");
+    answer
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_upload_through_a_json_agent_arrives_whole() {
     let stack = json_stack(vec![]).await;
@@ -374,25 +407,7 @@ async fn a_bulk_upload_through_a_json_agent_arrives_whole() {
     let upload = Arc::new(pattern(N, 21));
     let sink = checking_sink(upload.clone()).await;
     for round in 0..2 {
-        let mut s = socks5_stream(
-            stack.socks_port,
-            SOCKS_USER,
-            SOCKS_PASS,
-            "127.0.0.1",
-            sink.port(),
-        )
-        .await
-        .expect("socks5 connect");
-        s.write_u64(N as u64).await.unwrap();
-        if let Err(e) = s.write_all(&upload).await {
-            panic!(
-                "round {round}: the upload was cut ({e}):\n{}",
-                stack.log("agent")
-            );
-        }
-        let mut answer = String::new();
-        let read = tokio::time::timeout(Duration::from_secs(60), s.read_to_string(&mut answer));
-        let _ = read.await.expect("the sink answers");
+        let answer = upload_to(&stack, sink, &upload).await;
         assert_eq!(answer, format!("{N} ok\n"), "round {round}");
     }
     assert!(
@@ -400,4 +415,59 @@ async fn a_bulk_upload_through_a_json_agent_arrives_whole() {
         "a sink that reads was taken for a stalled one:\n{}",
         stack.log("agent")
     );
+}
+
+/// A small cap and a short grace, so that a slow reader spends many graces over the cap.
+const TIGHT: [&str; 2] = ["json_conn_buffer: 256KiB", "stall_timeout: 2s"];
+
+fn tight_stack_options() -> StackOptions {
+    let tight: Vec<String> = TIGHT.iter().map(|s| s.to_string()).collect();
+    StackOptions {
+        encoding: "json",
+        gateway_extra: tight.clone(),
+        client_extra: tight,
+        ..StackOptions::default()
+    }
+}
+
+/// A reader slower than the tunnel but always moving is backpressured, never cut: its
+/// queue stays past the cap for many graces, and every byte arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_that_keeps_reading_is_never_cut() {
+    let stack = Stack::start(tight_stack_options()).await;
+    // Download: curl reads at 1 MB/s, the target writes as fast as the tunnel takes it.
+    let plain = http_target().await;
+    const DOWN: usize = 6 << 20;
+    let (code, body) = curl(&[
+        "--limit-rate",
+        "1M",
+        "-x",
+        &stack.http_proxy(),
+        &format!("http://{plain}/bytes/{DOWN}"),
+    ])
+    .await;
+    assert_eq!(
+        code,
+        0,
+        "the slow download was cut:\n{}",
+        stack.log("gateway")
+    );
+    assert!(
+        body == pattern(DOWN, 7),
+        "the slow download arrived altered"
+    );
+    // Upload: the target reads 32 KiB every 10 ms.
+    const UP: usize = 6 << 20;
+    let upload = Arc::new(pattern(UP, 22));
+    let pace = Some((32 << 10, Duration::from_millis(10)));
+    let sink = paced_checking_sink(upload.clone(), pace).await;
+    let answer = upload_to(&stack, sink, &upload).await;
+    assert_eq!(answer, format!("{UP} ok\n"), "{}", stack.log("agent"));
+    for side in ["gateway", "agent"] {
+        assert!(
+            !stack.log(side).contains("stopped reading"),
+            "a slow reader was taken for a stalled one:\n{}",
+            stack.log(side)
+        );
+    }
 }

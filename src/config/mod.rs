@@ -523,12 +523,13 @@ pub struct GatewayConfig {
     #[serde(default = "default_max_message")]
     pub max_message_size: ByteSize,
     /// JSON mode (no flow control): a connection with more than `json_conn_buffer`
-    /// queued toward its user for this long is closed (the user stopped reading).
+    /// queued toward its user, of which nothing was taken for this long, is closed (the
+    /// user stopped reading).
     #[serde(default = "default_stall_timeout")]
     pub stall_timeout: HumanDuration,
-    /// JSON mode: bytes one connection may queue toward its local socket before the
-    /// `stall_timeout` grace starts; twice this closes it at once. The session reader
-    /// never waits for one connection, so this bounds its memory.
+    /// JSON mode: bytes one connection queues toward its local socket before the
+    /// session reader waits for it (while it moves) or the `stall_timeout` grace starts
+    /// (once it stops); a stopped connection holds at most twice this.
     #[serde(default = "default_json_conn_buffer")]
     pub json_conn_buffer: ByteSize,
     /// Binary mode: the largest receive window one connection may grow to, i.e. the

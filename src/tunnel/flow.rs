@@ -3,9 +3,10 @@
 //!
 //! * [`Inbox`]: what the peer sent for one connection, waiting for the local socket.
 //!   In binary mode it is bounded by the credit we granted (a peer that sends beyond it
-//!   is refused, never buffered); in JSON mode, which has no credit, by a [`QueueCap`]:
-//!   the session reader never waits for one connection, so a connection that falls too
-//!   far behind is closed instead (see [`Inbox::push`]).
+//!   is refused, never buffered); in JSON mode, which has no credit, by a [`QueueCap`]
+//!   and the connection's progress: the session reader waits for a connection past its
+//!   cap only while that connection's local socket is still taking data, and a
+//!   connection that stops taking it is closed alone (see [`Inbox::make_room`]).
 //! * [`SendCredit`]: how many payload bytes we may still send on one connection.
 //! * [`RecvWindow`]: when to grant the peer more credit, and how much. The window
 //!   starts at [`anyproxy_proto::INITIAL_WINDOW`] and doubles while the local side
@@ -55,16 +56,24 @@ pub enum PushError {
     Overfull { queued: usize, limit: usize },
 }
 
-/// JSON mode's bound on one connection's queue, which no credit limits. Past `cap` the
-/// connection has `grace` to drain below it again (see [`Inbox::over_cap_for`]); it may
-/// never hold more than twice the cap, so memory stays bounded during the grace too.
+/// JSON mode's bound on one connection's queue, which no credit limits.
+///
+/// Up to `cap` a payload is queued at once. Past it, the session reader waits for room
+/// as long as the local socket keeps taking data (lossless backpressure, like TCP's, for
+/// a reader that is slow but moving) and stops waiting once it has taken nothing for
+/// [`PROGRESS_WINDOW`]: then the payload is queued anyway, up to twice the cap, so a
+/// connection that stopped reading holds the others up for that window at most. A
+/// connection still over its cap after `grace` with nothing taken is closed (see
+/// [`Inbox::stalled_for`]), and so is one that would pass twice the cap while not
+/// moving. Memory per connection stays within twice the cap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QueueCap {
     pub cap: usize,
 }
 
 impl QueueCap {
-    /// The hard ceiling: data that would take the queue past it is refused.
+    /// The hard ceiling: data that would take a queue that is not moving past it is
+    /// refused.
     pub fn limit(self) -> usize {
         self.cap.saturating_mul(2)
     }
@@ -79,11 +88,17 @@ pub enum Bound {
     Queue(QueueCap),
 }
 
+/// JSON mode: how long the session reader waits on a connection past its cap whose
+/// local socket takes nothing. Long enough for a loaded machine's scheduler to run a
+/// slow reader again; short enough that a user who stopped reading costs everyone else
+/// on the session at most this, once.
+pub const PROGRESS_WINDOW: Duration = Duration::from_secs(1);
+
 /// A payload accepted by [`Inbox::push`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pushed {
     Queued,
-    /// JSON mode: this payload took the queue past its cap; the grace starts now.
+    /// JSON mode: this payload took the queue past its cap.
     OverCap,
 }
 
@@ -96,8 +111,9 @@ struct InboxState {
     end: Option<InboxEnd>,
     /// Binary mode: credit the peer still holds, i.e. what it may send before waiting.
     allowance: u64,
-    /// JSON mode: since when the queue has been over its cap.
-    over_since: Option<tokio::time::Instant>,
+    /// JSON mode, while the queue is over its cap: when it last moved (it went over,
+    /// or the relay wrote some of it since). `None` within the cap.
+    moved_at: Option<tokio::time::Instant>,
 }
 
 impl InboxState {
@@ -112,8 +128,10 @@ impl InboxState {
 pub struct Inbox {
     state: Mutex<InboxState>,
     readable: Notify,
-    /// JSON mode: the queue went over its cap (wakes [`Inbox::over_cap_for`]).
+    /// JSON mode: the queue went over its cap (wakes [`Inbox::stalled_for`]).
     over_cap: Notify,
+    /// JSON mode: the relay wrote some of the queue (wakes [`Inbox::make_room`]).
+    space: Notify,
     cap: Option<QueueCap>,
     /// The connection was closed because it stalled (for its relay's access log).
     stalled: AtomicBool,
@@ -132,18 +150,20 @@ impl Inbox {
                 queued: 0,
                 end: None,
                 allowance,
-                over_since: None,
+                moved_at: None,
             }),
             readable: Notify::new(),
             over_cap: Notify::new(),
+            space: Notify::new(),
             cap,
             stalled: AtomicBool::new(false),
         }
     }
 
     /// Queues a payload without ever waiting. Binary mode: it must fit the peer's
-    /// credit. JSON mode: it must keep the queue within twice the cap; the payload that
-    /// takes the queue past the cap starts the grace ([`Pushed::OverCap`]).
+    /// credit. JSON mode: it must keep the queue within twice the cap (call
+    /// [`Self::make_room`] first); the payload that takes the queue past the cap starts
+    /// the grace ([`Pushed::OverCap`]).
     pub fn push(&self, data: Bytes) -> Result<Pushed, PushError> {
         let mut pushed = Pushed::Queued;
         {
@@ -170,8 +190,9 @@ impl Inbox {
                             limit: cap.limit(),
                         });
                     }
-                    if queued > cap.cap && st.over_since.is_none() {
-                        st.over_since = Some(tokio::time::Instant::now());
+                    if queued > cap.cap && st.queued <= cap.cap {
+                        // `make_room` may have started the clock already.
+                        st.moved_at.get_or_insert_with(tokio::time::Instant::now);
                         pushed = Pushed::OverCap;
                     }
                 }
@@ -199,29 +220,63 @@ impl Inbox {
         self.state.lock().queued
     }
 
-    /// The relay wrote `n` taken bytes to the local socket. A JSON-mode queue back
-    /// within its cap ends the grace.
+    /// The relay wrote `n` taken bytes to the local socket: in JSON mode that is
+    /// progress, and a queue back within its cap ends the grace.
     pub fn delivered(&self, n: usize) {
-        let mut st = self.state.lock();
-        st.queued = st.queued.saturating_sub(n);
-        if self.cap.is_some_and(|c| st.queued <= c.cap) {
-            st.over_since = None;
+        let Some(cap) = self.cap else {
+            let mut st = self.state.lock();
+            st.queued = st.queued.saturating_sub(n);
+            return;
+        };
+        {
+            let mut st = self.state.lock();
+            st.queued = st.queued.saturating_sub(n);
+            st.moved_at = (st.queued > cap.cap).then(tokio::time::Instant::now);
+        }
+        self.space.notify_one();
+    }
+
+    /// JSON mode: waits until a payload of `len` bytes fits within the cap (or the
+    /// queue is empty), as long as the relay keeps writing the queue to the local
+    /// socket; returns without room once it has written nothing for `window`, or the
+    /// connection ended. Returns at once in binary mode, where credit bounds the queue.
+    pub async fn make_room(&self, len: usize, window: Duration) {
+        let Some(cap) = self.cap else { return };
+        loop {
+            let space = self.space.notified();
+            let deadline = {
+                let mut st = self.state.lock();
+                if st.queued == 0 || st.queued + len <= cap.cap || st.end.is_some() {
+                    return;
+                }
+                let moved = *st.moved_at.get_or_insert_with(tokio::time::Instant::now);
+                moved + window
+            };
+            tokio::select! {
+                _ = space => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    let st = self.state.lock();
+                    if st.moved_at.is_none_or(|m| m + window <= tokio::time::Instant::now()) {
+                        return;
+                    }
+                }
+            }
         }
     }
 
-    /// JSON mode: resolves once the queue has stayed over its cap for `grace`, i.e. the
-    /// local socket did not take the excess in that time. Never in binary mode.
-    pub async fn over_cap_for(&self, grace: Duration) {
+    /// JSON mode: resolves once the queue has been over its cap with nothing written
+    /// to the local socket for `grace`. Never in binary mode.
+    pub async fn stalled_for(&self, grace: Duration) {
         if self.cap.is_none() {
             return std::future::pending().await;
         }
         loop {
             let notified = self.over_cap.notified();
-            let since = self.state.lock().over_since;
-            match since {
+            let moved = self.state.lock().moved_at;
+            match moved {
                 None => notified.await,
-                Some(since) => {
-                    let deadline = since + grace;
+                Some(moved) => {
+                    let deadline = moved + grace;
                     if tokio::time::Instant::now() >= deadline {
                         return;
                     }
@@ -499,7 +554,7 @@ mod tests {
         inbox.delivered(150);
         let watchdog = {
             let inbox = inbox.clone();
-            tokio::spawn(async move { inbox.over_cap_for(grace).await })
+            tokio::spawn(async move { inbox.stalled_for(grace).await })
         };
         tokio::time::sleep(grace * 3).await;
         assert!(!watchdog.is_finished(), "fired for a queue within its cap");
@@ -511,8 +566,74 @@ mod tests {
             .unwrap();
         // Binary inboxes have no cap to outstay.
         let binary = Inbox::new(Bound::Credit(10));
-        let never = tokio::time::timeout(grace * 10, binary.over_cap_for(grace)).await;
+        let never = tokio::time::timeout(grace * 10, binary.stalled_for(grace)).await;
         assert!(never.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_json_queue_that_keeps_moving_is_never_stalled() {
+        let inbox = std::sync::Arc::new(Inbox::new(Bound::Queue(QueueCap { cap: 100 })));
+        let grace = Duration::from_secs(5);
+        inbox.push(Bytes::from(vec![1u8; 150])).unwrap();
+        let watchdog = {
+            let inbox = inbox.clone();
+            tokio::spawn(async move { inbox.stalled_for(grace).await })
+        };
+        // Over the cap for four graces, but writing a little every second.
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            inbox.delivered(1);
+            inbox.push(Bytes::from(vec![1u8; 1])).unwrap();
+        }
+        assert!(inbox.queued() > 100);
+        assert!(
+            !watchdog.is_finished(),
+            "a moving queue was taken for stalled"
+        );
+        // Then nothing more is written: stalled after the grace.
+        tokio::time::timeout(grace * 2, watchdog)
+            .await
+            .expect("fired once nothing moved for the grace")
+            .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn room_is_waited_for_while_the_local_side_moves_and_not_after() {
+        let inbox = std::sync::Arc::new(Inbox::new(Bound::Queue(QueueCap { cap: 100 })));
+        let window = Duration::from_secs(1);
+        // Within the cap: no wait at all.
+        inbox.make_room(100, window).await;
+        inbox.push(Bytes::from(vec![1u8; 100])).unwrap();
+        // Past it, with the relay writing every half window: waits until it fits.
+        let writer = {
+            let inbox = inbox.clone();
+            tokio::spawn(async move {
+                for _ in 0..10 {
+                    tokio::time::sleep(window / 2).await;
+                    inbox.delivered(10);
+                }
+            })
+        };
+        let started = tokio::time::Instant::now();
+        inbox.make_room(50, window).await;
+        assert!(inbox.queued() + 50 <= 100, "returned without room");
+        assert!(started.elapsed() >= window * 2, "did not wait for room");
+        writer.await.unwrap();
+        // Nothing written any more: gives up after one window ...
+        inbox.push(Bytes::from(vec![1u8; 150])).unwrap();
+        let started = tokio::time::Instant::now();
+        inbox.make_room(50, window).await;
+        assert!(started.elapsed() >= window && started.elapsed() < window * 2);
+        // ... and then at once, until the queue moves again.
+        let started = tokio::time::Instant::now();
+        inbox.make_room(50, window).await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        // An ended connection is never waited for.
+        inbox.end(InboxEnd::Reset);
+        inbox.delivered(1);
+        let started = tokio::time::Instant::now();
+        inbox.make_room(50, window).await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test]

@@ -301,6 +301,7 @@ pub async fn relay_tunnel<S: LocalStream>(
     let downstream = async {
         let mut chunks: VecDeque<Bytes> = VecDeque::new();
         let mut window = RecvWindow::new(INITIAL_WINDOW, core.max_window(), Instant::now());
+        let metered = core.flow_controlled();
         loop {
             match inbox.take(&mut chunks).await {
                 None => {}
@@ -332,6 +333,11 @@ pub async fn relay_tunnel<S: LocalStream>(
                 }
                 written += allowed;
                 bump(&counters.bytes_out, allowed as u64);
+                // JSON mode: each chunk written is progress that the session reader
+                // and the stall watch below may be waiting for.
+                if !metered {
+                    inbox.delivered(allowed);
+                }
                 if let Some(cut) = cut {
                     received += written as u64;
                     // A plain close, not a reset: a reset could discard the bytes
@@ -342,7 +348,9 @@ pub async fn relay_tunnel<S: LocalStream>(
                 }
             }
             received += written as u64;
-            inbox.delivered(taken);
+            if metered {
+                inbox.delivered(taken);
+            }
             if half_close {
                 let rtt = core.rtt().unwrap_or(Duration::ZERO);
                 if let Some(increment) = window.consumed(written, Instant::now(), rtt) {
@@ -372,8 +380,11 @@ pub async fn relay_tunnel<S: LocalStream>(
                     Abort::Cancelled
                 }),
                 _ = activity.idle_out() => Err(Abort::IdleTimeout),
-                _ = inbox.over_cap_for(grace) => {
-                    let why = format!("over {} bytes queued for {grace:?}", core.json_cap());
+                _ = inbox.stalled_for(grace) => {
+                    let why = format!(
+                        "over {} bytes queued and none written for {grace:?}",
+                        core.json_cap()
+                    );
                     core.close_stalled(id, &why).await;
                     Err(Abort::Stalled)
                 }
@@ -402,6 +413,9 @@ pub async fn relay_tunnel<S: LocalStream>(
         }
     }
     let removed = core.forget(id);
+    // Nothing reads the queue any more: a session reader waiting for room in it
+    // (JSON mode) must not wait for this connection.
+    inbox.end(InboxEnd::Reset);
     match outcome {
         // Both sides sent `fin`: the peer forgets the connection by itself.
         Ok(()) => {

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use super::{is_going_away, ConnectFailure, Outbound, SessionCore, SessionEnd};
 use crate::transport::ws::close_code;
 use crate::transport::{Incoming, WsReader};
-use crate::tunnel::flow::{InboxEnd, PushError, Pushed};
+use crate::tunnel::flow::{InboxEnd, PushError, Pushed, PROGRESS_WINDOW};
 use crate::tunnel::stats::bump;
 
 /// What differs between the gateway and the agent: the messages only one side may
@@ -171,17 +171,20 @@ impl SessionCore {
         true
     }
 
-    /// Hands a payload to its connection's inbox, never waiting: the session reader
-    /// serves every connection, so one whose local socket stopped reading must not hold
-    /// it.
+    /// Hands a payload to its connection's inbox.
     ///
-    /// Binary mode: the peer may only send what we granted, so the inbox has room by
-    /// construction, and a peer that oversteps has that one connection reset. JSON mode
-    /// has no credit: a connection's queue may pass its cap for the stall grace (its
-    /// relay watches that) but never reach twice the cap; data that would is refused and
-    /// the connection closed, so one stalled user costs only itself.
+    /// Binary mode never waits: the peer may only send what we granted, so the inbox
+    /// has room by construction, and a peer that oversteps has that one connection
+    /// reset. JSON mode has no credit: past its cap a connection makes the reader wait
+    /// only while its local socket keeps taking data (see
+    /// [`crate::tunnel::flow::QueueCap`]); one that stopped is given its payloads up to
+    /// twice the cap without waiting, and closed beyond that, so a user who stopped
+    /// reading costs the others on the session one [`PROGRESS_WINDOW`] at most.
     async fn deliver(&self, id: ConnId, payload: Bytes) {
-        let Some(inbox) = self.conns.with(&id, |s| s.inbox.clone()) else {
+        let Some((inbox, cancel)) = self
+            .conns
+            .with(&id, |s| (s.inbox.clone(), s.cancel.clone()))
+        else {
             // After whatever we still queued for it (its relay's last data and close).
             self.send_soon(Outbound::Msg(Message::Close(Close {
                 id,
@@ -189,6 +192,12 @@ impl SessionCore {
             })));
             return;
         };
+        if !self.flow_controlled() {
+            tokio::select! {
+                _ = inbox.make_room(payload.len(), PROGRESS_WINDOW) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
         match inbox.push(payload) {
             Ok(Pushed::Queued) => {}
             Ok(Pushed::OverCap) => bump(&self.stats.json_stalls, 1),
