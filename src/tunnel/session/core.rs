@@ -18,7 +18,7 @@ use super::conn::{AbandonGuard, TunnelConn};
 use super::writer::{write_loop, Lane, Lanes};
 use super::{
     is_going_away, ConnectFailure, IdSpace, OpenError, Outbound, Session, SessionClosed,
-    SessionOptions, Unsent, CTL_QUEUE, GOING_AWAY, OUT_QUEUE,
+    SessionOptions, Unsent, CONN_UNSENT, CTL_QUEUE, GOING_AWAY, OUT_QUEUE,
 };
 use crate::transport::ws::deflate::{CompressionCounters, CompressionStats};
 use crate::transport::WsWriter;
@@ -180,10 +180,13 @@ impl SessionCore {
         // Room first, then count and queue at once: a send cancelled while waiting
         // leaves no count behind.
         let permit = tokio::select! {
-            p = self.out.reserve() => p.map_err(|_| SessionClosed)?,
+            p = async {
+                unsent.below(CONN_UNSENT).await;
+                self.out.reserve().await
+            } => p.map_err(|_| SessionClosed)?,
             _ = self.closed.cancelled() => return Err(SessionClosed),
         };
-        unsent.fetch_add(1, Ordering::AcqRel);
+        unsent.queued();
         permit.send(Outbound::Ordered(msg, unsent.clone()));
         Ok(())
     }
@@ -196,7 +199,7 @@ impl SessionCore {
         reason: String,
         unsent: &Unsent,
     ) -> Result<(), SessionClosed> {
-        let lane = match unsent.load(Ordering::Acquire) {
+        let lane = match unsent.get() {
             0 => Lane::Control,
             _ => Lane::Data,
         };

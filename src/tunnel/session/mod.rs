@@ -12,12 +12,13 @@ mod dispatch;
 mod heartbeat;
 mod writer;
 
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyproxy_proto::{ConnId, ErrorCode, Message};
 use bytes::Bytes;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::transport::WsError;
@@ -102,10 +103,52 @@ impl From<&crate::config::ClientConfig> for SessionOptions {
     }
 }
 
+/// The most of one connection's messages the writer's data lane holds at once (4 MiB at
+/// full reads of `READ_SIZE`): the lane is shared and FIFO, so without a bound one bulk
+/// stream could fill all of it, and every other connection's data, an interactive
+/// reply say, would wait behind megabytes of it. Enough to keep the writer busy: it
+/// flushes every 256 KiB.
+pub(crate) const CONN_UNSENT: u32 = 64;
+
 /// How many of one connection's order-bound messages (data, `fin`) are queued in the
 /// writer's data lane and not yet written: its `close` may go ahead in the control lane
-/// only at zero.
-pub(crate) type Unsent = Arc<AtomicU32>;
+/// only at zero, and its relay queues more only below [`CONN_UNSENT`].
+#[derive(Debug, Default)]
+pub(crate) struct UnsentCount {
+    n: AtomicU32,
+    /// The writer took one of them (wakes [`UnsentCount::below`]).
+    written: Notify,
+}
+
+pub(crate) type Unsent = Arc<UnsentCount>;
+
+impl UnsentCount {
+    pub(crate) fn get(&self) -> u32 {
+        self.n.load(Ordering::Acquire)
+    }
+
+    fn queued(&self) {
+        self.n.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The writer took one; called by it alone.
+    fn taken(&self) {
+        if self.n.fetch_sub(1, Ordering::AcqRel) == CONN_UNSENT {
+            self.written.notify_one();
+        }
+    }
+
+    /// Waits until fewer than `limit` are queued. One waiter: the connection's relay.
+    async fn below(&self, limit: u32) {
+        loop {
+            let written = self.written.notified();
+            if self.get() < limit {
+                return;
+            }
+            written.await;
+        }
+    }
+}
 
 /// Queued for the writer task.
 #[derive(Debug)]

@@ -10,7 +10,6 @@
 //! queued ([`super::Unsent`] is zero), and otherwise the data lane, behind them. So a
 //! `close` never overtakes its own connection's data.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyproxy_proto::{binary, json, ConnId, ConnIdMap, Encoding, Message};
@@ -179,7 +178,7 @@ async fn write_batch(
         let msg = match next {
             Outbound::Msg(msg) => Some(msg),
             Outbound::Ordered(msg, unsent) => {
-                unsent.fetch_sub(1, Ordering::Release);
+                unsent.taken();
                 Some(msg)
             }
             Outbound::Release(id) => {
@@ -408,8 +407,49 @@ mod tests {
             ]
         );
         // Written data is no longer counted: the next close of connection 2 may go first.
-        assert_eq!(two.load(std::sync::atomic::Ordering::Acquire), 0);
-        assert_eq!(one.load(std::sync::atomic::Ordering::Acquire), 0);
+        assert_eq!(two.get(), 0);
+        assert_eq!(one.get(), 0);
+        session.end().await;
+    }
+
+    // One runtime thread: the writer runs only when the test waits.
+    #[tokio::test]
+    async fn one_connection_never_fills_the_shared_data_lane() {
+        use crate::tunnel::session::CONN_UNSENT;
+        use futures_util::FutureExt;
+        let (near, far) = tokio::io::duplex(1 << 20);
+        let (_unused, writer) =
+            ws::split(Box::new(near), fastwebsockets::Role::Server, 1 << 20, None);
+        let (mut reader, _far_writer) =
+            ws::split(Box::new(far), fastwebsockets::Role::Client, 4 << 20, None);
+        let session = SessionCore::start(Encoding::Binary, writer, options());
+        let core = session.core().clone();
+        let data = |id: u32| {
+            Message::Data(Data {
+                id: ConnId(id),
+                payload: Bytes::from_static(b"payload"),
+            })
+        };
+        let (bulk, other): (Unsent, Unsent) = Default::default();
+        for _ in 0..CONN_UNSENT {
+            core.send_ordered(data(1), &bulk).await.unwrap();
+        }
+        // The lane has room, but not for more of connection 1.
+        let mut next = Box::pin(core.send_ordered(data(1), &bulk));
+        assert!(
+            (&mut next).now_or_never().is_none(),
+            "connection 1 went past its bound"
+        );
+        // Anyone else still gets in.
+        let queued = core.send_ordered(data(2), &other).now_or_never();
+        assert!(matches!(queued, Some(Ok(()))), "connection 2 was held up");
+        // Once the writer takes some of connection 1's, it may queue again.
+        tokio::time::timeout(Duration::from_secs(10), next)
+            .await
+            .expect("connection 1 queued after the writer took some")
+            .unwrap();
+        let got = received(&mut reader, CONN_UNSENT as usize + 2).await;
+        assert_eq!(got.len(), CONN_UNSENT as usize + 2);
         session.end().await;
     }
 }
