@@ -340,23 +340,29 @@ mod tests {
         }
     }
 
+    /// A binary session whose writer writes into a pipe, and the peer's reader of it;
+    /// `_keep` holds the unused halves open.
+    fn writer_under_test() -> (
+        crate::tunnel::session::Session,
+        Arc<SessionCore>,
+        crate::transport::WsReader,
+        impl Sized,
+    ) {
+        let (near, far) = tokio::io::duplex(1 << 20);
+        let (unused, writer) =
+            ws::split(Box::new(near), fastwebsockets::Role::Server, 1 << 20, None);
+        let (reader, far_writer) =
+            ws::split(Box::new(far), fastwebsockets::Role::Client, 4 << 20, None);
+        let session = SessionCore::start(Encoding::Binary, writer, options());
+        let core = session.core().clone();
+        (session, core, reader, (unused, far_writer))
+    }
+
     // One runtime thread: everything below is queued before the writer task first runs,
     // so the order on the wire is the writer's choice alone.
     #[tokio::test]
     async fn control_messages_overtake_queued_data_but_a_close_never_its_own() {
-        let (near, far) = tokio::io::duplex(1 << 20);
-        let (_unused, writer) =
-            ws::split(Box::new(near), fastwebsockets::Role::Server, 1 << 20, None);
-        let (mut reader, _far_writer) =
-            ws::split(Box::new(far), fastwebsockets::Role::Client, 4 << 20, None);
-        let session = SessionCore::start(Encoding::Binary, writer, options());
-        let core = session.core().clone();
-        let data = |id: u32| {
-            Message::Data(Data {
-                id: ConnId(id),
-                payload: Bytes::from_static(b"payload"),
-            })
-        };
+        let (session, core, mut reader, _keep) = writer_under_test();
         let (one, two): (Unsent, Unsent) = Default::default();
         for _ in 0..3 {
             core.send_ordered(data(1), &one).await.unwrap();
@@ -417,19 +423,7 @@ mod tests {
     async fn one_connection_never_fills_the_shared_data_lane() {
         use crate::tunnel::session::CONN_UNSENT;
         use futures_util::FutureExt;
-        let (near, far) = tokio::io::duplex(1 << 20);
-        let (_unused, writer) =
-            ws::split(Box::new(near), fastwebsockets::Role::Server, 1 << 20, None);
-        let (mut reader, _far_writer) =
-            ws::split(Box::new(far), fastwebsockets::Role::Client, 4 << 20, None);
-        let session = SessionCore::start(Encoding::Binary, writer, options());
-        let core = session.core().clone();
-        let data = |id: u32| {
-            Message::Data(Data {
-                id: ConnId(id),
-                payload: Bytes::from_static(b"payload"),
-            })
-        };
+        let (session, core, mut reader, _keep) = writer_under_test();
         let (bulk, other): (Unsent, Unsent) = Default::default();
         for _ in 0..CONN_UNSENT {
             core.send_ordered(data(1), &bulk).await.unwrap();
