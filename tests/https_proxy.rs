@@ -289,11 +289,15 @@ async fn chromium_fetches_pages_through_an_https_proxy_with_its_own_certificate(
     );
 }
 
-/// A TLS connection to the proxy that offers only `h2`, verified with `ca`.
+/// A TLS connection to the proxy that offers only `h2`, verified with `ca`, and the task
+/// that drives it (it ends when the connection does).
 async fn h2_connection(
     port: u16,
     ca: &Path,
-) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
     let mut config = (*anyproxy::transport::tls::client_config(Some(ca)).unwrap()).clone();
     config.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -310,8 +314,7 @@ async fn h2_connection(
             .handshake(hyper_util::rt::TokioIo::new(tls))
             .await
             .expect("HTTP/2 to the proxy");
-    tokio::spawn(connection);
-    sender
+    (sender, tokio::spawn(connection))
 }
 
 fn basic(user: &str, pass: &str) -> String {
@@ -328,7 +331,7 @@ async fn many_connect_tunnels_share_one_http2_connection_to_the_proxy() {
     let port = free_port();
     let stack = https_stack(port, true, &[]).await;
     let target = http_target().await;
-    let sender = h2_connection(port, &stack.certs.cert).await;
+    let (sender, connection) = h2_connection(port, &stack.certs.cert).await;
     let request = |method: hyper::Method, uri: String, auth: Option<String>| {
         let mut req = hyper::Request::builder().method(method).uri(uri);
         if let Some(auth) = auth {
@@ -400,4 +403,11 @@ async fn many_connect_tunnels_share_one_http2_connection_to_the_proxy() {
         .filter(|l| l.contains(r#"proto="connect""#) && l.contains(r#"result="ok""#))
         .count();
     assert_eq!((clients.len(), tunnels_logged), (1, TUNNELS), "{log}");
+
+    // With nothing in progress any more, the proxy closes the connection after its idle
+    // timeout (30 s), as it does an idle HTTP/1 keep-alive one, even though the client
+    // still holds it and answers its pings.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(120), connection).await;
+    assert!(ended.is_ok(), "an idle HTTP/2 connection was kept open");
+    drop(sender);
 }

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 use anyproxy_proto::ErrorCode;
 
@@ -29,7 +31,8 @@ use tracing::Instrument;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-/// How long a client may take to send a request head.
+/// How long a client may take to send a request head, and may keep a connection with
+/// nothing in progress (HTTP/1 keep-alive, HTTP/2 with no open stream).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The HTTP proxy listener's role: each accepted connection is served by hyper, and
@@ -67,6 +70,57 @@ where
     }
 }
 
+/// HTTP/2: what one connection has in progress (requests being answered and CONNECT
+/// tunnels, each a stream), so that a connection with none can be closed after the
+/// idle timeout as HTTP/1 keep-alive connections are by hyper. hyper's HTTP/2 server
+/// keeps a connection open as long as the client answers its pings.
+#[derive(Default)]
+struct Streams {
+    open: AtomicUsize,
+    changed: Notify,
+}
+
+/// One stream in progress, counted until dropped.
+struct StreamGuard(Arc<Streams>);
+
+impl Streams {
+    fn enter(self: &Arc<Self>) -> StreamGuard {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        StreamGuard(self.clone())
+    }
+
+    /// Resolves once no stream has been open for `idle` (never without a count). One
+    /// waiter: the connection.
+    async fn idle_for(this: Option<&Self>, idle: Duration) {
+        let Some(this) = this else {
+            return std::future::pending().await;
+        };
+        this.wait_idle(idle).await
+    }
+
+    async fn wait_idle(&self, idle: Duration) {
+        loop {
+            let changed = self.changed.notified();
+            if self.open.load(Ordering::Acquire) == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(idle) => return,
+                    _ = changed => {}
+                }
+            } else {
+                changed.await;
+            }
+        }
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.changed.notify_one();
+        }
+    }
+}
+
 /// The HTTP version a user connection speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Version {
@@ -91,18 +145,24 @@ impl<C: Connector> HttpProxy<C> {
         peer: SocketAddr,
         version: Version,
     ) {
+        // HTTP/1 needs no count: hyper closes an idle keep-alive connection itself.
+        let streams = (version == Version::Http2).then(|| Arc::new(Streams::default()));
         let state = Arc::new(ConnState {
             peer,
             users: self.users.clone(),
             limits: self.limits.clone(),
             upstream: tokio::sync::Mutex::new(None),
             accepted: parking_lot::Mutex::new(None),
+            streams: streams.clone(),
         });
         let connector = self.connector.clone();
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
             let connector = connector.clone();
-            async move { Ok::<_, Infallible>(handle::<C, S>(req, &state, &*connector).await) }
+            async move {
+                let stream = state.streams.as_ref().map(Streams::enter);
+                Ok::<_, Infallible>(handle::<C, S>(req, &state, &*connector, stream).await)
+            }
         });
         let result = match version {
             Version::Http1 => {
@@ -117,13 +177,22 @@ impl<C: Connector> HttpProxy<C> {
                     .await
             }
             Version::Http2 => {
-                hyper::server::conn::http2::Builder::new(InSpan(tracing::Span::current()))
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .max_concurrent_streams(H2_MAX_STREAMS)
-                    .keep_alive_interval(H2_KEEPALIVE)
-                    .keep_alive_timeout(H2_KEEPALIVE)
-                    .serve_connection(TokioIo::new(io), service)
-                    .await
+                let conn =
+                    hyper::server::conn::http2::Builder::new(InSpan(tracing::Span::current()))
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .max_concurrent_streams(H2_MAX_STREAMS)
+                        .keep_alive_interval(H2_KEEPALIVE)
+                        .keep_alive_timeout(H2_KEEPALIVE)
+                        .serve_connection(TokioIo::new(io), service);
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = Streams::idle_for(streams.as_deref(), self.request_timeout) => {
+                        tracing::debug!(%peer, idle = ?self.request_timeout, "http/2 connection idle: closing");
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
             }
         };
         if let Err(e) = result {
@@ -154,6 +223,8 @@ struct ConnState {
     /// the next requests with the same header are not checked again (one check per
     /// connection, or per change of user on a keep-alive connection).
     accepted: parking_lot::Mutex<Option<(crate::net::Secret, Identity)>>,
+    /// HTTP/2 only.
+    streams: Option<Arc<Streams>>,
 }
 
 fn text_response(status: u16, message: &str) -> Response<Body> {
@@ -297,6 +368,7 @@ async fn handle<C: Connector, S: LocalStream + 'static>(
     req: Request<Incoming>,
     state: &ConnState,
     connector: &C,
+    stream: Option<StreamGuard>,
 ) -> Response<Body> {
     let identity = match authenticate(&req, state).await {
         Ok(identity) => identity,
@@ -307,9 +379,20 @@ async fn handle<C: Connector, S: LocalStream + 'static>(
     };
     let who = Requester::new(state.peer, identity);
     if req.method() == Method::CONNECT {
-        connect_tunnel::<C, S>(req, who, connector).await
+        connect_tunnel::<C, S>(req, who, connector, stream).await
     } else {
-        forward(req, who, state, connector).await
+        let resp = forward(req, who, state, connector).await;
+        match stream {
+            // The stream is busy until its body has been sent.
+            Some(stream) => resp.map(|body| {
+                body.map_frame(move |frame| {
+                    let _busy = &stream;
+                    frame
+                })
+                .boxed()
+            }),
+            None => resp,
+        }
     }
 }
 
@@ -331,6 +414,7 @@ async fn connect_tunnel<C: Connector, S: LocalStream + 'static>(
     mut req: Request<Incoming>,
     who: Requester,
     connector: &C,
+    stream: Option<StreamGuard>,
 ) -> Response<Body> {
     let Some(target) = split_authority(req.uri(), None) else {
         return text_response(400, "CONNECT needs host:port");
@@ -346,6 +430,8 @@ async fn connect_tunnel<C: Connector, S: LocalStream + 'static>(
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(
         async move {
+            // The tunnel is the stream's work: the connection is busy until it ends.
+            let _stream = stream;
             match on_upgrade.await {
                 Ok(upgraded) => {
                     let access = Access::new("connect")
