@@ -278,24 +278,6 @@ async fn a_frozen_gateway_is_left_by_its_agent_which_reconnects_after_it_thaws()
     assert_eq!((code, body.as_slice()), (0, &b"hello"[..]));
 }
 
-/// Writes a 1 MiB block up to 1024 times, counting what the kernel accepted.
-async fn firehose_target(written: Arc<AtomicU64>) -> SocketAddr {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let block = pattern(1 << 20, 5);
-    tokio::spawn(async move {
-        if let Ok((mut s, _)) = listener.accept().await {
-            for _ in 0..1024 {
-                if s.write_all(&block).await.is_err() {
-                    return;
-                }
-                written.fetch_add(block.len() as u64, Ordering::Relaxed);
-            }
-        }
-    });
-    addr
-}
-
 /// Accepts one connection and never reads from it (held until the test ends).
 async fn black_hole_target() -> SocketAddr {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
@@ -307,25 +289,6 @@ async fn black_hole_target() -> SocketAddr {
         }
     });
     addr
-}
-
-/// Waits (at most 20 s) until `counter` has not moved for a second; returns it.
-async fn wait_until_still(counter: &AtomicU64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut last = counter.load(Ordering::Relaxed);
-    let mut still = 0;
-    while still < 5 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = counter.load(Ordering::Relaxed);
-        if now == last {
-            still += 1;
-        } else {
-            still = 0;
-            last = now;
-        }
-    }
-    assert!(still >= 5, "the stalled connection never stopped moving");
-    last
 }
 
 /// The bound the slow-reader test asserts on each process's RSS growth. With
@@ -374,7 +337,7 @@ async fn slow_readers_in_both_directions_hold_one_window_each_and_block_nobody()
 
     // Down: the target pours, the user never reads.
     let poured = Arc::new(AtomicU64::new(0));
-    let hose = firehose_target(poured.clone()).await;
+    let hose = firehose_target(poured.clone(), Arc::new(pattern(1 << 20, 5))).await;
     let _reader = stack.socks5_to(hose).await.expect("socks5 connect");
     // Up: the user pours, the target never reads.
     let hole = black_hole_target().await;

@@ -5,7 +5,7 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -68,45 +68,6 @@ async fn a_request_sent_with_the_write_side_shut_gets_its_full_response() {
         assert_eq!(body.len(), RESPONSE_LEN, "round {round}");
         assert_eq!(body, &pattern(RESPONSE_LEN, 3)[..], "round {round}");
     }
-}
-
-/// Writes a repeating block forever (at most 1 GiB), counting what the kernel accepted.
-async fn firehose_target(written: Arc<AtomicU64>, block: Arc<Vec<u8>>) -> SocketAddr {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let (written, block) = (written.clone(), block.clone());
-            tokio::spawn(async move {
-                for _ in 0..1024 {
-                    if s.write_all(&block).await.is_err() {
-                        return;
-                    }
-                    written.fetch_add(block.len() as u64, Ordering::Relaxed);
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// Waits until `counter` moved and then stopped moving (the tunnel stopped pulling from
-/// the target). A counter still at zero has not started: a slow start is not a stall.
-async fn wait_until_still(counter: &AtomicU64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut last = counter.load(Ordering::Relaxed);
-    let mut still = 0;
-    while still < 5 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = counter.load(Ordering::Relaxed);
-        if now == last && now > 0 {
-            still += 1;
-        } else {
-            still = 0;
-            last = now;
-        }
-    }
-    last
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,28 +31,6 @@ async fn json_stack(gateway_extra: Vec<String>) -> Stack {
     .await
 }
 
-/// Writes a repeating block (at most 1 GiB) to each connection, counting what the
-/// kernel accepted.
-async fn firehose_target(written: Arc<AtomicU64>) -> SocketAddr {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let block = Arc::new(pattern(1 << 20, 5));
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let (written, block) = (written.clone(), block.clone());
-            tokio::spawn(async move {
-                for _ in 0..1024 {
-                    if s.write_all(&block).await.is_err() {
-                        return;
-                    }
-                    written.fetch_add(block.len() as u64, Ordering::Relaxed);
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// Accepts connections and never reads them; counts accepted connections.
 async fn deaf_target(accepted: Arc<AtomicU64>) -> SocketAddr {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
@@ -65,25 +43,6 @@ async fn deaf_target(accepted: Arc<AtomicU64>) -> SocketAddr {
         }
     });
     addr
-}
-
-/// Waits until `counter` moved and then stopped moving for a second (the tunnel stopped
-/// pulling, or the connection was closed). Bounded at 30 s.
-async fn wait_until_still(counter: &AtomicU64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut last = counter.load(Ordering::Relaxed);
-    let mut still = 0;
-    while still < 5 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = counter.load(Ordering::Relaxed);
-        if now == last && now > 0 {
-            still += 1;
-        } else {
-            still = 0;
-            last = now;
-        }
-    }
-    last
 }
 
 /// CONNECT through the HTTP proxy; returns the socket once the proxy answered 200.
@@ -149,7 +108,7 @@ async fn a_user_who_stops_reading_costs_only_themselves() {
 
     // One user opens a download of up to 1 GiB through the HTTP proxy and never reads.
     let written = Arc::new(AtomicU64::new(0));
-    let hose = firehose_target(written.clone()).await;
+    let hose = firehose_target(written.clone(), Arc::new(pattern(1 << 20, 5))).await;
     let mut stalled = http_connect(&stack, hose).await;
     let held = wait_until_still(&written).await;
     assert!(held > 0, "the stalled connection never carried anything");

@@ -10,6 +10,7 @@ pub mod udp;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -806,4 +807,50 @@ pub fn metric(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
         }
     }
     sum
+}
+
+/// A target that writes `block` up to 1024 times to each connection (at most 1 GiB),
+/// counting in `written` what the kernel accepted.
+pub async fn firehose_target(written: Arc<AtomicU64>, block: Arc<Vec<u8>>) -> SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (written, block) = (written.clone(), block.clone());
+            tokio::spawn(async move {
+                for _ in 0..1024 {
+                    if s.write_all(&block).await.is_err() {
+                        return;
+                    }
+                    written.fetch_add(block.len() as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Waits until `counter` moved and then stood still for a second (the tunnel stopped
+/// pulling, or the connection was closed), and returns it. A counter still at zero has
+/// not started: a slow start is not a stall. Fails after 30 s.
+pub async fn wait_until_still(counter: &AtomicU64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = counter.load(Ordering::Relaxed);
+    let mut still = 0;
+    while still < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the counter never stood still: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = counter.load(Ordering::Relaxed);
+        if now == last && now > 0 {
+            still += 1;
+        } else {
+            still = 0;
+            last = now;
+        }
+    }
+    last
 }
