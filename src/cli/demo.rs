@@ -2,17 +2,20 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use rand::distr::{Alphanumeric, SampleString};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::TaskTracker;
 
 use anyproxy::agent::Agent;
 use anyproxy::config::profile::{ProfileRequest, ProfileSource};
 use anyproxy::config::Config;
 use anyproxy::gateway::Gateway;
+use anyproxy::transport::listen::{AcceptLoop, Serve};
 use anyproxy::transport::tls;
 
 pub struct Options {
@@ -38,30 +41,39 @@ pub(super) fn secret() -> String {
     Alphanumeric.sample_string(&mut rand::rng(), 20)
 }
 
-/// A tiny HTTP server standing in for a service inside the agent's network.
+/// A tiny HTTP server standing in for a service inside the agent's network: one page,
+/// then close. Served by the same accept loop as every other listener.
+struct SampleTarget;
+
+impl Serve for SampleTarget {
+    async fn serve(self: Arc<Self>, mut s: TcpStream, _peer: SocketAddr) {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16384 {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let body = "hello from behind the anyproxy agent\n";
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = s.write_all(resp.as_bytes()).await;
+    }
+}
+
+/// Starts [`SampleTarget`] on a loopback port, for as long as the demo runs.
 async fn sample_target() -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16384 {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let body = "hello from behind the anyproxy agent\n";
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = s.write_all(resp.as_bytes()).await;
-            });
-        }
-    });
+    let accept = AcceptLoop::new(listener, "demo sample target");
+    tokio::spawn(accept.run(
+        Arc::new(SampleTarget),
+        std::future::pending(),
+        TaskTracker::new(),
+    ));
     Ok(addr)
 }
 
