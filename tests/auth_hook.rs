@@ -236,30 +236,48 @@ async fn a_locked_out_address_never_reaches_the_hook() {
     assert_eq!(hook.calls("proxy", "alice"), 0);
 }
 
-/// A hook over https: trusted through the CA given (the test's own certificate);
-/// without it (the public web roots) the hook is unavailable, never trusted.
+/// A hook over https: trusted through the CA given (the test's own certificate), or
+/// pinned by its fingerprint; without either (the public web roots), or with another
+/// fingerprint, the hook is unavailable, never trusted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_https_hook_is_trusted_only_through_its_ca() {
+async fn an_https_hook_is_trusted_only_through_its_ca_or_its_fingerprint() {
     use anyproxy::auth::{Attempt, Authenticator, Kind};
 
     let dir = tempfile::tempdir().unwrap();
     let certs = certs();
     let hook = Hook::start_with(dir.path(), Some((&certs.cert, &certs.key))).await;
     let url = format!("https://127.0.0.1:{}/auth", hook.port);
-    let stack = Stack::start(StackOptions {
-        gateway_extra: vec![format!(
-            "auth_backends:\n    hook:\n      type: http\n      url: \"{url}\"\n      ca: \"{}\"",
-            certs.cert.display()
-        )],
-        listener_extra: vec!["auth: [hook]".into()],
-        ..Default::default()
-    })
-    .await;
+    let der = anyproxy::transport::tls::load_certs(&certs.cert).unwrap();
+    let pin = anyproxy::transport::tls::fingerprint_hex(der[0].as_ref());
     let target = http_target().await;
     let target_url = format!("http://127.0.0.1:{}/", target.port());
-    let (code, body) = curl(&["-x", &stack.http_proxy_as("dora", "dora-pw"), &target_url]).await;
-    assert_eq!((code, body.as_slice()), (0, &b"hello"[..]));
-    assert_eq!(hook.calls("proxy", "dora"), 1);
+    let trusts = [
+        format!("ca: \"{}\"", certs.cert.display()),
+        format!("fingerprint: \"{pin}\""),
+    ];
+    for (n, trust) in trusts.iter().enumerate() {
+        let stack = Stack::start(StackOptions {
+            gateway_extra: vec![format!(
+                "auth_backends:\n    hook:\n      type: http\n      url: \"{url}\"\n      {trust}"
+            )],
+            listener_extra: vec!["auth: [hook]".into()],
+            ..Default::default()
+        })
+        .await;
+        let (code, body) =
+            curl(&["-x", &stack.http_proxy_as("dora", "dora-pw"), &target_url]).await;
+        assert_eq!((code, body.as_slice()), (0, &b"hello"[..]), "{trust}");
+        assert_eq!(hook.calls("proxy", "dora"), n + 1, "{trust}");
+    }
+    let pinned_elsewhere =
+        anyproxy::transport::tls::gateway_client_config(None, Some([0u8; 32]), None).unwrap();
+    let wrong_pin = anyproxy::auth::hook::HookBackend::new(
+        "hook",
+        &url,
+        Duration::from_secs(3),
+        Some(pinned_elsewhere),
+    )
+    .unwrap();
 
     let web_roots = anyproxy::transport::tls::client_config(None).unwrap();
     let untrusted = anyproxy::auth::hook::HookBackend::new(
@@ -279,5 +297,7 @@ async fn an_https_hook_is_trusted_only_through_its_ca() {
     };
     let e = untrusted.check(&attempt).await.unwrap_err();
     assert!(e.message.contains("TLS"), "{e}");
-    assert_eq!(hook.calls("proxy", "dora"), 1);
+    let e = wrong_pin.check(&attempt).await.unwrap_err();
+    assert!(e.message.contains("TLS"), "{e}");
+    assert_eq!(hook.calls("proxy", "dora"), 2);
 }

@@ -348,8 +348,8 @@ async fn pmproxy_open_with_an_ad_db_user_and_group_ipm_sees_the_directory_group(
 }
 
 /// `ldaps://` and StartTLS, verified against the CA given (the test's self-signed
-/// certificate); without it (the public web roots) the directory is unavailable, not
-/// trusted.
+/// certificate) or pinned by its fingerprint; without either (the public web roots), or
+/// with another fingerprint, the directory is unavailable, not trusted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ldaps_and_starttls_verify_the_directory_certificate() {
     use anyproxy::auth::{Attempt, Authenticator, Kind, Verdict};
@@ -357,14 +357,24 @@ async fn ldaps_and_starttls_verify_the_directory_certificate() {
     let certs = certs();
     let slapd = Slapd::start_with(Some((&certs.cert, &certs.key))).await;
     let tls_port = slapd.tls_port.unwrap();
-    let backend = |url: String, starttls: bool, ca: Option<&Path>| {
+    let der = anyproxy::transport::tls::load_certs(&certs.cert).unwrap();
+    let pin = anyproxy::transport::tls::fingerprint_hex(der[0].as_ref());
+    let wrong_pin = format!("sha256:{}", "00".repeat(32));
+    // `trust`: the YAML that says how the directory's certificate is trusted.
+    let backend = |url: String, starttls: bool, trust: String| {
         let config: anyproxy::auth::config::LdapConfig = yaml_serde::from_str(&format!(
-            "{{url: \"{url}\", starttls: {starttls}, user_dn: \"uid={{user}},ou=people,{BASE}\", group_base_dn: \"ou=groups,{BASE}\", timeout: 3s}}"
+            "{{url: \"{url}\", starttls: {starttls}, user_dn: \"uid={{user}},ou=people,{BASE}\", group_base_dn: \"ou=groups,{BASE}\", timeout: 3s{trust}}}"
         ))
         .unwrap();
-        let tls = anyproxy::transport::tls::client_config_without_alpn(ca).unwrap();
+        let tls = anyproxy::transport::tls::client_config_without_alpn(
+            config.ca.as_deref(),
+            config.fingerprint.map(|f| f.0),
+        )
+        .unwrap();
         anyproxy::auth::ldap::LdapBackend::new("corp", config, Some(tls))
     };
+    let by_ca = format!(", ca: \"{}\"", certs.cert.display());
+    let by_pin = format!(", fingerprint: \"{pin}\"");
     let attempt = |password: &'static str| Attempt {
         kind: Kind::Proxy,
         username: "alice",
@@ -376,19 +386,23 @@ async fn ldaps_and_starttls_verify_the_directory_certificate() {
     let ldaps = format!("ldaps://127.0.0.1:{tls_port}");
     let plain = format!("ldap://127.0.0.1:{}", slapd.port);
     for (url, starttls) in [(ldaps.clone(), false), (plain.clone(), true)] {
-        let b = backend(url.clone(), starttls, Some(&certs.cert));
-        match b.check(&attempt("alice-pw")).await {
-            Ok(Verdict::Allow { groups }) => {
-                assert!(groups.iter().any(|g| &**g == "staff"), "{url}: {groups:?}")
+        for trust in [&by_ca, &by_pin] {
+            let b = backend(url.clone(), starttls, trust.clone());
+            match b.check(&attempt("alice-pw")).await {
+                Ok(Verdict::Allow { groups }) => {
+                    assert!(groups.iter().any(|g| &**g == "staff"), "{url}: {groups:?}")
+                }
+                other => panic!("{url} starttls={starttls} {trust}: {other:?}"),
             }
-            other => panic!("{url} starttls={starttls}: {other:?}"),
+            assert!(matches!(
+                b.check(&attempt("wrong")).await,
+                Ok(Verdict::Deny { .. })
+            ));
         }
-        assert!(matches!(
-            b.check(&attempt("wrong")).await,
-            Ok(Verdict::Deny { .. })
-        ));
-        let untrusted = backend(url.clone(), starttls, None);
-        let e = untrusted.check(&attempt("alice-pw")).await.unwrap_err();
-        assert_eq!(&*e.backend, "corp", "{url}: {e}");
+        for trust in [String::new(), format!(", fingerprint: \"{wrong_pin}\"")] {
+            let untrusted = backend(url.clone(), starttls, trust.clone());
+            let e = untrusted.check(&attempt("alice-pw")).await.unwrap_err();
+            assert_eq!(&*e.backend, "corp", "{url} {trust}: {e}");
+        }
     }
 }

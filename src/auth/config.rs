@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::net::HumanDuration;
+use crate::net::{Fingerprint, HumanDuration};
 
 /// The name that stands for the configuration's own accounts in a chain.
 pub const STATIC: &str = "static";
@@ -123,9 +123,13 @@ pub struct HookConfig {
     /// The whole exchange (connect, TLS, request, answer) must end within this time.
     #[serde(default = "default_hook_timeout")]
     pub timeout: HumanDuration,
-    /// PEM CA(s) that the hook's certificate must chain to; default: the web PKI.
+    /// PEM CA(s) that the hook's certificate must chain to, or the hook's own
+    /// certificate (pinned); default: the web PKI.
     #[serde(default)]
     pub ca: Option<PathBuf>,
+    /// Pins the hook's certificate by its SHA-256 (`sha256:<hex>`), without a file.
+    #[serde(default)]
+    pub fingerprint: Option<Fingerprint>,
     #[serde(default = "default_cache_ttl")]
     pub cache_ttl: HumanDuration,
 }
@@ -142,9 +146,13 @@ pub struct LdapConfig {
     /// Upgrade an `ldap://` connection with StartTLS before any bind.
     #[serde(default)]
     pub starttls: bool,
-    /// PEM CA(s) the directory's certificate must chain to; default: the web PKI.
+    /// PEM CA(s) the directory's certificate must chain to, or its own certificate
+    /// (pinned); default: the web PKI.
     #[serde(default)]
     pub ca: Option<PathBuf>,
+    /// Pins the directory's certificate by its SHA-256 (`sha256:<hex>`), without a file.
+    #[serde(default)]
+    pub fingerprint: Option<Fingerprint>,
     /// Direct bind: the user's DN, `{user}` standing for the (DN-escaped) user name,
     /// e.g. `uid={user},ou=people,dc=example,dc=org`.
     #[serde(default)]

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyproxy_proto::Encoding;
+
+pub use crate::net::Fingerprint;
 use serde::{Deserialize, Deserializer};
 
 pub use crate::auth::config::{BackendConfig, FileConfig, FileFormat, HookConfig, STATIC};
@@ -1057,56 +1059,6 @@ impl ClientConfig {
         let one = (!self.gateway_addr.is_empty()).then_some(self.gateway_addr.as_str());
         one.into_iter()
             .chain(self.gateway_addrs.iter().map(String::as_str))
-    }
-}
-
-/// A SHA-256 certificate fingerprint, written `sha256:<64 hex digits>`.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Fingerprint(pub [u8; 32]);
-
-impl std::fmt::Debug for Fingerprint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{self}")
-    }
-}
-
-impl std::fmt::Display for Fingerprint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("sha256:")?;
-        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
-    }
-}
-
-impl std::str::FromStr for Fingerprint {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad =
-            || format!("{s:?} is not a certificate fingerprint like \"sha256:<64 hex digits>\"");
-        let t = s.trim();
-        let hex = t
-            .strip_prefix("sha256:")
-            .or_else(|| t.strip_prefix("SHA256:"))
-            .or_else(|| t.strip_prefix("sha256 Fingerprint="))
-            .or_else(|| t.strip_prefix("SHA256 Fingerprint="))
-            .ok_or_else(bad)?;
-        let digits: Vec<u8> = hex.bytes().filter(|&b| b != b':').collect();
-        if digits.len() != 64 {
-            return Err(bad());
-        }
-        let mut out = [0u8; 32];
-        for (i, pair) in digits.chunks(2).enumerate() {
-            let text = std::str::from_utf8(pair).map_err(|_| bad())?;
-            out[i] = u8::from_str_radix(text, 16).map_err(|_| bad())?;
-        }
-        Ok(Fingerprint(out))
-    }
-}
-
-impl<'de> Deserialize<'de> for Fingerprint {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
     }
 }
 

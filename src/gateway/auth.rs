@@ -52,8 +52,12 @@ impl AuthBackends {
                 BackendConfig::Http(h) => {
                     let tls_config = if h.url.starts_with("https") {
                         Some(
-                            tls::client_config(h.ca.as_deref())
-                                .map_err(|e| AuthStartError::Tls(name.clone(), e))?,
+                            tls::gateway_client_config(
+                                h.ca.as_deref(),
+                                h.fingerprint.map(|f| f.0),
+                                None,
+                            )
+                            .map_err(|e| AuthStartError::Tls(name.clone(), e))?,
                         )
                     } else {
                         None
@@ -63,8 +67,11 @@ impl AuthBackends {
                 BackendConfig::Ldap(l) => {
                     let tls_config = if l.url.starts_with("ldaps://") || l.starttls {
                         Some(
-                            tls::client_config_without_alpn(l.ca.as_deref())
-                                .map_err(|e| AuthStartError::Tls(name.clone(), e))?,
+                            tls::client_config_without_alpn(
+                                l.ca.as_deref(),
+                                l.fingerprint.map(|f| f.0),
+                            )
+                            .map_err(|e| AuthStartError::Tls(name.clone(), e))?,
                         )
                     } else {
                         None

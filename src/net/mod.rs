@@ -6,6 +6,7 @@
 mod addr;
 mod cidr;
 mod failure;
+mod fingerprint;
 pub mod notify;
 mod percent;
 mod secret;
@@ -14,6 +15,7 @@ mod units;
 pub use addr::{HostPort, InvalidTarget, MAX_HOST_LEN};
 pub use cidr::{canonical, Cidr};
 pub use failure::FailureKind;
+pub use fingerprint::Fingerprint;
 pub use percent::{percent_decode, percent_encode};
 pub use secret::{credentials_match, secret_eq, Credentials, Secret};
 pub use units::{parse_duration, parse_size, ByteRate, ByteSize, HumanDuration};

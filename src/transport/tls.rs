@@ -398,9 +398,13 @@ pub fn gateway_client_config(
     Ok(Arc::new(config))
 }
 
-/// As [`client_config`], without ALPN: for protocols that are not HTTP (LDAP).
-pub fn client_config_without_alpn(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
-    let mut config = (*client_config(ca)?).clone();
+/// As [`gateway_client_config`] without a client certificate, and without ALPN: for
+/// protocols that are not HTTP (LDAP).
+pub fn client_config_without_alpn(
+    ca: Option<&Path>,
+    fingerprint: Option<[u8; 32]>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut config = (*gateway_client_config(ca, fingerprint, None)?).clone();
     config.alpn_protocols.clear();
     Ok(Arc::new(config))
 }

@@ -127,6 +127,7 @@ impl UserDb {
             url: url.clone(),
             starttls: false,
             ca: None,
+            fingerprint: None,
             user_dn: None,
             base_dn: Some(bdn.to_owned()),
             user_filter: format!(
@@ -150,7 +151,7 @@ impl UserDb {
         config.validate(&c.name).map_err(|e| at.err("addr", e))?;
         let tls = if url.starts_with("ldaps://") {
             Some(
-                crate::transport::tls::client_config_without_alpn(None)
+                crate::transport::tls::client_config_without_alpn(None, None)
                     .map_err(|e| at.err("addr", e.to_string()))?,
             )
         } else {
