@@ -248,7 +248,7 @@ where
     Ok(Accepted {
         encoding,
         negotiated,
-        deflate: agreed.map(|(_, params)| params),
+        deflate: agreed.map(|(_, params)| params.for_encoding(encoding)),
     })
 }
 
@@ -301,7 +301,8 @@ where
         header_values(resp.headers, "sec-websocket-extensions"),
         deflate,
     )
-    .map_err(HandshakeError::Extension)?;
+    .map_err(HandshakeError::Extension)?
+    .map(|params| params.for_encoding(encoding));
     Ok(Connected { encoding, deflate })
 }
 

@@ -27,7 +27,28 @@ pub struct DeflateParams {
     pub level: u32,
     pub min_size: usize,
     pub adaptive: bool,
+    /// The adaptive back-off counts a message as compressible only when it shrinks to
+    /// at most this share of its size (percent). See [`DeflateParams::for_encoding`].
+    pub worth_pct: u8,
 }
+
+impl DeflateParams {
+    /// The threshold the encoding needs. Binary: any saving. JSON mode's data is
+    /// base64, whose 4 characters carry 3 bytes: random bytes (tunnelled TLS, the common
+    /// case) deflate to about 76 % of their text by merely undoing the encoding, at the
+    /// full CPU cost of deflate. A JSON message must therefore save at least a third to
+    /// count; base64 of text and JSON bodies save far more.
+    pub fn for_encoding(mut self, encoding: anyproxy_proto::Encoding) -> Self {
+        self.worth_pct = match encoding {
+            anyproxy_proto::Encoding::Binary => 100,
+            anyproxy_proto::Encoding::Json => JSON_WORTH_PCT,
+        };
+        self
+    }
+}
+
+/// JSON mode's threshold (see [`DeflateParams::for_encoding`]).
+pub const JSON_WORTH_PCT: u8 = 66;
 
 impl DeflateParams {
     fn tuning(config: &DeflateConfig) -> (u32, usize, bool) {
@@ -150,6 +171,7 @@ pub struct Compressor {
     reset_each: bool,
     min_size: usize,
     backoff: Option<Backoff>,
+    worth_pct: u8,
     /// Output buffer, kept initialised and reused so that compressing never allocates
     /// once it has grown to the largest message.
     out: Vec<u8>,
@@ -171,6 +193,7 @@ impl Compressor {
             reset_each: params.compress_reset,
             min_size: params.min_size,
             backoff: params.adaptive.then(Backoff::new),
+            worth_pct: params.worth_pct,
             out: Vec::new(),
             counters: Arc::default(),
         })
@@ -198,8 +221,14 @@ impl Compressor {
                 if self.reset_each {
                     self.inner.reset();
                 }
+                // Sent compressed either way (the work is done), but a saving too small
+                // for what it cost counts toward backing off.
                 if let Some(b) = &mut self.backoff {
-                    b.success();
+                    if len * 100 <= n * usize::from(self.worth_pct) {
+                        b.success();
+                    } else {
+                        b.failure();
+                    }
                 }
                 self.counters.count(&self.counters.compressed, n, len);
                 Some(&mut self.out[..len])
@@ -378,6 +407,7 @@ mod tests {
             level: 1,
             min_size: 0,
             adaptive: false,
+            worth_pct: 100,
         }
     }
 
@@ -469,6 +499,59 @@ mod tests {
         // A compressible probe ends the back-off.
         assert!(c.compress(&[b'x'; 16 << 10]).is_some());
         assert!(c.compress(&[b'y'; 1024]).is_some());
+    }
+
+    /// JSON mode: base64 of random bytes (tunnelled TLS) shrinks by undoing the encoding
+    /// alone; it must not keep the compressor busy. Base64 of text still compresses.
+    #[test]
+    fn json_mode_backs_off_from_base64_noise_and_keeps_compressing_text() {
+        use base64::Engine;
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        // Each message a different block (with context takeover a repeated one would
+        // compress to nothing).
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut noise = || {
+            let block: Vec<u8> = (0..12 << 10)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            b64(&block)
+        };
+        let mut p = params(15, false).for_encoding(anyproxy_proto::Encoding::Json);
+        p.adaptive = true;
+        let mut c = Compressor::new(&p).unwrap();
+        for _ in 0..BACKOFF_AFTER {
+            // Sent compressed (it did shrink), but counted as not worth it.
+            assert!(c.compress(noise().as_bytes()).is_some());
+        }
+        assert!(c.compress(noise().as_bytes()).is_none(), "did not back off");
+        assert_eq!(c.counters().snapshot().skipped, 1);
+        // Binary mode's threshold would have kept deflating the same text.
+        let mut p = params(15, false).for_encoding(anyproxy_proto::Encoding::Binary);
+        p.adaptive = true;
+        let mut binary = Compressor::new(&p).unwrap();
+        for _ in 0..BACKOFF_AFTER + 1 {
+            assert!(binary.compress(noise().as_bytes()).is_some());
+        }
+        // JSON text in base64 saves well over a third: never backed off.
+        let body: Vec<u8> = (0..300)
+            .flat_map(|i| {
+                format!("{{\"id\":{i},\"name\":\"user{i}\",\"active\":true}},").into_bytes()
+            })
+            .collect();
+        let text = b64(&body);
+        let mut p = params(15, false).for_encoding(anyproxy_proto::Encoding::Json);
+        p.adaptive = true;
+        let mut c = Compressor::new(&p).unwrap();
+        for _ in 0..2 * BACKOFF_AFTER {
+            let wire = c.compress(text.as_bytes()).expect("compressed").len();
+            assert!(wire * 3 <= text.len(), "{wire} of {}", text.len());
+        }
+        assert_eq!(c.counters().snapshot().skipped, 0);
     }
 
     #[test]

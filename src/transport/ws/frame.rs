@@ -478,6 +478,7 @@ mod tests {
             level: 1,
             min_size: 0,
             adaptive: false,
+            worth_pct: 100,
         }
     }
 

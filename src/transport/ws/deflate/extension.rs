@@ -221,6 +221,7 @@ fn accept_one(offer: Params, config: &DeflateConfig) -> Option<(String, DeflateP
             level,
             min_size,
             adaptive,
+            worth_pct: 100,
         },
     ))
 }
@@ -281,6 +282,7 @@ pub fn check_response<'a>(
         level,
         min_size,
         adaptive,
+        worth_pct: 100,
     }))
 }
 
