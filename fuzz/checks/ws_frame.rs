@@ -30,6 +30,7 @@ pub fn check(data: &[u8]) {
         level: 1,
         min_size: 0,
         adaptive: false,
+        worth_pct: 100,
     });
     let max = 64usize << (2 * usize::from(mode >> 5));
     block_on(async {
