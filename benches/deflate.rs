@@ -24,6 +24,7 @@ fn params(adaptive: bool) -> DeflateParams {
         level: 1,
         min_size: 0,
         adaptive,
+        worth_pct: 100,
     }
 }
 
