@@ -6,33 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{admin_get, free_port, metric, signal, Stack, StackOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A TCP echo server on loopback.
-async fn echo_target() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
-async fn round_trip(s: &mut tokio::net::TcpStream, text: &[u8]) {
-    s.write_all(text).await.unwrap();
-    let mut back = vec![0; text.len()];
-    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
-        .await
-        .expect("echo within 10 s")
-        .unwrap();
-    assert_eq!(back, text);
-}
+use common::{admin_get, free_port, metric, round_trip, signal, Stack, StackOptions};
 
 async fn metrics(port: u16) -> String {
     admin_get(port, "/metrics", None).await.1
@@ -47,7 +21,7 @@ async fn sighup_rotates_the_certificate_without_dropping_a_session() {
     })
     .await;
     let pid = stack.gateway.0.id().unwrap();
-    let echo = echo_target().await;
+    let echo = common::echo_target_on("127.0.0.1").await;
     let mut live = stack.socks5_to(echo).await.unwrap();
     round_trip(&mut live, b"before the reload").await;
     let m = metrics(admin).await;

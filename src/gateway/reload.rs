@@ -12,8 +12,7 @@ use std::sync::Arc;
 
 use super::auth::{agent_accounts, listener_accounts, AuthBackends};
 use crate::auth::Authority;
-use crate::config::{GatewayConfig, LevelSwitch, LogConfig, ProxyListener, DEFAULT_GROUP};
-use crate::net::notify::{notify, State};
+use crate::config::{GatewayConfig, LevelSwitch, ProxyListener, DEFAULT_GROUP};
 use crate::transport::tls;
 
 #[derive(Debug, thiserror::Error)]
@@ -100,17 +99,7 @@ impl Reloader {
     /// README's "Reload"). Counted in `anyproxy_config_reload_total{result}`.
     pub fn reload(&self, path: &Path) -> Result<(), ReloadError> {
         let mut running = self.running.lock();
-        notify(State::Reloading);
-        let result = self.apply(path, &mut running);
-        notify(State::Ready);
-        match &result {
-            Ok(()) => self.metrics.reloads.succeeded(tls::unix_now()),
-            Err(e) => {
-                self.metrics.reloads.failed();
-                tracing::error!(error = %e, "reload failed; the running configuration stays");
-            }
-        }
-        result
+        self.metrics.reloads.run(|| self.apply(path, &mut running))
     }
 
     fn apply(&self, path: &Path, running: &mut Running) -> Result<(), ReloadError> {
@@ -136,7 +125,7 @@ impl Reloader {
         for key in restart_only(running, &next) {
             tracing::warn!(key, "changed in the file; takes effect at the next restart");
         }
-        self.replace_log_level(&log);
+        crate::config::apply_level(self.log.get(), &log);
         running.gateway = next.gateway;
         running.http = next.http;
         running.socks5 = next.socks5;
@@ -174,26 +163,6 @@ impl Reloader {
             warn_if_expiring(&config.tls_cert, validity.not_after);
         } else {
             tracing::info!("tls certificate unchanged");
-        }
-    }
-
-    fn replace_log_level(&self, log: &LogConfig) {
-        let Some(switch) = self.log.get() else {
-            return;
-        };
-        if switch.current() == log.level {
-            return;
-        }
-        if switch.overridden() {
-            tracing::warn!(
-                level = %log.level,
-                "log.level changed in the file, but RUST_LOG chose the filter at start; it stays"
-            );
-            return;
-        }
-        match switch.set(&log.level) {
-            Ok(()) => tracing::info!(level = %log.level, "log level changed"),
-            Err(e) => tracing::warn!(level = %log.level, error = %e, "log level not changed"),
         }
     }
 

@@ -8,6 +8,7 @@ mod cidr;
 mod failure;
 pub mod notify;
 mod percent;
+mod revoke;
 mod secret;
 mod units;
 
@@ -15,5 +16,6 @@ pub use addr::{HostPort, InvalidTarget, MAX_HOST_LEN};
 pub use cidr::{canonical, Cidr};
 pub use failure::FailureKind;
 pub use percent::{percent_decode, percent_encode};
+pub use revoke::Revoke;
 pub use secret::{credentials_match, secret_eq, Credentials, Secret};
 pub use units::{parse_duration, parse_size, ByteRate, ByteSize, HumanDuration};

@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 
 use super::flow::{InboxEnd, RecvWindow};
 use super::session::TunnelConn;
+use crate::net::Revoke;
 use crate::tunnel::stats::bump;
 
 /// Largest single socket read, and so the largest data message we produce.
@@ -48,6 +49,8 @@ pub enum RelayEnd {
     IdleTimeout,
     /// The download quota was spent.
     QuotaExceeded,
+    /// A reload took away what the connection was admitted for; the reason says what.
+    Revoked(&'static str),
 }
 
 impl RelayEnd {
@@ -55,6 +58,7 @@ impl RelayEnd {
         match self {
             RelayEnd::IdleTimeout => "idle timeout",
             RelayEnd::QuotaExceeded => "download quota exceeded",
+            RelayEnd::Revoked(reason) => reason,
         }
     }
 }
@@ -154,6 +158,7 @@ enum Abort {
     Cancelled,
     QuotaExceeded,
     IdleTimeout,
+    Revoked(&'static str),
 }
 
 impl Abort {
@@ -168,6 +173,7 @@ impl Abort {
             Abort::Cancelled => "cancelled",
             Abort::QuotaExceeded => RelayEnd::QuotaExceeded.as_str(),
             Abort::IdleTimeout => RelayEnd::IdleTimeout.as_str(),
+            Abort::Revoked(reason) => reason,
         }
     }
 
@@ -176,6 +182,7 @@ impl Abort {
         match self {
             Abort::QuotaExceeded => Some(RelayEnd::QuotaExceeded),
             Abort::IdleTimeout => Some(RelayEnd::IdleTimeout),
+            Abort::Revoked(reason) => Some(RelayEnd::Revoked(reason)),
             _ => None,
         }
     }
@@ -184,7 +191,7 @@ impl Abort {
     fn tunnel_failed(self) -> bool {
         matches!(
             self,
-            Abort::SessionClosed | Abort::ResetByPeer | Abort::Cancelled
+            Abort::SessionClosed | Abort::ResetByPeer | Abort::Cancelled | Abort::Revoked(_)
         )
     }
 }
@@ -218,12 +225,14 @@ impl LocalStream for hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {}
 /// Relays until both directions are done (binary mode) or either ends (JSON mode), or
 /// the connection is reset. The peer is told with `close` unless the connection ended
 /// cleanly or the peer was the one that closed it. The bytes toward the local socket
-/// are counted by `quota`, and the bytes both ways paced by `pace`.
+/// are counted by `quota`, and the bytes both ways paced by `pace`; `revoke` ends it
+/// at once (both sides told) when a reload takes its access away.
 pub async fn relay_tunnel<S: LocalStream>(
     stream: S,
     conn: TunnelConn,
     quota: Option<&dyn Quota>,
     pace: Option<&dyn Pace>,
+    revoke: Option<&Revoke>,
 ) -> RelayStats {
     let TunnelConn {
         id,
@@ -355,6 +364,7 @@ pub async fn relay_tunnel<S: LocalStream>(
                 r = &mut downstream, if !down_done => { down_done = true; r }
                 _ = cancel.cancelled() => Err(Abort::Cancelled),
                 _ = activity.idle_out() => Err(Abort::IdleTimeout),
+                reason = Revoke::wait(revoke) => Err(Abort::Revoked(reason)),
             };
             match step {
                 Err(reason) => break Err(reason),
@@ -425,13 +435,15 @@ async fn write_within<W: AsyncWrite + Unpin>(
 }
 
 /// Relays between the user's socket and a directly dialed target, carrying half-close;
-/// `quota` counts (and may cut) what goes toward the user, `timeouts` bound stalls.
+/// `quota` counts (and may cut) what goes toward the user, `timeouts` bound stalls,
+/// and `revoke` ends it at once (both sockets reset) when a reload takes its access away.
 pub async fn relay_direct<S: LocalStream>(
     local: S,
     remote: TcpStream,
     quota: Option<&dyn Quota>,
     pace: Option<&dyn Pace>,
     timeouts: DirectTimeouts,
+    revoke: Option<&Revoke>,
 ) -> RelayStats {
     let activity = Activity::new(timeouts.idle);
     let (mut lr, mut lw) = tokio::io::split(local);
@@ -494,6 +506,11 @@ pub async fn relay_direct<S: LocalStream>(
             tokio::select! {
                 _ = activity.idle_out() => {
                     stats.ended_by = Some(RelayEnd::IdleTimeout);
+                    break;
+                }
+                reason = Revoke::wait(revoke) => {
+                    stats.ended_by = Some(RelayEnd::Revoked(reason));
+                    abort = true;
                     break;
                 }
                 r = &mut up, if !up_done => {

@@ -807,3 +807,31 @@ pub fn metric(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
     }
     sum
 }
+
+/// A TCP echo server on `ip` (`127.0.0.2` is another loopback target than
+/// `127.0.0.1`), keeping every connection until its client leaves.
+pub async fn echo_target_on(ip: &str) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Writes `text` and reads it back from an echo, within 10 s.
+pub async fn round_trip(s: &mut tokio::net::TcpStream, text: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(text).await.unwrap();
+    let mut back = vec![0; text.len()];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .expect("echo within 10 s")
+        .unwrap();
+    assert_eq!(back, text);
+}
