@@ -60,13 +60,7 @@ async fn a_target_newly_forbidden_is_refused_and_its_live_connection_closed() {
 
     // A long download from an allowed target, slowed so the reload lands mid-body.
     let target = common::http_target().await;
-    const N: usize = 64 << 20;
-    let expected = common::sha256_hex(&common::pattern(N, 7));
-    let (proxy, url) = (stack.http_proxy(), format!("http://{target}/bytes/{N}"));
-    let download =
-        tokio::spawn(
-            async move { common::curl(&["--limit-rate", "16M", "-x", &proxy, &url]).await },
-        );
+    let download = common::slow_download(stack.http_proxy(), target);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     edit_and_hup(
@@ -105,13 +99,7 @@ async fn a_target_newly_forbidden_is_refused_and_its_live_connection_closed() {
     assert_eq!(status, "403");
     // Other connections are untouched.
     round_trip(&mut to_kept, b"after the reload").await;
-    let (code, body) = tokio::time::timeout(Duration::from_secs(120), download)
-        .await
-        .expect("the download ends within 120 s")
-        .unwrap();
-    assert_eq!(code, 0);
-    assert_eq!(body.len(), N);
-    assert_eq!(common::sha256_hex(&body), expected);
+    common::assert_downloaded_whole(download).await;
     // One session all along.
     assert_eq!(log.matches("authenticated to the gateway").count(), 1);
     let m = admin_get(admin, "/metrics", None).await.1;

@@ -185,11 +185,11 @@ impl Reloader {
             let (Some(authority), Some(now)) = (authority, now) else {
                 continue;
             };
-            log_changes(
-                &proxy_users(was.as_ref(), &old.groups),
-                &proxy_users(Some(now), &new.groups),
-                &format!("proxy.{name} user"),
+            let (before, after) = (
+                proxy_users(was.as_ref(), &old.groups),
+                proxy_users(Some(now), &new.groups),
             );
+            log_changes(&before, &after, &format!("proxy.{name} user"));
             let next = running
                 .backends
                 .authority(&now.auth, listener_accounts(now, &new.groups));
@@ -200,6 +200,32 @@ impl Reloader {
                 );
             }
             authority.replace(next);
+            // After the swap: a user authenticating now meets the new rules.
+            revoke_removed(authority, name, &before, &after);
+        }
+    }
+}
+
+/// What the access line of a connection closed by [`revoke_removed`] says.
+const USER_REMOVED: &str = "proxy user removed by a reload";
+
+/// Closes the live connections of the users gone from `after`, or moved to another
+/// group (their connections ride the old group's agents): ACLs apply to every
+/// connection, not only at login.
+fn revoke_removed(
+    users: &crate::auth::Authority,
+    listener: &str,
+    before: &BTreeMap<String, (String, String)>,
+    after: &BTreeMap<String, (String, String)>,
+) {
+    for (name, (group, _)) in before {
+        let gone = after.get(name).is_none_or(|(now, _)| now != group);
+        if gone && users.revoke(name, USER_REMOVED) {
+            tracing::warn!(
+                listener,
+                user = %name,
+                "closing the live connections of a user the reload removed"
+            );
         }
     }
 }
@@ -285,7 +311,7 @@ fn log_changes<V: PartialEq>(old: &BTreeMap<String, V>, new: &BTreeMap<String, V
         }
     }
     for name in old.keys().filter(|k| !new.contains_key(*k)) {
-        tracing::info!("{what} {name} removed (new connections are refused; live ones finish)");
+        tracing::info!("{what} {name} removed (new connections are refused; live ones are closed)");
     }
 }
 

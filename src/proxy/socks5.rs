@@ -109,7 +109,7 @@ async fn handle<C: Connector>(
             return Err(e);
         }
     };
-    let who = Requester::new(peer, identity);
+    let who = Requester::new(peer, identity).held_by(&proxy.users);
     match command {
         CMD_CONNECT if proxy.tcp => connect(stream, who, target, &*proxy.connector).await,
         CMD_CONNECT => {
@@ -134,6 +134,7 @@ async fn connect<C: Connector>(
     let started = std::time::Instant::now();
     match connector.connect(&target, &who).await {
         Ok(conn) => {
+            let conn = conn.with_revoke(who.revoke.clone());
             reply(&mut stream, REPLY_OK).await?;
             let access = Access::new("socks5")
                 .requester(&who)

@@ -835,3 +835,26 @@ pub async fn round_trip(s: &mut tokio::net::TcpStream, text: &[u8]) {
         .unwrap();
     assert_eq!(back, text);
 }
+
+/// The size of [`slow_download`]'s body.
+pub const SLOW_DOWNLOAD: usize = 64 << 20;
+
+/// Starts a 64 MiB download of `target`'s `/bytes/` through `proxy` (curl's `-x`),
+/// slowed to 16 MB/s so that what a test does meanwhile lands while the body is in
+/// flight.
+pub fn slow_download(proxy: String, target: SocketAddr) -> tokio::task::JoinHandle<(i32, Vec<u8>)> {
+    let url = format!("http://{target}/bytes/{SLOW_DOWNLOAD}");
+    tokio::spawn(async move { curl(&["--limit-rate", "16M", "-x", &proxy, &url]).await })
+}
+
+/// Waits (at most 120 s) for a [`slow_download`] and checks it arrived whole,
+/// byte-identical.
+pub async fn assert_downloaded_whole(download: tokio::task::JoinHandle<(i32, Vec<u8>)>) {
+    let (code, body) = tokio::time::timeout(Duration::from_secs(120), download)
+        .await
+        .expect("the download ends within 120 s")
+        .unwrap();
+    assert_eq!(code, 0);
+    assert_eq!(body.len(), SLOW_DOWNLOAD);
+    assert_eq!(sha256_hex(&body), sha256_hex(&pattern(SLOW_DOWNLOAD, 7)));
+}
