@@ -483,6 +483,49 @@ async fn http_connect(
     s
 }
 
+/// One plain-HTTP GET of `target`'s `/` as `user` on a kept-alive proxy connection;
+/// the answer's status (the target answers `hello`, the proxy's refusals a short text).
+async fn get_on(
+    s: &mut tokio::net::TcpStream,
+    target: std::net::SocketAddr,
+    user: &str,
+    pass: &str,
+) -> String {
+    use base64::Engine;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    let req = format!(
+        "GET http://{target}/ HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {auth}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The head and a body announced by content-length, all small.
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        assert!(
+            n > 0 && got.len() < 65536,
+            "{:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_lowercase();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if body.len() >= len {
+                return head[9..12].to_owned();
+            }
+        }
+    }
+}
+
 /// Waits (at most 10 s) until the proxy ends `s` (end of stream or a reset).
 async fn closed_by_proxy(s: &mut tokio::net::TcpStream) {
     use tokio::io::AsyncReadExt;
@@ -514,6 +557,11 @@ async fn a_removed_users_live_connections_close_and_other_users_finish() {
     let mut bob_socks = stack.socks5_as("bob", "bob-pw", echo).await.unwrap();
     let mut bob_connect = http_connect(&stack, "bob", "bob-pw", echo).await;
     let mut alice_socks = stack.socks5_as("alice", "alice-pw", echo).await.unwrap();
+    let hello = common::http_target().await;
+    let mut bob_kept = tokio::net::TcpStream::connect(("127.0.0.1", stack.http_port))
+        .await
+        .unwrap();
+    assert_eq!(get_on(&mut bob_kept, hello, "bob", "bob-pw").await, "200");
     for s in [&mut bob_socks, &mut bob_connect, &mut alice_socks] {
         round_trip(s, b"before the reload").await;
     }
@@ -545,6 +593,8 @@ async fn a_removed_users_live_connections_close_and_other_users_finish() {
     let url = format!("http://{target}/");
     let bob = stack.http_proxy_as("bob", "bob-pw");
     assert_eq!(common::curl_status(&["-x", &bob, &url]).await, "407");
+    // A kept-alive connection's accepted credentials are checked again.
+    assert_eq!(get_on(&mut bob_kept, hello, "bob", "bob-pw").await, "407");
 
     round_trip(&mut alice_socks, b"after the reload").await;
     common::assert_downloaded_whole(download).await;

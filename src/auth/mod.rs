@@ -225,7 +225,9 @@ impl Authority {
     }
 
     /// `user`'s hold on a connection being opened now: revoked when a reload removes
-    /// them.
+    /// them. Taken before the password check: a reload swaps the rules and then
+    /// revokes, so a check racing it either meets the new rules or holds what is
+    /// revoked.
     pub fn hold(&self, user: &str) -> crate::net::Revoke {
         let mut holds = self.holds.lock();
         if holds.len() >= HOLDS_SWEPT_AT && !holds.contains_key(user) {

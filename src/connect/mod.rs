@@ -44,12 +44,6 @@ impl Requester {
             revoke: None,
         }
     }
-
-    /// Authenticated by `users`: the connections it opens end if a reload removes it.
-    pub fn held_by(mut self, users: &crate::auth::Authority) -> Self {
-        self.revoke = self.user.as_deref().map(|u| users.hold(u));
-        self
-    }
 }
 
 /// Opens connections to targets on behalf of proxy users.

@@ -241,13 +241,15 @@ async fn authenticate(
         client_id: None,
         listener: "http",
     };
+    // Taken before the check: a reload removing the user after this revokes it, and
+    // one before it is met by the check.
+    let hold = state.users.hold(&user);
     match state
         .limits
         .proxy_auth(state.peer.ip(), state.users.authenticate(&attempt))
         .await
     {
         AuthVerdict::Accepted(identity) => {
-            let hold = state.users.hold(&user);
             let cached = (
                 crate::net::Secret::from(header),
                 identity.clone(),
