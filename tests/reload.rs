@@ -536,8 +536,8 @@ async fn closed_by_proxy(s: &mut tokio::net::TcpStream) {
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
 }
 
-/// A user removed by a reload loses their live connections (HTTP CONNECT and SOCKS5,
-/// with the reason in the access log) and gets 407 on new ones; another user's 64 MiB
+/// A user removed by a reload loses their live connections (HTTP CONNECT, SOCKS5 and
+/// a SOCKS5 UDP association, with the reason in the access log) and gets 407 on new ones; another user's 64 MiB
 /// download and live tunnel run through the reload untouched.
 #[tokio::test]
 async fn a_removed_users_live_connections_close_and_other_users_finish() {
@@ -562,6 +562,14 @@ async fn a_removed_users_live_connections_close_and_other_users_finish() {
         .await
         .unwrap();
     assert_eq!(get_on(&mut bob_kept, hello, "bob", "bob-pw").await, "200");
+    let udp_echo = common::udp::echo_server().await;
+    let mut bob_udp = common::udp::Association::open(stack.socks_port, "bob", "bob-pw")
+        .await
+        .expect("UDP ASSOCIATE accepted");
+    let to = common::udp::Dest::Addr(udp_echo.addr);
+    bob_udp.send(&to, b"ping").await;
+    let back = bob_udp.recv(Duration::from_secs(10)).await;
+    assert_eq!(back, Some((to, b"ping".to_vec())));
     for s in [&mut bob_socks, &mut bob_connect, &mut alice_socks] {
         round_trip(s, b"before the reload").await;
     }
@@ -582,6 +590,7 @@ async fn a_removed_users_live_connections_close_and_other_users_finish() {
 
     closed_by_proxy(&mut bob_socks).await;
     closed_by_proxy(&mut bob_connect).await;
+    closed_by_proxy(&mut bob_udp.control).await;
     stack
         .wait_for_log("gateway", "proxy user removed by a reload", 2)
         .await;
