@@ -6,33 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{admin_get, free_port, metric, signal, Stack, StackOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A TCP echo server on loopback.
-async fn echo_target() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
-async fn round_trip(s: &mut tokio::net::TcpStream, text: &[u8]) {
-    s.write_all(text).await.unwrap();
-    let mut back = vec![0; text.len()];
-    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
-        .await
-        .expect("echo within 10 s")
-        .unwrap();
-    assert_eq!(back, text);
-}
+use common::{admin_get, free_port, metric, round_trip, signal, Stack, StackOptions};
 
 async fn metrics(port: u16) -> String {
     admin_get(port, "/metrics", None).await.1
@@ -47,7 +21,7 @@ async fn sighup_rotates_the_certificate_without_dropping_a_session() {
     })
     .await;
     let pid = stack.gateway.0.id().unwrap();
-    let echo = echo_target().await;
+    let echo = common::echo_target_on("127.0.0.1").await;
     let mut live = stack.socks5_to(echo).await.unwrap();
     round_trip(&mut live, b"before the reload").await;
     let m = metrics(admin).await;
@@ -420,7 +394,7 @@ async fn metrics_as(port: u16, auth: &str) -> String {
 }
 
 /// Reloads that change credentials under a 64 MiB download leave it whole: the
-/// connection was authenticated once, and a reload never touches what is open.
+/// connection was authenticated once, and its user stays in the configuration.
 #[tokio::test]
 async fn a_download_runs_through_reloads_that_change_credentials() {
     let stack = Stack::start(StackOptions {
@@ -432,14 +406,7 @@ async fn a_download_runs_through_reloads_that_change_credentials() {
     .await;
     let pid = stack.gateway.0.id().unwrap();
     let target = common::http_target().await;
-    const N: usize = 64 << 20;
-    let expected = common::sha256_hex(&common::pattern(N, 7));
-    let (proxy, url) = (stack.http_proxy(), format!("http://{target}/bytes/{N}"));
-    // Slowed so that the reloads below land while the body is in flight.
-    let download =
-        tokio::spawn(
-            async move { common::curl(&["--limit-rate", "16M", "-x", &proxy, &url]).await },
-        );
+    let download = common::slow_download(stack.http_proxy(), target);
 
     let config = stack.certs.dir.path().join("config.yaml");
     let text = std::fs::read_to_string(&config).unwrap();
@@ -454,13 +421,7 @@ async fn a_download_runs_through_reloads_that_change_credentials() {
     }
     assert!(stack.log("gateway").contains("proxy.http user u3 added"));
 
-    let (code, body) = tokio::time::timeout(Duration::from_secs(120), download)
-        .await
-        .expect("the download ends within 120 s")
-        .unwrap();
-    assert_eq!(code, 0);
-    assert_eq!(body.len(), N);
-    assert_eq!(common::sha256_hex(&body), expected);
+    common::assert_downloaded_whole(download).await;
 }
 
 #[tokio::test]
@@ -487,4 +448,163 @@ async fn sighup_applies_the_log_level() {
     assert_eq!(common::curl_status(&args).await, "200");
     // A debug line of the tunnel's relay, which `info` hid.
     stack.wait_for_log("gateway", "relay finished", 1).await;
+}
+
+/// A CONNECT through the HTTP proxy as `user`, answered 200; the tunnel is the stream.
+async fn http_connect(
+    stack: &Stack,
+    user: &str,
+    pass: &str,
+    target: std::net::SocketAddr,
+) -> tokio::net::TcpStream {
+    use base64::Engine;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", stack.http_port))
+        .await
+        .unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    let req = format!(
+        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {auth}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    // The answer's head, byte by byte: nothing of the tunnel is read past it.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+            .await
+            .expect("an answer to CONNECT within 10 s")
+            .unwrap();
+        assert!(n == 1 && head.len() < 4096, "{head:?}");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s
+}
+
+/// One plain-HTTP GET of `target`'s `/` as `user` on a kept-alive proxy connection;
+/// the answer's status (the target answers `hello`, the proxy's refusals a short text).
+async fn get_on(
+    s: &mut tokio::net::TcpStream,
+    target: std::net::SocketAddr,
+    user: &str,
+    pass: &str,
+) -> String {
+    use base64::Engine;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    let req = format!(
+        "GET http://{target}/ HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {auth}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The head and a body announced by content-length, all small.
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        assert!(
+            n > 0 && got.len() < 65536,
+            "{:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_lowercase();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if body.len() >= len {
+                return head[9..12].to_owned();
+            }
+        }
+    }
+}
+
+/// Waits (at most 10 s) until the proxy ends `s` (end of stream or a reset).
+async fn closed_by_proxy(s: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("closed within 10 s");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
+
+/// A user removed by a reload loses their live connections (HTTP CONNECT, SOCKS5 and
+/// a SOCKS5 UDP association, with the reason in the access log) and gets 407 on new ones; another user's 64 MiB
+/// download and live tunnel run through the reload untouched.
+#[tokio::test]
+async fn a_removed_users_live_connections_close_and_other_users_finish() {
+    let users = "{ username: alice, password: alice-pw }, { username: bob, password: bob-pw }";
+    let stack = Stack::start(StackOptions {
+        gateway_extra: vec![format!(
+            "groups: [{{ id: office, agent_password: office-secret, users: [{users}] }}]"
+        )],
+        with_agent: false,
+        ..Default::default()
+    })
+    .await;
+    let pid = stack.gateway.0.id().unwrap();
+    let _office = stack.spawn_group_agent("office-1", "office", "office-secret", "");
+    stack.wait_for_agent().await;
+    let echo = common::echo_target_on("127.0.0.1").await;
+    let mut bob_socks = stack.socks5_as("bob", "bob-pw", echo).await.unwrap();
+    let mut bob_connect = http_connect(&stack, "bob", "bob-pw", echo).await;
+    let mut alice_socks = stack.socks5_as("alice", "alice-pw", echo).await.unwrap();
+    let hello = common::http_target().await;
+    let mut bob_kept = tokio::net::TcpStream::connect(("127.0.0.1", stack.http_port))
+        .await
+        .unwrap();
+    assert_eq!(get_on(&mut bob_kept, hello, "bob", "bob-pw").await, "200");
+    let udp_echo = common::udp::echo_server().await;
+    let mut bob_udp = common::udp::Association::open(stack.socks_port, "bob", "bob-pw")
+        .await
+        .expect("UDP ASSOCIATE accepted");
+    let to = common::udp::Dest::Addr(udp_echo.addr);
+    bob_udp.send(&to, b"ping").await;
+    let back = bob_udp.recv(Duration::from_secs(10)).await;
+    assert_eq!(back, Some((to, b"ping".to_vec())));
+    for s in [&mut bob_socks, &mut bob_connect, &mut alice_socks] {
+        round_trip(s, b"before the reload").await;
+    }
+
+    let target = common::http_target().await;
+    let download = common::slow_download(stack.http_proxy_as("alice", "alice-pw"), target);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let config = stack.certs.dir.path().join("config.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let without_bob = text.replace(", { username: bob, password: bob-pw }", "");
+    assert_ne!(without_bob, text);
+    std::fs::write(&config, without_bob).unwrap();
+    signal(pid, "HUP");
+    stack
+        .wait_for_log("gateway", "configuration reloaded", 1)
+        .await;
+
+    closed_by_proxy(&mut bob_socks).await;
+    closed_by_proxy(&mut bob_connect).await;
+    closed_by_proxy(&mut bob_udp.control).await;
+    stack
+        .wait_for_log("gateway", "proxy user removed by a reload", 2)
+        .await;
+    let log = stack.log("gateway");
+    assert!(
+        log.contains("closing the live connections of a user the reload removed"),
+        "{log}"
+    );
+    let url = format!("http://{target}/");
+    let bob = stack.http_proxy_as("bob", "bob-pw");
+    assert_eq!(common::curl_status(&["-x", &bob, &url]).await, "407");
+    // A kept-alive connection's accepted credentials are checked again.
+    assert_eq!(get_on(&mut bob_kept, hello, "bob", "bob-pw").await, "407");
+
+    round_trip(&mut alice_socks, b"after the reload").await;
+    common::assert_downloaded_whole(download).await;
 }

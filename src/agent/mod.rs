@@ -9,7 +9,10 @@
 //! sessions; a failed resolution keeps what there is. A literal address is one target,
 //! never resolved again. TLS always verifies the gateway's name, never the address.
 
+mod reload;
 mod udp;
+
+pub use reload::ReloadError;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -21,7 +24,6 @@ use std::time::Duration;
 use anyproxy_proto::{Auth, ConnectResponse, Encoding, ErrorCode, ErrorMsg, Message, Protocol};
 use fastwebsockets::Role;
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,7 +31,7 @@ use tracing::Instrument;
 
 use crate::config::ClientConfig;
 use crate::connect::Access;
-use crate::dial::{self as dial, acl, acl::Acl};
+use crate::dial::{self as dial, acl};
 use crate::metrics::links::{LinkRow, LinkState};
 use crate::net::HostPort;
 use crate::transport::ws::close_code;
@@ -102,7 +104,8 @@ enum SessionError {
 
 pub struct Agent {
     config: ClientConfig,
-    acl: Acl,
+    /// What it may dial and how many at once: a SIGHUP swaps them (see `reload`).
+    live: reload::Live,
     tls: TlsConnector,
     gateways: Vec<Arc<Gateway>>,
     resolver: Resolver,
@@ -111,8 +114,6 @@ pub struct Agent {
     /// address would be two sessions of one client id to one gateway, replacing each
     /// other.
     claimed: parking_lot::Mutex<HashMap<SocketAddr, Arc<str>>>,
-    /// `max_concurrent_conns`, shared by all replicas.
-    permits: Arc<Semaphore>,
     /// Every `connect` being served, so that `run` returns only once they ended.
     conn_tasks: TaskTracker,
     metrics: Arc<crate::metrics::AgentMetrics>,
@@ -128,8 +129,7 @@ struct Established {
 
 impl Agent {
     pub fn new(config: ClientConfig) -> Result<Arc<Agent>, AgentError> {
-        let acl =
-            Acl::new(&config.forbidden_hosts, &config.limit)?.refusing_local(!config.allow_local);
+        let live = reload::Live::new(&config)?;
         let identity = config
             .tls_client_cert
             .as_deref()
@@ -160,16 +160,14 @@ impl Agent {
         if gateways.is_empty() {
             return Err(AgentError::GatewayAddr(String::new()));
         }
-        let permits = Arc::new(Semaphore::new(config.max_concurrent_conns));
         Ok(Arc::new(Agent {
             config,
-            acl,
+            live,
             tls: TlsConnector::from(tls_config),
             gateways,
             resolver: system_resolver(),
             resolve_every: RESOLVE_EVERY,
             claimed: Default::default(),
-            permits,
             conn_tasks: TaskTracker::new(),
             metrics: Arc::default(),
         }))
@@ -753,21 +751,23 @@ impl Agent {
             )
             .await;
         }
-        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            let max = self.config.max_concurrent_conns;
+        // Loaded once: this connect is decided by one configuration.
+        let rules = self.live.rules();
+        let Some(permit) = self.live.admit(&rules) else {
+            let max = rules.max_conns;
             return refuse(
                 ErrorCode::RateLimited,
                 format!("agent is at max_concurrent_conns ({max})"),
             )
             .await;
         };
-        if !self.config.protocols.allows(c.protocol) {
+        if !rules.protocols.allows(c.protocol) {
             return refuse(
                 ErrorCode::ForbiddenHost,
                 format!(
                     "{} is not in this agent's protocols {}",
                     c.protocol.as_str(),
-                    self.config.protocols.describe()
+                    rules.protocols.describe()
                 ),
             )
             .await;
@@ -788,11 +788,13 @@ impl Agent {
             )
             .await;
         };
-        match dial::dial(&self.acl, &c.host, c.port, self.config.dial_timeout.0).await {
+        match dial::dial(&rules.acl, &c.host, c.port, self.config.dial_timeout.0).await {
             Ok(stream) => {
                 if !core.is_live(id) {
                     return;
                 }
+                // A reload that forbids this target closes it, whenever it comes.
+                let watched = stream.peer_addr().ok().map(|a| self.live.watch(&target, a));
                 let ok = core
                     .send(Message::ConnectResponse(ConnectResponse {
                         id,
@@ -803,7 +805,8 @@ impl Agent {
                 if ok.is_ok() {
                     crate::tunnel::stats::bump(&core.stats().conns_opened, 1);
                     let started = std::time::Instant::now();
-                    let stats = relay_tunnel(stream, conn, None, None).await;
+                    let revoke = watched.as_ref().map(|w| &w.revoke);
+                    let stats = relay_tunnel(stream, conn, None, None, revoke).await;
                     // The user's point of view, as on the gateway: what they sent
                     // reached the target.
                     let stats = RelayStats {

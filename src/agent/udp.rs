@@ -42,7 +42,13 @@ impl Agent {
                 message: format!("connection id {id} is already in use"),
             });
         };
-        let opened = dial::udp::open(&self.acl, &c.host, c.port, self.config.dial_timeout.0).await;
+        let opened = dial::udp::open(
+            &self.live.rules().acl,
+            &c.host,
+            c.port,
+            self.config.dial_timeout.0,
+        )
+        .await;
         let (socket, addr) = match opened {
             Ok(x) => x,
             Err(e) => {

@@ -154,7 +154,14 @@ pub struct Authority {
     /// accounts' rule: an agent's username is its group). A property of the role,
     /// which no reload changes.
     username_is_group: bool,
+    /// Each authenticated user's hold on their live connections, by username; a
+    /// reload that removes the user revokes it ([`Authority::revoke`]). Touched once
+    /// per authentication, never per byte.
+    holds: parking_lot::Mutex<std::collections::HashMap<String, crate::net::Revoke>>,
 }
+
+/// Holds kept before the table is swept of users with no live connection.
+const HOLDS_SWEPT_AT: usize = 1024;
 
 /// What a reload replaces.
 struct Rules {
@@ -184,6 +191,7 @@ impl Authority {
                 groups,
             }),
             username_is_group: false,
+            holds: Default::default(),
         }
     }
 
@@ -214,6 +222,25 @@ impl Authority {
 
     pub fn is_open(&self) -> bool {
         self.rules.load().open
+    }
+
+    /// `user`'s hold on a connection being opened now: revoked when a reload removes
+    /// them. Taken before the password check: a reload swaps the rules and then
+    /// revokes, so a check racing it either meets the new rules or holds what is
+    /// revoked.
+    pub fn hold(&self, user: &str) -> crate::net::Revoke {
+        let mut holds = self.holds.lock();
+        if holds.len() >= HOLDS_SWEPT_AT && !holds.contains_key(user) {
+            holds.retain(|_, h| h.is_held());
+        }
+        holds.entry(user.to_owned()).or_default().clone()
+    }
+
+    /// Closes `user`'s live connections, with `reason` in their access lines; the
+    /// next connection gets a new hold. Whether they had one.
+    pub fn revoke(&self, user: &str, reason: &'static str) -> bool {
+        let hold = self.holds.lock().remove(user);
+        hold.map(|h| h.revoke(reason)).is_some()
     }
 
     /// The identity of an open listener's users.
@@ -345,6 +372,28 @@ mod tests {
             username: u.into(),
             password: p.into(),
         }
+    }
+
+    #[test]
+    fn a_revoked_user_loses_its_live_holds_and_gets_a_new_one() {
+        let users = Authority::of_accounts(Accounts::new(vec![], Arc::from("d")), vec![]);
+        let (a1, a2, b) = (users.hold("alice"), users.hold("alice"), users.hold("bob"));
+        assert!(a1 == a2 && a1 != b);
+        assert!(users.revoke("alice", "removed"));
+        assert!(a1.is_revoked() && a2.is_revoked() && !b.is_revoked());
+        assert!(!users.hold("alice").is_revoked());
+        assert!(!users.revoke("carol", "removed"), "never held");
+    }
+
+    #[test]
+    fn holds_nobody_keeps_are_swept() {
+        let users = Authority::of_accounts(Accounts::new(vec![], Arc::from("d")), vec![]);
+        let kept = users.hold("kept");
+        for i in 0..3 * HOLDS_SWEPT_AT {
+            drop(users.hold(&format!("u{i}")));
+        }
+        assert!(users.holds.lock().len() <= HOLDS_SWEPT_AT + 1);
+        assert!(users.holds.lock().get("kept") == Some(&kept));
     }
 
     #[test]

@@ -152,10 +152,13 @@ pub fn signals() -> anyhow::Result<Signals> {
     Ok(Signals { first, second })
 }
 
-/// Each SIGHUP reloads the gateway from `config`, one reload at a time; signals that
-/// arrive during a reload are folded into one more reload after it.
+/// What a SIGHUP runs: reloads from the file; logs and counts its own failure.
+type Reload = std::sync::Arc<dyn Fn(&std::path::Path) + Send + Sync>;
+
+/// Each SIGHUP reloads from `config`, one reload at a time; signals that arrive during
+/// a reload are folded into one more reload after it.
 fn reload_on_hangup(
-    reloader: std::sync::Arc<anyproxy::gateway::Reloader>,
+    reload: Reload,
     config: PathBuf,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -170,14 +173,14 @@ fn reload_on_hangup(
                     got = hup.recv() => if got.is_none() { return },
                 }
                 tracing::info!(config = %config.display(), "SIGHUP: reloading");
-                let (r, path) = (reloader.clone(), config.clone());
+                let (r, path) = (reload.clone(), config.clone());
                 // Reading files is blocking I/O; the error is logged and counted there.
-                let _ = tokio::task::spawn_blocking(move || r.reload(&path)).await;
+                let _ = tokio::task::spawn_blocking(move || r(&path)).await;
             }
         });
     }
     #[cfg(not(unix))]
-    let _ = (reloader, config, stop);
+    let _ = (reload, config, stop);
     Ok(())
 }
 
@@ -211,7 +214,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .context("starting the gateway")?;
             gateway.reloader().follow_log_level(log_level);
-            reload_on_hangup(gateway.reloader(), config.clone(), signals.first.clone())?;
+            let reloader = gateway.reloader();
+            let reload: Reload = std::sync::Arc::new(move |path| {
+                let _ = reloader.reload(path);
+            });
+            reload_on_hangup(reload, config.clone(), signals.first.clone())?;
             gateway.enable_admin_reload(config.clone());
             // Ready: every listener is bound, and a SIGHUP now reloads instead of killing.
             notify(State::Ready);
@@ -222,12 +229,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Client { config } => {
             let file = Config::load(&config)?;
-            logging::init(&file.log, log_format);
+            let log_level = logging::init(&file.log, log_format);
             let Some(client) = file.client else {
                 bail!("{} has no `client:` section", config.display());
             };
             let agent = Agent::new(client).context("starting the agent")?;
+            agent.follow_log_level(log_level);
             let signals = signals()?;
+            let reloaded = agent.clone();
+            let reload: Reload = std::sync::Arc::new(move |path| {
+                let _ = reloaded.reload(path);
+            });
+            // Before the first session: from READY=1 on, a SIGHUP reloads.
+            reload_on_hangup(reload, config.clone(), signals.first.clone())?;
             let first = signals.first.clone();
             agent
                 .start_admin(first.clone())

@@ -76,6 +76,28 @@ pub trait LevelSwitch: Send + Sync {
     fn set(&self, filter: &str) -> Result<(), String>;
 }
 
+/// A reload's `log.level`, applied through `switch` when the binary handed one over
+/// and `RUST_LOG` did not choose the filter at start; one line says what happened.
+pub fn apply_level(switch: Option<&std::sync::Arc<dyn LevelSwitch>>, log: &LogConfig) {
+    let Some(switch) = switch else {
+        return;
+    };
+    if switch.current() == log.level {
+        return;
+    }
+    if switch.overridden() {
+        tracing::warn!(
+            level = %log.level,
+            "log.level changed in the file, but RUST_LOG chose the filter at start; it stays"
+        );
+        return;
+    }
+    match switch.set(&log.level) {
+        Ok(()) => tracing::info!(level = %log.level, "log level changed"),
+        Err(e) => tracing::warn!(level = %log.level, error = %e, "log level not changed"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,7 @@ pub use crate::net::{
 };
 pub use cluster::{ClusterConfig, StoreFailureMode};
 pub use deflate::{DeflateConfig, MAX_WINDOW_BITS, MIN_WINDOW_BITS};
-pub use log::{LevelSwitch, LogConfig, LogFormat};
+pub use log::{apply_level, LevelSwitch, LogConfig, LogFormat};
 pub use udp::{Protocols, MAX_UDP_DATAGRAM};
 
 #[derive(Debug, thiserror::Error)]

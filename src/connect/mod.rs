@@ -28,6 +28,10 @@ pub struct Requester {
     pub group: std::sync::Arc<str>,
     /// How the connection should leave, as a policy decided (direct egress only).
     pub egress: Egress,
+    /// The user's hold on their connections: a reload that removes the user revokes
+    /// it, and the relays of its connections end. `None`: no reload can (an open
+    /// listener's anonymous users, forwards).
+    pub revoke: Option<crate::net::Revoke>,
 }
 
 impl Requester {
@@ -37,6 +41,7 @@ impl Requester {
             user: identity.user,
             group: identity.group,
             egress: Default::default(),
+            revoke: None,
         }
     }
 }

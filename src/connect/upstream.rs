@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 
 use super::Access;
 use crate::tunnel::relay::{relay_direct, relay_tunnel, LocalStream, Pace};
-use crate::tunnel::{DirectTimeouts, Quota, RelayStats, TunnelConn};
+use crate::tunnel::{DirectTimeouts, Quota, RelayStats, Revoke, TunnelConn};
 
 pub enum Route {
     /// Through an agent session.
@@ -35,6 +35,8 @@ pub struct Upstream {
     verdict: Option<Arc<str>>,
     /// The limits' admission, held until the relay ends; `None` when no limit applies.
     hold: Option<Box<dyn Hold>>,
+    /// The user's hold on their access: a reload that removes them ends the relay.
+    revoke: Option<Revoke>,
 }
 
 impl Upstream {
@@ -57,6 +59,7 @@ impl Upstream {
             quota: None,
             verdict: None,
             hold: None,
+            revoke: None,
         }
     }
 
@@ -75,6 +78,12 @@ impl Upstream {
     /// Keeps `hold` until the relay ends.
     pub fn with_hold(mut self, hold: Box<dyn Hold>) -> Self {
         self.hold = Some(hold);
+        self
+    }
+
+    /// Ends the relay when `revoke` is revoked (the user removed by a reload).
+    pub fn with_revoke(mut self, revoke: Option<Revoke>) -> Self {
+        self.revoke = revoke;
         self
     }
 
@@ -110,10 +119,11 @@ impl Upstream {
     pub async fn relay<S: LocalStream>(self, local: S) -> RelayStats {
         let quota = self.quota.as_deref();
         let pace = self.hold.as_deref().and_then(|h| h.pace());
+        let revoke = self.revoke.as_ref();
         match self.route {
-            Route::Tunnel(conn) => relay_tunnel(local, conn, quota, pace).await,
+            Route::Tunnel(conn) => relay_tunnel(local, conn, quota, pace, revoke).await,
             Route::Direct(remote, timeouts) => {
-                relay_direct(local, remote, quota, pace, timeouts).await
+                relay_direct(local, remote, quota, pace, timeouts, revoke).await
             }
         }
     }

@@ -12,8 +12,7 @@ use std::sync::Arc;
 
 use super::auth::{agent_accounts, listener_accounts, AuthBackends};
 use crate::auth::Authority;
-use crate::config::{GatewayConfig, LevelSwitch, LogConfig, ProxyListener, DEFAULT_GROUP};
-use crate::net::notify::{notify, State};
+use crate::config::{GatewayConfig, LevelSwitch, ProxyListener, DEFAULT_GROUP};
 use crate::transport::tls;
 
 #[derive(Debug, thiserror::Error)]
@@ -100,17 +99,7 @@ impl Reloader {
     /// README's "Reload"). Counted in `anyproxy_config_reload_total{result}`.
     pub fn reload(&self, path: &Path) -> Result<(), ReloadError> {
         let mut running = self.running.lock();
-        notify(State::Reloading);
-        let result = self.apply(path, &mut running);
-        notify(State::Ready);
-        match &result {
-            Ok(()) => self.metrics.reloads.succeeded(tls::unix_now()),
-            Err(e) => {
-                self.metrics.reloads.failed();
-                tracing::error!(error = %e, "reload failed; the running configuration stays");
-            }
-        }
-        result
+        self.metrics.reloads.run(|| self.apply(path, &mut running))
     }
 
     fn apply(&self, path: &Path, running: &mut Running) -> Result<(), ReloadError> {
@@ -136,7 +125,7 @@ impl Reloader {
         for key in restart_only(running, &next) {
             tracing::warn!(key, "changed in the file; takes effect at the next restart");
         }
-        self.replace_log_level(&log);
+        crate::config::apply_level(self.log.get(), &log);
         running.gateway = next.gateway;
         running.http = next.http;
         running.socks5 = next.socks5;
@@ -177,26 +166,6 @@ impl Reloader {
         }
     }
 
-    fn replace_log_level(&self, log: &LogConfig) {
-        let Some(switch) = self.log.get() else {
-            return;
-        };
-        if switch.current() == log.level {
-            return;
-        }
-        if switch.overridden() {
-            tracing::warn!(
-                level = %log.level,
-                "log.level changed in the file, but RUST_LOG chose the filter at start; it stays"
-            );
-            return;
-        }
-        match switch.set(&log.level) {
-            Ok(()) => tracing::info!(level = %log.level, "log level changed"),
-            Err(e) => tracing::warn!(level = %log.level, error = %e, "log level not changed"),
-        }
-    }
-
     /// New connections (and each new request of a keep-alive HTTP connection) are
     /// checked against the new logins; sessions and tunnels already open carry on.
     fn replace_logins(&self, running: &Running, next: &Next) {
@@ -216,11 +185,11 @@ impl Reloader {
             let (Some(authority), Some(now)) = (authority, now) else {
                 continue;
             };
-            log_changes(
-                &proxy_users(was.as_ref(), &old.groups),
-                &proxy_users(Some(now), &new.groups),
-                &format!("proxy.{name} user"),
+            let (before, after) = (
+                proxy_users(was.as_ref(), &old.groups),
+                proxy_users(Some(now), &new.groups),
             );
+            log_changes(&before, &after, &format!("proxy.{name} user"));
             let next = running
                 .backends
                 .authority(&now.auth, listener_accounts(now, &new.groups));
@@ -231,6 +200,32 @@ impl Reloader {
                 );
             }
             authority.replace(next);
+            // After the swap: a user authenticating now meets the new rules.
+            revoke_removed(authority, name, &before, &after);
+        }
+    }
+}
+
+/// What the access line of a connection closed by [`revoke_removed`] says.
+const USER_REMOVED: &str = "proxy user removed by a reload";
+
+/// Closes the live connections of the users gone from `after`, or moved to another
+/// group (their connections ride the old group's agents): ACLs apply to every
+/// connection, not only at login.
+fn revoke_removed(
+    users: &crate::auth::Authority,
+    listener: &str,
+    before: &BTreeMap<String, (String, String)>,
+    after: &BTreeMap<String, (String, String)>,
+) {
+    for (name, (group, _)) in before {
+        let gone = after.get(name).is_none_or(|(now, _)| now != group);
+        if gone && users.revoke(name, USER_REMOVED) {
+            tracing::warn!(
+                listener,
+                user = %name,
+                "closing the live connections of a user the reload removed"
+            );
         }
     }
 }
@@ -316,7 +311,7 @@ fn log_changes<V: PartialEq>(old: &BTreeMap<String, V>, new: &BTreeMap<String, V
         }
     }
     for name in old.keys().filter(|k| !new.contains_key(*k)) {
-        tracing::info!("{what} {name} removed (new connections are refused; live ones finish)");
+        tracing::info!("{what} {name} removed (new connections are refused; live ones are closed)");
     }
 }
 

@@ -30,6 +30,8 @@ pub struct AgentMetrics {
     gateway_cert_expiry: parking_lot::Mutex<std::collections::BTreeMap<String, i64>>,
     /// Every datagram flow this agent serves.
     pub udp: Arc<crate::tunnel::datagram::UdpStats>,
+    /// Configuration reloads (SIGHUP).
+    pub reloads: super::gateway::Reloads,
 }
 
 impl Default for AgentMetrics {
@@ -43,6 +45,7 @@ impl Default for AgentMetrics {
             refused: Default::default(),
             gateway_cert_expiry: Default::default(),
             udp: Arc::default(),
+            reloads: Default::default(),
         }
     }
 }
@@ -69,6 +72,7 @@ impl Observed for AgentMetrics {
     fn encode(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         super::tunnel::encode(enc, &self.sessions.rows())?;
         super::udp::encode(enc, &self.udp)?;
+        self.reloads.encode(enc)?;
         let links = self.links.status();
         let link = |l: &super::links::LinkStatus| {
             labels([

@@ -99,11 +99,31 @@ impl Reloads {
         bump(&self.failed, 1);
     }
 
+    /// Runs one reload between systemd's `RELOADING=1` and `READY=1`, counts its
+    /// result, and logs a failure (the running configuration stays).
+    pub fn run<E: std::fmt::Display>(
+        &self,
+        reload: impl FnOnce() -> Result<(), E>,
+    ) -> Result<(), E> {
+        use crate::net::notify::{notify, State};
+        notify(State::Reloading);
+        let result = reload();
+        notify(State::Ready);
+        match &result {
+            Ok(()) => self.succeeded(crate::transport::tls::unix_now()),
+            Err(e) => {
+                self.failed();
+                tracing::error!(error = %e, "reload failed; the running configuration stays");
+            }
+        }
+        result
+    }
+
     pub fn tls_expiry(&self, not_after_unix: i64) {
         self.tls_expiry.store(not_after_unix, Ordering::Relaxed);
     }
 
-    fn encode(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    pub(super) fn encode(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         counters(
             enc,

@@ -9,6 +9,7 @@ mod failure;
 mod fingerprint;
 pub mod notify;
 mod percent;
+mod revoke;
 mod secret;
 mod units;
 
@@ -17,5 +18,6 @@ pub use cidr::{canonical, Cidr};
 pub use failure::FailureKind;
 pub use fingerprint::Fingerprint;
 pub use percent::{percent_decode, percent_encode};
+pub use revoke::Revoke;
 pub use secret::{credentials_match, secret_eq, Credentials, Secret};
 pub use units::{parse_duration, parse_size, ByteRate, ByteSize, HumanDuration};

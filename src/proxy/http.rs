@@ -24,7 +24,7 @@ use crate::auth::{Attempt, Authority, Identity, Kind};
 use crate::connect::{Access, ConnectError, Connector, Requester};
 use crate::limits::lockout::STORE_DOWN;
 use crate::limits::{AuthVerdict, Limits, LOCKED_OUT};
-use crate::net::HostPort;
+use crate::net::{HostPort, Revoke};
 use crate::transport::listen::Serve;
 use crate::tunnel::relay::LocalStream;
 use tracing::Instrument;
@@ -222,7 +222,8 @@ struct ConnState {
     /// The last `Proxy-Authorization` accepted on this connection and whom it proved:
     /// the next requests with the same header are not checked again (one check per
     /// connection, or per change of user on a keep-alive connection).
-    accepted: parking_lot::Mutex<Option<(crate::net::Secret, Identity)>>,
+    /// With it, the user's hold: once a reload revoked it, the header proves nothing.
+    accepted: parking_lot::Mutex<Option<(crate::net::Secret, Identity, Revoke)>>,
     /// HTTP/2 only.
     streams: Option<Arc<Streams>>,
 }
@@ -283,9 +284,12 @@ enum AuthRefusal {
 
 /// Who sent `req`. A request without credentials is asked for them and does not count
 /// as a failure: browsers always try without first.
-async fn authenticate(req: &Request<Incoming>, state: &ConnState) -> Result<Identity, AuthRefusal> {
+async fn authenticate(
+    req: &Request<Incoming>,
+    state: &ConnState,
+) -> Result<(Identity, Option<Revoke>), AuthRefusal> {
     if state.users.is_open() {
-        return Ok(state.users.anonymous());
+        return Ok((state.users.anonymous(), None));
     }
     let Some((user, pass)) = basic_credentials(req.headers()) else {
         return Err(AuthRefusal::Ask);
@@ -295,9 +299,9 @@ async fn authenticate(req: &Request<Incoming>, state: &ConnState) -> Result<Iden
         .get(header::PROXY_AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    if let Some((last, identity)) = &*state.accepted.lock() {
-        if crate::net::secret_eq(last.expose(), header) {
-            return Ok(identity.clone());
+    if let Some((last, identity, hold)) = &*state.accepted.lock() {
+        if crate::net::secret_eq(last.expose(), header) && !hold.is_revoked() {
+            return Ok((identity.clone(), Some(hold.clone())));
         }
     }
     let attempt = Attempt {
@@ -308,14 +312,22 @@ async fn authenticate(req: &Request<Incoming>, state: &ConnState) -> Result<Iden
         client_id: None,
         listener: "http",
     };
+    // Taken before the check: a reload removing the user after this revokes it, and
+    // one before it is met by the check.
+    let hold = state.users.hold(&user);
     match state
         .limits
         .proxy_auth(state.peer.ip(), state.users.authenticate(&attempt))
         .await
     {
         AuthVerdict::Accepted(identity) => {
-            *state.accepted.lock() = Some((crate::net::Secret::from(header), identity.clone()));
-            Ok(identity)
+            let cached = (
+                crate::net::Secret::from(header),
+                identity.clone(),
+                hold.clone(),
+            );
+            *state.accepted.lock() = Some(cached);
+            Ok((identity, Some(hold)))
         }
         AuthVerdict::Rejected(reason) => {
             if let Some(reason) = reason {
@@ -370,14 +382,15 @@ async fn handle<C: Connector, S: LocalStream + 'static>(
     connector: &C,
     stream: Option<StreamGuard>,
 ) -> Response<Body> {
-    let identity = match authenticate(&req, state).await {
-        Ok(identity) => identity,
+    let (identity, hold) = match authenticate(&req, state).await {
+        Ok(x) => x,
         Err(AuthRefusal::Ask) => return proxy_auth_required(),
         Err(AuthRefusal::LockedOut) => return text_response(429, LOCKED_OUT),
         Err(AuthRefusal::Unavailable) => return text_response(503, STORE_DOWN),
         Err(AuthRefusal::BackendDown(why)) => return text_response(503, &why),
     };
-    let who = Requester::new(state.peer, identity);
+    let mut who = Requester::new(state.peer, identity);
+    who.revoke = hold;
     if req.method() == Method::CONNECT {
         connect_tunnel::<C, S>(req, who, connector, stream).await
     } else {
@@ -421,7 +434,7 @@ async fn connect_tunnel<C: Connector, S: LocalStream + 'static>(
     };
     let started = Instant::now();
     let conn = match connector.connect(&target, &who).await {
-        Ok(conn) => conn,
+        Ok(conn) => conn.with_revoke(who.revoke.clone()),
         Err(e) => {
             log_failure("connect", &who, &target, &e, started);
             return text_response(e.http_status(), &e.to_string());
@@ -543,7 +556,7 @@ async fn forward<C: Connector>(
     } else {
         *upstream = None;
         let conn = match connector.connect(&target, &who).await {
-            Ok(conn) => conn,
+            Ok(conn) => conn.with_revoke(who.revoke.clone()),
             Err(e) => {
                 log_failure("http", &who, &target, &e, started);
                 return text_response(e.http_status(), &e.to_string());

@@ -16,6 +16,7 @@ use crate::connect::{Access, Connector, Requester};
 use crate::limits::lockout::STORE_DOWN;
 use crate::limits::{AuthVerdict, Limits, LOCKED_OUT};
 use crate::net::HostPort;
+use crate::net::Revoke;
 use crate::transport::listen::Serve;
 
 use super::socks5_udp::{self, UdpSupport};
@@ -94,7 +95,7 @@ async fn handle<C: Connector>(
     let negotiated = tokio::time::timeout(NEGOTIATION_TIMEOUT, negotiate(&mut stream, &auth))
         .await
         .map_err(|_| Socks5Error::Timeout)?;
-    let (command, target, identity) = match negotiated {
+    let (command, target, (identity, hold)) = match negotiated {
         Ok(x) => x,
         Err(e) => {
             let code = match &e {
@@ -109,7 +110,8 @@ async fn handle<C: Connector>(
             return Err(e);
         }
     };
-    let who = Requester::new(peer, identity);
+    let mut who = Requester::new(peer, identity);
+    who.revoke = hold;
     match command {
         CMD_CONNECT if proxy.tcp => connect(stream, who, target, &*proxy.connector).await,
         CMD_CONNECT => {
@@ -134,6 +136,7 @@ async fn connect<C: Connector>(
     let started = std::time::Instant::now();
     match connector.connect(&target, &who).await {
         Ok(conn) => {
+            let conn = conn.with_revoke(who.revoke.clone());
             reply(&mut stream, REPLY_OK).await?;
             let access = Access::new("socks5")
                 .requester(&who)
@@ -163,7 +166,7 @@ struct Auth<'a> {
 async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     auth: &Auth<'_>,
-) -> Result<(u8, HostPort, Identity), Socks5Error> {
+) -> Result<(u8, HostPort, (Identity, Option<Revoke>)), Socks5Error> {
     let users = auth.users;
     let version = stream.read_u8().await?;
     if version != VERSION {
@@ -179,14 +182,15 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(Socks5Error::NoMethod);
         }
         stream.write_all(&[VERSION, METHOD_NONE]).await?;
-        users.anonymous()
+        (users.anonymous(), None)
     } else {
         if !methods.contains(&METHOD_USERPASS) {
             stream.write_all(&[VERSION, METHOD_UNACCEPTABLE]).await?;
             return Err(Socks5Error::NoMethod);
         }
         stream.write_all(&[VERSION, METHOD_USERPASS]).await?;
-        sub_negotiate(stream, auth).await?
+        let (identity, hold) = sub_negotiate(stream, auth).await?;
+        (identity, Some(hold))
     };
     let mut head = [0u8; 4];
     stream.read_exact(&mut head).await?;
@@ -220,7 +224,7 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
 async fn sub_negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     auth: &Auth<'_>,
-) -> Result<Identity, Socks5Error> {
+) -> Result<(Identity, Revoke), Socks5Error> {
     let version = stream.read_u8().await?;
     if version != AUTH_VERSION {
         return Err(Socks5Error::Version(version));
@@ -241,6 +245,9 @@ async fn sub_negotiate<S: AsyncRead + AsyncWrite + Unpin>(
         client_id: None,
         listener: "socks5",
     };
+    // Taken before the check: a reload removing the user after this revokes it, and
+    // one before it is met by the check.
+    let hold = auth.users.hold(&user);
     let verdict = auth
         .limits
         .proxy_auth(auth.peer.ip(), auth.users.authenticate(&attempt))
@@ -254,7 +261,7 @@ async fn sub_negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     let refusal = match verdict {
         AuthVerdict::Accepted(identity) => {
             stream.write_all(&[AUTH_VERSION, 0x00]).await?;
-            return Ok(identity);
+            return Ok((identity, hold));
         }
         AuthVerdict::LockedOut => {
             log(ErrorCode::RateLimited, &LOCKED_OUT);
@@ -359,7 +366,8 @@ pub(crate) async fn negotiate_for_fuzzing<S: AsyncRead + AsyncWrite + Unpin>(
         limits,
         peer,
     };
-    let (command, target, identity) = negotiate(stream, &auth).await.map_err(|e| e.to_string())?;
+    let (command, target, (identity, _)) =
+        negotiate(stream, &auth).await.map_err(|e| e.to_string())?;
     // The request a CONNECT would carry; the other commands are `handle`'s to answer.
     if command != CMD_CONNECT {
         return Err(Socks5Error::Command(command).to_string());

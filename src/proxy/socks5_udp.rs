@@ -253,6 +253,11 @@ pub async fn run_association(
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
             },
+            // A reload removed the user: their flows end with the association.
+            reason = crate::net::Revoke::wait(who.revoke.as_ref()) => {
+                tracing::info!(%peer, user = who.user.as_deref().unwrap_or(""), reason, "udp association closed");
+                break;
+            }
             r = socket.recv_from(&mut buf) => {
                 let Ok((n, src)) = r else { continue };
                 let d = &buf[..n];

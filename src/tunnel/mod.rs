@@ -8,6 +8,7 @@ pub mod session;
 pub mod stats;
 pub mod table;
 
+pub use crate::net::Revoke;
 pub use relay::{
     relay_direct, relay_tunnel, DirectTimeouts, Pace, Quota, QuotaCut, RelayEnd, RelayStats,
 };

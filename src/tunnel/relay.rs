@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 
 use super::flow::{InboxEnd, RecvWindow};
 use super::session::TunnelConn;
+use crate::net::Revoke;
 use crate::tunnel::stats::bump;
 
 /// Largest single socket read, and so the largest data message we produce.
@@ -50,6 +51,8 @@ pub enum RelayEnd {
     QuotaExceeded,
     /// JSON mode: the local side stopped reading and its queue outgrew the cap.
     Stalled,
+    /// A reload took away what the connection was admitted for; the reason says what.
+    Revoked(&'static str),
 }
 
 impl RelayEnd {
@@ -58,6 +61,7 @@ impl RelayEnd {
             RelayEnd::IdleTimeout => "idle timeout",
             RelayEnd::QuotaExceeded => "download quota exceeded",
             RelayEnd::Stalled => "stalled: the local side stopped reading",
+            RelayEnd::Revoked(reason) => reason,
         }
     }
 }
@@ -158,6 +162,7 @@ enum Abort {
     QuotaExceeded,
     IdleTimeout,
     Stalled,
+    Revoked(&'static str),
 }
 
 impl Abort {
@@ -173,6 +178,7 @@ impl Abort {
             Abort::QuotaExceeded => RelayEnd::QuotaExceeded.as_str(),
             Abort::IdleTimeout => RelayEnd::IdleTimeout.as_str(),
             Abort::Stalled => RelayEnd::Stalled.as_str(),
+            Abort::Revoked(reason) => reason,
         }
     }
 
@@ -182,6 +188,7 @@ impl Abort {
             Abort::QuotaExceeded => Some(RelayEnd::QuotaExceeded),
             Abort::IdleTimeout => Some(RelayEnd::IdleTimeout),
             Abort::Stalled => Some(RelayEnd::Stalled),
+            Abort::Revoked(reason) => Some(RelayEnd::Revoked(reason)),
             _ => None,
         }
     }
@@ -191,7 +198,11 @@ impl Abort {
     fn tunnel_failed(self) -> bool {
         matches!(
             self,
-            Abort::SessionClosed | Abort::ResetByPeer | Abort::Cancelled | Abort::Stalled
+            Abort::SessionClosed
+                | Abort::ResetByPeer
+                | Abort::Cancelled
+                | Abort::Stalled
+                | Abort::Revoked(_)
         )
     }
 }
@@ -225,12 +236,14 @@ impl LocalStream for hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {}
 /// Relays until both directions are done (binary mode) or either ends (JSON mode), or
 /// the connection is reset. The peer is told with `close` unless the connection ended
 /// cleanly or the peer was the one that closed it. The bytes toward the local socket
-/// are counted by `quota`, and the bytes both ways paced by `pace`.
+/// are counted by `quota`, and the bytes both ways paced by `pace`; `revoke` ends it
+/// at once (both sides told) when a reload takes its access away.
 pub async fn relay_tunnel<S: LocalStream>(
     stream: S,
     conn: TunnelConn,
     quota: Option<&dyn Quota>,
     pace: Option<&dyn Pace>,
+    revoke: Option<&Revoke>,
 ) -> RelayStats {
     let TunnelConn {
         id,
@@ -388,6 +401,7 @@ pub async fn relay_tunnel<S: LocalStream>(
                     core.close_stalled(id, &why).await;
                     Err(Abort::Stalled)
                 }
+                reason = Revoke::wait(revoke) => Err(Abort::Revoked(reason)),
             };
             match step {
                 Err(reason) => break Err(reason),
@@ -458,13 +472,15 @@ async fn write_within<W: AsyncWrite + Unpin>(
 }
 
 /// Relays between the user's socket and a directly dialed target, carrying half-close;
-/// `quota` counts (and may cut) what goes toward the user, `timeouts` bound stalls.
+/// `quota` counts (and may cut) what goes toward the user, `timeouts` bound stalls,
+/// and `revoke` ends it at once (both sockets reset) when a reload takes its access away.
 pub async fn relay_direct<S: LocalStream>(
     local: S,
     remote: TcpStream,
     quota: Option<&dyn Quota>,
     pace: Option<&dyn Pace>,
     timeouts: DirectTimeouts,
+    revoke: Option<&Revoke>,
 ) -> RelayStats {
     let activity = Activity::new(timeouts.idle);
     let (mut lr, mut lw) = tokio::io::split(local);
@@ -527,6 +543,11 @@ pub async fn relay_direct<S: LocalStream>(
             tokio::select! {
                 _ = activity.idle_out() => {
                     stats.ended_by = Some(RelayEnd::IdleTimeout);
+                    break;
+                }
+                reason = Revoke::wait(revoke) => {
+                    stats.ended_by = Some(RelayEnd::Revoked(reason));
+                    abort = true;
                     break;
                 }
                 r = &mut up, if !up_done => {

@@ -74,8 +74,8 @@ fn connect(pair: &Pair, id: u32) -> (DuplexStream, DuplexStream) {
     let (b_user, b_local) = tokio::io::duplex(PIPE);
     let a = pair.a.register(id).expect("free id");
     let b = pair.b.register(id).expect("free id");
-    tokio::spawn(relay_tunnel(a_local, a, None, None));
-    tokio::spawn(relay_tunnel(b_local, b, None, None));
+    tokio::spawn(relay_tunnel(a_local, a, None, None, None));
+    tokio::spawn(relay_tunnel(b_local, b, None, None, None));
     (a_user, b_user)
 }
 

@@ -831,6 +831,22 @@ pub async fn firehose_target(written: Arc<AtomicU64>, block: Arc<Vec<u8>>) -> So
     addr
 }
 
+/// A TCP echo server on `ip` (`127.0.0.2` is another loopback target than
+/// `127.0.0.1`), keeping every connection until its client leaves.
+pub async fn echo_target_on(ip: &str) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
 /// Waits until `counter` moved and then stood still for a second (the tunnel stopped
 /// pulling, or the connection was closed), and returns it. A counter still at zero has
 /// not started: a slow start is not a stall. Fails after 30 s.
@@ -853,4 +869,39 @@ pub async fn wait_until_still(counter: &AtomicU64) -> u64 {
         }
     }
     last
+}
+
+/// Writes `text` and reads it back from an echo, within 10 s.
+pub async fn round_trip(s: &mut tokio::net::TcpStream, text: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(text).await.unwrap();
+    let mut back = vec![0; text.len()];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .expect("echo within 10 s")
+        .unwrap();
+    assert_eq!(back, text);
+}
+
+/// The size of [`slow_download`]'s body.
+pub const SLOW_DOWNLOAD: usize = 64 << 20;
+
+/// Starts a 64 MiB download of `target`'s `/bytes/` through `proxy` (curl's `-x`),
+/// slowed to 16 MB/s so that what a test does meanwhile lands while the body is in
+/// flight.
+pub fn slow_download(proxy: String, target: SocketAddr) -> tokio::task::JoinHandle<(i32, Vec<u8>)> {
+    let url = format!("http://{target}/bytes/{SLOW_DOWNLOAD}");
+    tokio::spawn(async move { curl(&["--limit-rate", "16M", "-x", &proxy, &url]).await })
+}
+
+/// Waits (at most 120 s) for a [`slow_download`] and checks it arrived whole,
+/// byte-identical.
+pub async fn assert_downloaded_whole(download: tokio::task::JoinHandle<(i32, Vec<u8>)>) {
+    let (code, body) = tokio::time::timeout(Duration::from_secs(120), download)
+        .await
+        .expect("the download ends within 120 s")
+        .unwrap();
+    assert_eq!(code, 0);
+    assert_eq!(body.len(), SLOW_DOWNLOAD);
+    assert_eq!(sha256_hex(&body), sha256_hex(&pattern(SLOW_DOWNLOAD, 7)));
 }
