@@ -1,8 +1,9 @@
 //! The policy engine (PMProxy): a predicate over named managers decides every request.
 //!
-//! `Policy` is built once from `managers.toml`; `decide` runs per request (no locks beyond
-//! a session lookup and a quota counter, no allocation beyond the report); `cmd` is the
-//! manual's `/api/cmd` command layer without the HTTP.
+//! `Policy` is built from `managers.toml`, and `reload` swaps in a new file's rules and
+//! managers whole (same-named session and quota managers keep their state); `decide`
+//! runs per request (no locks beyond a session lookup and a quota counter, no allocation
+//! beyond the report); `cmd` is the manual's `/api/cmd` command layer without the HTTP.
 
 pub mod api;
 mod build;
