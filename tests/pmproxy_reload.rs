@@ -207,3 +207,31 @@ async fn sighup_swaps_rules_and_keeps_sessions_and_spent_quotas() {
     assert_eq!(status, "403", "{body}");
     assert!(body.contains("forbidden network"), "{body}");
 }
+
+/// 50 SIGHUPs in one burst on a good file: the process stays up, and ends in the new
+/// file's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_storm_ends_in_one_consistent_state() {
+    let blocking = |port: u16| {
+        format!("rules = \"¬blocked\"\n[[hostMatcher]]\nname = \"blocked\"\npattern = ':{port}$'\n")
+    };
+    let (a, b) = (http_target().await, http_target().await);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut pm = Pm::start(tmp.path(), &blocking(b.port())).await;
+    assert_eq!(pm.get(a, "/").await.0, "200");
+    assert_eq!(pm.get(b, "/").await.0, "403");
+
+    std::fs::write(tmp.path().join("managers.toml"), blocking(a.port())).unwrap();
+    let pid = pm.proc.0.id().unwrap();
+    for _ in 0..50 {
+        signal(pid, "HUP");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pm.get(a, "/").await.0 != "403" {
+        assert!(Instant::now() < deadline, "never reloaded:\n{}", pm.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pm.get(b, "/").await, ("200".into(), "hello".into()));
+    assert!(pm.proc.0.try_wait().unwrap().is_none(), "pmproxy exited");
+    assert!(!pm.log().contains("reload failed"), "{}", pm.log());
+}
