@@ -151,7 +151,7 @@ async fn sighup_swaps_rules_and_keeps_sessions_and_spent_quotas() {
     let log = pm
         .reload("managers.toml", &managers(a.port(), "quota"))
         .await;
-    assert!(log.contains("reloaded"), "{log}");
+    assert!(log.contains("hostMatcher \"blocked\" changed"), "{log}");
     assert_eq!(pm.get(b, "/").await, ("200".into(), "hello".into()));
     let (status, body) = pm.get(a, "/").await;
     assert_eq!(status, "403", "{body}");

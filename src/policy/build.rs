@@ -32,6 +32,16 @@ struct Builder<'a> {
     names: Vec<Arc<str>>,
     managers: Vec<Manager>,
     by_name: HashMap<String, usize>,
+    settings: Vec<u64>,
+}
+
+/// A section's settings, to tell a reload's changed managers from the unchanged (a
+/// hash: the sections can hold passwords, which need not be kept twice).
+pub(super) fn fingerprint(conf: &dyn std::fmt::Debug) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    format!("{conf:?}").hash(&mut h);
+    h.finish()
 }
 
 impl Builder<'_> {
@@ -46,7 +56,12 @@ impl Builder<'_> {
         }
     }
 
-    fn add(&mut self, at: &At, m: Manager) -> Result<(), PolicyConfigError> {
+    fn add(
+        &mut self,
+        at: &At,
+        conf: &dyn std::fmt::Debug,
+        m: Manager,
+    ) -> Result<(), PolicyConfigError> {
         let name = at.name;
         let mut chars = name.chars();
         let valid = chars.next().is_some_and(is_ident_start) && chars.all(is_ident_continue);
@@ -59,6 +74,7 @@ impl Builder<'_> {
         self.by_name.insert(name.to_string(), self.managers.len());
         self.names.push(Arc::from(name));
         self.managers.push(m);
+        self.settings.push(fingerprint(conf));
         Ok(())
     }
 }
@@ -146,6 +162,17 @@ pub(super) fn build_rules(conf: ManagersConf, from: &From<'_>) -> Result<Rules, 
         return Err(top("jwtExpiration", "must be longer than 0".into()));
     }
 
+    let user_dbs: Vec<(String, u64)> = [
+        conf.map_db
+            .as_ref()
+            .map(|c| (format!("[mapDB] {:?}", c.name), fingerprint(c))),
+        conf.ad_db
+            .as_ref()
+            .map(|c| (format!("[adDB] {:?}", c.name), fingerprint(c))),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let mut b = Builder {
         file,
         map_db: conf
@@ -161,6 +188,7 @@ pub(super) fn build_rules(conf: ManagersConf, from: &From<'_>) -> Result<Rules, 
         names: Vec::new(),
         managers: Vec::new(),
         by_name: HashMap::new(),
+        settings: Vec::new(),
     };
     let mut sessions = Vec::new();
     macro_rules! at {
@@ -174,7 +202,7 @@ pub(super) fn build_rules(conf: ManagersConf, from: &From<'_>) -> Result<Rules, 
     }
     for c in &conf.range_ipm {
         let m = Manager::Range(RangeIpm::from_conf(file, c)?);
-        b.add(&at!("[[rangeIPM]]", c), m)?;
+        b.add(&at!("[[rangeIPM]]", c), c, m)?;
     }
     for c in &conf.session_ipm {
         let at = at!("[[sessionIPM]]", c);
@@ -184,13 +212,14 @@ pub(super) fn build_rules(conf: ManagersConf, from: &From<'_>) -> Result<Rules, 
             None => SessionIpm::new(&c.name, db, jwt_expiration, state_dir)?,
         });
         sessions.push(s.clone());
-        b.add(&at, Manager::Session(s))?;
+        b.add(&at, &(c, jwt_expiration), Manager::Session(s))?;
     }
     for c in &conf.group_ipm {
         let at = at!("[[groupIPM]]", c);
         let user_db = b.user_db(&at, "userDBN", &c.user_dbn)?;
         b.add(
             &at,
+            c,
             Manager::Group(GroupIpm {
                 group: c.group.clone(),
                 user_db,
@@ -199,11 +228,11 @@ pub(super) fn build_rules(conf: ManagersConf, from: &From<'_>) -> Result<Rules, 
     }
     for c in &conf.host_matcher {
         let m = Manager::Host(HostMatcher::from_conf(file, c)?);
-        b.add(&at!("[[hostMatcher]]", c), m)?;
+        b.add(&at!("[[hostMatcher]]", c), c, m)?;
     }
     for c in &conf.time_span {
         let m = Manager::Time(TimeSpan::from_conf(file, c)?);
-        b.add(&at!("[[timeSpan]]", c), m)?;
+        b.add(&at!("[[timeSpan]]", c), c, m)?;
     }
     let mut quotas = Vec::new();
     for c in &conf.dwn_cons_r {
@@ -215,15 +244,15 @@ pub(super) fn build_rules(conf: ManagersConf, from: &From<'_>) -> Result<Rules, 
             None => DwnConsR::from_conf(file, c, db, state_dir, now, flush)?,
         });
         quotas.push(d.clone());
-        b.add(&at, Manager::DwnConsR(d))?;
+        b.add(&at, c, Manager::DwnConsR(d))?;
     }
     for c in &conf.parent_proxy {
         let m = Manager::ParentProxy(Arc::new(parent_proxy_from_conf(file, c)?));
-        b.add(&at!("[[parentProxy]]", c), m)?;
+        b.add(&at!("[[parentProxy]]", c), c, m)?;
     }
     for c in &conf.net_iface {
         let m = Manager::NetIface(net_iface_from_conf(file, c)?);
-        b.add(&at!("[[netIface]]", c), m)?;
+        b.add(&at!("[[netIface]]", c), c, m)?;
     }
 
     let slots: Vec<Option<usize>> = rule
@@ -250,6 +279,8 @@ pub(super) fn build_rules(conf: ManagersConf, from: &From<'_>) -> Result<Rules, 
         names: b.names,
         managers: b.managers,
         by_name: b.by_name,
+        settings: b.settings,
+        user_dbs,
         sessions,
         quotas,
         admins: conf.admins,

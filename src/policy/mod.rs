@@ -112,6 +112,10 @@ pub(crate) struct Rules {
     names: Vec<Arc<str>>,
     managers: Vec<Manager>,
     by_name: HashMap<String, usize>,
+    /// Each manager's settings as a [`build::fingerprint`], by index.
+    settings: Vec<u64>,
+    /// `[mapDB]` / `[adDB]` by their section and name, with their settings' fingerprint.
+    user_dbs: Vec<(String, u64)>,
     sessions: Vec<Arc<SessionIpm>>,
     quotas: Vec<Arc<DwnConsR>>,
     admins: Vec<String>,

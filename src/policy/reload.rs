@@ -35,16 +35,40 @@ impl Policy {
     }
 }
 
-/// `rules` and each manager added, removed or kept (kept ones may have new settings).
+/// `rules`, `admins`, each user database and each manager added, removed or changed.
 fn changes(old: &Rules, new: &Rules) -> Vec<String> {
     let mut out = Vec::new();
     let (was, is) = (old.rule.to_string(), new.rule.to_string());
     if was != is {
         out.push(format!("rules changed from {was:?} to {is:?}"));
     }
-    for (name, m) in new.names.iter().zip(&new.managers) {
-        if old.manager(name).is_none() {
-            out.push(format!("{} {name:?} added", m.kind()));
+    if old.admins != new.admins {
+        out.push(format!("admins changed to {:?}", new.admins));
+    }
+    for (label, fp) in &new.user_dbs {
+        match old.user_dbs.iter().find(|(l, _)| l == label) {
+            None => out.push(format!("{label} added")),
+            Some((_, was)) if was != fp => out.push(format!("{label} changed")),
+            Some(_) => {}
+        }
+    }
+    for (label, _) in &old.user_dbs {
+        if !new.user_dbs.iter().any(|(l, _)| l == label) {
+            out.push(format!("{label} removed"));
+        }
+    }
+    for (i, (name, m)) in new.names.iter().zip(&new.managers).enumerate() {
+        match old.by_name.get(&**name) {
+            None => out.push(format!("{} {name:?} added", m.kind())),
+            Some(&j) if old.managers[j].kind() != m.kind() => out.push(format!(
+                "{} {name:?} replaced by a {}",
+                old.managers[j].kind(),
+                m.kind()
+            )),
+            Some(&j) if old.settings[j] != new.settings[i] => {
+                out.push(format!("{} {name:?} changed", m.kind()))
+            }
+            Some(_) => {}
         }
     }
     for (name, m) in old.names.iter().zip(&old.managers) {

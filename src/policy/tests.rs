@@ -523,7 +523,7 @@ staff = "{quota}"
     live.consume(60).unwrap();
 
     std::fs::write(&file, text("200 B")).unwrap();
-    assert_eq!(p.reload(&file).unwrap(), Vec::<String>::new());
+    assert_eq!(p.reload(&file).unwrap(), ["dwnConsR \"quota\" changed"]);
     // The handle from before the reload counts into the counter the new rules read.
     live.consume(60).unwrap();
     let after = p.decide(&alice);
@@ -536,4 +536,7 @@ staff = "{quota}"
     let err = p.reload(&file).unwrap_err().to_string();
     assert!(err.contains("resetCycle"), "{err}");
     assert_eq!(p.decide(&alice).quota.unwrap().used(), 120);
+    // The same file again: nothing to report.
+    std::fs::write(&file, text("200 B")).unwrap();
+    assert_eq!(p.reload(&file).unwrap(), Vec::<String>::new());
 }
