@@ -319,7 +319,7 @@ fn policy(dir: &Path, report: &mut Report) -> anyhow::Result<()> {
     let policy =
         anyproxy::policy::Policy::load(&managers, anyproxy::policy::PolicyOptions::default())
             .map_err(|e| anyhow!("gateway.policy.dir: {e}"))?;
-    let names = policy.rule().names();
+    let names = policy.rule_names();
     report.summary.push(format!(
         "policy: {} rule over {} managers ({})",
         managers.display(),

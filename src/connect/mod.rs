@@ -5,10 +5,12 @@
 
 mod access;
 mod egress;
+mod swap;
 mod upstream;
 
 pub use access::Access;
 pub use egress::{Egress, ParentProxy, ProxyScheme};
+pub use swap::Swappable;
 pub use upstream::{Hold, Route, Upstream};
 
 use std::future::Future;

@@ -306,7 +306,9 @@ impl Gateway {
                 users: users.clone(),
                 limits: limits.clone(),
                 connector: guarded.clone(),
-                request_timeout: crate::proxy::http::HEADER_READ_TIMEOUT,
+                request_timeout: crate::proxy::http::RequestTimeout::new(
+                    crate::proxy::http::HEADER_READ_TIMEOUT,
+                ),
             });
             (role, users)
         };

@@ -17,7 +17,7 @@ use super::managers::session_ipm::SessionIpm;
 use super::managers::Manager;
 use super::persist::format_time;
 use super::token::TokenError;
-use super::{Policy, Request};
+use super::{Policy, Request, Rules};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -177,12 +177,17 @@ impl Policy {
         if cmd.cmd == "discover" {
             return self.discover(&cmd).map(to_value);
         }
-        let manager = self.route(&cmd)?;
+        let rules = self.rules();
+        let manager = rules.route(&cmd)?;
         let session_cmd = matches!(cmd.cmd.as_str(), "open" | "close" | "renew" | "check");
         let quota_cmd = matches!(cmd.cmd.as_str(), "getOther" | "set" | "show");
         match manager {
-            Manager::Session(s) if session_cmd || cmd.cmd == "get" => self.session_cmd(s, &cmd),
-            Manager::DwnConsR(d) if quota_cmd || cmd.cmd == "get" => self.quota_cmd(d, &cmd),
+            Manager::Session(s) if session_cmd || cmd.cmd == "get" => {
+                self.session_cmd(&rules, s, &cmd)
+            }
+            Manager::DwnConsR(d) if quota_cmd || cmd.cmd == "get" => {
+                self.quota_cmd(&rules, d, &cmd)
+            }
             other => Err(CmdError::WrongManager {
                 manager: cmd.manager.clone(),
                 kind: other.kind(),
@@ -191,8 +196,27 @@ impl Policy {
         }
     }
 
+    /// The session or quota manager a write command is for, in the rules running now.
+    pub(crate) fn route(&self, cmd: &Cmd) -> Result<Routed, CmdError> {
+        Ok(match self.rules().route(cmd)? {
+            Manager::Session(s) => Routed::Session(s.clone()),
+            Manager::DwnConsR(d) => Routed::DwnConsR(d.clone()),
+            _ => Routed::Other,
+        })
+    }
+}
+
+/// What [`Policy::route`] found: the managers a command writes through, owned (a reload
+/// may swap the rules while the command runs).
+pub(crate) enum Routed {
+    Session(Arc<SessionIpm>),
+    DwnConsR(Arc<DwnConsR>),
+    Other,
+}
+
+impl Rules {
     /// The manager a command (other than `discover`) is for.
-    pub(crate) fn route(&self, cmd: &Cmd) -> Result<&Manager, CmdError> {
+    fn route(&self, cmd: &Cmd) -> Result<&Manager, CmdError> {
         let session_cmd = matches!(cmd.cmd.as_str(), "open" | "close" | "renew" | "check");
         let quota_cmd = matches!(cmd.cmd.as_str(), "getOther" | "set" | "show");
         if !(session_cmd || quota_cmd || cmd.cmd == "get") {
@@ -239,7 +263,9 @@ impl Policy {
             }),
         }
     }
+}
 
+impl Policy {
     fn discover(&self, cmd: &Cmd) -> Result<DiscoverRes, CmdError> {
         let ip = parse_addr(&cmd.remote_addr)?;
         let (host, port) = match cmd.string.rsplit_once(':') {
@@ -253,11 +279,12 @@ impl Policy {
             port,
             now: self.clock.now(),
         });
+        let rules = self.rules();
         let match_mng = d
             .consulted
             .iter()
             .filter_map(|(name, v)| {
-                let (_, m) = self.manager(name)?;
+                let (_, m) = rules.manager(name)?;
                 Some((
                     name.to_string(),
                     MatchType {
@@ -275,13 +302,13 @@ impl Policy {
     }
 
     /// The user behind a token, from whichever session manager issued it.
-    fn token_user(&self, secret: &str) -> Result<String, CmdError> {
+    fn token_user(&self, rules: &Rules, secret: &str) -> Result<String, CmdError> {
         if secret.is_empty() {
             return Err(CmdError::Missing("secret"));
         }
         let now = self.clock.now();
         let mut last = CmdError::InvalidToken;
-        for s in &self.sessions {
+        for s in &rules.sessions {
             match s.verify(secret, now, &*self.codec) {
                 Ok(user) => return Ok(user),
                 Err(e) => last = e,
@@ -290,7 +317,12 @@ impl Policy {
         Err(last)
     }
 
-    fn session_cmd(&self, s: &Arc<SessionIpm>, cmd: &Cmd) -> Result<Value, CmdError> {
+    fn session_cmd(
+        &self,
+        rules: &Rules,
+        s: &Arc<SessionIpm>,
+        cmd: &Cmd,
+    ) -> Result<Value, CmdError> {
         let now = self.clock.now();
         let codec = &*self.codec;
         match cmd.cmd.as_str() {
@@ -307,7 +339,7 @@ impl Policy {
                 // get: everyone's sessions for an admin, one's own otherwise.
                 let user = s.verify(&cmd.secret, now, codec)?;
                 let mut all = s.sessions();
-                if !self.is_admin(&user) {
+                if !rules.is_admin(&user) {
                     all.retain(|_, u| *u == user);
                 }
                 Ok(to_value(all))
@@ -315,16 +347,16 @@ impl Policy {
         }
     }
 
-    fn quota_cmd(&self, d: &Arc<DwnConsR>, cmd: &Cmd) -> Result<Value, CmdError> {
+    fn quota_cmd(&self, rules: &Rules, d: &Arc<DwnConsR>, cmd: &Cmd) -> Result<Value, CmdError> {
         let now = self.clock.now();
         match cmd.cmd.as_str() {
             "get" => {
-                let user = self.token_user(&cmd.secret)?;
+                let user = self.token_user(rules, &cmd.secret)?;
                 Ok(to_value(self.user_info(d, &user)))
             }
             "getOther" | "set" => {
-                let caller = self.token_user(&cmd.secret)?;
-                if !self.is_admin(&caller) {
+                let caller = self.token_user(rules, &cmd.secret)?;
+                if !rules.is_admin(&caller) {
                     return Err(CmdError::NotAdmin);
                 }
                 if cmd.string.is_empty() {
@@ -341,8 +373,8 @@ impl Policy {
                 d.maybe_reset(now);
                 let admin = !cmd.secret.is_empty()
                     && self
-                        .token_user(&cmd.secret)
-                        .is_ok_and(|u| self.is_admin(&u));
+                        .token_user(rules, &cmd.secret)
+                        .is_ok_and(|u| rules.is_admin(&u));
                 let mut v = json!({
                     "name": d.name(),
                     "userDBN": d.user_db().name(),

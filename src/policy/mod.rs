@@ -1,8 +1,9 @@
 //! The policy engine (PMProxy): a predicate over named managers decides every request.
 //!
-//! `Policy` is built once from `managers.toml`; `decide` runs per request (no locks beyond
-//! a session lookup and a quota counter, no allocation beyond the report); `cmd` is the
-//! manual's `/api/cmd` command layer without the HTTP.
+//! `Policy` is built from `managers.toml`, and `reload` swaps in a new file's rules and
+//! managers whole (same-named session and quota managers keep their state); `decide`
+//! runs per request (no locks beyond a session lookup and a quota counter, no allocation
+//! beyond the report); `cmd` is the manual's `/api/cmd` command layer without the HTTP.
 
 pub mod api;
 mod build;
@@ -15,6 +16,7 @@ pub mod jwt;
 pub mod managers;
 mod persist;
 mod policy_guard;
+mod reload;
 pub mod rule;
 pub mod server_config;
 pub mod shared;
@@ -28,6 +30,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
 
 pub use crate::connect::{Egress, ParentProxy, ProxyScheme};
 pub use api::{serve_api, start_api, ApiHandle, ApiOptions};
@@ -99,19 +103,52 @@ pub struct Decision {
     pub user: Option<Arc<str>>,
 }
 
-pub struct Policy {
+/// What `managers.toml` says: the rule and its managers. A reload swaps it whole (see
+/// [`Policy::reload`]); a decision reads one snapshot from start to end.
+pub(crate) struct Rules {
     rule: Rule,
     /// Rule variable → manager index, resolved at load.
     slots: Vec<Option<usize>>,
     names: Vec<Arc<str>>,
     managers: Vec<Manager>,
     by_name: HashMap<String, usize>,
+    /// Each manager's settings as a [`build::fingerprint`], by index.
+    settings: Vec<u64>,
+    /// `[mapDB]` / `[adDB]` by their section and name, with their settings' fingerprint.
+    user_dbs: Vec<(String, u64)>,
     sessions: Vec<Arc<SessionIpm>>,
     quotas: Vec<Arc<DwnConsR>>,
     admins: Vec<String>,
+}
+
+impl Rules {
+    fn user_for(&self, req: &Request<'_>) -> Option<Arc<str>> {
+        match req.user {
+            Some(u) => Some(Arc::from(u)),
+            None => self.sessions.iter().find_map(|s| s.user_at(req.client_ip)),
+        }
+    }
+
+    fn manager(&self, name: &str) -> Option<(&Arc<str>, &Manager)> {
+        self.by_name
+            .get(name)
+            .map(|&i| (&self.names[i], &self.managers[i]))
+    }
+
+    fn is_admin(&self, user: &str) -> bool {
+        self.admins.iter().any(|a| a == user)
+    }
+}
+
+pub struct Policy {
+    /// Swapped by a reload; the data path loads it without a lock.
+    rules: ArcSwap<Rules>,
     codec: Arc<dyn TokenCodec>,
     clock: Arc<dyn Clock>,
     shared: Option<Arc<shared::Shared>>,
+    /// Where the state files live (`None` in memory or in a cluster), for a reload's
+    /// new managers.
+    state_dir: Option<PathBuf>,
 }
 
 impl Policy {
@@ -129,8 +166,18 @@ impl Policy {
         Self::from_toml(&text, opts)
     }
 
-    pub fn rule(&self) -> &Rule {
-        &self.rule
+    /// The rule's names, in order of first appearance.
+    pub fn rule_names(&self) -> Vec<String> {
+        self.rules.load().rule.names().to_vec()
+    }
+
+    /// The rule as written back (canonical form).
+    pub fn rule_text(&self) -> String {
+        self.rules.load().rule.to_string()
+    }
+
+    fn rules(&self) -> Arc<Rules> {
+        self.rules.load_full()
     }
 
     pub fn now(&self) -> SystemTime {
@@ -138,16 +185,17 @@ impl Policy {
     }
 
     pub fn decide(&self, req: &Request<'_>) -> Decision {
+        let rules = self.rules.load();
         let mut ctx = Ctx {
-            policy: self,
+            rules: &rules,
             req,
             user: None,
             target: None,
-            consulted: Vec::with_capacity(self.slots.len()),
+            consulted: Vec::with_capacity(rules.slots.len()),
             egress: Egress::default(),
             quota: None,
         };
-        let outcome = self.rule.eval(&mut ctx);
+        let outcome = rules.rule.eval(&mut ctx);
         let (allow, reduced) = match outcome {
             Outcome::Known(b) => (b, None),
             Outcome::Unresolved(r) => (false, Some(r)),
@@ -162,17 +210,10 @@ impl Policy {
         }
     }
 
-    fn user_for(&self, req: &Request<'_>) -> Option<Arc<str>> {
-        match req.user {
-            Some(u) => Some(Arc::from(u)),
-            None => self.sessions.iter().find_map(|s| s.user_at(req.client_ip)),
-        }
-    }
-
     /// Starts due quota cycles; `decide` does it too, so this is for idle periods.
     pub fn tick(&self) {
         let now = self.clock.now();
-        for q in &self.quotas {
+        for q in &self.rules.load().quotas {
             q.maybe_reset(now);
         }
     }
@@ -181,7 +222,9 @@ impl Policy {
     /// configuration order: the `top` most used of each.
     pub fn quota_usage(&self, top: usize) -> Vec<QuotaUsage> {
         let now = self.clock.now();
-        self.quotas
+        self.rules
+            .load()
+            .quotas
             .iter()
             .flat_map(|q| q.usage(now).into_iter().take(top))
             .collect()
@@ -190,10 +233,11 @@ impl Policy {
     /// Writes every quota and session table to the state directory.
     pub fn persist(&self) -> std::io::Result<()> {
         self.tick();
-        for q in &self.quotas {
+        let rules = self.rules.load();
+        for q in &rules.quotas {
             q.persist()?;
         }
-        for s in &self.sessions {
+        for s in &rules.sessions {
             s.persist()?;
         }
         Ok(())
@@ -242,22 +286,12 @@ impl Policy {
             s.run(self, stop).await;
         }
     }
-
-    fn manager(&self, name: &str) -> Option<(&Arc<str>, &Manager)> {
-        self.by_name
-            .get(name)
-            .map(|&i| (&self.names[i], &self.managers[i]))
-    }
-
-    fn is_admin(&self, user: &str) -> bool {
-        self.admins.iter().any(|a| a == user)
-    }
 }
 
 /// Per-decision state; the user and the `host:port` string are computed at most once,
 /// and only if a manager needs them.
 struct Ctx<'p, 'r> {
-    policy: &'p Policy,
+    rules: &'p Rules,
     req: &'r Request<'r>,
     user: Option<Option<Arc<str>>>,
     target: Option<String>,
@@ -269,7 +303,7 @@ struct Ctx<'p, 'r> {
 impl Ctx<'_, '_> {
     fn user(&mut self) -> Option<Arc<str>> {
         if self.user.is_none() {
-            self.user = Some(self.policy.user_for(self.req));
+            self.user = Some(self.rules.user_for(self.req));
         }
         self.user.clone().flatten()
     }
@@ -288,9 +322,9 @@ impl Ctx<'_, '_> {
 
 impl rule::Env for Ctx<'_, '_> {
     fn value(&mut self, var: usize) -> Option<bool> {
-        let idx = (*self.policy.slots.get(var)?)?;
-        let policy = self.policy;
-        let v = match &policy.managers[idx] {
+        let idx = (*self.rules.slots.get(var)?)?;
+        let rules = self.rules;
+        let v = match &rules.managers[idx] {
             Manager::Range(m) => m.matches(self.req.client_ip),
             Manager::Session(s) => s.user_at(self.req.client_ip).is_some(),
             Manager::Group(g) => {
@@ -322,7 +356,7 @@ impl rule::Env for Ctx<'_, '_> {
                 true
             }
         };
-        self.consulted.push((policy.names[idx].clone(), v));
+        self.consulted.push((rules.names[idx].clone(), v));
         Some(v)
     }
 }

@@ -28,7 +28,7 @@ pub struct ServerConf {
     pub proxy: ProxyConf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConf {
     /// Relative to the config dir.
@@ -59,7 +59,7 @@ pub struct ProxyConf {
     pub server: SrvConf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SrvConf {
     /// Bounds reading a request (Go's `http.Server.ReadTimeout`, which the upstream set).
@@ -147,6 +147,52 @@ pub const DEFAULT_SERVER_TOML: &str = r#"# anyproxy pmproxy: server.toml (keys a
 "#;
 
 impl ServerConf {
+    /// The keys `new` changes that only a restart applies. A reload applies the others:
+    /// `proxy.dialTimeout`, `proxy.forbiddenHosts`, `proxy.server.readTimeout` and
+    /// `proxy.server.writeTimeout` (to the connections and dials that start after it).
+    pub fn restart_only_changes(&self, new: &ServerConf) -> Vec<&'static str> {
+        let ServerConf { api, proxy } = self;
+        let ApiConf {
+            https_cert,
+            https_key,
+            web_static_files_dir,
+            persist_interval,
+            excluded_routes,
+            server,
+        } = api;
+        let ProxyConf {
+            dial_timeout: _,
+            forbidden_hosts: _,
+            server: proxy_server,
+        } = proxy;
+        let SrvConf {
+            read_timeout: _,
+            write_timeout: _,
+            addr,
+            fast_or_std,
+        } = proxy_server;
+        let (na, np) = (&new.api, &new.proxy.server);
+        [
+            (*https_cert != na.https_cert, "api.httpsCert"),
+            (*https_key != na.https_key, "api.httpsKey"),
+            (
+                *web_static_files_dir != na.web_static_files_dir,
+                "api.webStaticFilesDir",
+            ),
+            (
+                *persist_interval != na.persist_interval,
+                "api.persistInterval",
+            ),
+            (*excluded_routes != na.excluded_routes, "api.excludedRoutes"),
+            (*server != na.server, "api.server"),
+            (*addr != np.addr, "proxy.server.addr"),
+            (*fast_or_std != np.fast_or_std, "proxy.server.fastOrStd"),
+        ]
+        .into_iter()
+        .filter_map(|(changed, key)| changed.then_some(key))
+        .collect()
+    }
+
     pub fn from_toml(file: &str, text: &str) -> Result<ServerConf, ServerConfError> {
         let conf: ServerConf = toml::from_str(text).map_err(|e| ServerConfError::Syntax {
             file: file.to_string(),

@@ -35,11 +35,10 @@ use redis::Script;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::cmd::{parse_addr, CmdError};
+use super::cmd::{parse_addr, CmdError, Routed};
 use super::jwt::JwtTokens;
 use super::managers::dwn_cons_r::{DwnConsR, FlushSignal};
 use super::managers::session_ipm::{Session, SessionIpm};
-use super::managers::Manager;
 use super::token::{Claims, TokenCodec, TokenError};
 use super::{Cmd, Policy};
 use crate::cluster::{Cluster, StoreError};
@@ -250,7 +249,7 @@ impl Shared {
     pub async fn sync(&self, policy: &Policy) -> Result<(), StoreError> {
         self.adopt_jwt_key().await?;
         self.replay_pending().await?;
-        for s in &policy.sessions {
+        for s in &policy.rules().sessions {
             self.sync_sessions(s).await?;
         }
         self.flush_quotas(policy).await
@@ -397,7 +396,7 @@ impl Shared {
 
     /// Flushes every `dwnConsR`'s deltas and takes the cluster's totals.
     pub async fn flush_quotas(&self, policy: &Policy) -> Result<(), StoreError> {
-        for d in &policy.quotas {
+        for d in &policy.rules().quotas {
             self.flush_quota(d, policy.clock.now()).await?;
         }
         Ok(())
@@ -485,9 +484,9 @@ impl Shared {
             return Err(CmdError::StoreUnavailable);
         }
         match policy.route(&cmd)? {
-            Manager::Session(s) => self.session_write(policy, s, &cmd, store_up).await,
-            Manager::DwnConsR(d) if cmd.cmd == "set" => {
-                self.quota_set(policy, d, cmd, store_up).await
+            Routed::Session(s) => self.session_write(policy, &s, &cmd, store_up).await,
+            Routed::DwnConsR(d) if cmd.cmd == "set" => {
+                self.quota_set(policy, &d, cmd, store_up).await
             }
             _ => policy.cmd(cmd),
         }

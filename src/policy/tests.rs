@@ -487,3 +487,56 @@ async fn persist_loop_writes_on_stop() {
     let text = std::fs::read_to_string(dir.path().join("down.json")).unwrap();
     assert!(text.contains("\"alice\": 7"), "{text}");
 }
+
+/// A reload keeps a same-named quota's counters, so a connection decided before it
+/// keeps counting into what the new rules read; a changed group quota applies to them.
+#[test]
+fn a_reload_keeps_live_quota_handles_and_applies_new_quotas() {
+    let text = |quota: &str| {
+        format!(
+            r#"rules = "quota"
+[mapDB]
+name = "users"
+userPass = {{ alice = "pw" }}
+userGroups = {{ alice = ["staff"] }}
+[[dwnConsR]]
+name = "quota"
+userDBN = "users"
+resetCycle = "24h"
+[dwnConsR.groupQuota]
+staff = "{quota}"
+"#
+        )
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("managers.toml");
+    std::fs::write(&file, text("100 B")).unwrap();
+    let p = Policy::load(&file, PolicyOptions::default()).unwrap();
+    let alice = Request {
+        client_ip: ip("10.0.0.1"),
+        user: Some("alice"),
+        host: "example.org",
+        port: 443,
+        now: p.now(),
+    };
+    let live = p.decide(&alice).quota.expect("allowed under the quota");
+    live.consume(60).unwrap();
+
+    std::fs::write(&file, text("200 B")).unwrap();
+    assert_eq!(p.reload(&file).unwrap(), ["dwnConsR \"quota\" changed"]);
+    // The handle from before the reload counts into the counter the new rules read.
+    live.consume(60).unwrap();
+    let after = p.decide(&alice);
+    assert!(after.allow);
+    let h = after.quota.unwrap();
+    assert_eq!((h.used(), h.quota()), (120, 200));
+
+    // A broken file changes nothing.
+    std::fs::write(&file, text("200 B").replace("24h", "0s")).unwrap();
+    let err = p.reload(&file).unwrap_err().to_string();
+    assert!(err.contains("resetCycle"), "{err}");
+    assert_eq!(p.decide(&alice).quota.unwrap().used(), 120);
+    // The same file again: nothing to report.
+    std::fs::write(&file, text("200 B")).unwrap();
+    assert_eq!(p.reload(&file).unwrap(), Vec::<String>::new());
+}

@@ -43,8 +43,32 @@ pub struct HttpProxy<C> {
     pub connector: Arc<C>,
     /// How long a client may take to send a request head, and may stay idle between
     /// requests on a keep-alive connection (hyper restarts the timer when one goes
-    /// idle): [`HEADER_READ_TIMEOUT`] on the gateway, `readTimeout` in pmproxy.
-    pub request_timeout: Duration,
+    /// idle): [`HEADER_READ_TIMEOUT`] on the gateway, `readTimeout` in pmproxy (which a
+    /// reload sets again, for the connections accepted after it).
+    pub request_timeout: RequestTimeout,
+}
+
+/// A duration read once per accepted connection and settable while the listener runs.
+#[derive(Debug)]
+pub struct RequestTimeout(std::sync::atomic::AtomicU64);
+
+impl RequestTimeout {
+    pub fn new(d: Duration) -> Self {
+        RequestTimeout(std::sync::atomic::AtomicU64::new(Self::millis(d)))
+    }
+
+    pub fn get(&self) -> Duration {
+        Duration::from_millis(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    pub fn set(&self, d: Duration) {
+        self.0
+            .store(Self::millis(d), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn millis(d: Duration) -> u64 {
+        u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+    }
 }
 
 /// HTTP/2 streams one client connection may have open at once (each CONNECT tunnel
@@ -171,7 +195,7 @@ impl<C: Connector> HttpProxy<C> {
                     .title_case_headers(true)
                     // A client that trickles its request head (slowloris) is dropped.
                     .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(self.request_timeout)
+                    .header_read_timeout(self.request_timeout.get())
                     .serve_connection(TokioIo::new(io), service)
                     .with_upgrades()
                     .await

@@ -48,7 +48,7 @@ impl<C: Connector> HttpsProxy<C> {
 
 impl<C: Connector> Serve for HttpsProxy<C> {
     async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        let within = self.http.request_timeout;
+        let within = self.http.request_timeout.get();
         let mut first = [0u8; 1];
         match tokio::time::timeout(within, stream.peek(&mut first)).await {
             Ok(Ok(1..)) if first[0] == TLS_HANDSHAKE => {}

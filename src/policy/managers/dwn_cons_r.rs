@@ -24,7 +24,8 @@ use crate::policy::persist::{format_time, parse_time, read_json, write_json};
 pub struct Counter {
     /// In a cluster: the cluster's total as last read, plus this node's unflushed bytes.
     used: AtomicU64,
-    quota: u64,
+    /// Set again by a reload that changes the user's groups or the group quotas.
+    quota: AtomicU64,
     /// In a cluster: bytes this node counted that the store has not been told yet.
     unflushed: AtomicU64,
     flush: Option<Arc<FlushSignal>>,
@@ -88,7 +89,7 @@ impl Counter {
 
 impl QuotaHandle {
     pub fn consume(&self, n: u64) -> Result<(), QuotaExceeded> {
-        let quota = self.counter.quota;
+        let quota = self.counter.quota.load(Ordering::Relaxed);
         let mut cur = self.counter.used.load(Ordering::Relaxed);
         loop {
             let take = n.min(quota.saturating_sub(cur));
@@ -121,7 +122,7 @@ impl QuotaHandle {
     }
 
     pub fn quota(&self) -> u64 {
-        self.counter.quota
+        self.counter.quota.load(Ordering::Relaxed)
     }
 
     pub fn user(&self) -> &str {
@@ -162,7 +163,9 @@ pub struct DwnConsR {
     user_db: Arc<UserDb>,
     cycle: Duration,
     group_quota: BTreeMap<String, u64>,
-    state: Mutex<State>,
+    /// Shared with the same-named manager a reload replaces this one with: live
+    /// connections' handles keep counting into the counters the new one reads.
+    state: Arc<Mutex<State>>,
     /// Checked without the lock on every decision; only a due reset takes it.
     next_reset_ns: AtomicI64,
     state_file: Option<PathBuf>,
@@ -179,14 +182,7 @@ impl DwnConsR {
         now: SystemTime,
         flush: Option<Arc<FlushSignal>>,
     ) -> Result<DwnConsR, PolicyConfigError> {
-        let at = At {
-            file,
-            section: "[[dwnConsR]]",
-            name: &c.name,
-        };
-        if c.reset_cycle.0.is_zero() {
-            return Err(at.err("resetCycle", "must be longer than 0 (e.g. \"24h\")"));
-        }
+        check_cycle(file, c)?;
         let state_file = state_dir.map(|d| d.join(format!("{}.json", c.name)));
         let mut state = State {
             last_reset: now,
@@ -203,20 +199,7 @@ impl DwnConsR {
                 loaded = map.consumptions;
             }
         }
-        let m = DwnConsR {
-            name: Arc::from(c.name.as_str()),
-            user_db,
-            cycle: c.reset_cycle.0,
-            group_quota: c
-                .group_quota
-                .iter()
-                .map(|(g, q)| (g.clone(), q.0))
-                .collect(),
-            state: Mutex::new(state),
-            next_reset_ns: AtomicI64::new(0),
-            state_file,
-            flush,
-        };
+        let m = DwnConsR::with_state(c, user_db, Arc::new(Mutex::new(state)), state_file, flush);
         {
             let mut st = m.state.lock();
             for (user, used) in loaded {
@@ -228,6 +211,55 @@ impl DwnConsR {
         }
         m.maybe_reset(now);
         Ok(m)
+    }
+
+    /// A reload's replacement for `self`: the new configuration over the same counters
+    /// (spent quotas and the cycle's start kept; memory is newer than the state file),
+    /// each counter's quota set again from the new groups and group quotas.
+    pub fn reconfigured(
+        &self,
+        file: &str,
+        c: &DwnConsRConf,
+        user_db: Arc<UserDb>,
+        state_dir: Option<&Path>,
+        now: SystemTime,
+        flush: Option<Arc<FlushSignal>>,
+    ) -> Result<DwnConsR, PolicyConfigError> {
+        check_cycle(file, c)?;
+        let state_file = state_dir.map(|d| d.join(format!("{}.json", c.name)));
+        let m = DwnConsR::with_state(c, user_db, self.state.clone(), state_file, flush);
+        {
+            let st = m.state.lock();
+            for (user, counter) in &st.users {
+                counter.quota.store(m.quota_of(user), Ordering::Relaxed);
+            }
+            m.store_next_reset(&st);
+        }
+        m.maybe_reset(now);
+        Ok(m)
+    }
+
+    fn with_state(
+        c: &DwnConsRConf,
+        user_db: Arc<UserDb>,
+        state: Arc<Mutex<State>>,
+        state_file: Option<PathBuf>,
+        flush: Option<Arc<FlushSignal>>,
+    ) -> DwnConsR {
+        DwnConsR {
+            name: Arc::from(c.name.as_str()),
+            user_db,
+            cycle: c.reset_cycle.0,
+            group_quota: c
+                .group_quota
+                .iter()
+                .map(|(g, q)| (g.clone(), q.0))
+                .collect(),
+            state,
+            next_reset_ns: AtomicI64::new(0),
+            state_file,
+            flush,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -249,7 +281,7 @@ impl DwnConsR {
     fn new_counter(&self, user: &str) -> Arc<Counter> {
         Arc::new(Counter {
             used: AtomicU64::new(0),
-            quota: self.quota_of(user),
+            quota: AtomicU64::new(self.quota_of(user)),
             unflushed: AtomicU64::new(0),
             flush: self.flush.clone(),
         })
@@ -422,7 +454,7 @@ impl DwnConsR {
                 manager: self.name.to_string(),
                 user: u.to_string(),
                 used: c.used.load(Ordering::Relaxed),
-                quota: c.quota,
+                quota: c.quota.load(Ordering::Relaxed),
                 next_reset_unix: next_reset
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
@@ -446,6 +478,18 @@ impl DwnConsR {
 }
 
 /// `1073741824` → `1.0 GiB`: binary units, as the configuration is read.
+fn check_cycle(file: &str, c: &DwnConsRConf) -> Result<(), PolicyConfigError> {
+    if c.reset_cycle.0.is_zero() {
+        let at = At {
+            file,
+            section: "[[dwnConsR]]",
+            name: &c.name,
+        };
+        return Err(at.err("resetCycle", "must be longer than 0 (e.g. \"24h\")"));
+    }
+    Ok(())
+}
+
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;

@@ -45,7 +45,9 @@ pub struct SessionIpm {
     name: String,
     user_db: Arc<UserDb>,
     expiration: Duration,
-    table: RwLock<Table>,
+    /// Shared with the same-named manager a reload replaces this one with, so open
+    /// sessions (and a login racing the reload) survive it.
+    table: Arc<RwLock<Table>>,
     state_file: Option<PathBuf>,
 }
 
@@ -76,9 +78,26 @@ impl SessionIpm {
             name: name.to_string(),
             user_db,
             expiration,
-            table: RwLock::new(table),
+            table: Arc::new(RwLock::new(table)),
             state_file,
         })
+    }
+
+    /// A reload's replacement for `self`: the new configuration, the same open sessions
+    /// (the state file is not read again: memory is newer).
+    pub fn reconfigured(
+        &self,
+        user_db: Arc<UserDb>,
+        expiration: Duration,
+        state_dir: Option<&Path>,
+    ) -> SessionIpm {
+        SessionIpm {
+            name: self.name.clone(),
+            user_db,
+            expiration,
+            table: self.table.clone(),
+            state_file: state_dir.map(|d| d.join(format!("{}.sessions.json", self.name))),
+        }
     }
 
     pub fn name(&self) -> &str {
