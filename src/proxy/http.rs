@@ -209,10 +209,11 @@ impl<C: Connector> HttpProxy<C> {
                         .keep_alive_timeout(H2_KEEPALIVE)
                         .serve_connection(TokioIo::new(io), service);
                 tokio::pin!(conn);
+                let idle = self.request_timeout.get();
                 tokio::select! {
                     r = conn.as_mut() => r,
-                    _ = Streams::idle_for(streams.as_deref(), self.request_timeout) => {
-                        tracing::debug!(%peer, idle = ?self.request_timeout, "http/2 connection idle: closing");
+                    _ = Streams::idle_for(streams.as_deref(), idle) => {
+                        tracing::debug!(%peer, ?idle, "http/2 connection idle: closing");
                         conn.as_mut().graceful_shutdown();
                         conn.await
                     }
