@@ -1,7 +1,9 @@
 //! UDP through the tunnel, with real sockets: SOCKS5 UDP ASSOCIATE (DNS by address and
 //! by name in both encodings, 10,000 datagrams reconciled with the drop counters, a
 //! forbidden destination, foreign sources, the association's lifetime and its
-//! descriptors), a UDP forward, the idle timeout, and a flood beside a TCP download.
+//! descriptors), a UDP forward, an agent's own UDP port (`open_ports` with
+//! `protocol: udp`) beside a TCP port of the same number, the idle timeout, and a flood
+//! beside a TCP download.
 
 mod common;
 
@@ -301,6 +303,23 @@ async fn an_association_ends_with_its_control_connection_and_releases_its_socket
     }
 }
 
+/// Sends `d` from `client` to `forward` until it comes back intact (the first datagram
+/// may meet its flow still opening); at most 3 tries of 5 s.
+async fn echoed(client: &tokio::net::UdpSocket, forward: SocketAddr, d: &[u8]) {
+    let mut buf = vec![0u8; 65_536];
+    for _ in 0..3 {
+        client.send_to(d, forward).await.unwrap();
+        if let Ok(Ok((n, from))) =
+            tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf)).await
+        {
+            assert_eq!(from, forward);
+            assert_eq!(&buf[..n], d);
+            return;
+        }
+    }
+    panic!("{} bytes never came back through {forward}", d.len());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_udp_forward_carries_an_echo_and_an_idle_flow_ends_after_its_timeout() {
     let echo = echo_server().await;
@@ -321,21 +340,12 @@ async fn a_udp_forward_carries_an_echo_and_an_idle_flow_ends_after_its_timeout()
     let forward: SocketAddr = ([127, 0, 0, 1], forward_port).into();
     let mut buf = vec![0u8; 65_536];
     for i in 0..50u32 {
-        let d = pattern(100 + i as usize * 20, u64::from(i));
-        // The first datagram may meet the flow still opening: send until answered.
-        let mut answered = false;
-        for _ in 0..3 {
-            client.send_to(&d, forward).await.unwrap();
-            if let Ok(Ok((n, from))) =
-                tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf)).await
-            {
-                assert_eq!(from, forward);
-                assert_eq!(&buf[..n], &d[..]);
-                answered = true;
-                break;
-            }
-        }
-        assert!(answered, "datagram {i} came back");
+        echoed(
+            &client,
+            forward,
+            &pattern(100 + i as usize * 20, u64::from(i)),
+        )
+        .await;
     }
     // Silent now: the flow ends after its idle timeout on both sides.
     eventually("the idle flow ended", || async {
@@ -486,4 +496,74 @@ async fn per_user_caps_count_udp_flows() {
         b.resolve(&Dest::Addr(dns.addr), 2, "y.internal").await,
         Some(ANSWER)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_own_udp_port_carries_an_echo_beside_its_tcp_twin_and_goes_with_the_agent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = echo_server().await;
+    let tcp = echo_target().await;
+    let port = free_port();
+    let (mut stack, gw_admin, agent_admin) = stack_with_admin(StackOptions {
+        gateway_extra: vec![
+            format!("agent_forwards: {{ bind: 127.0.0.1, ports: \"{port}-{port}\" }}"),
+            "udp_idle_timeout: 1s".into(),
+        ],
+        client_extra: vec![format!(
+            "open_ports:\n    - {{ remote_port: {port}, target: \"{}\", protocol: udp }}\n    - {{ remote_port: {port}, target: \"{tcp}\" }}",
+            echo.addr
+        )],
+        ..Default::default()
+    })
+    .await;
+    // One port number, both protocols: two forwards, each answered with its protocol.
+    stack.wait_for_log("agent", "gateway forward open", 2).await;
+    let log = stack.log("agent");
+    assert!(
+        log.contains(&format!("listening on 127.0.0.1:{port}/udp")),
+        "{log}"
+    );
+
+    let forward: SocketAddr = ([127, 0, 0, 1], port).into();
+    let (a, b) = (
+        tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+    );
+    for i in 0..50u32 {
+        echoed(&a, forward, &pattern(64 + i as usize * 30, u64::from(i))).await;
+    }
+    // Another client address is another flow, through the same agent.
+    echoed(&b, forward, b"second client").await;
+    assert_eq!(echo.received(), 51);
+    assert_eq!(
+        metric(
+            &metrics(agent_admin).await,
+            "anyproxy_udp_flows_opened_total",
+            &[]
+        ),
+        2.0
+    );
+    // The TCP twin on the same number still carries its stream.
+    let mut s = tokio::net::TcpStream::connect(forward).await.unwrap();
+    s.write_all(b"tcp twin").await.unwrap();
+    let mut back = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .expect("the TCP twin echoes")
+        .unwrap();
+    assert_eq!(&back, b"tcp twin");
+    drop(s);
+    // Idle flows end after the gateway's timeout, each with its access line.
+    eventually("the idle flows ended", || async {
+        metric(&metrics(gw_admin).await, "anyproxy_udp_flows_active", &[]) == 0.0
+    })
+    .await;
+    stack.wait_for_log("gateway", "forward-udp", 2).await;
+
+    // The agent leaves: its UDP port is released with its session.
+    drop(stack.agent.take());
+    eventually("the UDP port is free again", || async {
+        std::net::UdpSocket::bind(forward).is_ok()
+    })
+    .await;
 }

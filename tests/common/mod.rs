@@ -692,6 +692,24 @@ fn slow_body(spec: &str) -> hyper::Response<BoxBody> {
     resp
 }
 
+/// A TCP echo on 127.0.0.1: every byte back, then a half-close after the client's end
+/// of stream.
+pub async fn echo_target() -> SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
 /// Plain HTTP target on 127.0.0.1.
 pub async fn http_target() -> SocketAddr {
     serve_target(None).await
