@@ -567,3 +567,122 @@ async fn an_agents_own_udp_port_carries_an_echo_beside_its_tcp_twin_and_goes_wit
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_decides_each_udp_flow_and_its_quota_ends_the_flow_that_crosses_it() {
+    let echo = echo_server().await;
+    let blocked = dns_server(ANSWER).await;
+    // suser may reach anything but the blocked port while under a 64 KiB quota.
+    let dir = policy_dir(blocked.addr.port(), "64 KB", free_port());
+    let (stack, gw_admin, _) = stack_with_admin(StackOptions {
+        gateway_extra: vec![format!("policy: {{ dir: \"{}\" }}", dir.path().display())],
+        ..Default::default()
+    })
+    .await;
+    let failed = |m: &str| {
+        metric(
+            m,
+            "anyproxy_gateway_connections_failed_total",
+            &[("reason", "forbidden")],
+        )
+    };
+    let a = associate(&stack).await;
+    // The rule denies the blocked port: no datagram reaches it, the refusal is logged
+    // with the policy's verdict and counted like a TCP one.
+    a.send(&Dest::Addr(blocked.addr), &dns_query(1, "x.internal"))
+        .await;
+    stack.wait_for_log("gateway", "denied by policy", 1).await;
+    assert_eq!(failed(&metrics(gw_admin).await), 1.0);
+    assert_eq!(blocked.received(), 0);
+
+    // Allowed: replies count against suser's 64 KiB (65,536 B) quota. 65 replies of
+    // 1000 B fit; the 66th does not, and is never cut: the flow ends there.
+    let to = Dest::Addr(echo.addr);
+    let mut received = 0;
+    for i in 0..100u64 {
+        a.send(&to, &pattern(1000, i)).await;
+        match a.recv(Duration::from_secs(3)).await {
+            Some((_, d)) => {
+                assert_eq!(d, pattern(1000, i));
+                received += 1;
+            }
+            None => break,
+        }
+    }
+    assert_eq!(received, 65, "{}", stack.log("gateway"));
+    stack.wait_for_log("gateway", "download quota", 1).await;
+    let m = metrics(gw_admin).await;
+    assert_eq!(
+        metric(&m, "anyproxy_udp_dropped_total", &[("reason", "quota")]),
+        1.0
+    );
+    // The flow's access line carries the verdict and why it ended.
+    stack.wait_for_log("gateway", "socks5-udp", 2).await;
+    let log = stack.log("gateway");
+    let line = log
+        .lines()
+        .find(|l| l.contains("socks5-udp") && l.contains("download quota exceeded"))
+        .unwrap_or_else(|| panic!("the quota's access line:\n{log}"));
+    assert!(line.contains("allow("), "{line}");
+    assert!(line.contains("dgrams_received=65"), "{line}");
+
+    // With the quota spent the rule is false: a new flow is refused up front.
+    drop(a);
+    let b = associate(&stack).await;
+    b.send(&to, b"after the quota").await;
+    stack.wait_for_log("gateway", "denied by policy", 2).await;
+    assert!(b.recv(Duration::from_millis(500)).await.is_none());
+    assert_eq!(failed(&metrics(gw_admin).await), 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_forwards_flows_count_under_the_address_cap_and_its_bytes_are_paced() {
+    let echo = echo_server().await;
+    let forward_port = free_port();
+    let (stack, gw_admin, _) = stack_with_admin(StackOptions {
+        gateway_extra: vec![
+            format!(
+                "forwards: [{{ listen_addr: \"127.0.0.1:{forward_port}\", target: \"{}\", protocol: udp }}]",
+                echo.addr
+            ),
+            "limits: { per_ip: { max_concurrent: 1 }, bandwidth: { per_group: { default: 50KiB/s } } }"
+                .into(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let forward: SocketAddr = ([127, 0, 0, 1], forward_port).into();
+    let first = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    echoed(&first, forward, b"first").await;
+    // Another port of the same address is another flow: over the address's cap.
+    let second = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    second.send_to(b"second", forward).await.unwrap();
+    stack
+        .wait_for_log(
+            "gateway",
+            "address 127.0.0.1 has 1 connections open (limit 1)",
+            1,
+        )
+        .await;
+    eventually("the capped flow is counted", || async {
+        metric(
+            &metrics(gw_admin).await,
+            "anyproxy_gateway_connections_failed_total",
+            &[("reason", "rate_limited")],
+        ) == 1.0
+    })
+    .await;
+
+    // 100 datagrams of 1000 B each way are 200,000 B of the group's 50 KiB/s budget
+    // (a tenth of a second of burst): at least 3.7 s however fast the machine is.
+    // Only the lower bound is asserted; a loaded machine only makes it longer.
+    let started = Instant::now();
+    for i in 0..100u64 {
+        echoed(&first, forward, &pattern(1000, i)).await;
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(3000),
+        "200,000 B through a 50 KiB/s budget in {took:?}"
+    );
+}

@@ -710,6 +710,44 @@ pub async fn echo_target() -> SocketAddr {
     addr
 }
 
+/// A PMProxy config dir for `gateway.policy`: the rule `quota ∧ ¬blocked`, where
+/// `blocked` matches `blocked_port` and `quota` gives the staff group (huser, suser)
+/// `quota` of download; its API on `api_port`.
+pub fn policy_dir(blocked_port: u16, quota: &str, api_port: u16) -> tempfile::TempDir {
+    let managers = format!(
+        r#"
+rules = "quota ∧ ¬blocked"
+
+[mapDB]
+name = "users"
+[mapDB.userPass]
+huser = "unused-here"
+suser = "unused-here"
+[mapDB.userGroups]
+huser = ["staff"]
+suser = ["staff"]
+
+[[hostMatcher]]
+name = "blocked"
+pattern = ':{blocked_port}$'
+
+[[dwnConsR]]
+name = "quota"
+userDBN = "users"
+resetCycle = "24h"
+[dwnConsR.groupQuota]
+staff = "{quota}"
+"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("managers.toml"), managers).unwrap();
+    let server = anyproxy::policy::server_config::DEFAULT_SERVER_TOML
+        .replace("127.0.0.1:4443", &format!("127.0.0.1:{api_port}"))
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{}", free_port()));
+    std::fs::write(dir.path().join("server.toml"), server).unwrap();
+    dir
+}
+
 /// Plain HTTP target on 127.0.0.1.
 pub async fn http_target() -> SocketAddr {
     serve_target(None).await
