@@ -5,47 +5,14 @@ mod common;
 
 use common::*;
 
-/// Rules: `huser` may go anywhere but the blocked target while under a 2 MiB quota.
-fn managers(blocked_port: u16) -> String {
-    format!(
-        r#"
-rules = "quota ∧ ¬blocked"
-
-[mapDB]
-name = "users"
-[mapDB.userPass]
-huser = "unused-here"
-suser = "unused-here"
-[mapDB.userGroups]
-huser = ["staff"]
-suser = ["staff"]
-
-[[hostMatcher]]
-name = "blocked"
-pattern = ':{blocked_port}$'
-
-[[dwnConsR]]
-name = "quota"
-userDBN = "users"
-resetCycle = "24h"
-[dwnConsR.groupQuota]
-staff = "2 MB"
-"#
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_decide_each_request_and_the_quota_cuts_the_download_that_crosses_it() {
     let allowed = http_target().await;
     let blocked = http_target().await;
-    // A PMProxy config dir: our rules, and the API on a free loopback port.
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("managers.toml"), managers(blocked.port())).unwrap();
+    // A PMProxy config dir: `huser` and `suser` may go anywhere but the blocked target
+    // while under a 2 MiB quota, and the API on a free loopback port.
     let api_port = free_port();
-    let server = anyproxy::policy::server_config::DEFAULT_SERVER_TOML
-        .replace("127.0.0.1:4443", &format!("127.0.0.1:{api_port}"))
-        .replace("127.0.0.1:8080", &format!("127.0.0.1:{}", free_port()));
-    std::fs::write(dir.path().join("server.toml"), server).unwrap();
+    let dir = policy_dir(blocked.port(), "2 MB", api_port);
     let admin = free_port();
     let stack = Stack::start(StackOptions {
         gateway_extra: vec![

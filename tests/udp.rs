@@ -1,7 +1,9 @@
 //! UDP through the tunnel, with real sockets: SOCKS5 UDP ASSOCIATE (DNS by address and
 //! by name in both encodings, 10,000 datagrams reconciled with the drop counters, a
 //! forbidden destination, foreign sources, the association's lifetime and its
-//! descriptors), a UDP forward, the idle timeout, and a flood beside a TCP download.
+//! descriptors), a UDP forward, an agent's own UDP port (`open_ports` with
+//! `protocol: udp`) beside a TCP port of the same number, the idle timeout, and a flood
+//! beside a TCP download.
 
 mod common;
 
@@ -301,6 +303,23 @@ async fn an_association_ends_with_its_control_connection_and_releases_its_socket
     }
 }
 
+/// Sends `d` from `client` to `forward` until it comes back intact (the first datagram
+/// may meet its flow still opening); at most 3 tries of 5 s.
+async fn echoed(client: &tokio::net::UdpSocket, forward: SocketAddr, d: &[u8]) {
+    let mut buf = vec![0u8; 65_536];
+    for _ in 0..3 {
+        client.send_to(d, forward).await.unwrap();
+        if let Ok(Ok((n, from))) =
+            tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf)).await
+        {
+            assert_eq!(from, forward);
+            assert_eq!(&buf[..n], d);
+            return;
+        }
+    }
+    panic!("{} bytes never came back through {forward}", d.len());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_udp_forward_carries_an_echo_and_an_idle_flow_ends_after_its_timeout() {
     let echo = echo_server().await;
@@ -321,21 +340,12 @@ async fn a_udp_forward_carries_an_echo_and_an_idle_flow_ends_after_its_timeout()
     let forward: SocketAddr = ([127, 0, 0, 1], forward_port).into();
     let mut buf = vec![0u8; 65_536];
     for i in 0..50u32 {
-        let d = pattern(100 + i as usize * 20, u64::from(i));
-        // The first datagram may meet the flow still opening: send until answered.
-        let mut answered = false;
-        for _ in 0..3 {
-            client.send_to(&d, forward).await.unwrap();
-            if let Ok(Ok((n, from))) =
-                tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf)).await
-            {
-                assert_eq!(from, forward);
-                assert_eq!(&buf[..n], &d[..]);
-                answered = true;
-                break;
-            }
-        }
-        assert!(answered, "datagram {i} came back");
+        echoed(
+            &client,
+            forward,
+            &pattern(100 + i as usize * 20, u64::from(i)),
+        )
+        .await;
     }
     // Silent now: the flow ends after its idle timeout on both sides.
     eventually("the idle flow ended", || async {
@@ -485,5 +495,201 @@ async fn per_user_caps_count_udp_flows() {
     assert_eq!(
         b.resolve(&Dest::Addr(dns.addr), 2, "y.internal").await,
         Some(ANSWER)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_own_udp_port_carries_an_echo_beside_its_tcp_twin_and_goes_with_the_agent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = echo_server().await;
+    let tcp = echo_target().await;
+    let port = free_port();
+    let (mut stack, gw_admin, agent_admin) = stack_with_admin(StackOptions {
+        gateway_extra: vec![
+            format!("agent_forwards: {{ bind: 127.0.0.1, ports: \"{port}-{port}\" }}"),
+            "udp_idle_timeout: 1s".into(),
+        ],
+        client_extra: vec![format!(
+            "open_ports:\n    - {{ remote_port: {port}, target: \"{}\", protocol: udp }}\n    - {{ remote_port: {port}, target: \"{tcp}\" }}",
+            echo.addr
+        )],
+        ..Default::default()
+    })
+    .await;
+    // One port number, both protocols: two forwards, each answered with its protocol.
+    stack.wait_for_log("agent", "gateway forward open", 2).await;
+    let log = stack.log("agent");
+    assert!(
+        log.contains(&format!("listening on 127.0.0.1:{port}/udp")),
+        "{log}"
+    );
+
+    let forward: SocketAddr = ([127, 0, 0, 1], port).into();
+    let (a, b) = (
+        tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+    );
+    for i in 0..50u32 {
+        echoed(&a, forward, &pattern(64 + i as usize * 30, u64::from(i))).await;
+    }
+    // Another client address is another flow, through the same agent.
+    echoed(&b, forward, b"second client").await;
+    // At least: a reply slower than 5 s on a loaded machine is sent again, and a
+    // flow that idled out (1 s) between two datagrams opens again.
+    assert!(echo.received() >= 51);
+    assert!(
+        metric(
+            &metrics(agent_admin).await,
+            "anyproxy_udp_flows_opened_total",
+            &[]
+        ) >= 2.0
+    );
+    // The TCP twin on the same number still carries its stream.
+    let mut s = tokio::net::TcpStream::connect(forward).await.unwrap();
+    s.write_all(b"tcp twin").await.unwrap();
+    let mut back = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .expect("the TCP twin echoes")
+        .unwrap();
+    assert_eq!(&back, b"tcp twin");
+    drop(s);
+    // Idle flows end after the gateway's timeout, each with its access line.
+    eventually("the idle flows ended", || async {
+        metric(&metrics(gw_admin).await, "anyproxy_udp_flows_active", &[]) == 0.0
+    })
+    .await;
+    stack.wait_for_log("gateway", "forward-udp", 2).await;
+
+    // The agent leaves: its UDP port is released with its session.
+    drop(stack.agent.take());
+    eventually("the UDP port is free again", || async {
+        std::net::UdpSocket::bind(forward).is_ok()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_decides_each_udp_flow_and_its_quota_ends_the_flow_that_crosses_it() {
+    let echo = echo_server().await;
+    let blocked = dns_server(ANSWER).await;
+    // suser may reach anything but the blocked port while under a 64 KiB quota.
+    let dir = policy_dir(blocked.addr.port(), "64 KB", free_port());
+    let (stack, gw_admin, _) = stack_with_admin(StackOptions {
+        gateway_extra: vec![format!("policy: {{ dir: \"{}\" }}", dir.path().display())],
+        ..Default::default()
+    })
+    .await;
+    let failed = |m: &str| {
+        metric(
+            m,
+            "anyproxy_gateway_connections_failed_total",
+            &[("reason", "forbidden")],
+        )
+    };
+    let a = associate(&stack).await;
+    // The rule denies the blocked port: no datagram reaches it, the refusal is logged
+    // with the policy's verdict and counted like a TCP one.
+    a.send(&Dest::Addr(blocked.addr), &dns_query(1, "x.internal"))
+        .await;
+    stack.wait_for_log("gateway", "denied by policy", 1).await;
+    assert_eq!(failed(&metrics(gw_admin).await), 1.0);
+    assert_eq!(blocked.received(), 0);
+
+    // Allowed: replies count against suser's 64 KiB (65,536 B) quota. 65 replies of
+    // 1000 B fit; the 66th does not, and is never cut: the flow ends there.
+    let to = Dest::Addr(echo.addr);
+    let mut received = 0;
+    'sending: for i in 0..100u64 {
+        a.send(&to, &pattern(1000, i)).await;
+        // A slow reply on a loaded machine is waited for (up to 5 × 3 s); silence
+        // ends the loop once the gateway cut the flow at the quota.
+        for _ in 0..5 {
+            if let Some((_, d)) = a.recv(Duration::from_secs(3)).await {
+                assert_eq!(d, pattern(1000, i));
+                received += 1;
+                continue 'sending;
+            }
+            if stack.log("gateway").contains("download quota") {
+                break 'sending;
+            }
+        }
+        panic!("datagram {i} never came back and no quota was reached");
+    }
+    assert_eq!(received, 65, "{}", stack.log("gateway"));
+    stack.wait_for_log("gateway", "download quota", 1).await;
+    let m = metrics(gw_admin).await;
+    assert_eq!(
+        metric(&m, "anyproxy_udp_dropped_total", &[("reason", "quota")]),
+        1.0
+    );
+    // The flow's access line carries the verdict and why it ended.
+    stack.wait_for_log("gateway", "socks5-udp", 2).await;
+    let log = stack.log("gateway");
+    let line = log
+        .lines()
+        .find(|l| l.contains("socks5-udp") && l.contains("download quota exceeded"))
+        .unwrap_or_else(|| panic!("the quota's access line:\n{log}"));
+    assert!(line.contains("allow("), "{line}");
+    assert!(line.contains("dgrams_received=65"), "{line}");
+
+    // With the quota spent the rule is false: a new flow is refused up front.
+    drop(a);
+    let b = associate(&stack).await;
+    b.send(&to, b"after the quota").await;
+    stack.wait_for_log("gateway", "denied by policy", 2).await;
+    assert!(b.recv(Duration::from_millis(500)).await.is_none());
+    assert_eq!(failed(&metrics(gw_admin).await), 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_forwards_flows_count_under_the_address_cap_and_its_bytes_are_paced() {
+    let echo = echo_server().await;
+    let forward_port = free_port();
+    let (stack, gw_admin, _) = stack_with_admin(StackOptions {
+        gateway_extra: vec![
+            format!(
+                "forwards: [{{ listen_addr: \"127.0.0.1:{forward_port}\", target: \"{}\", protocol: udp }}]",
+                echo.addr
+            ),
+            "limits: { per_ip: { max_concurrent: 1 }, bandwidth: { per_group: { default: 50KiB/s } } }"
+                .into(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let forward: SocketAddr = ([127, 0, 0, 1], forward_port).into();
+    let first = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    echoed(&first, forward, b"first").await;
+    // Another port of the same address is another flow: over the address's cap.
+    let second = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    second.send_to(b"second", forward).await.unwrap();
+    stack
+        .wait_for_log(
+            "gateway",
+            "address 127.0.0.1 has 1 connections open (limit 1)",
+            1,
+        )
+        .await;
+    eventually("the capped flow is counted", || async {
+        metric(
+            &metrics(gw_admin).await,
+            "anyproxy_gateway_connections_failed_total",
+            &[("reason", "rate_limited")],
+        ) == 1.0
+    })
+    .await;
+
+    // 100 datagrams of 1000 B each way are 200,000 B of the group's 50 KiB/s budget
+    // (a tenth of a second of burst): at least 3.7 s however fast the machine is.
+    // Only the lower bound is asserted; a loaded machine only makes it longer.
+    let started = Instant::now();
+    for i in 0..100u64 {
+        echoed(&first, forward, &pattern(1000, i)).await;
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(3000),
+        "200,000 B through a 50 KiB/s budget in {took:?}"
     );
 }

@@ -52,6 +52,32 @@ pub mod tag {
 const PROTOCOL_TCP: u8 = 0;
 const PROTOCOL_UDP: u8 = 1;
 
+/// The optional last byte of a `forward` / `forward_response` body: written only for
+/// `udp`, so that a TCP forward keeps the bytes of the first v2 peers (which refuse the
+/// byte as trailing garbage: a clear error, not a TCP forward by mistake).
+fn forward_trailer(p: Protocol) -> &'static [u8] {
+    match p {
+        Protocol::Tcp => &[],
+        Protocol::Udp => &[PROTOCOL_UDP],
+    }
+}
+
+/// Reads that optional byte: absent means `tcp`.
+fn get_forward_protocol(body: &mut Bytes) -> Result<Protocol, DecodeError> {
+    if !body.has_remaining() {
+        return Ok(Protocol::Tcp);
+    }
+    get_protocol(body)
+}
+
+fn get_protocol(body: &mut Bytes) -> Result<Protocol, DecodeError> {
+    match get_u8(body)? {
+        PROTOCOL_TCP => Ok(Protocol::Tcp),
+        PROTOCOL_UDP => Ok(Protocol::Udp),
+        other => Err(DecodeError::UnknownProtocol(other.to_string())),
+    }
+}
+
 // ---------------------------------------------------------------- encoding
 
 fn put_header(out: &mut BytesMut, tag: u8, id: u32, body_len: usize) {
@@ -164,20 +190,24 @@ pub fn encode_into(msg: &Message, out: &mut BytesMut) {
             put_header(out, tag::FIN, m.id.0, 0);
         }
         Message::Forward(m) => {
-            let len = 2 + 2 + str_len(&m.target_host);
+            let trailer = forward_trailer(m.protocol);
+            let len = 2 + 2 + str_len(&m.target_host) + trailer.len();
             out.reserve(HEADER_LEN + len);
             put_header(out, tag::FORWARD, 0, len);
             out.put_u16(m.listen_port);
             out.put_u16(m.target_port);
             put_str(out, &m.target_host);
+            out.put_slice(trailer);
         }
         Message::ForwardResponse(m) => {
-            let len = 2 + 1 + str_len(&m.message);
+            let trailer = forward_trailer(m.protocol);
+            let len = 2 + 1 + str_len(&m.message) + trailer.len();
             out.reserve(HEADER_LEN + len);
             put_header(out, tag::FORWARD_RESPONSE, 0, len);
             out.put_u16(m.listen_port);
             out.put_u8(m.success as u8);
             put_str(out, &m.message);
+            out.put_slice(trailer);
         }
     }
 }
@@ -305,11 +335,7 @@ fn decode_body(tag: u8, id: ConnId, body: &mut Bytes) -> Result<Message, DecodeE
             message: get_str(body, "message")?,
         }),
         tag::CONNECT => {
-            let protocol = match get_u8(body)? {
-                PROTOCOL_TCP => Protocol::Tcp,
-                PROTOCOL_UDP => Protocol::Udp,
-                other => return Err(DecodeError::UnknownProtocol(other.to_string())),
-            };
+            let protocol = get_protocol(body)?;
             need(body, 2)?;
             let port = body.get_u16();
             Message::Connect(Connect {
@@ -368,6 +394,7 @@ fn decode_body(tag: u8, id: ConnId, body: &mut Bytes) -> Result<Message, DecodeE
                 listen_port,
                 target_host: get_str(body, "target_host")?,
                 target_port,
+                protocol: get_forward_protocol(body)?,
             })
         }
         tag::FORWARD_RESPONSE => {
@@ -377,6 +404,7 @@ fn decode_body(tag: u8, id: ConnId, body: &mut Bytes) -> Result<Message, DecodeE
                 listen_port,
                 success: get_bool(body, "forward_response")?,
                 message: get_str(body, "message")?,
+                protocol: get_forward_protocol(body)?,
             })
         }
         other => return Err(DecodeError::UnknownType(format!("0x{other:02x}"))),

@@ -93,6 +93,9 @@ struct ForwardOut<'a> {
     listen_port: u16,
     target_host: &'a str,
     target_port: u16,
+    /// Written only for `udp`: a TCP forward keeps its old shape.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    protocol: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -100,6 +103,23 @@ struct ForwardResponseOut<'a> {
     listen_port: u16,
     success: bool,
     message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    protocol: Option<&'static str>,
+}
+
+/// A forward's `protocol` member: absent for `tcp`.
+fn forward_protocol_out(p: Protocol) -> Option<&'static str> {
+    (p == Protocol::Udp).then_some(p.as_str())
+}
+
+/// A forward's optional `protocol` member: absent or `null` means `tcp`.
+fn forward_protocol_in(p: Option<Cow<'_, str>>) -> Result<Protocol, DecodeError> {
+    match p {
+        None => Ok(Protocol::Tcp),
+        Some(p) => {
+            Protocol::parse(&p).ok_or_else(|| DecodeError::UnknownProtocol(truncate_for_error(&p)))
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -360,6 +380,7 @@ pub fn encode_into_with<M: ConnIdMap + ?Sized>(msg: &Message, out: &mut Vec<u8>,
                 listen_port: m.listen_port,
                 target_host: &m.target_host,
                 target_port: m.target_port,
+                protocol: forward_protocol_out(m.protocol),
             },
         ),
         Message::ForwardResponse(m) => write(
@@ -369,6 +390,7 @@ pub fn encode_into_with<M: ConnIdMap + ?Sized>(msg: &Message, out: &mut Vec<u8>,
                 listen_port: m.listen_port,
                 success: m.success,
                 message: &m.message,
+                protocol: forward_protocol_out(m.protocol),
             },
         ),
     }
@@ -499,6 +521,8 @@ struct ForwardIn<'a> {
     #[serde(borrow)]
     target_host: Cow<'a, str>,
     target_port: u16,
+    #[serde(default, borrow)]
+    protocol: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -507,6 +531,8 @@ struct ForwardResponseIn<'a> {
     success: bool,
     #[serde(default, borrow)]
     message: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    protocol: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -793,6 +819,7 @@ fn decode_general<M: ConnIdMap + ?Sized>(input: &[u8], ids: &M) -> Result<Messag
                 listen_port: b.listen_port,
                 target_host: string("target_host", b.target_host)?,
                 target_port: b.target_port,
+                protocol: forward_protocol_in(b.protocol)?,
             })
         }
         MessageKind::ForwardResponse => {
@@ -801,6 +828,7 @@ fn decode_general<M: ConnIdMap + ?Sized>(input: &[u8], ids: &M) -> Result<Messag
                 listen_port: b.listen_port,
                 success: b.success,
                 message: optional_text("message", b.message)?,
+                protocol: forward_protocol_in(b.protocol)?,
             })
         }
     };

@@ -249,20 +249,29 @@ pub struct Fin {
 }
 
 /// `forward` (binary mode): agent → gateway, "listen on `listen_port` and carry each
-/// connection to `target_host:target_port` through me" (a reverse port forward).
+/// connection to `target_host:target_port` through me" (a reverse port forward). With
+/// `protocol` `udp` the gateway binds a UDP port and each client address is one
+/// datagram flow.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Forward {
     pub listen_port: u16,
     pub target_host: String,
     pub target_port: u16,
+    /// On the wire only when `udp` (absent means `tcp`), so a TCP forward keeps the
+    /// bytes it always had.
+    pub protocol: Protocol,
 }
 
-/// `forward_response` (binary mode): gateway → agent, the outcome of a `forward`.
+/// `forward_response` (binary mode): gateway → agent, the outcome of a `forward`,
+/// naming the port and protocol it answers (a TCP and a UDP forward may share a port
+/// number).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ForwardResponse {
     pub listen_port: u16,
     pub success: bool,
     pub message: String,
+    /// As in `forward`: on the wire only when `udp`.
+    pub protocol: Protocol,
 }
 
 /// `error`: either direction, optionally about one connection.

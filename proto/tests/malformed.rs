@@ -84,11 +84,13 @@ fn samples() -> Vec<Message> {
             listen_port: 8022,
             target_host: "localhost".into(),
             target_port: 22,
+            protocol: Protocol::Tcp,
         }),
         Message::ForwardResponse(ForwardResponse {
             listen_port: 8022,
             success: true,
             message: "listening".into(),
+            protocol: Protocol::Tcp,
         }),
     ]
 }
@@ -438,9 +440,25 @@ fn binary_bad_utf8_in_every_string_is_invalid_utf8() {
     }
 }
 
+/// The message with every optional binary field present: a forward's protocol byte is
+/// written for `udp` only, so bytes after a TCP forward would read as that byte.
+fn with_optional_fields(msg: Message) -> Message {
+    match msg {
+        Message::Forward(f) => Message::Forward(Forward {
+            protocol: Protocol::Udp,
+            ..f
+        }),
+        Message::ForwardResponse(f) => Message::ForwardResponse(ForwardResponse {
+            protocol: Protocol::Udp,
+            ..f
+        }),
+        other => other,
+    }
+}
+
 #[test]
 fn binary_trailing_bytes_in_a_body_are_invalid_field() {
-    for msg in samples() {
+    for msg in samples().into_iter().map(with_optional_fields) {
         if msg.kind() == MessageKind::Data {
             continue; // a data body is all payload
         }
@@ -499,6 +517,42 @@ fn binary_unknown_protocol_byte() {
             Err(DecodeError::UnknownProtocol(bad.to_string()))
         );
     }
+}
+
+#[test]
+fn binary_forward_protocol_byte_is_optional_and_checked() {
+    let fixed = [vec![0x1f, 0x40, 0, 53], raw_str(b"h")].concat();
+    let decoded = |trailer: &[u8]| {
+        let body = [fixed.clone(), trailer.to_vec()].concat();
+        decode_bin(&frame(binary::tag::FORWARD, 0, &body))
+    };
+    let forward = |protocol| {
+        Ok(Message::Forward(Forward {
+            listen_port: 8000,
+            target_host: "h".into(),
+            target_port: 53,
+            protocol,
+        }))
+    };
+    assert_eq!(decoded(&[]), forward(Protocol::Tcp), "absent means tcp");
+    assert_eq!(decoded(&[0]), forward(Protocol::Tcp));
+    assert_eq!(decoded(&[1]), forward(Protocol::Udp));
+    for bad in [2u8, 17, 0xff] {
+        assert_eq!(
+            decoded(&[bad]),
+            Err(DecodeError::UnknownProtocol(bad.to_string()))
+        );
+    }
+    let response = [vec![0x1f, 0x40, 1], raw_str(b"ok"), vec![1]].concat();
+    assert_eq!(
+        decode_bin(&frame(binary::tag::FORWARD_RESPONSE, 0, &response)),
+        Ok(Message::ForwardResponse(ForwardResponse {
+            listen_port: 8000,
+            success: true,
+            message: "ok".into(),
+            protocol: Protocol::Udp,
+        }))
+    );
 }
 
 #[test]

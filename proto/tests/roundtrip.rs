@@ -90,20 +90,24 @@ fn any_message() -> impl Strategy<Value = Message> {
         (any_id(), 1..=u32::MAX)
             .prop_map(|(id, increment)| Message::WindowUpdate(WindowUpdate { id, increment })),
         any_id().prop_map(|id| Message::Fin(Fin { id })),
-        (any::<u16>(), any_string(), any::<u16>()).prop_map(
-            |(listen_port, target_host, target_port)| Message::Forward(Forward {
+        (any::<u16>(), any_string(), any::<u16>(), any_protocol()).prop_map(
+            |(listen_port, target_host, target_port, protocol)| Message::Forward(Forward {
                 listen_port,
                 target_host,
-                target_port
+                target_port,
+                protocol,
             })
         ),
-        (any::<u16>(), any::<bool>(), any_string()).prop_map(|(listen_port, success, message)| {
-            Message::ForwardResponse(ForwardResponse {
-                listen_port,
-                success,
-                message,
-            })
-        }),
+        (any::<u16>(), any::<bool>(), any_string(), any_protocol()).prop_map(
+            |(listen_port, success, message, protocol)| {
+                Message::ForwardResponse(ForwardResponse {
+                    listen_port,
+                    success,
+                    message,
+                    protocol,
+                })
+            }
+        ),
     ]
 }
 

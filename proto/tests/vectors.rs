@@ -163,6 +163,16 @@ fn vectors() -> Vec<(&'static str, Message)> {
                 listen_port: 20022,
                 target_host: "db.internal".into(),
                 target_port: 5432,
+                protocol: Protocol::Tcp,
+            }),
+        ),
+        (
+            "forward_udp",
+            Message::Forward(Forward {
+                listen_port: 20053,
+                target_host: "10.0.0.53".into(),
+                target_port: 53,
+                protocol: Protocol::Udp,
             }),
         ),
         (
@@ -171,6 +181,16 @@ fn vectors() -> Vec<(&'static str, Message)> {
                 listen_port: 20022,
                 success: false,
                 message: "port 20022 is already forwarded by agent \"a1\"".into(),
+                protocol: Protocol::Tcp,
+            }),
+        ),
+        (
+            "forward_response_udp_ok",
+            Message::ForwardResponse(ForwardResponse {
+                listen_port: 20053,
+                success: true,
+                message: "listening on 127.0.0.1:20053/udp".into(),
+                protocol: Protocol::Udp,
             }),
         ),
     ]

@@ -48,9 +48,15 @@ VECTORS = {
     "window_update_max": ("window_update", dict(id=4294967295, increment=4294967295)),
     "fin": ("fin", dict(id=5)),
     "forward": ("forward", dict(listen_port=20022, host="db.internal", port=5432)),
+    "forward_udp": ("forward", dict(listen_port=20053, host="10.0.0.53", port=53,
+                                    protocol="udp")),
     "forward_response_fail": ("forward_response",
                               dict(listen_port=20022, success=False,
                                    message="port 20022 is already forwarded by agent \"a1\"")),
+    "forward_response_udp_ok": ("forward_response",
+                                dict(listen_port=20053, success=True,
+                                     message="listening on 127.0.0.1:20053/udp",
+                                     protocol="udp")),
 }
 
 
@@ -81,10 +87,25 @@ def json_body(kind, f):
     if kind == "fin":
         return {"connection_id": cid()}
     if kind == "forward":
-        return {"listen_port": f["listen_port"], "target_host": f["host"], "target_port": f["port"]}
+        body = {"listen_port": f["listen_port"], "target_host": f["host"], "target_port": f["port"]}
+        return with_forward_protocol(body, f)
     if kind == "forward_response":
-        return {"listen_port": f["listen_port"], "success": f["success"], "message": f["message"]}
+        body = {"listen_port": f["listen_port"], "success": f["success"], "message": f["message"]}
+        return with_forward_protocol(body, f)
     raise ValueError(kind)
+
+
+def with_forward_protocol(body, f):
+    """A forward's protocol is written only when it is udp (absent means tcp)."""
+    if f.get("protocol", "tcp") != "tcp":
+        body["protocol"] = f["protocol"]
+    return body
+
+
+def forward_trailer(f):
+    """The binary form of the same rule: one protocol byte at the end, udp only."""
+    p = f.get("protocol", "tcp")
+    return [] if p == "tcp" else ["%02x" % PROTO[p]]
 
 
 def encode_json(kind, f):
@@ -124,10 +145,10 @@ def binary_fields(kind, f):
         return f["id"], []
     if kind == "forward":
         return 0, [struct.pack(">H", f["listen_port"]).hex(), struct.pack(">H", f["port"]).hex(),
-                   s(f["host"])]
+                   s(f["host"])] + forward_trailer(f)
     if kind == "forward_response":
         return 0, [struct.pack(">H", f["listen_port"]).hex(), "%02x" % int(f["success"]),
-                   s(f["message"])]
+                   s(f["message"])] + forward_trailer(f)
     raise ValueError(kind)
 
 

@@ -673,10 +673,11 @@ impl Agent {
                 );
             }
             Message::ForwardResponse(r) => {
+                let protocol = r.protocol.as_str();
                 if r.success {
-                    tracing::info!(port = r.listen_port, message = %r.message, "gateway forward open");
+                    tracing::info!(port = r.listen_port, protocol, message = %r.message, "gateway forward open");
                 } else {
-                    tracing::error!(port = r.listen_port, message = %r.message, "gateway refused a forward");
+                    tracing::error!(port = r.listen_port, protocol, message = %r.message, "gateway refused a forward");
                 }
             }
             other => {
@@ -709,6 +710,7 @@ impl Agent {
                 listen_port: p.remote_port,
                 target_host: p.target.host.clone(),
                 target_port: p.target.port,
+                protocol: p.protocol,
             });
             if core.send(req).await.is_err() {
                 return;

@@ -934,12 +934,18 @@ fn default_client_encoding() -> EncodingName {
 }
 
 /// A forward an agent asks for: the gateway listens on `remote_port` and the agent dials
-/// `target` for each connection.
+/// `target` for each connection (`protocol: udp`: each client address's datagrams).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpenPort {
     pub remote_port: u16,
     pub target: HostPort,
+    /// `tcp` (default) or `udp`, as in `gateway.forwards`.
+    #[serde(
+        default = "udp::default_forward_protocol",
+        deserialize_with = "udp::forward_protocol"
+    )]
+    pub protocol: anyproxy_proto::Protocol,
 }
 
 /// A client agent inside a private network.

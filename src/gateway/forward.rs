@@ -4,20 +4,24 @@
 //!   the least-loaded agent of their group for each connection.
 //! * Agent forwards (`client.open_ports`, the `forward` message) belong to the session
 //!   that asked: its connections go through that agent, and the port is released the
-//!   moment the session ends, so a reconnecting agent can bind it again at once.
+//!   moment the session ends, so a reconnecting agent can bind it again at once. A
+//!   forward with `protocol: udp` binds a UDP port instead (TCP and UDP are separate
+//!   port spaces) and is served by [`super::udp::serve_forward`], its flows through
+//!   that agent alone.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyproxy_proto::Forward;
+use anyproxy_proto::{Forward, Protocol};
 use parking_lot::Mutex;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::registry::AgentHandle;
+use super::udp::{serve_forward, UdpSettings};
 use crate::auth::Identity;
 use crate::config::AgentForwards;
 use crate::connect::{Access, ConnectError, Connector, Requester, Upstream};
@@ -36,14 +40,20 @@ struct Owner {
     cancel: CancellationToken,
 }
 
+/// A forwarded port: its number and protocol (TCP and UDP are separate port spaces).
+type PortKey = (u16, Protocol);
+
 /// The agent forwards currently open, by port.
 pub struct AgentForwardTable {
     policy: Option<AgentForwards>,
     connect_timeout: Duration,
     limits: Arc<Limits>,
-    /// Used when `policy.proxy_protocol` is set.
+    /// Used when `policy.proxy_protocol` is set (TCP forwards only: a datagram
+    /// carries no PROXY header).
     proxy_protocol: Arc<ProxyProtocol>,
-    by_port: Mutex<HashMap<u16, Owner>>,
+    /// For UDP forwards.
+    udp: UdpSettings,
+    by_port: Mutex<HashMap<PortKey, Owner>>,
 }
 
 impl AgentForwardTable {
@@ -52,12 +62,14 @@ impl AgentForwardTable {
         connect_timeout: Duration,
         limits: Arc<Limits>,
         proxy_protocol: Arc<ProxyProtocol>,
+        udp: UdpSettings,
     ) -> Self {
         AgentForwardTable {
             policy,
             connect_timeout,
             limits,
             proxy_protocol,
+            udp,
             by_port: Mutex::new(HashMap::new()),
         }
     }
@@ -85,39 +97,87 @@ impl AgentForwardTable {
             port: req.target_port,
         };
         target.validate().map_err(|e| e.to_string())?;
-        let cancel = CancellationToken::new();
-        {
-            let mut table = self.by_port.lock();
-            if let Some(held) = table.get(&port) {
-                let same_agent = held.group == agent.group && held.client_id == agent.client_id;
-                if !same_agent {
-                    return Err(format!(
-                        "port {port} is already forwarded by agent {:?} of group {:?}",
-                        held.client_id, held.group
-                    ));
-                }
-                held.cancel.cancel();
-            }
-            table.insert(
-                port,
-                Owner {
-                    group: agent.group.clone(),
-                    client_id: agent.client_id.clone(),
-                    serial: agent.serial,
-                    cancel: cancel.clone(),
-                },
-            );
-        }
+        let key = (port, req.protocol);
+        let cancel = self.claim(key, agent)?;
         let addr = SocketAddr::new(policy.bind, port);
-        let listener = match bind_when_free(addr).await {
-            Ok(l) => l,
+        let bound = match req.protocol {
+            Protocol::Tcp => bind_when_free(|| crate::transport::listen::listen(addr))
+                .await
+                .map(|l| self.serve_tcp(l, agent, target, policy.proxy_protocol)),
+            Protocol::Udp => bind_when_free(|| bind_udp(addr))
+                .await
+                .map(|s| self.serve_udp(s, agent, target)),
+        };
+        let serve = match bound {
+            Ok(serve) => serve,
             Err(e) => {
-                self.by_port
-                    .lock()
-                    .retain(|p, o| !(*p == port && o.serial == agent.serial));
-                return Err(format!("cannot listen on {addr}: {e}"));
+                self.forget(key, agent.serial);
+                return Err(format!(
+                    "cannot listen on {addr}/{}: {e}",
+                    req.protocol.as_str()
+                ));
             }
         };
+        let table = self.clone();
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            // The session may end before `release` could see this forward.
+            tokio::select! {
+                _ = serve => {}
+                _ = cancel.cancelled() => {}
+                _ = agent.core.closed() => {}
+            }
+            table.forget(key, agent.serial);
+            tracing::info!(%addr, protocol = key.1.as_str(), "agent forward closed");
+        });
+        Ok(addr)
+    }
+
+    /// Records `agent` as the owner of `key`, taking it over from an earlier session
+    /// of the same agent. Returns the token that ends this forward.
+    fn claim(&self, key: PortKey, agent: &AgentHandle) -> Result<CancellationToken, String> {
+        let cancel = CancellationToken::new();
+        let mut table = self.by_port.lock();
+        if let Some(held) = table.get(&key) {
+            let same_agent = held.group == agent.group && held.client_id == agent.client_id;
+            if !same_agent {
+                return Err(format!(
+                    "port {}/{} is already forwarded by agent {:?} of group {:?}",
+                    key.0,
+                    key.1.as_str(),
+                    held.client_id,
+                    held.group
+                ));
+            }
+            held.cancel.cancel();
+        }
+        table.insert(
+            key,
+            Owner {
+                group: agent.group.clone(),
+                client_id: agent.client_id.clone(),
+                serial: agent.serial,
+                cancel: cancel.clone(),
+            },
+        );
+        Ok(cancel)
+    }
+
+    /// Drops `key` from the table if the session `serial` still owns it.
+    fn forget(&self, key: PortKey, serial: u64) {
+        self.by_port
+            .lock()
+            .retain(|k, o| !(*k == key && o.serial == serial));
+    }
+
+    /// The accept loop of a TCP agent forward, until dropped.
+    fn serve_tcp(
+        &self,
+        listener: TcpListener,
+        agent: &Arc<AgentHandle>,
+        target: HostPort,
+        proxy_protocol: bool,
+    ) -> ServeFuture {
         let role = Arc::new(AgentForward {
             agent: agent.clone(),
             target,
@@ -125,27 +185,27 @@ impl AgentForwardTable {
             limits: self.limits.clone(),
         });
         let mut accept = AcceptLoop::new(listener, "agent forward");
-        if policy.proxy_protocol {
+        if proxy_protocol {
             accept = accept.proxy_protocol(self.proxy_protocol.clone());
         }
-        let table = self.clone();
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            // The session may end before `release` could see this forward.
-            let stop = async {
-                tokio::select! {
-                    _ = cancel.cancelled() => {}
-                    _ = agent.core.closed() => {}
-                }
-            };
-            accept.run(role, stop, TaskTracker::new()).await;
-            table
-                .by_port
-                .lock()
-                .retain(|p, o| !(*p == port && o.serial == agent.serial));
-            tracing::info!(%addr, "agent forward closed");
-        });
-        Ok(addr)
+        Box::pin(accept.run(role, std::future::pending(), TaskTracker::new()))
+    }
+
+    /// The datagram loop of a UDP agent forward, until dropped (which ends its flows).
+    fn serve_udp(
+        &self,
+        socket: UdpSocket,
+        agent: &Arc<AgentHandle>,
+        target: HostPort,
+    ) -> ServeFuture {
+        let support = self.udp.through_agent(agent.clone());
+        Box::pin(serve_forward(
+            socket,
+            agent.group.clone(),
+            target,
+            support,
+            CancellationToken::new(),
+        ))
     }
 
     /// Closes every forward of the session `serial` (it ended or was replaced).
@@ -159,20 +219,30 @@ impl AgentForwardTable {
         });
     }
 
-    /// Ports currently forwarded, for status.
-    pub fn ports(&self) -> Vec<u16> {
-        let mut ports: Vec<u16> = self.by_port.lock().keys().copied().collect();
-        ports.sort_unstable();
+    /// Ports currently forwarded, with their protocol, for status.
+    pub fn ports(&self) -> Vec<PortKey> {
+        let mut ports: Vec<PortKey> = self.by_port.lock().keys().copied().collect();
+        ports.sort_unstable_by_key(|&(port, p)| (port, p.as_str()));
         ports
     }
 }
 
-/// Binds `addr`, retrying briefly while a previous listener of the same agent is still
-/// shutting down.
-async fn bind_when_free(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A forward's serving loop; it ends when dropped.
+type ServeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// A UDP forward's socket, bound without waiting (the kernel binds at once).
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
+}
+
+/// Binds with `bind`, retrying briefly while a previous listener of the same agent is
+/// still shutting down.
+async fn bind_when_free<T>(bind: impl Fn() -> std::io::Result<T>) -> std::io::Result<T> {
     let mut attempt = 0;
     loop {
-        match crate::transport::listen::listen(addr) {
+        match bind() {
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempt < REBIND_ATTEMPTS => {
                 attempt += 1;
                 tokio::time::sleep(REBIND_PAUSE).await;

@@ -27,7 +27,6 @@ use crate::net::HostPort;
 use crate::proxy::http::HttpProxy;
 use crate::proxy::https::HttpsProxy;
 use crate::proxy::socks5::Socks5Proxy;
-use crate::proxy::socks5_udp::UdpSupport;
 use crate::transport::listen::{AcceptLoop, ProxyProtocol};
 use crate::transport::tls;
 use crate::tunnel::datagram::DatagramLimits;
@@ -232,33 +231,31 @@ impl Gateway {
         });
         let guarded = Arc::new(crate::metrics::MeteredConnector {
             inner: Arc::new(crate::policy::PolicyGuard {
-                policy,
+                policy: policy.clone(),
                 inner: limited.clone(),
             }),
             metrics: metrics.clone(),
         });
         let groups = config.groups.clone();
         let declared = config.forwards.clone();
-        let udp_support = Arc::new(UdpSupport {
-            connector: Arc::new(udp::TunnelDatagrams {
-                registry: registry.clone(),
-                limits: limits.clone(),
-                connect_timeout: config.connect_timeout.0,
-                flow_limits: DatagramLimits {
-                    max_datagram: config.udp_max_datagram.0 as usize,
-                    ..DatagramLimits::default()
-                },
-                stats: metrics.udp.clone(),
-            }),
+        let udp_settings = udp::UdpSettings {
+            limits: limits.clone(),
+            connect_timeout: config.connect_timeout.0,
+            flow_limits: DatagramLimits {
+                max_datagram: config.udp_max_datagram.0 as usize,
+                ..DatagramLimits::default()
+            },
             idle_timeout: config.udp_idle_timeout.0,
-            stats: metrics.udp.clone(),
-        });
-        let policy_on = config.policy.is_some();
+            metrics: metrics.clone(),
+        };
+        // The same rules as TCP requests decide each flow.
+        let udp_support = udp_settings.through_groups(registry.clone(), policy.clone());
         let agent_forwards = Arc::new(forward::AgentForwardTable::new(
             config.agent_forwards.clone(),
             config.connect_timeout.0,
             limits.clone(),
             proxy_protocol.clone(),
+            udp_settings,
         ));
         let agents = Arc::new(
             backends
@@ -356,11 +353,6 @@ impl Gateway {
             logins.socks5 = Some(users.clone());
             let udp = if !socks.protocols.udp {
                 Err("proxy.socks5.protocols does not list udp".to_owned())
-            } else if policy_on {
-                Err(
-                    "gateway.policy decides TCP requests only, so UDP is off while it is set"
-                        .to_owned(),
-                )
             } else {
                 Ok(udp_support.clone())
             };

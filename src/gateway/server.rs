@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyproxy_proto::{Auth, AuthResponse, Encoding, ErrorCode, ErrorMsg, ForwardResponse, Message};
+use anyproxy_proto::{
+    Auth, AuthResponse, Encoding, ErrorCode, ErrorMsg, ForwardResponse, Message, Protocol,
+};
 use fastwebsockets::Role;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -440,16 +442,21 @@ impl SessionRole for GatewayRole {
                 (core.clone(), self.handle.clone(), self.forwards.clone());
             tokio::spawn(async move {
                 let result = forwards.open(&handle, &req).await;
+                let protocol = req.protocol;
                 let (success, message) = match &result {
+                    Ok(addr) if protocol == Protocol::Udp => {
+                        (true, format!("listening on {addr}/udp"))
+                    }
                     Ok(addr) => (true, format!("listening on {addr}")),
                     Err(e) => (false, e.clone()),
                 };
-                tracing::info!(client_id = %handle.client_id, group = %handle.group, port = req.listen_port, target_host = %req.target_host, target_port = req.target_port, success, %message, "agent forward");
+                tracing::info!(client_id = %handle.client_id, group = %handle.group, port = req.listen_port, protocol = protocol.as_str(), target_host = %req.target_host, target_port = req.target_port, success, %message, "agent forward");
                 let _ = core
                     .send(Message::ForwardResponse(ForwardResponse {
                         listen_port: req.listen_port,
                         success,
                         message,
+                        protocol,
                     }))
                     .await;
             });

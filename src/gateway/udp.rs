@@ -1,7 +1,8 @@
-//! UDP on the gateway: the [`DatagramConnector`] that opens datagram flows through the
-//! agents of a user's group (behind the limits, which count each flow as a
-//! connection), and the UDP forwards (`forwards` with `protocol: udp`): one flow per
-//! client address, to the forward's target.
+//! UDP on the gateway: the [`DatagramConnector`]s that open datagram flows through the
+//! agents of a user's group ([`TunnelDatagrams`]) or through the one agent that asked
+//! for a forward ([`AgentDatagrams`]), both behind the limits, which count each flow
+//! as a connection; and the UDP forwards (`forwards` and agents' `open_ports` with
+//! `protocol: udp`): one flow per client address, to the forward's target.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,27 +14,28 @@ use bytes::Bytes;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
-use super::registry::AgentRegistry;
+use super::registry::{AgentHandle, AgentRegistry};
 use super::MAX_ATTEMPTS;
 use crate::auth::Identity;
 use crate::connect::{ConnectError, Requester};
 use crate::limits::Limits;
+use crate::metrics::GatewayMetrics;
 use crate::net::HostPort;
+use crate::policy::Policy;
 use crate::proxy::socks5_udp::{
     DatagramConnector, DatagramUpstream, Destination, OpenFuture, Reply, Route, UdpSupport,
     MAX_FLOWS_PER_ASSOCIATION,
 };
-use crate::tunnel::datagram::{DatagramLimits, DropReason, UdpStats, MAX_UDP_PAYLOAD};
+use crate::tunnel::datagram::{DatagramLimits, DropReason, MAX_UDP_PAYLOAD};
 use crate::tunnel::OpenError;
 
-/// Opens datagram flows through the least-loaded live agent of the user's group,
-/// once the limits admitted the flow.
+/// Opens datagram flows through the least-loaded live agent of the user's group, once
+/// the policy (when there is one) allowed the flow's destination, by the same rules
+/// as a TCP request, and the limits admitted it.
 pub struct TunnelDatagrams {
-    pub registry: Arc<AgentRegistry>,
-    pub limits: Arc<Limits>,
-    pub connect_timeout: Duration,
-    pub flow_limits: DatagramLimits,
-    pub stats: Arc<UdpStats>,
+    registry: Arc<AgentRegistry>,
+    policy: Option<Arc<Policy>>,
+    settings: UdpSettings,
 }
 
 impl TunnelDatagrams {
@@ -43,7 +45,16 @@ impl TunnelDatagrams {
         who: &Requester,
     ) -> Result<DatagramUpstream, ConnectError> {
         target.validate()?;
-        let grant = self.limits.admit(who).await?;
+        let allowed = match &self.policy {
+            Some(policy) => Some(crate::policy::decide(policy, target, who)?),
+            None => None,
+        };
+        let who = match &allowed {
+            Some(a) => a.requester(who),
+            None => who.clone(),
+        };
+        let s = &self.settings;
+        let grant = s.limits.admit(&who).await?;
         let mut tried = Vec::with_capacity(MAX_ATTEMPTS);
         let mut last = None;
         for _ in 0..MAX_ATTEMPTS {
@@ -51,18 +62,15 @@ impl TunnelDatagrams {
                 break;
             };
             tried.push(agent.serial);
-            let opened = agent
-                .core
-                .open_datagram(
-                    &target.host,
-                    target.port,
-                    self.connect_timeout,
-                    self.flow_limits,
-                    self.stats.clone(),
-                )
-                .await;
-            match opened {
-                Ok(flow) => return Ok(DatagramUpstream { flow, grant }),
+            match s.open_on(&agent, target).await {
+                Ok(flow) => {
+                    let mut up = DatagramUpstream::new(flow, grant);
+                    if let Some(a) = allowed {
+                        up.quota = a.quota();
+                        up.verdict = Some(a.verdict);
+                    }
+                    return Ok(up);
+                }
                 Err(OpenError::SessionClosed) => {}
                 Err(OpenError::Failed(f)) if f.code == ErrorCode::RateLimited => {
                     last = Some(ConnectError::from(f));
@@ -76,7 +84,108 @@ impl TunnelDatagrams {
 
 impl DatagramConnector for TunnelDatagrams {
     fn open<'a>(&'a self, target: &'a HostPort, who: &'a Requester) -> OpenFuture<'a> {
-        Box::pin(self.open_flow(target, who))
+        Box::pin(self.settings.counted(who, self.open_flow(target, who)))
+    }
+}
+
+/// What every datagram flow of the gateway shares: the caps, how long an agent may
+/// take to open a flow, the flows' limits, the idle timeout, and the metrics (drops,
+/// and flows refused, counted as the proxy requests not connected).
+#[derive(Clone)]
+pub struct UdpSettings {
+    pub limits: Arc<Limits>,
+    pub connect_timeout: Duration,
+    pub flow_limits: DatagramLimits,
+    pub idle_timeout: Duration,
+    pub metrics: Arc<GatewayMetrics>,
+}
+
+impl UdpSettings {
+    /// UDP support whose flows go through the least-loaded agent of a user's group,
+    /// decided by `policy` first when there is one.
+    pub fn through_groups(
+        &self,
+        registry: Arc<AgentRegistry>,
+        policy: Option<Arc<Policy>>,
+    ) -> Arc<UdpSupport> {
+        self.support(Arc::new(TunnelDatagrams {
+            registry,
+            policy,
+            settings: self.clone(),
+        }))
+    }
+
+    /// UDP support whose flows all go through `agent`'s session (its own forward).
+    pub fn through_agent(&self, agent: Arc<AgentHandle>) -> Arc<UdpSupport> {
+        self.support(Arc::new(AgentDatagrams {
+            agent,
+            settings: self.clone(),
+        }))
+    }
+
+    fn support(&self, connector: Arc<dyn DatagramConnector>) -> Arc<UdpSupport> {
+        Arc::new(UdpSupport {
+            connector,
+            idle_timeout: self.idle_timeout,
+            stats: self.metrics.udp.clone(),
+        })
+    }
+
+    /// Opens a flow to `target` on `agent`'s session.
+    async fn open_on(
+        &self,
+        agent: &AgentHandle,
+        target: &HostPort,
+    ) -> Result<crate::tunnel::datagram::DatagramFlow, OpenError> {
+        agent
+            .core
+            .open_datagram(
+                &target.host,
+                target.port,
+                self.connect_timeout,
+                self.flow_limits,
+                self.metrics.udp.clone(),
+            )
+            .await
+    }
+
+    /// `open`, with a refusal counted by group, code and reason.
+    async fn counted(
+        &self,
+        who: &Requester,
+        open: impl std::future::Future<Output = Result<DatagramUpstream, ConnectError>>,
+    ) -> Result<DatagramUpstream, ConnectError> {
+        let r = open.await;
+        if let Err(e) = &r {
+            self.metrics.connect_failed(&who.group, e);
+        }
+        r
+    }
+}
+
+/// Opens datagram flows through one agent's session (an agent's UDP forward), once
+/// the per-address limits admitted the flow. No other agent is tried: the forward is
+/// that agent's. No policy either: forwards are the operator's own routes.
+pub struct AgentDatagrams {
+    agent: Arc<AgentHandle>,
+    settings: UdpSettings,
+}
+
+impl AgentDatagrams {
+    async fn open_flow(
+        &self,
+        target: &HostPort,
+        who: &Requester,
+    ) -> Result<DatagramUpstream, ConnectError> {
+        let grant = self.settings.limits.admit(who).await?;
+        let flow = self.settings.open_on(&self.agent, target).await?;
+        Ok(DatagramUpstream::new(flow, grant))
+    }
+}
+
+impl DatagramConnector for AgentDatagrams {
+    fn open<'a>(&'a self, target: &'a HostPort, who: &'a Requester) -> OpenFuture<'a> {
+        Box::pin(self.settings.counted(who, self.open_flow(target, who)))
     }
 }
 

@@ -42,7 +42,7 @@ pub use dir::{DirError, FirstRun, PolicyDir};
 pub use error::PolicyConfigError;
 pub use jwt::JwtTokens;
 pub use managers::dwn_cons_r::{QuotaExceeded, QuotaHandle, QuotaUsage};
-pub use policy_guard::PolicyGuard;
+pub use policy_guard::{decide, Allowed, PolicyGuard};
 pub use rule::{Outcome, ParseError, Rule};
 pub use server_config::ServerConf;
 pub use token::{Claims, OpaqueTokens, TokenCodec, TokenError};

@@ -29,12 +29,10 @@ impl<C: Connector> Connector for PolicyGuard<C> {
             return self.inner.connect(target, who).await;
         };
         let decision = decide(policy, target, who)?;
-        let mut who = who.clone();
-        who.user = decision.user.as_deref().map(str::to_owned).or(who.user);
-        who.egress = decision.egress.clone();
+        let who = decision.requester(who);
         let upstream = self.inner.connect(target, &who).await?;
         Ok(upstream
-            .with_quota(decision.quota.map(|q| Arc::new(q) as Arc<dyn Quota>))
+            .with_quota(decision.quota())
             .with_verdict(decision.verdict))
     }
 
@@ -46,16 +44,37 @@ impl<C: Connector> Connector for PolicyGuard<C> {
     }
 }
 
-struct Allowed {
+/// What the rules allowed a request with: who it is (a manager may name the user),
+/// how it leaves, its download quota, and the verdict for the access line.
+pub struct Allowed {
     user: Option<Arc<str>>,
     egress: crate::connect::Egress,
     quota: Option<QuotaHandle>,
-    verdict: Arc<str>,
+    pub verdict: Arc<str>,
 }
 
-/// Runs the rules for one request; a denial names the managers reached (or the
-/// unresolved remainder of the rule).
-fn decide(policy: &Policy, target: &HostPort, who: &Requester) -> Result<Allowed, ConnectError> {
+impl Allowed {
+    /// `who` as the policy identified it.
+    pub fn requester(&self, who: &Requester) -> Requester {
+        let mut who = who.clone();
+        who.user = self.user.as_deref().map(str::to_owned).or(who.user);
+        who.egress = self.egress.clone();
+        who
+    }
+
+    /// The quota the relay counts the user's downloaded bytes against.
+    pub fn quota(&self) -> Option<Arc<dyn Quota>> {
+        self.quota.clone().map(|q| Arc::new(q) as Arc<dyn Quota>)
+    }
+}
+
+/// Runs the rules for one request (a TCP connection or a UDP flow, the same rules);
+/// a denial names the managers reached (or the unresolved remainder of the rule).
+pub fn decide(
+    policy: &Policy,
+    target: &HostPort,
+    who: &Requester,
+) -> Result<Allowed, ConnectError> {
     let decision = policy.decide(&Request {
         client_ip: who.peer.ip(),
         user: who.user.as_deref(),

@@ -30,7 +30,7 @@ use crate::connect::{Access, ConnectError, Hold, Requester};
 use crate::limits::Grant;
 use crate::net::HostPort;
 use crate::tunnel::datagram::{DatagramFlow, DropReason, UdpStats, MAX_UDP_PAYLOAD};
-use crate::tunnel::{RelayEnd, RelayStats};
+use crate::tunnel::{Quota, RelayEnd, RelayStats};
 
 /// Destinations one association may have at once; datagrams to more are dropped.
 pub const MAX_FLOWS_PER_ASSOCIATION: usize = 256;
@@ -43,6 +43,23 @@ pub struct DatagramUpstream {
     pub flow: DatagramFlow,
     /// Places under the caps and the bandwidth budgets; released when dropped.
     pub grant: Grant,
+    /// The policy's download quota: every reply counts against it, and the flow ends
+    /// when one no longer fits (a datagram is never cut).
+    pub quota: Option<Arc<dyn Quota>>,
+    /// The policy's verdict, for the access line.
+    pub verdict: Option<Arc<str>>,
+}
+
+impl DatagramUpstream {
+    /// A flow admitted by the limits alone (no policy).
+    pub fn new(flow: DatagramFlow, grant: Grant) -> Self {
+        DatagramUpstream {
+            flow,
+            grant,
+            quota: None,
+            verdict: None,
+        }
+    }
 }
 
 pub type OpenFuture<'a> =
@@ -333,13 +350,14 @@ impl DestTask {
         let t = up.flow.totals();
         access()
             .via(&via)
+            .policy(up.verdict.as_deref())
             .datagrams(t.sent, t.received)
             .relayed(RelayStats {
                 sent: t.sent_bytes,
                 received: t.received_bytes,
-                ended_by: (end == "idle timeout").then_some(RelayEnd::IdleTimeout),
+                ended_by: end.relay_end(),
             });
-        up.flow.close(end).await;
+        up.flow.close(end.as_str()).await;
     }
 
     /// Until the association ends or the client stops sending to a destination that
@@ -364,20 +382,25 @@ impl DestTask {
         up: &DatagramUpstream,
         rx: &mut mpsc::Receiver<Bytes>,
         stop: &CancellationToken,
-    ) -> &'static str {
+    ) -> DestEnd {
         let flow = &up.flow;
         let quiet = flow.idle(self.support.idle_timeout);
         tokio::pin!(quiet);
         loop {
             tokio::select! {
                 d = rx.recv() => {
-                    let Some(d) = d else { return "association ended" };
+                    let Some(d) = d else { return DestEnd::Ended };
                     self.queued.fetch_sub(d.len(), Ordering::Relaxed);
                     pace(&up.grant, d.len()).await;
                     flow.send(d);
                 }
                 d = flow.recv() => {
-                    let Some(d) = d else { return "closed" };
+                    let Some(d) = d else { return DestEnd::Closed };
+                    if let Some(cut) = up.quota.as_ref().and_then(|q| q.admit(d.len()).err()) {
+                        flow.dropped(DropReason::Quota);
+                        tracing::info!(target = %self.route.target, reason = %cut.reason, "ending a udp flow at its quota");
+                        return DestEnd::Quota;
+                    }
                     pace(&up.grant, d.len()).await;
                     let header = &self.route.header;
                     let sent = if header.is_empty() {
@@ -393,9 +416,40 @@ impl DestTask {
                         Err(_) => flow.dropped(DropReason::SendFailed),
                     }
                 }
-                _ = &mut quiet => return "idle timeout",
-                _ = stop.cancelled() => return "association ended",
+                _ = &mut quiet => return DestEnd::Idle,
+                _ = stop.cancelled() => return DestEnd::Ended,
             }
+        }
+    }
+}
+
+/// Why a destination's flow ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DestEnd {
+    /// The association (or the forward) ended.
+    Ended,
+    /// The agent closed it.
+    Closed,
+    Idle,
+    /// A reply did not fit the user's download quota.
+    Quota,
+}
+
+impl DestEnd {
+    fn as_str(self) -> &'static str {
+        match self {
+            DestEnd::Ended => "association ended",
+            DestEnd::Closed => "closed",
+            DestEnd::Idle => "idle timeout",
+            DestEnd::Quota => RelayEnd::QuotaExceeded.as_str(),
+        }
+    }
+
+    fn relay_end(self) -> Option<RelayEnd> {
+        match self {
+            DestEnd::Idle => Some(RelayEnd::IdleTimeout),
+            DestEnd::Quota => Some(RelayEnd::QuotaExceeded),
+            DestEnd::Ended | DestEnd::Closed => None,
         }
     }
 }

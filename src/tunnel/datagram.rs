@@ -56,10 +56,13 @@ pub enum DropReason {
     Refused,
     /// The local socket refused it (an ICMP error, a full send buffer).
     SendFailed,
+    /// A reply that no longer fit the user's download quota (the policy's); its flow
+    /// ends with it.
+    Quota,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::QueueFull,
         DropReason::SessionBusy,
         DropReason::Oversize,
@@ -68,6 +71,7 @@ impl DropReason {
         DropReason::Malformed,
         DropReason::Refused,
         DropReason::SendFailed,
+        DropReason::Quota,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -78,6 +82,7 @@ impl DropReason {
             DropReason::ForeignSource => "foreign_source",
             DropReason::Fragmented => "fragmented",
             DropReason::Malformed => "malformed",
+            DropReason::Quota => "quota",
             DropReason::Refused => "refused",
             DropReason::SendFailed => "send_failed",
         }

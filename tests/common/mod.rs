@@ -693,6 +693,62 @@ fn slow_body(spec: &str) -> hyper::Response<BoxBody> {
     resp
 }
 
+/// A TCP echo on 127.0.0.1: every byte back, then a half-close after the client's end
+/// of stream.
+pub async fn echo_target() -> SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A PMProxy config dir for `gateway.policy`: the rule `quota ∧ ¬blocked`, where
+/// `blocked` matches `blocked_port` and `quota` gives the staff group (huser, suser)
+/// `quota` of download; its API on `api_port`.
+pub fn policy_dir(blocked_port: u16, quota: &str, api_port: u16) -> tempfile::TempDir {
+    let managers = format!(
+        r#"
+rules = "quota ∧ ¬blocked"
+
+[mapDB]
+name = "users"
+[mapDB.userPass]
+huser = "unused-here"
+suser = "unused-here"
+[mapDB.userGroups]
+huser = ["staff"]
+suser = ["staff"]
+
+[[hostMatcher]]
+name = "blocked"
+pattern = ':{blocked_port}$'
+
+[[dwnConsR]]
+name = "quota"
+userDBN = "users"
+resetCycle = "24h"
+[dwnConsR.groupQuota]
+staff = "{quota}"
+"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("managers.toml"), managers).unwrap();
+    let server = anyproxy::policy::server_config::DEFAULT_SERVER_TOML
+        .replace("127.0.0.1:4443", &format!("127.0.0.1:{api_port}"))
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{}", free_port()));
+    std::fs::write(dir.path().join("server.toml"), server).unwrap();
+    dir
+}
+
 /// Plain HTTP target on 127.0.0.1.
 pub async fn http_target() -> SocketAddr {
     serve_target(None).await
