@@ -696,19 +696,7 @@ fn slow_body(spec: &str) -> hyper::Response<BoxBody> {
 /// A TCP echo on 127.0.0.1: every byte back, then a half-close after the client's end
 /// of stream.
 pub async fn echo_target() -> SocketAddr {
-    use tokio::io::AsyncWriteExt;
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
+    echo_target_on("127.0.0.1").await
 }
 
 /// A PMProxy config dir for `gateway.policy`: the rule `quota ∧ ¬blocked`, where
@@ -887,16 +875,18 @@ pub async fn firehose_target(written: Arc<AtomicU64>, block: Arc<Vec<u8>>) -> So
     addr
 }
 
-/// A TCP echo server on `ip` (`127.0.0.2` is another loopback target than
-/// `127.0.0.1`), keeping every connection until its client leaves.
+/// [`echo_target`] on `ip` (`127.0.0.2` is another loopback target than `127.0.0.1`),
+/// keeping every connection until its client leaves.
 pub async fn echo_target_on(ip: &str) -> SocketAddr {
+    use tokio::io::AsyncWriteExt;
     let listener = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
+        while let Ok((s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
+                let (mut r, mut w) = s.into_split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
             });
         }
     });
