@@ -323,6 +323,22 @@ async fn iperf3(
     d: Direction,
     server: &mut Proc,
 ) -> Result<f64> {
+    let mut attempt = 0;
+    loop {
+        match iperf3_once(env, port, streams, d, server).await {
+            Err(e) if procs::iperf3_busy(&e, &mut attempt).await => {}
+            other => return other,
+        }
+    }
+}
+
+async fn iperf3_once(
+    env: &Env,
+    port: u16,
+    streams: usize,
+    d: Direction,
+    server: &mut Proc,
+) -> Result<f64> {
     let secs = env.knobs.bulk_secs;
     let mut cmd = procs::command(&env.iperf3);
     cmd.args(["-c", "127.0.0.1", "-J"])

@@ -278,3 +278,19 @@ pub fn which(name: &str) -> Option<std::path::PathBuf> {
             .find(|p| p.is_file())
     })
 }
+
+/// How often an iperf3 run is tried again while its server still says it is busy.
+const IPERF3_BUSY_RETRIES: u32 = 10;
+
+/// Whether `e` is iperf3's "the server is busy running a test" and one more try (after
+/// a second's pause, counted in `attempt`) is allowed. The server serves one test at a
+/// time and ends the last one only once all its data connections closed, which through
+/// a tunnel can trail the client's exit.
+pub async fn iperf3_busy(e: &anyhow::Error, attempt: &mut u32) -> bool {
+    if *attempt >= IPERF3_BUSY_RETRIES || !e.to_string().contains("server is busy") {
+        return false;
+    }
+    *attempt += 1;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    true
+}

@@ -367,8 +367,8 @@ async fn iperf3_udp(env: &Env, report: &mut Report, server: &mut IperfServer) ->
         &["route", "offered/s", "received/s", "loss %", "x direct received"],
     );
     for rate in IPERF_RATES {
-        let direct = iperf3_once(env, server.port, rate, secs, &mut server.proc).await?;
-        let fwd = iperf3_once(env, server.forward_port, rate, secs, &mut server.proc).await?;
+        let direct = iperf3_retried(env, server.port, rate, secs, &mut server.proc).await?;
+        let fwd = iperf3_retried(env, server.forward_port, rate, secs, &mut server.proc).await?;
         for (route, r) in [("direct", &direct), ("anyproxy binary udp forward", &fwd)] {
             t.rows.push(vec![
                 Cell::text(route),
@@ -393,6 +393,23 @@ impl IperfUdp {
 
     fn loss(&self) -> f64 {
         self.lost as f64 / self.packets.max(1) as f64
+    }
+}
+
+/// [`iperf3_once`], again while the server is still busy with the last run.
+async fn iperf3_retried(
+    env: &Env,
+    port: u16,
+    rate: u64,
+    secs: u64,
+    server: &mut crate::procs::Proc,
+) -> Result<IperfUdp> {
+    let mut attempt = 0;
+    loop {
+        match iperf3_once(env, port, rate, secs, server).await {
+            Err(e) if crate::procs::iperf3_busy(&e, &mut attempt).await => {}
+            other => return other,
+        }
     }
 }
 
