@@ -10,6 +10,7 @@ pub mod mem;
 pub mod policy_rule;
 pub mod proxy_header;
 pub mod socks5;
+pub mod udp_header;
 pub mod ws_frame;
 pub mod ws_handshake;
 
@@ -25,6 +26,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("policy_rule", policy_rule::check),
     ("proxy_header", proxy_header::check),
     ("socks5", socks5::check),
+    ("udp_header", udp_header::check),
     ("ws_frame", ws_frame::check),
     ("ws_handshake", ws_handshake::check),
 ];
