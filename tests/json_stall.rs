@@ -45,34 +45,6 @@ async fn deaf_target(accepted: Arc<AtomicU64>) -> SocketAddr {
     addr
 }
 
-/// CONNECT through the HTTP proxy; returns the socket once the proxy answered 200.
-async fn http_connect(stack: &Stack, target: SocketAddr) -> TcpStream {
-    use base64::Engine;
-    let mut s = TcpStream::connect(("127.0.0.1", stack.http_port))
-        .await
-        .unwrap();
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{HTTP_USER}:{HTTP_PASS}"));
-    let req = format!(
-        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {auth}\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    // Up to the end of the answer's head, one byte at a time: nothing of the tunnel's
-    // data is read here.
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut b))
-            .await
-            .expect("the proxy answers the CONNECT")
-            .unwrap();
-        assert_eq!(n, 1, "the proxy closed: {}", String::from_utf8_lossy(&head));
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    s
-}
-
 /// Other users of the same agent: five new requests, each answered in full.
 async fn others_are_served(stack: &Stack, plain: SocketAddr) {
     let proxy = stack.http_proxy();
@@ -109,7 +81,7 @@ async fn a_user_who_stops_reading_costs_only_themselves() {
     // One user opens a download of up to 1 GiB through the HTTP proxy and never reads.
     let written = Arc::new(AtomicU64::new(0));
     let hose = firehose_target(written.clone(), Arc::new(pattern(1 << 20, 5))).await;
-    let mut stalled = http_connect(&stack, hose).await;
+    let mut stalled = http_connect_as(&stack, HTTP_USER, HTTP_PASS, hose).await;
     let held = wait_until_still(&written).await;
     assert!(held > 0, "the stalled connection never carried anything");
 

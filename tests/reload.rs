@@ -450,39 +450,6 @@ async fn sighup_applies_the_log_level() {
     stack.wait_for_log("gateway", "relay finished", 1).await;
 }
 
-/// A CONNECT through the HTTP proxy as `user`, answered 200; the tunnel is the stream.
-async fn http_connect(
-    stack: &Stack,
-    user: &str,
-    pass: &str,
-    target: std::net::SocketAddr,
-) -> tokio::net::TcpStream {
-    use base64::Engine;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", stack.http_port))
-        .await
-        .unwrap();
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
-    let req = format!(
-        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {auth}\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    // The answer's head, byte by byte: nothing of the tunnel is read past it.
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
-            .await
-            .expect("an answer to CONNECT within 10 s")
-            .unwrap();
-        assert!(n == 1 && head.len() < 4096, "{head:?}");
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    s
-}
-
 /// One plain-HTTP GET of `target`'s `/` as `user` on a kept-alive proxy connection;
 /// the answer's status (the target answers `hello`, the proxy's refusals a short text).
 async fn get_on(
@@ -555,7 +522,7 @@ async fn a_removed_users_live_connections_close_and_other_users_finish() {
     stack.wait_for_agent().await;
     let echo = common::echo_target_on("127.0.0.1").await;
     let mut bob_socks = stack.socks5_as("bob", "bob-pw", echo).await.unwrap();
-    let mut bob_connect = http_connect(&stack, "bob", "bob-pw", echo).await;
+    let mut bob_connect = common::http_connect_as(&stack, "bob", "bob-pw", echo).await;
     let mut alice_socks = stack.socks5_as("alice", "alice-pw", echo).await.unwrap();
     let hello = common::http_target().await;
     let mut bob_kept = tokio::net::TcpStream::connect(("127.0.0.1", stack.http_port))

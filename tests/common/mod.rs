@@ -951,3 +951,40 @@ pub async fn assert_downloaded_whole(download: tokio::task::JoinHandle<(i32, Vec
     assert_eq!(body.len(), SLOW_DOWNLOAD);
     assert_eq!(sha256_hex(&body), sha256_hex(&pattern(SLOW_DOWNLOAD, 7)));
 }
+
+/// A CONNECT through the HTTP proxy as `user`, answered 200; the tunnel is the stream.
+/// The answer's head is read byte by byte, so nothing of the tunnel is read past it.
+pub async fn http_connect_as(
+    stack: &Stack,
+    user: &str,
+    pass: &str,
+    target: SocketAddr,
+) -> tokio::net::TcpStream {
+    use base64::Engine;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", stack.http_port))
+        .await
+        .unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    let req = format!(
+        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {auth}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut b))
+            .await
+            .expect("the proxy answers the CONNECT within 30 s")
+            .unwrap();
+        assert!(
+            n == 1 && head.len() < 4096,
+            "the proxy closed or sent an overlong head: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s
+}
