@@ -18,10 +18,11 @@
 //! did not grow during the outage).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 
@@ -125,6 +126,8 @@ pub(crate) struct Leases {
 /// leased reach it, so waiting relays are served in order and none is overtaken.
 #[derive(Debug)]
 struct LeaseAccount {
+    /// The rate asked of the store, and as a float for the waits.
+    rate: u64,
     per_sec: f64,
     slice: u64,
     reserved: u64,
@@ -138,6 +141,7 @@ struct LeaseAccount {
 impl LeaseAccount {
     fn new(per_sec: u64, slice: u64) -> Self {
         LeaseAccount {
+            rate: per_sec,
             per_sec: per_sec.max(1) as f64,
             slice: slice.max(1),
             reserved: 0,
@@ -208,6 +212,16 @@ impl LeaseAccount {
             .reserve(want as f64, now)
     }
 
+    /// Takes a new rate and slice (a reload), keeping the counters: bytes leased or
+    /// owed stay so, and the next lease asks the store at the new rate. An outage's
+    /// own bucket starts again at the new rate.
+    fn retune(&mut self, per_sec: u64, slice: u64) {
+        self.rate = per_sec;
+        self.per_sec = per_sec.max(1) as f64;
+        self.slice = slice.max(1);
+        self.fallback = None;
+    }
+
     /// The task's end when its bucket is gone or cannot be leased for.
     fn stop(&mut self) {
         self.leasing = false;
@@ -219,7 +233,6 @@ struct Leased {
     account: Mutex<LeaseAccount>,
     leases: Leases,
     key: String,
-    per_sec: u64,
 }
 
 enum Source {
@@ -232,6 +245,13 @@ enum Source {
 struct SharedBucket {
     source: Source,
     scope: Scope,
+    /// Its cap was removed by a reload: the connections still holding it move freely.
+    off: AtomicBool,
+}
+
+/// The bytes of one lease: `budget_slice` of a second at the rate.
+fn slice_of(bytes_per_sec: u64, leases: &Leases) -> u64 {
+    (bytes_per_sec as f64 * leases.slice).ceil() as u64
 }
 
 impl SharedBucket {
@@ -245,22 +265,49 @@ impl SharedBucket {
                     Instant::now(),
                 )))
             }
-            Some(leases) => {
-                let slice = (bytes_per_sec as f64 * leases.slice).ceil() as u64;
-                Source::Leased(Leased {
-                    account: Mutex::new(LeaseAccount::new(bytes_per_sec, slice)),
-                    key: leases.leaser.budget_key(scope.key_part(), name),
-                    leases: leases.clone(),
-                    per_sec: bytes_per_sec,
-                })
-            }
+            Some(leases) => Source::Leased(Leased {
+                account: Mutex::new(LeaseAccount::new(
+                    bytes_per_sec,
+                    slice_of(bytes_per_sec, leases),
+                )),
+                key: leases.leaser.budget_key(scope.key_part(), name),
+                leases: leases.clone(),
+            }),
         };
-        Arc::new(SharedBucket { source, scope })
+        Arc::new(SharedBucket {
+            source,
+            scope,
+            off: AtomicBool::new(false),
+        })
+    }
+
+    /// A new rate (a reload), for the connections drawing from it now and later,
+    /// from their next reservation on.
+    fn retune(&self, bytes_per_sec: u64) {
+        match &self.source {
+            Source::Local(bucket) => {
+                let rate = bytes_per_sec as f64;
+                bucket
+                    .lock()
+                    .retune(rate, rate * BURST_SECS, Instant::now());
+            }
+            Source::Leased(leased) => {
+                let slice = slice_of(bytes_per_sec, &leased.leases);
+                leased.account.lock().retune(bytes_per_sec, slice);
+            }
+        }
+    }
+
+    fn is_off(&self) -> bool {
+        self.off.load(Ordering::Relaxed)
     }
 
     /// Reserves `n` bytes: the wait, and the ticket of leased bytes (0 for a local
     /// bucket, whose wait is exact).
     fn reserve(self: &Arc<Self>, n: usize, now: Instant) -> (Duration, u64) {
+        if self.is_off() {
+            return (Duration::ZERO, 0);
+        }
         match &self.source {
             Source::Local(bucket) => (bucket.lock().reserve(n as f64, now), 0),
             Source::Leased(leased) => {
@@ -278,6 +325,9 @@ impl SharedBucket {
 
     /// Starts a lease task too if none runs (one could not be spawned before).
     fn pending(self: &Arc<Self>, ticket: u64) -> Duration {
+        if self.is_off() {
+            return Duration::ZERO;
+        }
         match &self.source {
             Source::Local(_) => Duration::ZERO,
             Source::Leased(leased) => {
@@ -320,14 +370,14 @@ async fn lease_task(bucket: Weak<SharedBucket>) {
         let Source::Leased(leased) = &strong.source else {
             return;
         };
-        let (want, slice) = {
+        let (want, slice, per_sec) = {
             let mut account = leased.account.lock();
             match account.want() {
-                Some(want) => (want, account.slice),
+                Some(want) => (want, account.slice, account.rate),
                 None => return,
             }
         };
-        let (leases, key, per_sec) = (leased.leases.clone(), leased.key.clone(), leased.per_sec);
+        let (leases, key) = (leased.leases.clone(), leased.key.clone());
         drop(strong);
         let leaser = leases.leaser.as_ref();
         let answer = if leaser.store_is_up() {
@@ -416,18 +466,26 @@ impl Pace for Pacer {
 }
 
 /// User buckets live while a connection of that user does: the map holds weak
-/// references, pruned when it has doubled since the last prune.
+/// references, pruned when it has doubled since the last prune. The per-user rate
+/// sits under the same lock, so that a bucket is never made at a rate a reload has
+/// just replaced.
 struct UserBuckets {
+    rate: Option<u64>,
     by_name: HashMap<Arc<str>, Weak<SharedBucket>>,
     next_prune: usize,
 }
 
 const FIRST_PRUNE: usize = 1024;
 
-pub struct Bandwidth {
+/// What the caps are now; a reload swaps it whole.
+struct Rules {
     per_user: Option<u64>,
-    users: Mutex<UserBuckets>,
     groups: HashMap<String, Arc<SharedBucket>>,
+}
+
+pub struct Bandwidth {
+    rules: ArcSwap<Rules>,
+    users: Mutex<UserBuckets>,
     leases: Option<Leases>,
     stats: Arc<LimitStats>,
 }
@@ -441,35 +499,74 @@ impl Bandwidth {
         stats: Arc<LimitStats>,
         leases: Option<Leases>,
     ) -> Self {
-        Bandwidth {
-            per_user,
+        let bw = Bandwidth {
+            rules: ArcSwap::from_pointee(Rules {
+                per_user: None,
+                groups: HashMap::new(),
+            }),
             users: Mutex::new(UserBuckets {
+                rate: None,
                 by_name: HashMap::new(),
                 next_prune: FIRST_PRUNE,
             }),
-            groups: per_group
-                .into_iter()
-                .map(|(g, rate)| {
-                    let bucket = SharedBucket::new(rate, Scope::Group, &g, leases.as_ref());
-                    (g, bucket)
-                })
-                .collect(),
             leases,
             stats,
+        };
+        bw.reconfigure(per_user, per_group);
+        bw
+    }
+
+    /// New caps (a reload). A changed rate applies to the live connections under it
+    /// from their next reservation; a removed cap stops pacing them; a cap added
+    /// applies to connections admitted from now on (the others hold no budget of it).
+    pub(crate) fn reconfigure(
+        &self,
+        per_user: Option<u64>,
+        per_group: impl IntoIterator<Item = (String, u64)>,
+    ) {
+        let old = self.rules.load_full();
+        let mut groups = HashMap::new();
+        for (g, rate) in per_group {
+            let bucket = match old.groups.get(&g) {
+                Some(kept) => {
+                    kept.retune(rate);
+                    kept.clone()
+                }
+                None => SharedBucket::new(rate, Scope::Group, &g, self.leases.as_ref()),
+            };
+            groups.insert(g, bucket);
+        }
+        for (g, bucket) in &old.groups {
+            if !groups.contains_key(g) {
+                bucket.off.store(true, Ordering::Relaxed);
+            }
+        }
+        self.rules.store(Arc::new(Rules { per_user, groups }));
+        let mut users = self.users.lock();
+        users.rate = per_user;
+        let live = users.by_name.values().filter_map(Weak::upgrade);
+        match per_user {
+            Some(rate) => live.for_each(|b| b.retune(rate)),
+            None => live.for_each(|b| b.off.store(true, Ordering::Relaxed)),
+        }
+        if per_user.is_none() {
+            users.by_name.clear();
         }
     }
 
     pub fn is_unlimited(&self) -> bool {
-        self.per_user.is_none() && self.groups.is_empty()
+        let rules = self.rules.load();
+        rules.per_user.is_none() && rules.groups.is_empty()
     }
 
     /// What a connection of `user` in `group` draws from; `None` when nothing caps it.
     pub fn pacer(&self, user: Option<&str>, group: &str) -> Option<Pacer> {
-        let user = match (self.per_user, user) {
-            (Some(rate), Some(name)) => Some(self.user_bucket(name, rate)),
+        let rules = self.rules.load();
+        let user = match (rules.per_user, user) {
+            (Some(_), Some(name)) => self.user_bucket(name),
             _ => None,
         };
-        let group = self.groups.get(group).cloned();
+        let group = rules.groups.get(group).cloned();
         if user.is_none() && group.is_none() {
             return None;
         }
@@ -481,10 +578,12 @@ impl Bandwidth {
         })
     }
 
-    fn user_bucket(&self, name: &str, rate: u64) -> Arc<SharedBucket> {
+    /// `name`'s bucket, at the rate under the lock (none: a reload just removed it).
+    fn user_bucket(&self, name: &str) -> Option<Arc<SharedBucket>> {
         let mut users = self.users.lock();
+        let rate = users.rate?;
         if let Some(live) = users.by_name.get(name).and_then(Weak::upgrade) {
-            return live;
+            return Some(live);
         }
         if users.by_name.len() >= users.next_prune {
             users.by_name.retain(|_, w| w.strong_count() > 0);
@@ -494,7 +593,7 @@ impl Bandwidth {
         users
             .by_name
             .insert(Arc::from(name), Arc::downgrade(&bucket));
-        bucket
+        Some(bucket)
     }
 }
 
@@ -534,6 +633,42 @@ mod tests {
                 .load(std::sync::atomic::Ordering::Relaxed),
             2
         );
+    }
+
+    #[test]
+    fn a_changed_rate_paces_live_connections_from_their_next_reservation() {
+        let bw = Bandwidth::new(Some(1000), [("office".into(), 1000)], Arc::default(), None);
+        let user = bw.pacer(Some("alice"), "default").unwrap();
+        let group = bw.pacer(None, "office").unwrap();
+        assert_eq!(user.reserve(100), Duration::ZERO);
+        assert_eq!(group.reserve(100), Duration::ZERO);
+        bw.reconfigure(Some(1_000_000), [("office".into(), 1_000_000)]);
+        // 5000 bytes: 5 s at the old rate, 5 ms at the new one.
+        for live in [&user, &group] {
+            let wait = live.reserve(5000);
+            assert!(wait < Duration::from_millis(100), "{wait:?}");
+        }
+        bw.reconfigure(Some(1000), [("office".into(), 1000)]);
+        assert!(user.reserve(5000) > Duration::from_secs(1), "lowered too");
+    }
+
+    #[test]
+    fn a_removed_cap_frees_live_connections_and_an_added_one_caps_new_ones() {
+        let bw = Bandwidth::new(Some(1000), [("office".into(), 1000)], Arc::default(), None);
+        let user = bw.pacer(Some("alice"), "default").unwrap();
+        let group = bw.pacer(None, "office").unwrap();
+        bw.reconfigure(None, []);
+        assert!(bw.is_unlimited());
+        assert!(bw.pacer(Some("alice"), "office").is_none());
+        for live in [&user, &group] {
+            assert_eq!(live.reserve(1 << 20), Duration::ZERO);
+            assert_eq!(live.pending(), Duration::ZERO);
+        }
+        bw.reconfigure(Some(1000), [("office".into(), 1000)]);
+        let new = bw.pacer(Some("alice"), "office").unwrap();
+        assert_eq!(new.reserve(100), Duration::ZERO);
+        assert!(new.reserve(1000) > Duration::ZERO, "the new cap holds");
+        assert_eq!(user.reserve(1 << 20), Duration::ZERO, "the old one is gone");
     }
 
     #[test]

@@ -58,6 +58,19 @@ impl TokenBucket {
         }
     }
 
+    /// Takes a new rate and burst (a reload), keeping what is held: tokens earned so far
+    /// at the old rate stay (down to the new burst), and a debt stays owed.
+    pub fn retune(&mut self, rate: f64, capacity: f64, now: Instant) {
+        let capacity = capacity.max(1.0);
+        if rate == self.rate && capacity == self.capacity {
+            return;
+        }
+        self.refill(now);
+        self.rate = rate;
+        self.capacity = capacity;
+        self.tokens = self.tokens.min(capacity);
+    }
+
     /// Full again: forgetting this bucket loses nothing.
     pub fn is_full(&mut self, now: Instant) -> bool {
         self.refill(now);
@@ -101,6 +114,22 @@ mod tests {
         // Once the time has passed, the debt is repaid and the bucket refills.
         assert_eq!(b.reserve(0.0, t0 + ms(1000)), Duration::ZERO);
         assert!(b.is_full(t0 + ms(1100)));
+    }
+
+    #[test]
+    fn a_retuned_bucket_keeps_its_debt_and_refills_at_the_new_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(1000.0, 100.0, t0);
+        assert_eq!(b.reserve(600.0, t0), ms(500));
+        b.retune(100.0, 10.0, t0);
+        // The 500 owed, now repaid at 100 per second.
+        assert_eq!(b.reserve(0.0, t0), ms(5000));
+        b.retune(1000.0, 1000.0, t0 + ms(5000));
+        assert!(
+            !b.is_full(t0 + ms(5000)),
+            "a larger burst is earned, not given"
+        );
+        assert!(b.is_full(t0 + ms(6000)));
     }
 
     #[test]

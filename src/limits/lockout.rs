@@ -6,6 +6,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
+use super::throttle::Params;
 use super::AuthThrottle;
 use crate::cluster::Cluster;
 use crate::config::StoreFailureMode;
@@ -33,9 +36,8 @@ struct Shared {
     cluster: Arc<Cluster>,
     /// Which password checks these are (`proxy`, `agent`): each scope locks apart.
     scope: &'static str,
-    max_failures: u32,
-    window: Duration,
-    lockout: Duration,
+    /// What the store is told to count with: this node's parameters.
+    params: ArcSwap<Params>,
 }
 
 impl Lockout {
@@ -50,9 +52,11 @@ impl Lockout {
             shared: cluster.map(|(cluster, scope)| Shared {
                 cluster: cluster.clone(),
                 scope,
-                max_failures,
-                window,
-                lockout,
+                params: ArcSwap::from_pointee(Params {
+                    max_failures,
+                    window,
+                    lockout,
+                }),
             }),
         }
     }
@@ -83,12 +87,22 @@ impl Lockout {
         let Some(s) = &self.shared else {
             return here;
         };
+        let p = **s.params.load();
         let there = s
             .cluster
-            .auth_failure(s.scope, ip, s.max_failures, s.window, s.lockout)
+            .auth_failure(s.scope, ip, p.max_failures, p.window, p.lockout)
             .await
             .unwrap_or(false);
         here || there
+    }
+
+    /// Takes new parameters (a reload), keeping the failures counted here; the
+    /// store's counts are kept and read with the new parameters from the next failure.
+    pub fn retune(&self, params: Params) {
+        self.local.retune(params);
+        if let Some(s) = &self.shared {
+            s.params.store(Arc::new(params));
+        }
     }
 
     /// Clears the address's failures; the store is told in the background, off the

@@ -17,20 +17,55 @@ struct Record {
     locked_until: Option<Instant>,
 }
 
+/// When an address is locked out, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Params {
+    pub max_failures: u32,
+    pub window: Duration,
+    pub lockout: Duration,
+}
+
+/// The parameters sit beside the records, under the one lock every check takes
+/// anyway, so that a reload changes them without adding a lock.
+struct Records {
+    params: Params,
+    by_ip: HashMap<IpAddr, Record>,
+}
+
 pub struct AuthThrottle {
-    max_failures: u32,
-    window: Duration,
-    lockout: Duration,
-    records: Mutex<HashMap<IpAddr, Record>>,
+    records: Mutex<Records>,
 }
 
 impl AuthThrottle {
     pub fn new(max_failures: u32, window: Duration, lockout: Duration) -> Self {
         AuthThrottle {
-            max_failures: max_failures.max(1),
-            window,
-            lockout,
-            records: Mutex::new(HashMap::new()),
+            records: Mutex::new(Records {
+                params: Params {
+                    max_failures: max_failures.max(1),
+                    window,
+                    lockout,
+                },
+                by_ip: HashMap::new(),
+            }),
+        }
+    }
+
+    /// Takes new parameters (a reload), keeping the failures counted so far: an
+    /// address at or above a lowered `max_failures` is locked by its next failure,
+    /// and a lockout under way ends no later than `lockout` from now.
+    pub fn retune(&self, params: Params) {
+        let params = Params {
+            max_failures: params.max_failures.max(1),
+            ..params
+        };
+        let now = Instant::now();
+        let mut records = self.records.lock();
+        records.params = params;
+        let latest = now + params.lockout;
+        for r in records.by_ip.values_mut() {
+            if let Some(until) = &mut r.locked_until {
+                *until = (*until).min(latest);
+            }
         }
     }
 
@@ -40,6 +75,7 @@ impl AuthThrottle {
         let now = Instant::now();
         self.records
             .lock()
+            .by_ip
             .get(&ip)
             .and_then(|r| r.locked_until)
             .is_some_and(|until| until > now)
@@ -50,9 +86,11 @@ impl AuthThrottle {
         // An IPv4 client seen through a dual-stack socket must not get a second count.
         let ip = ip.to_canonical();
         let now = Instant::now();
-        let mut records = self.records.lock();
+        let mut guard = self.records.lock();
+        let Records { params, by_ip } = &mut *guard;
+        let records = by_ip;
         if records.len() >= MAX_TRACKED && !records.contains_key(&ip) {
-            let (window, lockout) = (self.window, self.lockout);
+            let (window, lockout) = (params.window, params.lockout);
             records.retain(|_, r| {
                 now.duration_since(r.window_start) < window.max(lockout)
                     || r.locked_until.is_some_and(|u| u > now)
@@ -72,13 +110,13 @@ impl AuthThrottle {
             window_start: now,
             locked_until: None,
         });
-        if now.duration_since(r.window_start) > self.window {
+        if now.duration_since(r.window_start) > params.window {
             r.failures = 0;
             r.window_start = now;
         }
         r.failures += 1;
-        if r.failures >= self.max_failures {
-            r.locked_until = Some(now + self.lockout);
+        if r.failures >= params.max_failures {
+            r.locked_until = Some(now + params.lockout);
             r.failures = 0;
             r.window_start = now;
             return true;
@@ -87,7 +125,7 @@ impl AuthThrottle {
     }
 
     pub fn success(&self, ip: IpAddr) {
-        self.records.lock().remove(&ip.to_canonical());
+        self.records.lock().by_ip.remove(&ip.to_canonical());
     }
 
     /// Addresses locked out now (for a gauge; walks the table, so scrape-time only).
@@ -95,6 +133,7 @@ impl AuthThrottle {
         let now = Instant::now();
         self.records
             .lock()
+            .by_ip
             .values()
             .filter(|r| r.locked_until.is_some_and(|u| u > now))
             .count()
@@ -121,5 +160,32 @@ mod tests {
         assert!(!t.is_locked(other));
         std::thread::sleep(Duration::from_millis(80));
         assert!(!t.is_locked(ip));
+    }
+
+    #[test]
+    fn a_retune_keeps_the_failures_counted_and_shortens_a_lockout_under_way() {
+        let minute = Duration::from_secs(60);
+        let t = AuthThrottle::new(5, minute, minute);
+        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        for _ in 0..5 {
+            t.failure(a);
+        }
+        assert!(t.is_locked(a));
+        for _ in 0..3 {
+            assert!(!t.failure(b));
+        }
+        t.retune(Params {
+            max_failures: 2,
+            window: minute,
+            lockout: Duration::from_millis(30),
+        });
+        assert!(t.is_locked(a), "a lockout under way is kept");
+        assert!(
+            t.failure(b),
+            "three counted before, two allowed now: locked"
+        );
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!t.is_locked(a), "the shorter lockout ends it");
+        assert!(!t.is_locked(b));
     }
 }
