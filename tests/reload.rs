@@ -575,3 +575,112 @@ async fn a_removed_users_live_connections_close_and_other_users_finish() {
     round_trip(&mut alice_socks, b"after the reload").await;
     common::assert_downloaded_whole(download).await;
 }
+
+/// A reload that lowers `gateway.limits.per_user.max_concurrent` to the connections a
+/// user has open closes none of them: a 64 MiB download runs on to the last byte, the
+/// user's next connection is refused as any over the cap is, and once the download
+/// ends one is admitted again. An invalid value reloaded changes nothing.
+#[tokio::test]
+async fn a_reload_tightens_a_users_cap_under_a_live_download() {
+    let admin = free_port();
+    let stack = Stack::start(StackOptions {
+        gateway_extra: vec![
+            format!("admin_addr: \"127.0.0.1:{admin}\""),
+            "limits:\n    per_user: { max_concurrent: 10 }".into(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let pid = stack.gateway.0.id().unwrap();
+    let target = common::http_target().await;
+    // 4096 chunks of 16 KiB, 2 ms apart: 64 MiB over at least 8 s.
+    let chunks = common::SLOW_DOWNLOAD / common::SLOW_CHUNK;
+    let slow = format!("http://{target}/slow/{chunks}/2");
+    let proxy = stack.http_proxy();
+    let download = {
+        let (proxy, slow) = (proxy.clone(), slow.clone());
+        tokio::spawn(async move { common::curl(&["-x", &proxy, &slow]).await })
+    };
+    common::wait_for_slow_requests(target, 1).await;
+
+    let config = stack.certs.dir.path().join("config.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let one = text.replace("max_concurrent: 10", "max_concurrent: 1");
+    assert_ne!(one, text);
+    std::fs::write(&config, &one).unwrap();
+    signal(pid, "HUP");
+    stack
+        .wait_for_log("gateway", "configuration reloaded", 1)
+        .await;
+    let log = stack.log("gateway");
+    assert!(
+        log.contains("gateway.limits.per_user.max_concurrent changed from 10 to 1"),
+        "{log}"
+    );
+    assert!(!log.contains("key=\"gateway.limits\""), "{log}");
+
+    let url = format!("http://{target}/");
+    let (status, body) = common::curl_status_body(&["-x", &proxy, &url]).await;
+    assert_eq!(status, "429", "{body}");
+    assert!(
+        body.contains(&format!(
+            "user {} has 1 connections open (limit 1)",
+            common::HTTP_USER
+        )),
+        "{body}"
+    );
+    assert!(
+        !download.is_finished(),
+        "the refusal was checked mid-download"
+    );
+
+    let (code, got) = tokio::time::timeout(Duration::from_secs(120), download)
+        .await
+        .expect("the download ends within 120 s")
+        .unwrap();
+    assert_eq!(code, 0);
+    assert_eq!(got.len(), common::SLOW_DOWNLOAD);
+    let want = common::pattern(common::SLOW_CHUNK, 7).repeat(chunks);
+    assert_eq!(common::sha256_hex(&got), common::sha256_hex(&want));
+    // The download's place is given back when its relay ends, just after curl's.
+    admitted_within(&proxy, &url, Duration::from_secs(15)).await;
+
+    // Invalid: the whole file is refused, the error names the key, the cap stays 1.
+    std::fs::write(
+        &config,
+        one.replace("max_concurrent: 1", "max_concurrent: 5, rate: -1"),
+    )
+    .unwrap();
+    signal(pid, "HUP");
+    stack.wait_for_log("gateway", "reload failed", 1).await;
+    let log = stack.log("gateway");
+    assert!(log.contains("gateway.limits.per_user.rate"), "{log}");
+    let m = metrics(admin).await;
+    assert_eq!(
+        metric(&m, "anyproxy_config_reload_total", &[("result", "failure")]),
+        1.0
+    );
+    let echo = common::echo_target_on("127.0.0.1").await;
+    let mut held =
+        common::http_connect_as(&stack, common::HTTP_USER, common::HTTP_PASS, echo).await;
+    round_trip(&mut held, b"the one place").await;
+    let (status, body) = common::curl_status_body(&["-x", &proxy, &url]).await;
+    assert_eq!(status, "429", "still capped at 1: {body}");
+}
+
+/// Retries a GET through `proxy` until it is answered 200, failing after `within`.
+async fn admitted_within(proxy: &str, url: &str, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let status = common::curl_status(&["-x", proxy, url]).await;
+        if status == "200" {
+            return;
+        }
+        assert_eq!(status, "429", "only the cap may refuse");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not admitted within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

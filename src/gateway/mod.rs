@@ -451,6 +451,7 @@ impl Gateway {
                 },
                 metrics,
                 logins,
+                limits,
                 Running {
                     gateway: running_gateway,
                     http: running_http,

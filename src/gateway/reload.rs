@@ -1,6 +1,6 @@
 //! SIGHUP (and the admin `POST /reload`): what a running gateway takes from its
 //! configuration file without a restart — the agent certificate, the agents' logins and
-//! the proxy listeners' users — and the keys it names as needing one.
+//! the proxy listeners' users, `gateway.limits` — and the keys it names as needing one.
 //!
 //! A reload reads and checks the whole file before it changes anything, so a bad file
 //! (or a certificate that does not load, or a chain naming a backend that is not
@@ -63,6 +63,8 @@ pub struct Reloader {
     certs: Certificates,
     metrics: Arc<crate::metrics::GatewayMetrics>,
     logins: Logins,
+    /// Shared by every front end: a reload changes their rules in place.
+    limits: Arc<crate::limits::Limits>,
     /// The process's log filter, when the binary hands it over.
     log: std::sync::OnceLock<Arc<dyn LevelSwitch>>,
     /// Held by the reload in progress: reloads never interleave.
@@ -74,12 +76,14 @@ impl Reloader {
         certs: Certificates,
         metrics: Arc<crate::metrics::GatewayMetrics>,
         logins: Logins,
+        limits: Arc<crate::limits::Limits>,
         running: Running,
     ) -> Self {
         Reloader {
             certs,
             metrics,
             logins,
+            limits,
             log: std::sync::OnceLock::new(),
             running: parking_lot::Mutex::new(running),
         }
@@ -122,6 +126,9 @@ impl Reloader {
 
         running.backends.set_groups(&next.gateway.groups);
         self.replace_logins(running, &next);
+        for change in self.limits.reconfigure(&next.gateway.limits) {
+            tracing::info!("{change}");
+        }
         for key in restart_only(running, &next) {
             tracing::warn!(key, "changed in the file; takes effect at the next restart");
         }
@@ -340,6 +347,7 @@ fn restart_only(running: &Running, next: &Next) -> Vec<&'static str> {
         auth_password: _,
         groups: _,
         agent_auth: _,
+        limits: _,
         // Compared below: secrets' Debug is redacted.
         admin_password: _,
         // Restart-only.
@@ -364,7 +372,6 @@ fn restart_only(running: &Running, next: &Next) -> Vec<&'static str> {
         policy: _,
         admin_addr: _,
         admin_username: _,
-        limits: _,
         cluster: _,
         trusted_proxies: _,
         auth_backends: _,
@@ -398,7 +405,6 @@ fn restart_only(running: &Running, next: &Next) -> Vec<&'static str> {
         policy,
         admin_addr,
         admin_username,
-        limits,
         cluster,
         trusted_proxies,
         auth_backends,
