@@ -727,6 +727,20 @@ mod tests {
     }
 
     #[test]
+    fn a_retuned_lease_account_keeps_its_counters_and_asks_at_the_new_rate() {
+        let mut a = LeaseAccount::new(1000, 100);
+        let (t, _) = a.reserve(30);
+        a.credit(10, true);
+        a.fallback_wait(10, 1.0, Instant::now());
+        a.retune(10_000, 1000);
+        assert_eq!((a.reserved, a.leased), (30, 10), "counters kept");
+        assert_eq!(a.rate, 10_000);
+        assert_eq!(a.wait(t), MIN_POLL, "20 bytes owed at the new rate");
+        assert_eq!(a.want(), Some(1020), "a new slice, the debt included");
+        assert!(a.fallback.is_none(), "an outage's bucket starts again");
+    }
+
+    #[test]
     fn without_the_store_a_lease_account_paces_by_its_own_clock_at_its_share() {
         let t0 = Instant::now();
         let mut a = LeaseAccount::new(1000, 100);
