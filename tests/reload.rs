@@ -684,3 +684,77 @@ async fn admitted_within(proxy: &str, url: &str, within: Duration) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn a_reload_applies_the_policy_dirs_rules_and_keeps_its_quotas() {
+    let allowed = common::http_target().await;
+    let blocked = common::http_target().await;
+    let dir = common::policy_dir(blocked.port(), "2 MB", free_port());
+    let admin = free_port();
+    let stack = Stack::start(StackOptions {
+        gateway_extra: vec![
+            format!("policy: {{ dir: \"{}\" }}", dir.path().display()),
+            format!("admin_addr: \"127.0.0.1:{admin}\""),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let pid = stack.gateway.0.id().unwrap();
+    let proxy = stack.http_proxy();
+    let get = |target: std::net::SocketAddr, path: &str| format!("http://{target}{path}");
+    // 1 MB of the 2 MiB quota spent before the reload.
+    let (code, body) = common::curl(&["-x", &proxy, &get(allowed, "/bytes/1000000")]).await;
+    assert_eq!((code, body.len()), (0, 1_000_000));
+    assert_eq!(
+        common::curl_status(&["-x", &proxy, &get(blocked, "/")]).await,
+        "403"
+    );
+
+    // The new rules block the other target instead; the quota manager keeps its name.
+    let managers = dir.path().join("managers.toml");
+    let text = std::fs::read_to_string(&managers).unwrap();
+    let swapped = text.replace(
+        &format!("':{}$'", blocked.port()),
+        &format!("':{}$'", allowed.port()),
+    );
+    assert_ne!(swapped, text);
+    std::fs::write(&managers, &swapped).unwrap();
+    signal(pid, "HUP");
+    stack
+        .wait_for_log("gateway", "configuration reloaded", 1)
+        .await;
+    let log = stack.log("gateway");
+    assert!(log.contains("hostMatcher \"blocked\" changed"), "{log}");
+    assert!(!log.contains("key=\"gateway.policy\""), "{log}");
+    assert_eq!(
+        common::curl_status(&["-x", &proxy, &get(allowed, "/")]).await,
+        "403"
+    );
+    // The quota spent before the reload still counts: 1.5 MB more crosses 2 MiB.
+    let (code, body) = common::curl(&["-x", &proxy, &get(blocked, "/bytes/1500000")]).await;
+    assert!(
+        code != 0 || body.len() < 1_500_000,
+        "the quota was forgotten by the reload: {} bytes",
+        body.len()
+    );
+
+    // A broken managers.toml changes nothing, and the reload says which file and key.
+    std::fs::write(
+        &managers,
+        swapped.replace("resetCycle = \"24h\"", "resetCycle = \"0s\""),
+    )
+    .unwrap();
+    signal(pid, "HUP");
+    stack.wait_for_log("gateway", "reload failed", 1).await;
+    let log = stack.log("gateway");
+    assert!(log.contains("resetCycle"), "{log}");
+    let m = metrics(admin).await;
+    assert_eq!(
+        metric(&m, "anyproxy_config_reload_total", &[("result", "failure")]),
+        1.0
+    );
+    assert_eq!(
+        common::curl_status(&["-x", &proxy, &get(allowed, "/")]).await,
+        "403"
+    );
+}

@@ -452,6 +452,7 @@ impl Gateway {
                 metrics,
                 logins,
                 limits,
+                policy,
                 Running {
                     gateway: running_gateway,
                     http: running_http,

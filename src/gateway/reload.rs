@@ -1,6 +1,7 @@
 //! SIGHUP (and the admin `POST /reload`): what a running gateway takes from its
-//! configuration file without a restart — the agent certificate, the agents' logins and
-//! the proxy listeners' users, `gateway.limits` — and the keys it names as needing one.
+//! configuration file without a restart — the agent certificate, the agents' logins,
+//! the proxy listeners' users, `gateway.limits` and the policy dir's rules — and the
+//! keys it names as needing one.
 //!
 //! A reload reads and checks the whole file before it changes anything, so a bad file
 //! (or a certificate that does not load, or a chain naming a backend that is not
@@ -25,6 +26,8 @@ pub enum ReloadError {
     Tls(tls::TlsError),
     #[error("proxy.https.tls_cert / tls_key: {0}; the old certificates stay")]
     ProxyTls(tls::TlsError),
+    #[error("gateway.policy: {0}; the running rules stay")]
+    Policy(crate::policy::PolicyConfigError),
     #[error(
         "{key}: backend {name:?} is not running; adding an authentication backend takes a restart"
     )]
@@ -65,6 +68,9 @@ pub struct Reloader {
     logins: Logins,
     /// Shared by every front end: a reload changes their rules in place.
     limits: Arc<crate::limits::Limits>,
+    /// The rules of `gateway.policy`, when it is set: a reload re-reads its
+    /// `managers.toml`, keeping sessions and quotas.
+    policy: Option<Arc<crate::policy::Policy>>,
     /// The process's log filter, when the binary hands it over.
     log: std::sync::OnceLock<Arc<dyn LevelSwitch>>,
     /// Held by the reload in progress: reloads never interleave.
@@ -77,6 +83,7 @@ impl Reloader {
         metrics: Arc<crate::metrics::GatewayMetrics>,
         logins: Logins,
         limits: Arc<crate::limits::Limits>,
+        policy: Option<Arc<crate::policy::Policy>>,
         running: Running,
     ) -> Self {
         Reloader {
@@ -84,6 +91,7 @@ impl Reloader {
             metrics,
             logins,
             limits,
+            policy,
             log: std::sync::OnceLock::new(),
             running: parking_lot::Mutex::new(running),
         }
@@ -122,6 +130,9 @@ impl Reloader {
         // Everything that can fail comes first; after it, nothing can.
         next.check_backends(&running.backends)?;
         let checked = self.check_certificates(&next)?;
+        // The policy's own swap is the last step that can fail: a broken managers.toml
+        // changes nothing, and after it nothing else can fail.
+        self.reload_policy(&running.gateway, &next.gateway)?;
         self.replace_certificates(&next.gateway, checked);
 
         running.backends.set_groups(&next.gateway.groups);
@@ -137,6 +148,23 @@ impl Reloader {
         running.http = next.http;
         running.socks5 = next.socks5;
         tracing::info!(config = %path.display(), "configuration reloaded");
+        Ok(())
+    }
+
+    /// Re-reads the policy dir's `managers.toml` when the dir is the one the gateway
+    /// started with (another dir, or a policy added or dropped, takes a restart and is
+    /// named as such by [`restart_only`]).
+    fn reload_policy(&self, old: &GatewayConfig, new: &GatewayConfig) -> Result<(), ReloadError> {
+        let (Some(policy), Some(was), Some(now)) = (&self.policy, &old.policy, &new.policy) else {
+            return Ok(());
+        };
+        if was.dir != now.dir {
+            return Ok(());
+        }
+        let file = now.dir.join(crate::policy::dir::MANAGERS_TOML);
+        for change in policy.reload(&file).map_err(ReloadError::Policy)? {
+            tracing::info!("{}: {change}", file.display());
+        }
         Ok(())
     }
 
@@ -369,6 +397,7 @@ fn restart_only(running: &Running, next: &Next) -> Vec<&'static str> {
         client_ca: _,
         forwards: _,
         agent_forwards: _,
+        // Its dir is restart-only; the dir's managers.toml is reloaded.
         policy: _,
         admin_addr: _,
         admin_username: _,
