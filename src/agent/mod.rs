@@ -9,6 +9,7 @@
 //! sessions; a failed resolution keeps what there is. A literal address is one target,
 //! never resolved again. TLS always verifies the gateway's name, never the address.
 
+mod forwards;
 mod reload;
 mod udp;
 
@@ -106,7 +107,10 @@ pub struct Agent {
     config: ClientConfig,
     /// What it may dial and how many at once: a SIGHUP swaps them (see `reload`).
     live: reload::Live,
-    tls: TlsConnector,
+    /// Used by each new connection; a SIGHUP swaps it (client certificate, trust).
+    tls: arc_swap::ArcSwap<TlsConnector>,
+    /// `open_ports`, and the sessions that ask for them: a SIGHUP changes them.
+    forwards: forwards::Forwards,
     gateways: Vec<Arc<Gateway>>,
     resolver: Resolver,
     resolve_every: Duration,
@@ -130,15 +134,7 @@ struct Established {
 impl Agent {
     pub fn new(config: ClientConfig) -> Result<Arc<Agent>, AgentError> {
         let live = reload::Live::new(&config)?;
-        let identity = config
-            .tls_client_cert
-            .as_deref()
-            .zip(config.tls_client_key.as_deref());
-        let tls_config = tls::gateway_client_config(
-            config.gateway_tls_cert.as_deref(),
-            config.gateway_tls_fingerprint.map(|f| f.0),
-            identity,
-        )?;
+        let connector = tls_connector(&config)?;
         let mut gateways = Vec::new();
         for name in config.gateways() {
             let hp: HostPort = name
@@ -161,9 +157,10 @@ impl Agent {
             return Err(AgentError::GatewayAddr(String::new()));
         }
         Ok(Arc::new(Agent {
+            forwards: forwards::Forwards::new(&config.open_ports),
             config,
             live,
-            tls: TlsConnector::from(tls_config),
+            tls: arc_swap::ArcSwap::from_pointee(connector),
             gateways,
             resolver: system_resolver(),
             resolve_every: RESOLVE_EVERY,
@@ -460,6 +457,7 @@ impl Agent {
         let tls = tokio::time::timeout(
             self.config.dial_timeout.0,
             self.tls
+                .load()
                 .connect(gateway.server_name.clone(), tls::buffered(tcp)),
         )
         .await
@@ -614,10 +612,15 @@ impl Agent {
         row.connected(core.clone());
         let pinger = tokio::spawn(core.clone().heartbeat(cfg.ping_interval.0));
         // On each gateway one replica owns the forwards: the others would only meet a
-        // conflict.
-        if replica == 0 {
-            self.request_forwards(&core).await;
-        }
+        // conflict. Registered, it also gets the ports a reload adds.
+        let owner = (replica == 0).then(|| self.forwards.register());
+        let (_registered, announcer) = match owner {
+            Some((registered, queue)) => {
+                let task = forwards::announce(core.clone(), queue).in_current_span();
+                (Some(registered), Some(tokio::spawn(task)))
+            }
+            None => (None, None),
+        };
         for msg in leftovers {
             if let Some(role_msg) = core.dispatch(msg).await {
                 self.on_role_message(&core, role_msg).await;
@@ -659,6 +662,9 @@ impl Agent {
             }
         };
         pinger.abort();
+        if let Some(announcer) = announcer {
+            announcer.abort();
+        }
         session.end().await;
         Err(SessionError::Ended(end.to_string()))
     }
@@ -691,29 +697,6 @@ impl Agent {
                         id: other.conn_id(),
                     }))
                     .await;
-            }
-        }
-    }
-
-    /// Asks the gateway for this agent's `open_ports`, again on every new session (the
-    /// gateway releases them when a session ends).
-    async fn request_forwards(&self, core: &Arc<SessionCore>) {
-        if self.config.open_ports.is_empty() {
-            return;
-        }
-        if !core.flow_controlled() {
-            tracing::error!("open_ports needs the binary encoding; the gateway chose JSON");
-            return;
-        }
-        for p in &self.config.open_ports {
-            let req = Message::Forward(anyproxy_proto::Forward {
-                listen_port: p.remote_port,
-                target_host: p.target.host.clone(),
-                target_port: p.target.port,
-                protocol: p.protocol,
-            });
-            if core.send(req).await.is_err() {
-                return;
             }
         }
     }
@@ -879,6 +862,21 @@ fn handshake_error(e: handshake::HandshakeError) -> SessionError {
         }
         _ => SessionError::Handshake(text),
     }
+}
+
+/// How the agent opens TLS to its gateways: whom it trusts (`gateway_tls_cert`,
+/// `gateway_tls_fingerprint`) and the certificate it presents (`tls_client_cert`).
+fn tls_connector(config: &ClientConfig) -> Result<TlsConnector, tls::TlsError> {
+    let identity = config
+        .tls_client_cert
+        .as_deref()
+        .zip(config.tls_client_key.as_deref());
+    let tls_config = tls::gateway_client_config(
+        config.gateway_tls_cert.as_deref(),
+        config.gateway_tls_fingerprint.map(|f| f.0),
+        identity,
+    )?;
+    Ok(TlsConnector::from(tls_config))
 }
 
 /// Capped exponential backoff with jitter in [50%, 100%] of the step.

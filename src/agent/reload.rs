@@ -1,6 +1,9 @@
 //! SIGHUP on the agent: what a running agent takes from its configuration file without
 //! dropping its sessions — what it may dial (`forbidden_hosts`, `limit`, `allow_local`,
-//! `protocols`), `max_concurrent_conns` and the log level — and the keys it names as
+//! `protocols`), `max_concurrent_conns`, the log level, `open_ports` (see
+//! [`super::forwards`]) and the TLS files and pin (`tls_client_cert`/`tls_client_key`,
+//! `gateway_tls_cert`, `gateway_tls_fingerprint`: read again at every reload, used by
+//! the next connections while the sessions up keep theirs) — and the keys it names as
 //! needing a restart.
 //!
 //! The rules live behind an [`ArcSwap`]: each `connect` loads them once, and a reload
@@ -37,6 +40,11 @@ pub enum ReloadError {
     NoClient(String),
     #[error("client.{0}")]
     Agent(#[from] AgentError),
+    #[error("{key}: {source}")]
+    Tls {
+        key: &'static str,
+        source: tls::TlsError,
+    },
 }
 
 /// What decides, per `connect`, whether the agent dials: swapped whole by a reload.
@@ -202,10 +210,19 @@ impl Agent {
         };
         // Everything that can fail comes first; after it, nothing can.
         let rules = Rules::new(&next)?;
-        check_restart_only_files(&next)?;
+        let connector = super::tls_connector(&next).map_err(|source| ReloadError::Tls {
+            key: tls_key(&next, &source),
+            source,
+        })?;
+        check_gateway_addrs(&next)?;
 
         log_rule_changes(running, &next);
         self.live.rules.store(Arc::new(rules));
+        // Read again even under the same names (a certificate renewed in place).
+        // Sessions up keep their TLS; reconnects and new sessions use this.
+        self.tls.store(Arc::new(connector));
+        tracing::info!("TLS files read again: new gateway connections use them");
+        self.forwards.set(&next.open_ports);
         let closed = self.live.close_forbidden(&self.live.rules());
         if closed > 0 {
             tracing::warn!(
@@ -223,23 +240,29 @@ impl Agent {
     }
 }
 
-/// The files a restart would read load now too: a reload that reports success leaves
-/// a file the next start can use.
-fn check_restart_only_files(next: &ClientConfig) -> Result<(), AgentError> {
-    let identity = next
-        .tls_client_cert
-        .as_deref()
-        .zip(next.tls_client_key.as_deref());
-    tls::gateway_client_config(
-        next.gateway_tls_cert.as_deref(),
-        next.gateway_tls_fingerprint.map(|f| f.0),
-        identity,
-    )?;
+/// The gateway addresses a restart would use parse now too: a reload that reports
+/// success leaves a file the next start can use.
+fn check_gateway_addrs(next: &ClientConfig) -> Result<(), AgentError> {
     for name in next.gateways() {
         name.parse::<HostPort>()
             .map_err(|_| AgentError::GatewayAddr(name.to_owned()))?;
     }
     Ok(())
+}
+
+/// The key whose file `e` is about.
+fn tls_key(next: &ClientConfig, e: &tls::TlsError) -> &'static str {
+    let names = |p: &Option<std::path::PathBuf>, path: &str| {
+        p.as_deref()
+            .is_some_and(|p| p.display().to_string() == path)
+    };
+    match e {
+        tls::TlsError::Certs { path, .. } if names(&next.gateway_tls_cert, path) => {
+            "client.gateway_tls_cert"
+        }
+        tls::TlsError::Key { .. } | tls::TlsError::KeyMismatch { .. } => "client.tls_client_key",
+        _ => "client.tls_client_cert",
+    }
 }
 
 /// One log line per rule added or removed, and per setting changed.
@@ -306,14 +329,17 @@ fn restart_only(old: &ClientConfig, new: &ClientConfig) -> Vec<&'static str> {
         limit: _,
         protocols: _,
         max_concurrent_conns: _,
+        open_ports: _,
+        gateway_tls_cert: _,
+        gateway_tls_fingerprint: _,
+        tls_client_cert: _,
+        tls_client_key: _,
         // Compared below: secrets' Debug is redacted.
         auth_password: _,
         admin_password: _,
         // Restart-only.
         gateway_addr: _,
         gateway_addrs: _,
-        gateway_tls_cert: _,
-        gateway_tls_fingerprint: _,
         gateway_server_name: _,
         client_id: _,
         replicas: _,
@@ -331,10 +357,7 @@ fn restart_only(old: &ClientConfig, new: &ClientConfig) -> Vec<&'static str> {
         max_window: _,
         encoding: _,
         deflate: _,
-        open_ports: _,
         drain_timeout: _,
-        tls_client_cert: _,
-        tls_client_key: _,
         admin_addr: _,
         admin_username: _,
         udp_idle_timeout: _,
@@ -343,8 +366,6 @@ fn restart_only(old: &ClientConfig, new: &ClientConfig) -> Vec<&'static str> {
     compare!(
         gateway_addr,
         gateway_addrs,
-        gateway_tls_cert,
-        gateway_tls_fingerprint,
         gateway_server_name,
         client_id,
         replicas,
@@ -362,10 +383,7 @@ fn restart_only(old: &ClientConfig, new: &ClientConfig) -> Vec<&'static str> {
         max_window,
         encoding,
         deflate,
-        open_ports,
         drain_timeout,
-        tls_client_cert,
-        tls_client_key,
         admin_addr,
         admin_username,
         udp_idle_timeout,
