@@ -408,3 +408,72 @@ async fn a_rotated_client_certificate_is_presented_next_while_the_live_session_s
         common::curl_status(&["-x", &stack.http_proxy(), &format!("http://{target}/")]).await;
     assert_eq!(status, "200");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_and_replicas_follow_the_file_and_retired_sessions_drain() {
+    let first = Stack::start(StackOptions {
+        with_agent: false,
+        ..Default::default()
+    })
+    .await;
+    let pem = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
+    // The second gateway serves the same certificate: the agent trusts that one file.
+    let second = Stack::start(StackOptions {
+        with_agent: false,
+        tls: Some((pem(&first.certs.cert), pem(&first.certs.key))),
+        ..Default::default()
+    })
+    .await;
+    let agent = first.spawn_agent("a", &[]);
+    let config = first.certs.dir.path().join("agent-a.yaml");
+    let file = (config.as_path(), agent.0.id().unwrap());
+    first.wait_for_agent().await;
+    let echo = common::echo_target_on("127.0.0.1").await;
+    let mut held = first.socks5_to(echo).await.unwrap();
+    round_trip(&mut held, b"before").await;
+
+    // A gateway added and the replicas raised: new sessions, the first one untouched.
+    let (p1, p2) = (first.gateway_port, second.gateway_port);
+    let one = format!("gateway_addr: \"127.0.0.1:{p1}\"");
+    let two = format!("gateway_addrs: [\"127.0.0.1:{p1}\", \"127.0.0.1:{p2}\"]\n  replicas: 2");
+    reload_until(&first, file, (&one, &two), ("gateway added", 1)).await;
+    second.wait_for_log("gateway", "agent connected", 2).await;
+    first.wait_for_log("gateway", "agent connected", 2).await;
+    round_trip(&mut held, b"during").await;
+    let mut via_second = second.socks5_to(echo).await.unwrap();
+    round_trip(&mut via_second, b"second").await;
+    let log = first.log("agent-a");
+    assert_eq!(log.matches("replicas changed").count(), 1, "{log}");
+    assert!(!first.log("gateway").contains("agent disconnected"));
+
+    // The first gateway removed and the replicas lowered: the sessions no longer
+    // wanted drain (a live connection carries on until it ends), then close.
+    let only_second = format!("gateway_addrs: [\"127.0.0.1:{p2}\"]\n  replicas: 1");
+    reload_until(&first, file, (&two, &only_second), ("gateway removed", 1)).await;
+    round_trip(&mut held, b"while draining").await;
+    round_trip(&mut via_second, b"while draining").await;
+    drop((held, via_second));
+    first
+        .wait_for_log(
+            "agent-a",
+            "session closed: gateway removed from the configuration",
+            2,
+        )
+        .await;
+    first
+        .wait_for_log("agent-a", "session closed: replica no longer configured", 1)
+        .await;
+    first.wait_for_log("gateway", "agent disconnected", 2).await;
+    second
+        .wait_for_log("gateway", "agent disconnected", 1)
+        .await;
+    let mut again = second.socks5_to(echo).await.unwrap();
+    round_trip(&mut again, b"one session left").await;
+    let log = first.log("agent-a");
+    assert!(!log.contains("takes effect at the next restart"), "{log}");
+    assert_eq!(
+        log.matches("authenticated to the gateway").count(),
+        4,
+        "{log}"
+    );
+}

@@ -191,6 +191,32 @@ impl Live {
 }
 
 impl Agent {
+    /// Makes `gateways` and `replicas` the plan the supervisors follow (see `run`),
+    /// with one log line per gateway added or removed and one for the replicas.
+    pub(super) fn replan(&self, gateways: Vec<Arc<super::Gateway>>, replicas: usize) {
+        self.plan.send_if_modified(|plan| {
+            let has = |list: &[Arc<super::Gateway>], g: &super::Gateway| {
+                list.iter().any(|o| o.name == g.name)
+            };
+            for g in gateways.iter().filter(|g| !has(&plan.gateways, g)) {
+                tracing::info!(gateway = %g.name, "gateway added: starting its sessions");
+            }
+            for g in plan.gateways.iter().filter(|g| !has(&gateways, g)) {
+                tracing::info!(gateway = %g.name, "gateway removed: draining and closing its sessions");
+            }
+            if plan.replicas != replicas {
+                tracing::info!(from = plan.replicas, to = replicas, "replicas changed");
+            }
+            let names = |list: &[Arc<super::Gateway>]| {
+                list.iter().map(|g| g.name.clone()).collect::<Vec<_>>()
+            };
+            let changed =
+                names(&plan.gateways) != names(&gateways) || plan.replicas != replicas;
+            *plan = super::Plan { gateways, replicas };
+            changed
+        });
+    }
+
     /// From now on a reload also applies `log.level` (unless `RUST_LOG` chose it).
     pub fn follow_log_level(&self, switch: Arc<dyn LevelSwitch>) {
         let _ = self.live.log.set(switch);
@@ -214,7 +240,10 @@ impl Agent {
             key: tls_key(&next, &source),
             source,
         })?;
-        check_gateway_addrs(&next)?;
+        // Built against the running `gateway_server_name` (restart-only).
+        let running_gateways = self.plan.borrow().gateways.clone();
+        let server_name = self.config.gateway_server_name.as_deref();
+        let gateways = super::gateways(&next, server_name, &running_gateways)?;
 
         log_rule_changes(running, &next);
         self.live.rules.store(Arc::new(rules));
@@ -223,6 +252,7 @@ impl Agent {
         self.tls.store(Arc::new(connector));
         tracing::info!("TLS files read again: new gateway connections use them");
         self.forwards.set(&next.open_ports);
+        self.replan(gateways, next.replicas);
         let closed = self.live.close_forbidden(&self.live.rules());
         if closed > 0 {
             tracing::warn!(
@@ -238,16 +268,6 @@ impl Agent {
         tracing::info!(config = %path.display(), "configuration reloaded");
         Ok(())
     }
-}
-
-/// The gateway addresses a restart would use parse now too: a reload that reports
-/// success leaves a file the next start can use.
-fn check_gateway_addrs(next: &ClientConfig) -> Result<(), AgentError> {
-    for name in next.gateways() {
-        name.parse::<HostPort>()
-            .map_err(|_| AgentError::GatewayAddr(name.to_owned()))?;
-    }
-    Ok(())
 }
 
 /// The key whose file `e` is about.
@@ -334,15 +354,15 @@ fn restart_only(old: &ClientConfig, new: &ClientConfig) -> Vec<&'static str> {
         gateway_tls_fingerprint: _,
         tls_client_cert: _,
         tls_client_key: _,
+        gateway_addr: _,
+        gateway_addrs: _,
+        replicas: _,
         // Compared below: secrets' Debug is redacted.
         auth_password: _,
         admin_password: _,
         // Restart-only.
-        gateway_addr: _,
-        gateway_addrs: _,
         gateway_server_name: _,
         client_id: _,
-        replicas: _,
         auth_username: _,
         group_id: _,
         dial_timeout: _,
@@ -364,11 +384,8 @@ fn restart_only(old: &ClientConfig, new: &ClientConfig) -> Vec<&'static str> {
         udp_max_datagram: _,
     } = old;
     compare!(
-        gateway_addr,
-        gateway_addrs,
         gateway_server_name,
         client_id,
-        replicas,
         auth_username,
         group_id,
         dial_timeout,
@@ -444,10 +461,12 @@ mod tests {
     #[test]
     fn restart_only_keys_are_named() {
         let old = client("");
-        let new = client("  replicas: 2\n  forbidden_hosts: [\"x\"]\n  dial_timeout: 3s\n");
+        let new = client(
+            "  replicas: 2\n  forbidden_hosts: [\"x\"]\n  dial_timeout: 3s\n  ping_interval: 5s\n",
+        );
         assert_eq!(
             restart_only(&old, &new),
-            vec!["client.replicas", "client.dial_timeout"]
+            vec!["client.dial_timeout", "client.ping_interval"]
         );
     }
 }
