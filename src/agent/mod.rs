@@ -284,14 +284,15 @@ impl Agent {
                 }
             }
             // A name that never resolved is retried like a failed connection; a
-            // literal address is never resolved again, only a reload wakes it.
+            // literal address is never resolved again, only a reload wakes it (or,
+            // while another name or a retired supervisor still holds it, the timer).
             let wait = if targets.is_empty() && failures > 0 {
                 backoff(
                     failures - 1,
                     self.config.reconnect_min.0,
                     self.config.reconnect_max.0,
                 )
-            } else if gateway.literal.is_some() {
+            } else if gateway.literal.is_some() && !targets.is_empty() {
                 Duration::MAX
             } else {
                 self.resolve_every
