@@ -8,7 +8,11 @@
 //! address gone from the answer has its sessions drained and closed, a new one gets
 //! sessions; a failed resolution keeps what there is. A literal address is one target,
 //! never resolved again. TLS always verifies the gateway's name, never the address.
+//! A reload publishes a new [`Plan`] (the gateways and `replicas`): `run` starts and
+//! retires supervisors by gateway name, and each supervisor brings its targets to the
+//! new number of replicas, draining the sessions no longer wanted.
 
+mod forwards;
 mod reload;
 mod udp;
 
@@ -106,8 +110,12 @@ pub struct Agent {
     config: ClientConfig,
     /// What it may dial and how many at once: a SIGHUP swaps them (see `reload`).
     live: reload::Live,
-    tls: TlsConnector,
-    gateways: Vec<Arc<Gateway>>,
+    /// Used by each new connection; a SIGHUP swaps it (client certificate, trust).
+    tls: arc_swap::ArcSwap<TlsConnector>,
+    /// `open_ports`, and the sessions that ask for them: a SIGHUP changes them.
+    forwards: forwards::Forwards,
+    /// The gateways and replicas wanted; `run` and each supervisor follow it.
+    plan: tokio::sync::watch::Sender<Plan>,
     resolver: Resolver,
     resolve_every: Duration,
     /// Addresses with sessions, and the gateway that keeps them: two names for one
@@ -130,41 +138,18 @@ struct Established {
 impl Agent {
     pub fn new(config: ClientConfig) -> Result<Arc<Agent>, AgentError> {
         let live = reload::Live::new(&config)?;
-        let identity = config
-            .tls_client_cert
-            .as_deref()
-            .zip(config.tls_client_key.as_deref());
-        let tls_config = tls::gateway_client_config(
-            config.gateway_tls_cert.as_deref(),
-            config.gateway_tls_fingerprint.map(|f| f.0),
-            identity,
-        )?;
-        let mut gateways = Vec::new();
-        for name in config.gateways() {
-            let hp: HostPort = name
-                .parse()
-                .map_err(|_| AgentError::GatewayAddr(name.to_owned()))?;
-            let verify = config.gateway_server_name.as_deref().unwrap_or(&hp.host);
-            gateways.push(Arc::new(Gateway {
-                name: Arc::from(name),
-                server_name: tls::server_name(verify)?,
-                literal: hp
-                    .host
-                    .parse::<IpAddr>()
-                    .ok()
-                    .map(|ip| SocketAddr::new(ip, hp.port)),
-                host: hp.host,
-                port: hp.port,
-            }));
-        }
-        if gateways.is_empty() {
-            return Err(AgentError::GatewayAddr(String::new()));
-        }
+        let connector = tls_connector(&config)?;
+        let gateways = gateways(&config, config.gateway_server_name.as_deref(), &[])?;
+        let plan = tokio::sync::watch::Sender::new(Plan {
+            gateways,
+            replicas: config.replicas,
+        });
         Ok(Arc::new(Agent {
+            forwards: forwards::Forwards::new(&config.open_ports),
             config,
             live,
-            tls: TlsConnector::from(tls_config),
-            gateways,
+            tls: arc_swap::ArcSwap::from_pointee(connector),
+            plan,
             resolver: system_resolver(),
             resolve_every: RESOLVE_EVERY,
             claimed: Default::default(),
@@ -196,7 +181,9 @@ impl Agent {
     /// Keeps the sessions to every gateway until `shutdown`, reconnecting forever. At
     /// `shutdown` each authenticated session drains (new `connect`s refused, live
     /// connections given `drain_timeout`), closes with 1001 and is not reconnected;
-    /// returns once every task it started has ended.
+    /// returns once every task it started has ended. A reload that changes the
+    /// gateways starts a supervisor for each one added and retires each one removed
+    /// (its sessions drain and close the same way).
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut tasks = tokio::task::JoinSet::new();
         let stopping = shutdown.clone();
@@ -204,8 +191,38 @@ impl Agent {
             stopping.cancelled().await;
             crate::net::notify::notify(crate::net::notify::State::Stopping);
         });
-        for gateway in &self.gateways {
-            tasks.spawn(self.clone().keep_gateway(gateway.clone(), shutdown.clone()));
+        let mut plan = self.plan.subscribe();
+        // Each supervisor stops when its token is cancelled: at shutdown (a child
+        // token) or when a reload removes its gateway.
+        let mut kept: HashMap<Arc<str>, CancellationToken> = HashMap::new();
+        loop {
+            let gateways = plan.borrow_and_update().gateways.clone();
+            kept.retain(|name, retire| {
+                let keep = gateways.iter().any(|g| &g.name == name);
+                if !keep {
+                    retire.cancel();
+                }
+                keep
+            });
+            for gateway in gateways {
+                if kept.contains_key(&gateway.name) {
+                    continue;
+                }
+                let retire = shutdown.child_token();
+                kept.insert(gateway.name.clone(), retire.clone());
+                let stops = Stops {
+                    shutdown: shutdown.clone(),
+                    gateway: retire,
+                    target: CancellationToken::new(),
+                    replica: CancellationToken::new(),
+                };
+                tasks.spawn(self.clone().keep_gateway(gateway, stops));
+            }
+            tokio::select! {
+                changed = plan.changed() => if changed.is_err() { break },
+                _ = shutdown.cancelled() => break,
+            }
+            while tasks.try_join_next().is_some() {}
         }
         while tasks.join_next().await.is_some() {}
         self.conn_tasks.close();
@@ -213,29 +230,40 @@ impl Agent {
     }
 
     /// One gateway's supervisor: resolves its name, keeps a [`Target`] per address
-    /// (retiring those gone from the answer), and returns once every session it
-    /// started has ended after `shutdown`.
-    async fn keep_gateway(self: Arc<Self>, gateway: Arc<Gateway>, shutdown: CancellationToken) {
-        // Each target's sessions stop when its token is cancelled: at shutdown (a
-        // child token) or when the address is retired.
-        let mut targets: BTreeMap<SocketAddr, CancellationToken> = BTreeMap::new();
+    /// (retiring those gone from the answer) with the configured number of replicas,
+    /// and returns once every session it started has ended after `stops.gateway`.
+    async fn keep_gateway(self: Arc<Self>, gateway: Arc<Gateway>, stops: Stops) {
+        let retire = stops.gateway.clone();
+        let mut plan = self.plan.subscribe();
+        let mut targets: BTreeMap<SocketAddr, Replicas> = BTreeMap::new();
         let mut sessions = tokio::task::JoinSet::new();
         let mut failures: u32 = 0;
         // While the name has never resolved, a row saying so.
         let mut unresolved: Option<LinkRow> = None;
         loop {
+            let replicas = {
+                let plan = plan.borrow_and_update();
+                if !plan.gateways.iter().any(|g| g.name == gateway.name) {
+                    // Removed: retired here rather than by `run`, which may see the
+                    // change later, so that no session mistakes it for fewer replicas.
+                    retire.cancel();
+                    break;
+                }
+                plan.replicas
+            };
             let resolved = match gateway.literal {
                 Some(addr) => Ok(vec![addr]),
                 None => tokio::select! {
                     r = self.resolve(&gateway) => r,
-                    _ = shutdown.cancelled() => break,
+                    _ = retire.cancelled() => break,
                 },
             };
             match resolved {
                 Ok(addrs) => {
                     failures = 0;
                     unresolved = None;
-                    self.reconcile(&gateway, &mut targets, addrs, &mut sessions, &shutdown);
+                    let want = Want { addrs, replicas };
+                    self.reconcile(&gateway, &mut targets, want, &mut sessions, &stops);
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
@@ -246,7 +274,7 @@ impl Agent {
                                 self.metrics.links.add(
                                     gateway.name.clone(),
                                     None,
-                                    &self.client_id(0),
+                                    &self.client_id(replicas, 0),
                                     0,
                                     LinkState::Resolving,
                                 )
@@ -255,22 +283,24 @@ impl Agent {
                     }
                 }
             }
-            if gateway.literal.is_some() {
-                break;
-            }
-            // A name that never resolved is retried like a failed connection.
+            // A name that never resolved is retried like a failed connection; a
+            // literal address is never resolved again, only a reload wakes it (or,
+            // while another name or a retired supervisor still holds it, the timer).
             let wait = if targets.is_empty() && failures > 0 {
                 backoff(
                     failures - 1,
                     self.config.reconnect_min.0,
                     self.config.reconnect_max.0,
                 )
+            } else if gateway.literal.is_some() && !targets.is_empty() {
+                Duration::MAX
             } else {
                 self.resolve_every
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.cancelled() => break,
+                _ = plan.changed() => {}
+                _ = retire.cancelled() => break,
             }
             while sessions.try_join_next().is_some() {}
         }
@@ -298,27 +328,28 @@ impl Agent {
         Ok(addrs)
     }
 
-    /// Retires the targets whose address is gone from `addrs` (their sessions drain and
-    /// close) and starts one for each new address.
+    /// Retires the targets whose address is gone from `want.addrs` (their sessions
+    /// drain and close), starts one for each new address, and brings every target to
+    /// `want.replicas` sessions.
     fn reconcile(
         self: &Arc<Self>,
         gateway: &Arc<Gateway>,
-        targets: &mut BTreeMap<SocketAddr, CancellationToken>,
-        addrs: Vec<SocketAddr>,
+        targets: &mut BTreeMap<SocketAddr, Replicas>,
+        want: Want,
         sessions: &mut tokio::task::JoinSet<()>,
-        shutdown: &CancellationToken,
+        stops: &Stops,
     ) {
         let mut claimed = self.claimed.lock();
-        targets.retain(|addr, stop| {
-            let keep = addrs.contains(addr);
+        targets.retain(|addr, replicas| {
+            let keep = want.addrs.contains(addr);
             if !keep {
                 tracing::info!(gateway = %gateway.name, %addr, "address no longer resolved: closing its sessions");
-                stop.cancel();
+                replicas.stop.cancel();
                 claimed.remove(addr);
             }
             keep
         });
-        for addr in addrs {
+        for addr in want.addrs {
             if targets.contains_key(&addr) {
                 continue;
             }
@@ -327,52 +358,86 @@ impl Agent {
                 continue;
             }
             claimed.insert(addr, gateway.name.clone());
-            let stop = shutdown.child_token();
-            targets.insert(addr, stop.clone());
             let target = Arc::new(Target {
                 gateway: gateway.clone(),
                 addr,
             });
-            for replica in 0..self.config.replicas {
-                let client_id = self.client_id(replica);
-                // Every line a replica logs names it, through this span.
-                let span = tracing::info_span!("agent", %client_id, gateway = %gateway.name, %addr);
-                let row = self.metrics.links.add(
-                    gateway.name.clone(),
-                    Some(addr),
-                    &client_id,
-                    replica,
-                    LinkState::Connecting,
-                );
-                sessions.spawn(
-                    self.clone()
-                        .replica(target.clone(), replica, row, stop.clone(), shutdown.clone())
-                        .instrument(span),
-                );
-            }
+            let stop = stops.gateway.child_token();
+            targets.insert(
+                addr,
+                Replicas {
+                    target,
+                    stop,
+                    each: Vec::new(),
+                },
+            );
+        }
+        drop(claimed);
+        for replicas in targets.values_mut() {
+            self.resize(replicas, want.replicas, sessions, stops);
         }
     }
 
-    /// The client id of replica `i`: `client_id`, or `client_id.i` with replicas.
-    fn client_id(&self, i: usize) -> String {
-        if self.config.replicas == 1 {
+    /// Closes the replicas of a target beyond `n` (they drain) and starts the missing
+    /// ones. A replica keeps the client id it started with until it ends: one started
+    /// alone is `client_id`, and stays so when more join it.
+    fn resize(
+        self: &Arc<Self>,
+        replicas: &mut Replicas,
+        n: usize,
+        sessions: &mut tokio::task::JoinSet<()>,
+        stops: &Stops,
+    ) {
+        for stop in replicas.each.drain(n.min(replicas.each.len())..) {
+            stop.cancel();
+        }
+        let (gateway, addr) = (&replicas.target.gateway, replicas.target.addr);
+        for replica in replicas.each.len()..n {
+            let client_id = self.client_id(n, replica);
+            // Every line a replica logs names it, through this span.
+            let span = tracing::info_span!("agent", %client_id, gateway = %gateway.name, %addr);
+            let row = self.metrics.links.add(
+                gateway.name.clone(),
+                Some(addr),
+                &client_id,
+                replica,
+                LinkState::Connecting,
+            );
+            let stop = replicas.stop.child_token();
+            replicas.each.push(stop.clone());
+            let stops = Stops {
+                target: replicas.stop.clone(),
+                replica: stop,
+                ..stops.clone()
+            };
+            let me = Replica {
+                target: replicas.target.clone(),
+                index: replica,
+                client_id,
+            };
+            sessions.spawn(self.clone().replica(me, row, stops).instrument(span));
+        }
+    }
+
+    /// The client id of replica `i` of `n`: `client_id`, or `client_id.i` with replicas.
+    fn client_id(&self, n: usize, i: usize) -> String {
+        if n == 1 {
             self.config.client_id.clone()
         } else {
             format!("{}.{}", self.config.client_id, i)
         }
     }
 
-    /// One session to one target, reconnected with backoff until `stop` (shutdown, or
-    /// the address retired). `row` shows it in the status; it goes with this task.
-    async fn replica(
-        self: Arc<Self>,
-        target: Arc<Target>,
-        replica: usize,
-        row: LinkRow,
-        stop: CancellationToken,
-        shutdown: CancellationToken,
-    ) {
-        let client_id = self.client_id(replica);
+    /// One session to one target, reconnected with backoff until `stops.replica`
+    /// (shutdown, the gateway or address retired, replicas lowered). `row` shows it in
+    /// the status; it goes with this task.
+    async fn replica(self: Arc<Self>, me: Replica, row: LinkRow, stops: Stops) {
+        let Replica {
+            target,
+            index: replica,
+            client_id,
+        } = me;
+        let stop = &stops.replica;
         let mut attempt: u32 = 0;
         loop {
             row.connecting();
@@ -388,15 +453,14 @@ impl Agent {
                         client_id: &client_id,
                         replica,
                         row: &row,
-                        stop: &stop,
-                        shutdown: &shutdown,
+                        stops: &stops,
                     };
                     self.serve(serving, session).await
                 }
                 Err(e) => Err(e),
             };
             if stop.is_cancelled() {
-                tracing::info!("session closed: {}", stop_reason(&shutdown));
+                tracing::info!("session closed: {}", stops.reason());
                 return;
             }
             row.backoff(result.as_ref().err().map(|e| e.to_string()));
@@ -460,6 +524,7 @@ impl Agent {
         let tls = tokio::time::timeout(
             self.config.dial_timeout.0,
             self.tls
+                .load()
                 .connect(gateway.server_name.clone(), tls::buffered(tcp)),
         )
         .await
@@ -589,9 +654,9 @@ impl Agent {
             client_id,
             replica,
             row,
-            stop,
-            shutdown,
+            stops,
         } = serving;
+        let stop = &stops.replica;
         let cfg = &self.config;
         let Established {
             session,
@@ -614,10 +679,15 @@ impl Agent {
         row.connected(core.clone());
         let pinger = tokio::spawn(core.clone().heartbeat(cfg.ping_interval.0));
         // On each gateway one replica owns the forwards: the others would only meet a
-        // conflict.
-        if replica == 0 {
-            self.request_forwards(&core).await;
-        }
+        // conflict. Registered, it also gets the ports a reload adds.
+        let owner = (replica == 0).then(|| self.forwards.register());
+        let (_registered, announcer) = match owner {
+            Some((registered, queue)) => {
+                let task = forwards::announce(core.clone(), queue).in_current_span();
+                (Some(registered), Some(tokio::spawn(task)))
+            }
+            None => (None, None),
+        };
         for msg in leftovers {
             if let Some(role_msg) = core.dispatch(msg).await {
                 self.on_role_message(&core, role_msg).await;
@@ -630,7 +700,7 @@ impl Agent {
             end = &mut read => end,
             _ = stop.cancelled() => {
                 let drain = cfg.drain_timeout.0;
-                let why = stop_reason(shutdown);
+                let why = stops.reason();
                 tracing::info!(conns = core.active_conns(), ?drain, "{why}: draining");
                 let drained = async {
                     core.announce_going_away(why).await;
@@ -659,6 +729,9 @@ impl Agent {
             }
         };
         pinger.abort();
+        if let Some(announcer) = announcer {
+            announcer.abort();
+        }
         session.end().await;
         Err(SessionError::Ended(end.to_string()))
     }
@@ -691,29 +764,6 @@ impl Agent {
                         id: other.conn_id(),
                     }))
                     .await;
-            }
-        }
-    }
-
-    /// Asks the gateway for this agent's `open_ports`, again on every new session (the
-    /// gateway releases them when a session ends).
-    async fn request_forwards(&self, core: &Arc<SessionCore>) {
-        if self.config.open_ports.is_empty() {
-            return;
-        }
-        if !core.flow_controlled() {
-            tracing::error!("open_ports needs the binary encoding; the gateway chose JSON");
-            return;
-        }
-        for p in &self.config.open_ports {
-            let req = Message::Forward(anyproxy_proto::Forward {
-                listen_port: p.remote_port,
-                target_host: p.target.host.clone(),
-                target_port: p.target.port,
-                protocol: p.protocol,
-            });
-            if core.send(req).await.is_err() {
-                return;
             }
         }
     }
@@ -840,18 +890,60 @@ struct Serving<'a> {
     client_id: &'a str,
     replica: usize,
     row: &'a LinkRow,
-    /// Drain and close: at shutdown, or when the address is retired.
-    stop: &'a CancellationToken,
-    shutdown: &'a CancellationToken,
+    /// `stops.replica`: drain and close.
+    stops: &'a Stops,
 }
 
-/// Why a session is being closed on purpose, for the logs and the gateway.
-fn stop_reason(shutdown: &CancellationToken) -> &'static str {
-    if shutdown.is_cancelled() {
-        "agent shutting down"
-    } else {
-        "gateway address no longer resolved"
+/// What a session waits on to drain and close, from the widest: the agent's shutdown,
+/// its gateway removed by a reload, its address no longer resolved, its replica no
+/// longer wanted. Each is a child of the one before; `replica` fires for all.
+#[derive(Clone)]
+struct Stops {
+    shutdown: CancellationToken,
+    gateway: CancellationToken,
+    target: CancellationToken,
+    replica: CancellationToken,
+}
+
+impl Stops {
+    /// Why the session is being closed on purpose, for the logs and the gateway.
+    fn reason(&self) -> &'static str {
+        if self.shutdown.is_cancelled() {
+            "agent shutting down"
+        } else if self.gateway.is_cancelled() {
+            "gateway removed from the configuration"
+        } else if self.target.is_cancelled() {
+            "gateway address no longer resolved"
+        } else {
+            "replica no longer configured (replicas lowered)"
+        }
     }
+}
+
+/// One replica's place: its target, its index and the client id it keeps.
+struct Replica {
+    target: Arc<Target>,
+    index: usize,
+    client_id: String,
+}
+
+/// A target's replicas: `stop` ends them all (the address retired), `each` one.
+struct Replicas {
+    target: Arc<Target>,
+    stop: CancellationToken,
+    each: Vec<CancellationToken>,
+}
+
+/// What a supervisor reconciles to: the addresses resolved, the replicas configured.
+struct Want {
+    addrs: Vec<SocketAddr>,
+    replicas: usize,
+}
+
+/// The gateways and replicas configured: a reload replaces it.
+struct Plan {
+    gateways: Vec<Arc<Gateway>>,
+    replicas: usize,
 }
 
 /// The agent's side of a session: `connect`s to serve and answers to our `forward`s.
@@ -879,6 +971,56 @@ fn handshake_error(e: handshake::HandshakeError) -> SessionError {
         }
         _ => SessionError::Handshake(text),
     }
+}
+
+/// The gateways `config` names, each verified against `server_name` (or its host);
+/// one already in `running` under the same name is kept as it is.
+fn gateways(
+    config: &ClientConfig,
+    server_name: Option<&str>,
+    running: &[Arc<Gateway>],
+) -> Result<Vec<Arc<Gateway>>, AgentError> {
+    let mut gateways = Vec::new();
+    for name in config.gateways() {
+        if let Some(g) = running.iter().find(|g| &*g.name == name) {
+            gateways.push(g.clone());
+            continue;
+        }
+        let hp: HostPort = name
+            .parse()
+            .map_err(|_| AgentError::GatewayAddr(name.to_owned()))?;
+        let verify = server_name.unwrap_or(&hp.host);
+        gateways.push(Arc::new(Gateway {
+            name: Arc::from(name),
+            server_name: tls::server_name(verify)?,
+            literal: hp
+                .host
+                .parse::<IpAddr>()
+                .ok()
+                .map(|ip| SocketAddr::new(ip, hp.port)),
+            host: hp.host,
+            port: hp.port,
+        }));
+    }
+    if gateways.is_empty() {
+        return Err(AgentError::GatewayAddr(String::new()));
+    }
+    Ok(gateways)
+}
+
+/// How the agent opens TLS to its gateways: whom it trusts (`gateway_tls_cert`,
+/// `gateway_tls_fingerprint`) and the certificate it presents (`tls_client_cert`).
+fn tls_connector(config: &ClientConfig) -> Result<TlsConnector, tls::TlsError> {
+    let identity = config
+        .tls_client_cert
+        .as_deref()
+        .zip(config.tls_client_key.as_deref());
+    let tls_config = tls::gateway_client_config(
+        config.gateway_tls_cert.as_deref(),
+        config.gateway_tls_fingerprint.map(|f| f.0),
+        identity,
+    )?;
+    Ok(TlsConnector::from(tls_config))
 }
 
 /// Capped exponential backoff with jitter in [50%, 100%] of the step.
@@ -911,19 +1053,25 @@ mod tests {
         held.iter().map(|l| l.local_addr().unwrap()).collect()
     }
 
+    /// A `client:` section of `lines` and the client id `c`'s credentials.
+    fn client_config(lines: &str) -> ClientConfig {
+        let text =
+            format!("client:\n{lines}\n  client_id: c\n  auth_username: u\n  auth_password: p\n");
+        crate::config::Config::parse(&text, std::path::Path::new("t.yaml"))
+            .unwrap()
+            .client
+            .unwrap()
+    }
+
     /// An agent whose resolver answers, for every name, what `answer` holds now
     /// (`None`: fails), and resolves again every 20 ms.
     fn agent_with(
         client: &str,
         answer: Arc<parking_lot::Mutex<HashMap<String, Option<Vec<SocketAddr>>>>>,
     ) -> Arc<Agent> {
-        let text = format!(
-            "client:\n{client}\n  client_id: c\n  auth_username: u\n  auth_password: p\n  reconnect_min: 10ms\n  reconnect_max: 50ms\n"
-        );
-        let config = crate::config::Config::parse(&text, std::path::Path::new("t.yaml"))
-            .unwrap()
-            .client
-            .unwrap();
+        let config = client_config(&format!(
+            "{client}\n  reconnect_min: 10ms\n  reconnect_max: 50ms"
+        ));
         let mut agent = Arc::into_inner(Agent::new(config).unwrap()).unwrap();
         agent.resolve_every = Duration::from_millis(20);
         agent.resolver = Arc::new(move |host, _port| {
@@ -944,6 +1092,20 @@ mod tests {
             .into_iter()
             .map(|r| (r.gateway, r.address, r.replica))
             .collect()
+    }
+
+    /// Shuts the agent down and checks that `run` returned and left no status row.
+    async fn stop_and_check_empty(
+        agent: &Agent,
+        shutdown: CancellationToken,
+        run: tokio::task::JoinHandle<()>,
+    ) {
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(rows(agent).is_empty());
     }
 
     async fn wait_rows(agent: &Agent, want: &[(&str, Option<SocketAddr>, usize)]) {
@@ -993,7 +1155,7 @@ mod tests {
         )
         .await;
         // The TLS name stays the host's, whatever the address.
-        let name = &agent.gateways[0].server_name;
+        let name = &agent.plan.borrow().gateways[0].server_name;
         assert_eq!(name.to_str(), "gw.test");
 
         // b leaves the answer and c joins it.
@@ -1013,12 +1175,52 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(rows(&agent).len(), 4);
 
-        shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), run)
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(rows(&agent).is_empty());
+        stop_and_check_empty(&agent, shutdown, run).await;
+    }
+
+    #[tokio::test]
+    async fn a_new_plan_adds_and_retires_gateways_and_replicas() {
+        let [a, b]: [SocketAddr; 2] = refusing_addrs(2).try_into().unwrap();
+        let answer = Arc::new(parking_lot::Mutex::new(HashMap::new()));
+        answer.lock().insert("gw.test".to_owned(), Some(vec![a]));
+        let agent = agent_with("  gateway_addr: \"gw.test:1\"\n  replicas: 2", answer);
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(agent.clone().run(shutdown.clone()));
+        let gw = "gw.test:1";
+        wait_rows(&agent, &[(gw, Some(a), 0), (gw, Some(a), 1)]).await;
+        let running = agent.plan.borrow().gateways.clone();
+        agent.replan(running.clone(), 3);
+        wait_rows(
+            &agent,
+            &[(gw, Some(a), 0), (gw, Some(a), 1), (gw, Some(a), 2)],
+        )
+        .await;
+        // A literal gateway added, the replicas lowered to one: the one left keeps its id.
+        let literal = b.to_string();
+        let config = client_config(&format!("  gateway_addrs: [\"{gw}\", \"{literal}\"]"));
+        let both = gateways(&config, None, &running).unwrap();
+        assert!(
+            Arc::ptr_eq(&both[0], &running[0]),
+            "a kept gateway is the same"
+        );
+        agent.replan(both, 1);
+        wait_rows(&agent, &[(gw, Some(a), 0), (literal.as_str(), Some(b), 0)]).await;
+        let ids: Vec<_> = agent
+            .metrics
+            .links
+            .status()
+            .into_iter()
+            .map(|r| r.client_id)
+            .collect();
+        assert!(
+            ids.contains(&"c.0".to_owned()) && ids.contains(&"c".to_owned()),
+            "{ids:?}"
+        );
+        // The named gateway removed: its sessions end, the literal one's stay.
+        let only_literal = agent.plan.borrow().gateways[1..].to_vec();
+        agent.replan(only_literal, 1);
+        wait_rows(&agent, &[(literal.as_str(), Some(b), 0)]).await;
+        stop_and_check_empty(&agent, shutdown, run).await;
     }
 
     #[tokio::test]

@@ -1,6 +1,9 @@
 //! SIGHUP on the agent: what a running agent takes from its configuration file without
 //! dropping its sessions — what it may dial (`forbidden_hosts`, `limit`, `allow_local`,
-//! `protocols`), `max_concurrent_conns` and the log level — and the keys it names as
+//! `protocols`), `max_concurrent_conns`, the log level, `open_ports` (see
+//! [`super::forwards`]) and the TLS files and pin (`tls_client_cert`/`tls_client_key`,
+//! `gateway_tls_cert`, `gateway_tls_fingerprint`: read again at every reload, used by
+//! the next connections while the sessions up keep theirs) — and the keys it names as
 //! needing a restart.
 //!
 //! The rules live behind an [`ArcSwap`]: each `connect` loads them once, and a reload
@@ -37,6 +40,11 @@ pub enum ReloadError {
     NoClient(String),
     #[error("client.{0}")]
     Agent(#[from] AgentError),
+    #[error("{key}: {source}")]
+    Tls {
+        key: &'static str,
+        source: tls::TlsError,
+    },
 }
 
 /// What decides, per `connect`, whether the agent dials: swapped whole by a reload.
@@ -183,6 +191,32 @@ impl Live {
 }
 
 impl Agent {
+    /// Makes `gateways` and `replicas` the plan the supervisors follow (see `run`),
+    /// with one log line per gateway added or removed and one for the replicas.
+    pub(super) fn replan(&self, gateways: Vec<Arc<super::Gateway>>, replicas: usize) {
+        self.plan.send_if_modified(|plan| {
+            let has = |list: &[Arc<super::Gateway>], g: &super::Gateway| {
+                list.iter().any(|o| o.name == g.name)
+            };
+            for g in gateways.iter().filter(|g| !has(&plan.gateways, g)) {
+                tracing::info!(gateway = %g.name, "gateway added: starting its sessions");
+            }
+            for g in plan.gateways.iter().filter(|g| !has(&gateways, g)) {
+                tracing::info!(gateway = %g.name, "gateway removed: draining and closing its sessions");
+            }
+            if plan.replicas != replicas {
+                tracing::info!(from = plan.replicas, to = replicas, "replicas changed");
+            }
+            let names = |list: &[Arc<super::Gateway>]| {
+                list.iter().map(|g| g.name.clone()).collect::<Vec<_>>()
+            };
+            let changed =
+                names(&plan.gateways) != names(&gateways) || plan.replicas != replicas;
+            *plan = super::Plan { gateways, replicas };
+            changed
+        });
+    }
+
     /// From now on a reload also applies `log.level` (unless `RUST_LOG` chose it).
     pub fn follow_log_level(&self, switch: Arc<dyn LevelSwitch>) {
         let _ = self.live.log.set(switch);
@@ -202,10 +236,23 @@ impl Agent {
         };
         // Everything that can fail comes first; after it, nothing can.
         let rules = Rules::new(&next)?;
-        check_restart_only_files(&next)?;
+        let connector = super::tls_connector(&next).map_err(|source| ReloadError::Tls {
+            key: tls_key(&next, &source),
+            source,
+        })?;
+        // Built against the running `gateway_server_name` (restart-only).
+        let running_gateways = self.plan.borrow().gateways.clone();
+        let server_name = self.config.gateway_server_name.as_deref();
+        let gateways = super::gateways(&next, server_name, &running_gateways)?;
 
         log_rule_changes(running, &next);
         self.live.rules.store(Arc::new(rules));
+        // Read again even under the same names (a certificate renewed in place).
+        // Sessions up keep their TLS; reconnects and new sessions use this.
+        self.tls.store(Arc::new(connector));
+        tracing::info!("TLS files read again: new gateway connections use them");
+        self.forwards.set(&next.open_ports);
+        self.replan(gateways, next.replicas);
         let closed = self.live.close_forbidden(&self.live.rules());
         if closed > 0 {
             tracing::warn!(
@@ -223,23 +270,19 @@ impl Agent {
     }
 }
 
-/// The files a restart would read load now too: a reload that reports success leaves
-/// a file the next start can use.
-fn check_restart_only_files(next: &ClientConfig) -> Result<(), AgentError> {
-    let identity = next
-        .tls_client_cert
-        .as_deref()
-        .zip(next.tls_client_key.as_deref());
-    tls::gateway_client_config(
-        next.gateway_tls_cert.as_deref(),
-        next.gateway_tls_fingerprint.map(|f| f.0),
-        identity,
-    )?;
-    for name in next.gateways() {
-        name.parse::<HostPort>()
-            .map_err(|_| AgentError::GatewayAddr(name.to_owned()))?;
+/// The key whose file `e` is about.
+fn tls_key(next: &ClientConfig, e: &tls::TlsError) -> &'static str {
+    let names = |p: &Option<std::path::PathBuf>, path: &str| {
+        p.as_deref()
+            .is_some_and(|p| p.display().to_string() == path)
+    };
+    match e {
+        tls::TlsError::Certs { path, .. } if names(&next.gateway_tls_cert, path) => {
+            "client.gateway_tls_cert"
+        }
+        tls::TlsError::Key { .. } | tls::TlsError::KeyMismatch { .. } => "client.tls_client_key",
+        _ => "client.tls_client_cert",
     }
-    Ok(())
 }
 
 /// One log line per rule added or removed, and per setting changed.
@@ -306,17 +349,20 @@ fn restart_only(old: &ClientConfig, new: &ClientConfig) -> Vec<&'static str> {
         limit: _,
         protocols: _,
         max_concurrent_conns: _,
+        open_ports: _,
+        gateway_tls_cert: _,
+        gateway_tls_fingerprint: _,
+        tls_client_cert: _,
+        tls_client_key: _,
+        gateway_addr: _,
+        gateway_addrs: _,
+        replicas: _,
         // Compared below: secrets' Debug is redacted.
         auth_password: _,
         admin_password: _,
         // Restart-only.
-        gateway_addr: _,
-        gateway_addrs: _,
-        gateway_tls_cert: _,
-        gateway_tls_fingerprint: _,
         gateway_server_name: _,
         client_id: _,
-        replicas: _,
         auth_username: _,
         group_id: _,
         dial_timeout: _,
@@ -331,23 +377,15 @@ fn restart_only(old: &ClientConfig, new: &ClientConfig) -> Vec<&'static str> {
         max_window: _,
         encoding: _,
         deflate: _,
-        open_ports: _,
         drain_timeout: _,
-        tls_client_cert: _,
-        tls_client_key: _,
         admin_addr: _,
         admin_username: _,
         udp_idle_timeout: _,
         udp_max_datagram: _,
     } = old;
     compare!(
-        gateway_addr,
-        gateway_addrs,
-        gateway_tls_cert,
-        gateway_tls_fingerprint,
         gateway_server_name,
         client_id,
-        replicas,
         auth_username,
         group_id,
         dial_timeout,
@@ -362,10 +400,7 @@ fn restart_only(old: &ClientConfig, new: &ClientConfig) -> Vec<&'static str> {
         max_window,
         encoding,
         deflate,
-        open_ports,
         drain_timeout,
-        tls_client_cert,
-        tls_client_key,
         admin_addr,
         admin_username,
         udp_idle_timeout,
@@ -426,10 +461,12 @@ mod tests {
     #[test]
     fn restart_only_keys_are_named() {
         let old = client("");
-        let new = client("  replicas: 2\n  forbidden_hosts: [\"x\"]\n  dial_timeout: 3s\n");
+        let new = client(
+            "  replicas: 2\n  forbidden_hosts: [\"x\"]\n  dial_timeout: 3s\n  ping_interval: 5s\n",
+        );
         assert_eq!(
             restart_only(&old, &new),
-            vec!["client.replicas", "client.dial_timeout"]
+            vec!["client.dial_timeout", "client.ping_interval"]
         );
     }
 }

@@ -37,6 +37,10 @@ struct Owner {
     group: Arc<str>,
     client_id: String,
     serial: u64,
+    /// This forward's own number: a session asking again for a port it holds (a new
+    /// target after the agent's reload) replaces its entry, and the replaced forward's
+    /// end must not remove the new one.
+    id: u64,
     cancel: CancellationToken,
 }
 
@@ -54,6 +58,7 @@ pub struct AgentForwardTable {
     /// For UDP forwards.
     udp: UdpSettings,
     by_port: Mutex<HashMap<PortKey, Owner>>,
+    next_id: std::sync::atomic::AtomicU64,
 }
 
 impl AgentForwardTable {
@@ -71,6 +76,7 @@ impl AgentForwardTable {
             proxy_protocol,
             udp,
             by_port: Mutex::new(HashMap::new()),
+            next_id: Default::default(),
         }
     }
 
@@ -98,7 +104,7 @@ impl AgentForwardTable {
         };
         target.validate().map_err(|e| e.to_string())?;
         let key = (port, req.protocol);
-        let cancel = self.claim(key, agent)?;
+        let (cancel, id) = self.claim(key, agent)?;
         let addr = SocketAddr::new(policy.bind, port);
         let bound = match req.protocol {
             Protocol::Tcp => bind_when_free(|| crate::transport::listen::listen(addr))
@@ -111,7 +117,7 @@ impl AgentForwardTable {
         let serve = match bound {
             Ok(serve) => serve,
             Err(e) => {
-                self.forget(key, agent.serial);
+                self.forget(key, id);
                 return Err(format!(
                     "cannot listen on {addr}/{}: {e}",
                     req.protocol.as_str()
@@ -127,16 +133,19 @@ impl AgentForwardTable {
                 _ = cancel.cancelled() => {}
                 _ = agent.core.closed() => {}
             }
-            table.forget(key, agent.serial);
+            table.forget(key, id);
             tracing::info!(%addr, protocol = key.1.as_str(), "agent forward closed");
         });
         Ok(addr)
     }
 
     /// Records `agent` as the owner of `key`, taking it over from an earlier session
-    /// of the same agent. Returns the token that ends this forward.
-    fn claim(&self, key: PortKey, agent: &AgentHandle) -> Result<CancellationToken, String> {
+    /// of the same agent. Returns the token that ends this forward, and its id.
+    fn claim(&self, key: PortKey, agent: &AgentHandle) -> Result<(CancellationToken, u64), String> {
         let cancel = CancellationToken::new();
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut table = self.by_port.lock();
         if let Some(held) = table.get(&key) {
             let same_agent = held.group == agent.group && held.client_id == agent.client_id;
@@ -157,17 +166,18 @@ impl AgentForwardTable {
                 group: agent.group.clone(),
                 client_id: agent.client_id.clone(),
                 serial: agent.serial,
+                id,
                 cancel: cancel.clone(),
             },
         );
-        Ok(cancel)
+        Ok((cancel, id))
     }
 
-    /// Drops `key` from the table if the session `serial` still owns it.
-    fn forget(&self, key: PortKey, serial: u64) {
+    /// Drops `key` from the table if the forward `id` still holds it.
+    fn forget(&self, key: PortKey, id: u64) {
         self.by_port
             .lock()
-            .retain(|k, o| !(*k == key && o.serial == serial));
+            .retain(|k, o| !(*k == key && o.id == id));
     }
 
     /// The accept loop of a TCP agent forward, until dropped.
