@@ -192,3 +192,55 @@ fn risky_settings_are_warned_about() {
     assert!(stderr.contains("gateway.deflate is on"), "{stderr}");
     assert!(stderr.contains("plain-text passwords"), "{stderr}");
 }
+
+fn check_dir(dir: &Path) -> Output {
+    std::process::Command::new(common::BIN)
+        .args(["check", "--config-dir"])
+        .arg(dir)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run anyproxy check --config-dir")
+}
+
+#[test]
+fn a_pmproxy_config_dir_is_checked_read_only_and_errors_name_file_and_key() {
+    let dir = common::policy_dir(9, "1 MB", 4443);
+    let before: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    let out = check_dir(dir.path());
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("proxy on 127.0.0.1:"), "{stdout}");
+    assert!(stdout.contains("policy API on 127.0.0.1:4443"), "{stdout}");
+    assert!(
+        stdout.contains("managers.toml: rules \"quota ∧ ¬blocked\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("configuration ok"), "{stdout}");
+    // What a start would create is named, and a check creates none of it.
+    assert!(stderr.contains("api.httpsCert"), "{stderr}");
+    assert!(stderr.contains("jwt.key is missing"), "{stderr}");
+    let after: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(before.len(), after.len(), "a check created files");
+
+    let managers = dir.path().join("managers.toml");
+    let text_before = std::fs::read_to_string(&managers).unwrap();
+    std::fs::write(
+        &managers,
+        text_before.replace("resetCycle = \"24h\"", "resetCycle = \"0s\""),
+    )
+    .unwrap();
+    let out = check_dir(dir.path());
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stderr.contains("managers.toml"), "{stderr}");
+    assert!(stderr.contains("resetCycle"), "{stderr}");
+    std::fs::write(&managers, &text_before).unwrap();
+
+    let server = dir.path().join("server.toml");
+    let conf = std::fs::read_to_string(&server).unwrap();
+    std::fs::write(&server, conf.replace("127.0.0.1:4443", "127.0.0.1:99999")).unwrap();
+    let out = check_dir(dir.path());
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stderr.contains("api.server.addr"), "{stderr}");
+}

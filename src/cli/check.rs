@@ -12,17 +12,28 @@ use anyproxy::config::{
 };
 use anyproxy::transport::tls;
 
+mod pmproxy_dir;
+
 /// A certificate that expires sooner than this is worth a warning.
 pub const EXPIRY_WARNING_DAYS: i64 = 14;
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  anyproxy check --config /etc/anyproxy/gateway.yaml\n  anyproxy check -c new.yaml && kill -HUP $(pidof anyproxy)"
+    after_help = "Examples:\n  anyproxy check --config /etc/anyproxy/gateway.yaml\n  anyproxy check -c new.yaml && kill -HUP $(pidof anyproxy)\n  anyproxy check --config-dir /etc/pmproxy"
 )]
 pub struct CheckArgs {
     /// The configuration file to check (any of `proxy:`, `gateway:`, `client:`).
-    #[arg(long, short)]
-    pub config: PathBuf,
+    #[arg(
+        long,
+        short,
+        required_unless_present = "config_dir",
+        conflicts_with = "config_dir"
+    )]
+    pub config: Option<PathBuf>,
+    /// A `anyproxy pmproxy` config dir to check instead (`server.toml`, `managers.toml`,
+    /// the API's certificate and key); nothing in it is created or changed.
+    #[arg(long)]
+    pub config_dir: Option<PathBuf>,
 }
 
 /// What a check found: the summary and the warnings.
@@ -33,14 +44,18 @@ pub struct Report {
 }
 
 pub fn run(args: CheckArgs) -> anyhow::Result<()> {
-    let report = check(&args.config)?;
+    let (report, what) = match (&args.config, &args.config_dir) {
+        (Some(file), _) => (check(file)?, file),
+        (None, Some(dir)) => (pmproxy_dir::check_dir(dir)?, dir),
+        (None, None) => bail!("pass --config FILE or --config-dir DIR"),
+    };
     for line in &report.summary {
         println!("{line}");
     }
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }
-    println!("{}: configuration ok", args.config.display());
+    println!("{}: configuration ok", what.display());
     Ok(())
 }
 
@@ -69,7 +84,7 @@ pub fn check(path: &Path) -> anyhow::Result<Report> {
 }
 
 /// A certificate file's leaf: readable, well-formed, not expired; warns when close.
-fn check_cert(key: &str, path: &Path, report: &mut Report) -> anyhow::Result<String> {
+pub(super) fn check_cert(key: &str, path: &Path, report: &mut Report) -> anyhow::Result<String> {
     let certs = tls::load_certs(path).with_context(|| key.to_owned())?;
     let v = tls::leaf_validity(path, &certs).with_context(|| key.to_owned())?;
     let now = tls::unix_now();
