@@ -651,15 +651,7 @@ async fn a_reload_tightens_a_users_cap_under_a_live_download() {
         one.replace("max_concurrent: 1", "max_concurrent: 5, rate: -1"),
     )
     .unwrap();
-    signal(pid, "HUP");
-    stack.wait_for_log("gateway", "reload failed", 1).await;
-    let log = stack.log("gateway");
-    assert!(log.contains("gateway.limits.per_user.rate"), "{log}");
-    let m = metrics(admin).await;
-    assert_eq!(
-        metric(&m, "anyproxy_config_reload_total", &[("result", "failure")]),
-        1.0
-    );
+    hup_fails_naming(&stack, pid, admin, "gateway.limits.per_user.rate").await;
     let echo = common::echo_target_on("127.0.0.1").await;
     let mut held =
         common::http_connect_as(&stack, common::HTTP_USER, common::HTTP_PASS, echo).await;
@@ -744,17 +736,23 @@ async fn a_reload_applies_the_policy_dirs_rules_and_keeps_its_quotas() {
         swapped.replace("resetCycle = \"24h\"", "resetCycle = \"0s\""),
     )
     .unwrap();
+    hup_fails_naming(&stack, pid, admin, "resetCycle").await;
+    assert_eq!(
+        common::curl_status(&["-x", &proxy, &get(allowed, "/")]).await,
+        "403"
+    );
+}
+
+/// Sends SIGHUP for a file that must not load: the first failed reload is logged
+/// naming `key`, and counted.
+async fn hup_fails_naming(stack: &Stack, pid: u32, admin: u16, key: &str) {
     signal(pid, "HUP");
     stack.wait_for_log("gateway", "reload failed", 1).await;
     let log = stack.log("gateway");
-    assert!(log.contains("resetCycle"), "{log}");
+    assert!(log.contains(key), "{log}");
     let m = metrics(admin).await;
     assert_eq!(
         metric(&m, "anyproxy_config_reload_total", &[("result", "failure")]),
         1.0
-    );
-    assert_eq!(
-        common::curl_status(&["-x", &proxy, &get(allowed, "/")]).await,
-        "403"
     );
 }
