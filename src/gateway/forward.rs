@@ -210,7 +210,7 @@ impl AgentForwardTable {
     ) -> ServeFuture {
         let support = self.udp.through_agent(agent.clone());
         Box::pin(serve_forward(
-            socket,
+            Arc::new(socket),
             agent.group.clone(),
             target,
             support,

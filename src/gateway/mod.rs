@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod forward;
+pub mod listeners;
 pub mod registry;
 pub mod reload;
 pub mod server;
@@ -19,21 +20,20 @@ use tokio_util::task::TaskTracker;
 use anyproxy_proto::ErrorCode;
 
 use crate::cluster::Cluster;
-use crate::config::{GatewayConfig, ProxyConfig, ProxyListener};
+use crate::config::{GatewayConfig, ProxyConfig};
 use crate::connect::{ConnectError, Connector, Requester, Upstream};
 use crate::limits::{LimitGuard, Limits};
 use crate::net::notify::{notify, State};
 use crate::net::HostPort;
-use crate::proxy::http::HttpProxy;
-use crate::proxy::https::HttpsProxy;
-use crate::proxy::socks5::Socks5Proxy;
-use crate::transport::listen::{AcceptLoop, ProxyProtocol};
+use crate::transport::listen::ProxyProtocol;
 use crate::transport::tls;
 use crate::tunnel::datagram::DatagramLimits;
 use crate::tunnel::OpenError;
-use auth::{agent_accounts, listener_accounts};
+use auth::agent_accounts;
+use listeners::Listeners;
+pub use listeners::Listening;
 pub use registry::AgentRegistry;
-use reload::{warn_if_expiring, Logins, Running};
+use reload::{warn_if_expiring, Running};
 pub use reload::{ReloadError, Reloader, CERT_EXPIRY_WARNING_DAYS};
 pub use server::AgentServer;
 
@@ -96,17 +96,13 @@ pub enum StartError {
     Cluster(#[from] crate::cluster::StoreError),
     #[error(transparent)]
     Auth(#[from] auth::AuthStartError),
+    #[error(transparent)]
+    Listen(#[from] listeners::ListenError),
 }
 
 /// A running gateway: where it listens, and how to stop it.
 pub struct Gateway {
     pub agent_addr: SocketAddr,
-    pub http_addr: Option<SocketAddr>,
-    /// The HTTPS proxy listener (`proxy.https`), when configured.
-    pub https_addr: Option<SocketAddr>,
-    pub socks5_addr: Option<SocketAddr>,
-    /// The declared forwards' listeners, in configuration order.
-    pub forward_addrs: Vec<SocketAddr>,
     pub registry: Arc<AgentRegistry>,
     /// The admin listener (metrics, health, status page), when configured.
     pub admin_addr: Option<SocketAddr>,
@@ -162,8 +158,10 @@ impl Gateway {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let admin = config.admin();
-        // Users change only with a restart, so the listeners as started are the profiles'.
-        let profiles = crate::config::profile::ProfileSource::new(&config, proxy.as_ref());
+        // A reload replaces them with its listeners and users.
+        let profiles = Arc::new(arc_swap::ArcSwap::from_pointee(
+            crate::config::profile::ProfileSource::new(&config, proxy.as_ref()),
+        ));
         let cluster = match &config.cluster {
             Some(c) => Some(Cluster::open(c, &default_node_id(&config))?),
             None => None,
@@ -183,10 +181,6 @@ impl Gateway {
         // One PROXY-protocol stage for every listener that sets `proxy_protocol`.
         let proxy_protocol = Arc::new(ProxyProtocol::new(config.trusted_proxies.clone()));
         metrics.show_proxy_protocol(proxy_protocol.clone());
-        let pp = |on: bool, l: AcceptLoop| match on {
-            true => l.proxy_protocol(proxy_protocol.clone()),
-            false => l,
-        };
 
         let agent_listener = bind("gateway", config.listen_addr.0).await?;
         let agent_addr = agent_listener
@@ -273,138 +267,23 @@ impl Gateway {
             cluster.as_ref(),
         ));
         tasks.spawn(server.clone().accept(agent_listener, shutdown.clone()));
-        // Proxy users' and forwards' connections end with their tunnels; nobody waits
-        // for them (a keep-alive client could hold a stop forever).
-        let conns = TaskTracker::new();
 
         let proxy = proxy.unwrap_or_default();
-        let mut logins = Logins {
-            agents,
-            http: None,
-            https: None,
-            socks5: None,
-        };
-        let (running_http, running_https, running_socks5) = (
-            proxy.http.clone(),
-            proxy.https.clone(),
-            proxy.socks5.clone(),
-        );
-        // The HTTP front end of `proxy.http`, and of `proxy.https` behind TLS, with who
-        // checks its users (a reload replaces their rules).
-        let http_front = |l: &ProxyListener, addr: Option<SocketAddr>| {
-            let users = Arc::new(backends.authority(&l.auth, listener_accounts(l, &groups)));
-            if users.is_open() {
-                tracing::warn!(
-                    ?addr,
-                    "HTTP proxy has no credentials: anyone who can reach it may use it"
-                );
-            }
-            let role = Arc::new(HttpProxy {
-                users: users.clone(),
-                limits: limits.clone(),
-                connector: guarded.clone(),
-                request_timeout: crate::proxy::http::RequestTimeout::new(
-                    crate::proxy::http::HEADER_READ_TIMEOUT,
-                ),
-            });
-            (role, users)
-        };
-        let mut http_addr = None;
-        if let Some(http) = &proxy.http {
-            let listener = bind("http proxy", http.listen_addr.0).await?;
-            http_addr = listener.local_addr().ok();
-            let (role, users) = http_front(http, http_addr);
-            logins.http = Some(users);
-            let accept = pp(http.proxy_protocol, AcceptLoop::new(listener, "http proxy"));
-            tasks.spawn(accept.run(role, shutdown.clone().cancelled_owned(), conns.clone()));
-        }
-        let mut https_addr = None;
-        let mut proxy_cert_slot = None;
-        if let Some(https) = &proxy.https {
-            let slot = match (&https.tls_cert, &https.tls_key) {
-                (Some(cert), Some(key)) => {
-                    let own = Arc::new(tls::CertSlot::load(cert, key)?);
-                    warn_if_expiring(cert, own.expiry());
-                    proxy_cert_slot = Some(own.clone());
-                    own
-                }
-                _ => cert_slot.clone(),
-            };
-            let listener = bind("https proxy", https.listen_addr.0).await?;
-            https_addr = listener.local_addr().ok();
-            let (front, users) = http_front(https, https_addr);
-            logins.https = Some(users);
-            let role = Arc::new(HttpsProxy::new(front, tls::proxy_server_config(slot)));
-            let accept = pp(
-                https.proxy_protocol,
-                AcceptLoop::new(listener, "https proxy"),
-            );
-            tasks.spawn(accept.run(role, shutdown.clone().cancelled_owned(), conns.clone()));
-        }
-        let mut socks5_addr = None;
-        if let Some(socks) = &proxy.socks5 {
-            let listener = bind("socks5 proxy", socks.listen_addr.0).await?;
-            socks5_addr = listener.local_addr().ok();
-            let users =
-                Arc::new(backends.authority(&socks.auth, listener_accounts(socks, &groups)));
-            if users.is_open() {
-                tracing::warn!(addr = ?socks5_addr, "SOCKS5 proxy has no credentials: anyone who can reach it may use it");
-            }
-            logins.socks5 = Some(users.clone());
-            let udp = if !socks.protocols.udp {
-                Err("proxy.socks5.protocols does not list udp".to_owned())
-            } else {
-                Ok(udp_support.clone())
-            };
-            let role = Arc::new(Socks5Proxy {
-                users,
-                limits: limits.clone(),
-                connector: guarded.clone(),
-                udp,
-                tcp: socks.protocols.tcp,
-            });
-            let accept = pp(
-                socks.proxy_protocol,
-                AcceptLoop::new(listener, "socks5 proxy"),
-            );
-            tasks.spawn(accept.run(role, shutdown.clone().cancelled_owned(), conns.clone()));
-        }
-        let mut forward_addrs = Vec::new();
-        for f in declared {
-            if f.protocol == anyproxy_proto::Protocol::Udp {
-                let addr = f.listen_addr.0;
-                let socket =
-                    tokio::net::UdpSocket::bind(addr)
-                        .await
-                        .map_err(|source| StartError::Bind {
-                            what: "udp forward",
-                            addr,
-                            source,
-                        })?;
-                let addr = socket.local_addr().unwrap_or(addr);
-                tracing::info!(%addr, group = %f.group, target = %f.target, "forwarding udp");
-                forward_addrs.push(addr);
-                tasks.spawn(udp::serve_forward(
-                    socket,
-                    Arc::from(f.group.as_str()),
-                    f.target,
-                    udp_support.clone(),
-                    shutdown.clone(),
-                ));
-                continue;
-            }
-            let listener = bind("forward", f.listen_addr.0).await?;
-            let addr = listener.local_addr().unwrap_or(f.listen_addr.0);
-            tracing::info!(%addr, group = %f.group, target = %f.target, "forwarding");
-            forward_addrs.push(addr);
-            let accept = pp(f.proxy_protocol, AcceptLoop::new(listener, "forward"));
-            let role = Arc::new(forward::DeclaredForward {
-                group: Arc::from(f.group.as_str()),
-                target: f.target,
-                connector: limited.clone(),
-            });
-            tasks.spawn(accept.run(role, shutdown.clone().cancelled_owned(), conns.clone()));
-        }
+        let mut listeners = Listeners::new(listeners::Wiring {
+            limits: limits.clone(),
+            guarded,
+            limited,
+            udp: udp_support,
+            proxy_protocol,
+            agent_cert: cert_slot.clone(),
+            shutdown: shutdown.clone(),
+            loops: tasks.clone(),
+            conns: TaskTracker::new(),
+            runtime: tokio::runtime::Handle::current(),
+        });
+        // The start is a reload from nothing: the same plan binds every address first.
+        let plan = listeners.plan(&proxy, &declared)?;
+        listeners.apply(plan, &backends, &groups);
         let admin_stop = CancellationToken::new();
         let admin_addr = match admin {
             Some(a) => {
@@ -412,7 +291,7 @@ impl Gateway {
                 let served = crate::metrics::admin::serve_with_profiles(
                     a,
                     m,
-                    Some(profiles),
+                    Some(profiles.clone()),
                     admin_stop.clone(),
                 );
                 Some(served.await?)
@@ -427,13 +306,10 @@ impl Gateway {
             let task = tokio::spawn(cluster.run(report, stop.clone()));
             Membership { stop, task }
         });
-        tracing::info!(%agent_addr, ?http_addr, ?https_addr, ?socks5_addr, "gateway listening");
+        let on = listeners.listening();
+        tracing::info!(%agent_addr, http_addr = ?on.http, https_addr = ?on.https, socks5_addr = ?on.socks5, "gateway listening");
         Ok(Gateway {
             agent_addr,
-            http_addr,
-            https_addr,
-            socks5_addr,
-            forward_addrs,
             registry,
             admin_addr,
             admin_stop,
@@ -445,23 +321,24 @@ impl Gateway {
             drain_timeout,
             membership,
             reloader: Arc::new(Reloader::new(
-                reload::Certificates {
-                    agents: cert_slot,
-                    https: proxy_cert_slot,
-                },
+                cert_slot,
                 metrics,
-                logins,
+                agents,
                 limits,
                 policy,
+                profiles,
                 Running {
                     gateway: running_gateway,
-                    http: running_http,
-                    https: running_https,
-                    socks5: running_socks5,
+                    listeners,
                     backends,
                 },
             )),
         })
+    }
+
+    /// Where the proxy front ends and forwards listen now (a reload may change it).
+    pub fn listening(&self) -> Listening {
+        self.reloader.listening()
     }
 
     /// What reloads this gateway; it outlives a `stop` that has begun.
@@ -499,6 +376,7 @@ impl Gateway {
     pub async fn stop_within(self, drain: Duration) {
         notify(State::Stopping);
         self.shutdown.cancel();
+        self.reloader.close_listeners();
         self.tasks.wait().await;
         tracing::info!(
             agents = self.registry.len(),

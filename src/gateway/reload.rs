@@ -1,7 +1,8 @@
 //! SIGHUP (and the admin `POST /reload`): what a running gateway takes from its
 //! configuration file without a restart — the agent certificate, the agents' logins,
-//! the proxy listeners' users, `gateway.limits` and the policy dir's rules — and the
-//! keys it names as needing one.
+//! the proxy listeners (added, removed, moved, their users and certificates), the
+//! declared forwards, `gateway.limits` and the policy dir's rules — and the keys it
+//! names as needing one.
 //!
 //! A reload reads and checks the whole file before it changes anything, so a bad file
 //! (or a certificate that does not load, or a chain naming a backend that is not
@@ -12,7 +13,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::auth::{agent_accounts, listener_accounts, AuthBackends};
+use super::listeners::{Front, Listeners, Listening};
 use crate::auth::Authority;
+use crate::config::profile::ProfileSource;
 use crate::config::{GatewayConfig, LevelSwitch, ProxyListener, DEFAULT_GROUP};
 use crate::transport::tls;
 
@@ -24,8 +27,8 @@ pub enum ReloadError {
     NoGateway(String),
     #[error("gateway.tls_cert / gateway.tls_key: {0}; the old certificate stays")]
     Tls(tls::TlsError),
-    #[error("proxy.https.tls_cert / tls_key: {0}; the old certificates stay")]
-    ProxyTls(tls::TlsError),
+    #[error("{0}; the running listeners and certificates stay")]
+    Listen(#[from] super::listeners::ListenError),
     #[error("gateway.policy: {0}; the running rules stay")]
     Policy(crate::policy::PolicyConfigError),
     #[error(
@@ -34,43 +37,30 @@ pub enum ReloadError {
     NewBackend { key: &'static str, name: String },
 }
 
-/// Who checks the credentials of each kind of user; a reload gives each its new rules.
-pub(super) struct Logins {
-    pub agents: Arc<Authority>,
-    /// The proxy listeners', when the listener runs.
-    pub http: Option<Arc<Authority>>,
-    pub https: Option<Arc<Authority>>,
-    pub socks5: Option<Arc<Authority>>,
-}
-
-/// The certificates the gateway presents.
-pub(super) struct Certificates {
-    /// To agents, and to HTTPS proxy users when their listener has no files of its own.
-    pub agents: Arc<tls::CertSlot>,
-    /// The HTTPS proxy listener's own, when it has files of its own.
-    pub https: Option<Arc<tls::CertSlot>>,
-}
-
-/// The configuration a gateway runs with, and the backends it opened at start.
+/// The configuration a gateway runs with, its front ends and forwards, and the
+/// backends it opened at start.
 pub(super) struct Running {
     pub gateway: GatewayConfig,
-    pub http: Option<ProxyListener>,
-    pub https: Option<ProxyListener>,
-    pub socks5: Option<ProxyListener>,
+    /// They own the proxy listeners' configuration, users and certificates.
+    pub listeners: Listeners,
     pub backends: AuthBackends,
 }
 
 /// The parts of a running gateway that a reload swaps, and what it counts with.
 pub struct Reloader {
-    /// The certificates new handshakes get; a reload replaces them.
-    certs: Certificates,
+    /// The certificate new agent handshakes get (and HTTPS proxy ones, when that
+    /// listener names no files of its own); a reload replaces it.
+    agent_cert: Arc<tls::CertSlot>,
     metrics: Arc<crate::metrics::GatewayMetrics>,
-    logins: Logins,
+    /// Who checks the agents' logins; a reload gives it the new rules.
+    agents: Arc<Authority>,
     /// Shared by every front end: a reload changes their rules in place.
     limits: Arc<crate::limits::Limits>,
     /// The rules of `gateway.policy`, when it is set: a reload re-reads its
     /// `managers.toml`, keeping sessions and quotas.
     policy: Option<Arc<crate::policy::Policy>>,
+    /// What the admin listener's `/profiles/` are made from.
+    profiles: Arc<arc_swap::ArcSwap<ProfileSource>>,
     /// The process's log filter, when the binary hands it over.
     log: std::sync::OnceLock<Arc<dyn LevelSwitch>>,
     /// Held by the reload in progress: reloads never interleave.
@@ -79,19 +69,21 @@ pub struct Reloader {
 
 impl Reloader {
     pub(super) fn new(
-        certs: Certificates,
+        agent_cert: Arc<tls::CertSlot>,
         metrics: Arc<crate::metrics::GatewayMetrics>,
-        logins: Logins,
+        agents: Arc<Authority>,
         limits: Arc<crate::limits::Limits>,
         policy: Option<Arc<crate::policy::Policy>>,
+        profiles: Arc<arc_swap::ArcSwap<ProfileSource>>,
         running: Running,
     ) -> Self {
         Reloader {
-            certs,
+            agent_cert,
             metrics,
-            logins,
+            agents,
             limits,
             policy,
+            profiles,
             log: std::sync::OnceLock::new(),
             running: parking_lot::Mutex::new(running),
         }
@@ -100,6 +92,16 @@ impl Reloader {
     /// From now on a reload also applies `log.level` (unless `RUST_LOG` chose it).
     pub fn follow_log_level(&self, switch: Arc<dyn LevelSwitch>) {
         let _ = self.log.set(switch);
+    }
+
+    /// Releases the front ends' and forwards' sockets: the gateway is stopping.
+    pub(super) fn close_listeners(&self) {
+        self.running.lock().listeners.close();
+    }
+
+    /// Where the front ends and forwards listen now.
+    pub(super) fn listening(&self) -> Listening {
+        self.running.lock().listeners.listening()
     }
 
     /// What the reloads are counted in; the admin listener's `POST /reload` lives there.
@@ -119,24 +121,35 @@ impl Reloader {
         let Some(gateway) = file.gateway else {
             return Err(ReloadError::NoGateway(path.display().to_string()));
         };
-        let proxy = file.proxy.unwrap_or_default();
         let log = file.log;
         let next = Next {
             gateway,
-            http: proxy.http,
-            https: proxy.https,
-            socks5: proxy.socks5,
+            proxy: file.proxy.unwrap_or_default(),
         };
         // Everything that can fail comes first; after it, nothing can.
         next.check_backends(&running.backends)?;
-        let checked = self.check_certificates(&next)?;
+        let agent_cert = tls::load_checked(&next.gateway.tls_cert, &next.gateway.tls_key)
+            .map_err(ReloadError::Tls)?;
+        // New addresses are bound here: a port in use changes nothing.
+        let listeners = running
+            .listeners
+            .plan(&next.proxy, &next.gateway.forwards)?;
         // The policy's own swap is the last step that can fail: a broken managers.toml
         // changes nothing, and after it nothing else can fail.
         self.reload_policy(&running.gateway, &next.gateway)?;
-        self.replace_certificates(&next.gateway, checked);
+        self.replace_certificate(&next.gateway, agent_cert);
 
         running.backends.set_groups(&next.gateway.groups);
         self.replace_logins(running, &next);
+        // After the logins: a front end that keeps running keeps its users, with the
+        // new rules; one that starts gets them from the new file.
+        running
+            .listeners
+            .apply(listeners, &running.backends, &next.gateway.groups);
+        self.profiles.store(Arc::new(ProfileSource::new(
+            &next.gateway,
+            Some(&next.proxy),
+        )));
         for change in self.limits.reconfigure(&next.gateway.limits) {
             tracing::info!("{change}");
         }
@@ -145,8 +158,6 @@ impl Reloader {
         }
         crate::config::apply_level(self.log.get(), &log);
         running.gateway = next.gateway;
-        running.http = next.http;
-        running.socks5 = next.socks5;
         tracing::info!(config = %path.display(), "configuration reloaded");
         Ok(())
     }
@@ -168,28 +179,13 @@ impl Reloader {
         Ok(())
     }
 
-    /// Every certificate is loaded and checked before any is swapped.
-    fn check_certificates(&self, next: &Next) -> Result<CheckedCertificates, ReloadError> {
-        let g = &next.gateway;
-        let agents = tls::load_checked(&g.tls_cert, &g.tls_key).map_err(ReloadError::Tls)?;
-        let https = match &self.certs.https {
-            Some(_) => {
-                let (cert, key) = https_cert_files(next.https.as_ref(), g);
-                Some(tls::load_checked(cert, key).map_err(ReloadError::ProxyTls)?)
-            }
-            None => None,
-        };
-        Ok(CheckedCertificates { agents, https })
-    }
-
-    fn replace_certificates(&self, config: &GatewayConfig, checked: CheckedCertificates) {
-        let before = self.certs.agents.leaf();
-        let validity = self.certs.agents.store(checked.agents);
-        if let (Some(slot), Some(key)) = (&self.certs.https, checked.https) {
-            slot.store(key);
-        }
+    /// The HTTPS front end's own certificate, when it has one, is replaced with the
+    /// listeners (every file was checked before either is swapped).
+    fn replace_certificate(&self, config: &GatewayConfig, checked: tls::CheckedKey) {
+        let before = self.agent_cert.leaf();
+        let validity = self.agent_cert.store(checked);
         self.metrics.reloads.tls_expiry(validity.not_after);
-        if before != self.certs.agents.leaf() {
+        if before != self.agent_cert.leaf() {
             tracing::info!(
                 cert = %config.tls_cert.display(),
                 "tls certificate replaced (new expiry {})",
@@ -210,21 +206,21 @@ impl Reloader {
             .backends
             .authority(&new.agent_auth, agent_accounts(new))
             .for_agents();
-        self.logins.agents.replace(agents);
-        for (name, authority, was, now) in [
-            ("http", &self.logins.http, &running.http, &next.http),
-            ("https", &self.logins.https, &running.https, &next.https),
-            ("socks5", &self.logins.socks5, &running.socks5, &next.socks5),
-        ] {
-            // A listener that is not running is not started by a reload.
-            let (Some(authority), Some(now)) = (authority, now) else {
+        self.agents.replace(agents);
+        for front in [Front::Http, Front::Https, Front::Socks5] {
+            // A front end that starts gets its users as it starts; one that stops keeps
+            // its users' live connections until they finish.
+            let (Some((was, authority)), Some(now)) =
+                (running.listeners.front(front), front.of(&next.proxy))
+            else {
                 continue;
             };
+            let name = front.key();
             let (before, after) = (
-                proxy_users(was.as_ref(), &old.groups),
+                proxy_users(Some(was), &old.groups),
                 proxy_users(Some(now), &new.groups),
             );
-            log_changes(&before, &after, &format!("proxy.{name} user"));
+            log_changes(&before, &after, &format!("{name} user"));
             let next = running
                 .backends
                 .authority(&now.auth, listener_accounts(now, &new.groups));
@@ -268,15 +264,7 @@ fn revoke_removed(
 /// The configuration a reload is about to apply.
 struct Next {
     gateway: GatewayConfig,
-    http: Option<ProxyListener>,
-    https: Option<ProxyListener>,
-    socks5: Option<ProxyListener>,
-}
-
-/// The certificates of a reload, loaded and checked, not yet served.
-struct CheckedCertificates {
-    agents: tls::CheckedKey,
-    https: Option<tls::CheckedKey>,
+    proxy: crate::config::ProxyConfig,
 }
 
 impl Next {
@@ -285,9 +273,15 @@ impl Next {
     fn check_backends(&self, backends: &AuthBackends) -> Result<(), ReloadError> {
         let chains = [
             ("gateway.agent_auth", Some(&self.gateway.agent_auth)),
-            ("proxy.http.auth", self.http.as_ref().map(|l| &l.auth)),
-            ("proxy.https.auth", self.https.as_ref().map(|l| &l.auth)),
-            ("proxy.socks5.auth", self.socks5.as_ref().map(|l| &l.auth)),
+            ("proxy.http.auth", self.proxy.http.as_ref().map(|l| &l.auth)),
+            (
+                "proxy.https.auth",
+                self.proxy.https.as_ref().map(|l| &l.auth),
+            ),
+            (
+                "proxy.socks5.auth",
+                self.proxy.socks5.as_ref().map(|l| &l.auth),
+            ),
         ];
         for (key, names) in chains {
             if let Some(name) = names
@@ -356,6 +350,7 @@ fn log_changes<V: PartialEq>(old: &BTreeMap<String, V>, new: &BTreeMap<String, V
 /// added to `GatewayConfig` or `ProxyListener` does not compile here until it is
 /// declared either reloaded or restart-only.
 fn restart_only(running: &Running, next: &Next) -> Vec<&'static str> {
+    // The proxy listeners (`Listeners`) take every key of theirs live.
     let (old, new) = (&running.gateway, &next.gateway);
     let mut changed = Vec::new();
     macro_rules! compare {
@@ -376,6 +371,8 @@ fn restart_only(running: &Running, next: &Next) -> Vec<&'static str> {
         groups: _,
         agent_auth: _,
         limits: _,
+        // With the proxy listeners, by `Listeners`.
+        forwards: _,
         // Compared below: secrets' Debug is redacted.
         admin_password: _,
         // Restart-only.
@@ -395,7 +392,6 @@ fn restart_only(running: &Running, next: &Next) -> Vec<&'static str> {
         deflate: _,
         drain_timeout: _,
         client_ca: _,
-        forwards: _,
         agent_forwards: _,
         // Its dir is restart-only; the dir's managers.toml is reloaded.
         policy: _,
@@ -429,7 +425,6 @@ fn restart_only(running: &Running, next: &Next) -> Vec<&'static str> {
         deflate,
         drain_timeout,
         client_ca,
-        forwards,
         agent_forwards,
         policy,
         admin_addr,
@@ -446,45 +441,6 @@ fn restart_only(running: &Running, next: &Next) -> Vec<&'static str> {
     if secret(&old.admin_password) != secret(&new.admin_password) {
         changed.push("gateway.admin_password");
     }
-    for (key, was, now) in [
-        ("proxy.http", &running.http, &next.http),
-        ("proxy.https", &running.https, &next.https),
-        ("proxy.socks5", &running.socks5, &next.socks5),
-    ] {
-        match (was, now) {
-            (Some(was), Some(now)) => {
-                let ProxyListener {
-                    // Reloaded.
-                    auth_username: _,
-                    auth_password: _,
-                    auth: _,
-                    // Restart-only.
-                    listen_addr: _,
-                    proxy_protocol: _,
-                    protocols: _,
-                    // Reloaded when the listener started with files of its own (its
-                    // certificate slot); adding or dropping them takes a restart.
-                    tls_cert: _,
-                    tls_key: _,
-                } = was;
-                if was.tls_cert.is_some() != now.tls_cert.is_some() {
-                    changed.push("proxy.https.tls_cert");
-                }
-                if format!(
-                    "{:?}",
-                    (&was.listen_addr, was.proxy_protocol, &was.protocols)
-                ) != format!(
-                    "{:?}",
-                    (&now.listen_addr, now.proxy_protocol, &now.protocols)
-                ) {
-                    changed.push(key);
-                }
-            }
-            (None, None) => {}
-            // A listener added or removed.
-            _ => changed.push(key),
-        }
-    }
     changed
 }
 
@@ -500,16 +456,5 @@ pub(super) fn warn_if_expiring(cert: &Path, not_after: i64) {
             "the tls certificate expires on {}",
             tls::rfc3339(not_after)
         );
-    }
-}
-
-/// The certificate and key files of the HTTPS proxy listener: its own, or the gateway's.
-pub(super) fn https_cert_files<'a>(
-    https: Option<&'a ProxyListener>,
-    gateway: &'a GatewayConfig,
-) -> (&'a std::path::Path, &'a std::path::Path) {
-    match https.and_then(|l| l.tls_cert.as_deref().zip(l.tls_key.as_deref())) {
-        Some(own) => own,
-        None => (&gateway.tls_cert, &gateway.tls_key),
     }
 }

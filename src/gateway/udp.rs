@@ -192,25 +192,26 @@ impl DatagramConnector for AgentDatagrams {
 /// Serves one UDP forward on `socket` until `stop`: each client address is one flow
 /// to `target` through an agent of `group`, ended after the idle timeout.
 pub async fn serve_forward(
-    socket: UdpSocket,
+    socket: Arc<UdpSocket>,
     group: Arc<str>,
     target: HostPort,
     support: Arc<UdpSupport>,
     stop: CancellationToken,
 ) {
-    let socket = Arc::new(socket);
     let flows_stop = stop.child_token();
     let _end_flows = flows_stop.clone().drop_guard();
     let mut clients: HashMap<SocketAddr, Destination> = HashMap::new();
     let mut buf = vec![0u8; MAX_UDP_PAYLOAD + 1];
     loop {
+        // Stop first: a reload that replaced this forward hands the socket on.
         let (n, src) = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
             r = socket.recv_from(&mut buf) => match r {
                 Ok(x) => x,
                 // An ICMP error for an earlier reply: the client is gone, UDP carries on.
                 Err(_) => continue,
             },
-            _ = stop.cancelled() => return,
         };
         if clients.get(&src).is_none_or(Destination::is_gone) {
             clients.retain(|_, c| !c.is_gone());

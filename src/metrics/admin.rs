@@ -92,8 +92,8 @@ struct Admin {
     observed: Arc<dyn Observed>,
     /// The expected `Authorization` header value, when basic auth is on.
     credentials: Option<(String, String)>,
-    /// The gateway's proxy listeners, for `/profiles/`.
-    profiles: Option<ProfileSource>,
+    /// The gateway's proxy listeners, for `/profiles/`; a reload replaces them.
+    profiles: Option<Arc<arc_swap::ArcSwap<ProfileSource>>>,
 }
 
 /// Binds `cfg.addr` and serves until `stop`; also samples traffic for the status page.
@@ -109,7 +109,7 @@ pub async fn serve(
 pub async fn serve_with_profiles(
     cfg: AdminConfig,
     observed: Arc<dyn Observed>,
-    profiles: Option<ProfileSource>,
+    profiles: Option<Arc<arc_swap::ArcSwap<ProfileSource>>>,
     stop: CancellationToken,
 ) -> Result<SocketAddr, AdminError> {
     let credentials = match (cfg.username, cfg.password) {
@@ -323,7 +323,7 @@ impl Admin {
             let format = format
                 .parse::<crate::config::profile::Format>()
                 .map_err(|e| e.to_string())?;
-            let profile = source.profile(&req).map_err(|e| e.to_string())?;
+            let profile = source.load().profile(&req).map_err(|e| e.to_string())?;
             profile
                 .render(format)
                 .map(|text| (format, text))

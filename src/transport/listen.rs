@@ -60,7 +60,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// One listener's accept loop; see the module docs.
 pub struct AcceptLoop {
-    listener: TcpListener,
+    /// Shared, so that a listener whose settings change can hand its socket (and the
+    /// connections waiting in its backlog) to the loop that replaces it.
+    listener: Arc<TcpListener>,
     what: &'static str,
     slots: Option<Arc<Semaphore>>,
     proxy_protocol: Option<Arc<ProxyProtocol>>,
@@ -68,9 +70,9 @@ pub struct AcceptLoop {
 
 impl AcceptLoop {
     /// `what` names the listener in logs (`"socks5 proxy"`).
-    pub fn new(listener: TcpListener, what: &'static str) -> Self {
+    pub fn new(listener: impl Into<Arc<TcpListener>>, what: &'static str) -> Self {
         AcceptLoop {
-            listener,
+            listener: listener.into(),
             what,
             slots: None,
             proxy_protocol: None,
@@ -105,14 +107,18 @@ impl AcceptLoop {
         loop {
             let slot = match &self.slots {
                 Some(slots) => tokio::select! {
-                    s = slots.clone().acquire_owned() => s.ok(),
+                    biased;
                     _ = &mut stop => return,
+                    s = slots.clone().acquire_owned() => s.ok(),
                 },
                 None => None,
             };
+            // Stop first: once a reload has stopped this loop, a connection waiting on a
+            // shared socket goes to the loop that replaced it.
             let accepted = tokio::select! {
-                r = self.listener.accept() => r,
+                biased;
                 _ = &mut stop => return,
+                r = self.listener.accept() => r,
             };
             let (stream, peer) = match accepted {
                 Ok(x) => x,

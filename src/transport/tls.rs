@@ -289,6 +289,15 @@ impl CertSlot {
         })
     }
 
+    /// A slot holding a certificate from [`load_checked`]: one that a reload starts
+    /// serving was checked with the rest of the reload's files.
+    pub fn from_checked((certified, validity): CheckedKey) -> CertSlot {
+        CertSlot {
+            current: arc_swap::ArcSwap::new(certified),
+            expiry: std::sync::atomic::AtomicI64::new(validity.not_after),
+        }
+    }
+
     /// Reads the files again and, if they hold a valid certificate with its key, makes
     /// it the one new handshakes present. On error the current one stays.
     pub fn replace(&self, cert: &Path, key: &Path) -> Result<Validity, TlsError> {
