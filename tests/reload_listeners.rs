@@ -53,26 +53,53 @@ async fn reload(stack: &Stack, config: &std::path::Path, text: &str, nth: usize)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn listeners_and_forwards_change_live_under_a_download() {
+async fn listeners_and_forwards_change_live_under_downloads_through_each_front_end() {
+    let https0 = free_port();
+    let https0_block = format!(
+        "  https:\n    listen_addr: \"127.0.0.1:{https0}\"\n    auth_username: \"{HTTP_USER}\"\n    auth_password: \"{HTTP_PASS}\"\n"
+    );
     let stack = Stack::start(StackOptions {
         gateway_extra: vec!["forwards: []".into()],
+        proxy_extra: https0_block.trim_end().to_owned(),
         ..Default::default()
     })
     .await;
+    wait_for_port(https0).await;
     let target = http_target().await;
     let echo = echo_target().await;
     let udp_echo = echo_server().await;
-    // 4096 chunks of 16 KiB, 2 ms apart: 64 MiB over at least 8 s, under way before
-    // the first reload.
+    let ca = stack.certs.cert.to_str().unwrap().to_owned();
+    // 4096 chunks of 16 KiB, 2 ms apart: 64 MiB over at least 8 s through each front
+    // end, all under way before the first reload, and each listener moved or removed
+    // while it runs.
     let chunks = SLOW_DOWNLOAD / SLOW_CHUNK;
-    let download = {
-        let (proxy, slow) = (
-            stack.http_proxy(),
-            format!("http://{target}/slow/{chunks}/2"),
-        );
-        tokio::spawn(async move { curl(&["-x", &proxy, &slow]).await })
-    };
-    wait_for_slow_requests(target, 1).await;
+    let slow = format!("http://{target}/slow/{chunks}/2");
+    let downloads: Vec<_> = [
+        vec!["-x".to_owned(), stack.http_proxy()],
+        vec![
+            "--proxy".to_owned(),
+            format!(
+                "socks5h://{SOCKS_USER}:{SOCKS_PASS}@127.0.0.1:{}",
+                stack.socks_port
+            ),
+        ],
+        vec![
+            "-x".to_owned(),
+            format!("https://{HTTP_USER}:{HTTP_PASS}@127.0.0.1:{https0}"),
+            "--proxy-cacert".to_owned(),
+            ca.clone(),
+        ],
+    ]
+    .into_iter()
+    .map(|mut args| {
+        args.push(slow.clone());
+        tokio::spawn(async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            curl(&args).await
+        })
+    })
+    .collect();
+    wait_for_slow_requests(target, 3).await;
     let mut held = stack.socks5_to(echo).await.unwrap();
     round_trip(&mut held, b"before the reload").await;
 
@@ -121,15 +148,13 @@ async fn listeners_and_forwards_change_live_under_a_download() {
         .unwrap();
     round_trip(&mut through, b"through the new forward").await;
 
-    // 2: the forward is retargeted on its socket, SOCKS5 and HTTPS come (SOCKS5 on
-    // a new address, TCP only), and a UDP forward too.
+    // 2: the forward is retargeted on its socket, SOCKS5 comes back on a new address
+    // (TCP only), HTTPS moves, and a UDP forward comes.
     let (socks2, https, udp_forward) = (free_port(), free_port(), free_port());
     let socks2_block = format!(
         "  socks5:\n    listen_addr: \"127.0.0.1:{socks2}\"\n    auth_username: \"{SOCKS_USER}\"\n    auth_password: \"{SOCKS_PASS}\"\n    protocols: [tcp]\n"
     );
-    let https_block = format!(
-        "  https:\n    listen_addr: \"127.0.0.1:{https}\"\n    auth_username: \"{HTTP_USER}\"\n    auth_password: \"{HTTP_PASS}\"\n"
-    );
+    let https_block = https0_block.replace(&https0.to_string(), &https.to_string());
     let retargeted = tcp_forward.replace(
         &format!("target: \"127.0.0.1:{}\"", echo.port()),
         &format!("target: \"127.0.0.1:{}\"", target.port()),
@@ -140,15 +165,12 @@ async fn listeners_and_forwards_change_live_under_a_download() {
     );
     let second = first
         .replace(&tcp_forward, &format!("{retargeted}{udp_line}"))
-        .replace(
-            "\ngateway:",
-            &format!("{socks2_block}{https_block}\ngateway:"),
-        );
+        .replace(&https0_block, &format!("{socks2_block}{https_block}"));
     let log = reload(&stack, &config, &second, 2).await;
     for line in [
         format!("forward 127.0.0.1:{forward} changed"),
         format!("proxy.socks5 listening on 127.0.0.1:{socks2}"),
-        format!("proxy.https listening on 127.0.0.1:{https}"),
+        format!("proxy.https moved from 127.0.0.1:{https0} to 127.0.0.1:{https}"),
         format!("forward 127.0.0.1:{udp_forward} listening"),
     ] {
         assert!(log.contains(&line), "no {line:?} in:\n{log}");
@@ -162,9 +184,8 @@ async fn listeners_and_forwards_change_live_under_a_download() {
         .unwrap();
     round_trip(&mut socks, b"through the new socks5").await;
     let secure = format!("https://{HTTP_USER}:{HTTP_PASS}@127.0.0.1:{https}");
-    let ca = stack.certs.cert.to_str().unwrap();
     assert_eq!(
-        curl_status(&["-x", &secure, "--proxy-cacert", ca, &url]).await,
+        curl_status(&["-x", &secure, "--proxy-cacert", &ca, &url]).await,
         "200"
     );
     udp_echoes(udp_forward).await;
@@ -196,12 +217,14 @@ async fn listeners_and_forwards_change_live_under_a_download() {
     round_trip(&mut socks, b"still listening").await;
     udp_echoes(udp_forward).await;
 
-    let (code, got) = tokio::time::timeout(Duration::from_secs(120), download)
-        .await
-        .expect("the download ends within 120 s")
-        .unwrap();
-    assert_eq!(code, 0, "the download through the moved listener was cut");
-    assert_eq!(got.len(), SLOW_DOWNLOAD);
-    let want = pattern(SLOW_CHUNK, 7).repeat(chunks);
-    assert_eq!(sha256_hex(&got), sha256_hex(&want));
+    let want = sha256_hex(&pattern(SLOW_CHUNK, 7).repeat(chunks));
+    for (download, through) in downloads.into_iter().zip(["http", "socks5", "https"]) {
+        let (code, got) = tokio::time::timeout(Duration::from_secs(180), download)
+            .await
+            .expect("the download ends within 180 s")
+            .unwrap();
+        assert_eq!(code, 0, "the download through {through} was cut");
+        assert_eq!(got.len(), SLOW_DOWNLOAD, "through {through}");
+        assert_eq!(sha256_hex(&got), want, "through {through}");
+    }
 }
