@@ -53,18 +53,11 @@ fn replace(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hashed_users_from_a_file_that_reloads() {
-    let alice = passwd("alice-pw", &[]).await;
-    assert!(alice.starts_with("$argon2id$"), "{alice}");
-    let bob = passwd("bob-pw", &["--bcrypt", "--cost", "4"]).await;
-    assert!(bob.starts_with("$2"), "{bob}");
-
-    let dir = tempfile::tempdir().unwrap();
-    let users = dir.path().join("users.yaml");
-    std::fs::write(&users, users_yaml(&[("alice", &alice), ("bob", &bob)])).unwrap();
-    // The stack's own agent (default group) may not reach loopback: a file user who
-    // wrongly lands there gets 403, not the target.
+/// A stack whose listeners ask the `users` file (reloaded every 200 ms) after their
+/// static accounts, with the file users' `office` group served by its own agent. The
+/// stack's own agent (default group) may not reach loopback: a file user who wrongly
+/// lands there gets 403, not the target.
+async fn office_stack(users: &Path) -> (Stack, Proc) {
     let stack = Stack::start(StackOptions {
         forbidden_hosts: vec!["127.0.0.0/8".into(), "localhost".into()],
         gateway_extra: vec![
@@ -78,8 +71,22 @@ async fn hashed_users_from_a_file_that_reloads() {
         ..Default::default()
     })
     .await;
-    let _office = stack.spawn_group_agent("office-1", "office", OFFICE_SECRET, "");
+    let office = stack.spawn_group_agent("office-1", "office", OFFICE_SECRET, "");
     stack.wait_for_log("gateway", "group=office", 1).await;
+    (stack, office)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hashed_users_from_a_file_that_reloads() {
+    let alice = passwd("alice-pw", &[]).await;
+    assert!(alice.starts_with("$argon2id$"), "{alice}");
+    let bob = passwd("bob-pw", &["--bcrypt", "--cost", "4"]).await;
+    assert!(bob.starts_with("$2"), "{bob}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users.yaml");
+    std::fs::write(&users, users_yaml(&[("alice", &alice), ("bob", &bob)])).unwrap();
+    let (stack, _office) = office_stack(&users).await;
     let target = http_target().await;
     let url = format!("http://127.0.0.1:{}/", target.port());
 
@@ -150,4 +157,51 @@ async fn hashed_users_from_a_file_that_reloads() {
         curl_status(&["-x", &stack.http_proxy_as("dave", "dave-pw"), &url]).await,
         "407"
     );
+}
+
+/// A user the file removes, or whose password it changes, loses their live
+/// connections (HTTP CONNECT and SOCKS5, the reason in the access line); a user it
+/// keeps does not, and the new password gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_the_file_removes_or_changes_loses_live_connections() {
+    let hash = |pw: &'static str| passwd(pw, &["--bcrypt", "--cost", "4"]);
+    let (alice, bob, carol) = (
+        hash("alice-pw").await,
+        hash("bob-pw").await,
+        hash("carol-pw").await,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users.yaml");
+    std::fs::write(
+        &users,
+        users_yaml(&[("alice", &alice), ("bob", &bob), ("carol", &carol)]),
+    )
+    .unwrap();
+    let (stack, _office) = office_stack(&users).await;
+    let echo = echo_target().await;
+
+    let mut alice_tunnel = http_connect_as(&stack, "alice", "alice-pw", echo).await;
+    let mut bob_tunnel = stack.socks5_as("bob", "bob-pw", echo).await.unwrap();
+    let mut carol_tunnel = http_connect_as(&stack, "carol", "carol-pw", echo).await;
+    for t in [&mut alice_tunnel, &mut bob_tunnel, &mut carol_tunnel] {
+        round_trip(t, b"before the edit").await;
+    }
+
+    let bob_new = hash("bob-new").await;
+    replace(&users, &users_yaml(&[("bob", &bob_new), ("carol", &carol)]));
+    stack
+        .wait_for_log("gateway", "users file reloaded", 1)
+        .await;
+    closed_by_proxy(&mut alice_tunnel).await;
+    closed_by_proxy(&mut bob_tunnel).await;
+    round_trip(&mut carol_tunnel, b"kept by the edit").await;
+    stack
+        .wait_for_log("gateway", "user removed or changed in the users file", 2)
+        .await;
+    let mut again = stack.socks5_as("bob", "bob-new", echo).await.unwrap();
+    round_trip(&mut again, b"with the new password").await;
+    assert!(matches!(
+        stack.socks5_as("bob", "bob-pw", echo).await,
+        Err(Socks5Refusal::Auth(1))
+    ));
 }

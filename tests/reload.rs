@@ -6,7 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{admin_get, free_port, metric, round_trip, signal, Stack, StackOptions};
+use common::{
+    admin_get, closed_by_proxy, free_port, metric, round_trip, signal, Stack, StackOptions,
+};
 
 async fn metrics(port: u16) -> String {
     admin_get(port, "/metrics", None).await.1
@@ -491,16 +493,6 @@ async fn get_on(
             }
         }
     }
-}
-
-/// Waits (at most 10 s) until the proxy ends `s` (end of stream or a reset).
-async fn closed_by_proxy(s: &mut tokio::net::TcpStream) {
-    use tokio::io::AsyncReadExt;
-    let mut buf = [0u8; 64];
-    let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
-        .await
-        .expect("closed within 10 s");
-    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
 }
 
 /// A user removed by a reload loses their live connections (HTTP CONNECT, SOCKS5 and

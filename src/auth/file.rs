@@ -30,6 +30,14 @@ struct User {
     groups: Vec<Arc<str>>,
 }
 
+impl User {
+    /// Whether a reload left this entry as it was: a new password or other groups
+    /// end what the old one allowed.
+    fn same_as(&self, other: &User) -> bool {
+        self.groups == other.groups && self.password.same_as(&other.password)
+    }
+}
+
 #[derive(Debug, Default)]
 struct Users {
     by_name: HashMap<String, User>,
@@ -89,34 +97,48 @@ impl FileBackend {
         )
     }
 
-    /// Reloads the file if it changed since last looked at: true when new users were
-    /// loaded. A broken file keeps the previous users and is logged with its line.
-    pub fn reload_if_changed(&self) -> bool {
+    /// Reloads the file if it changed since last looked at. When new users were
+    /// loaded: the users it removed or changed (password or groups), whose live
+    /// connections the old entry allowed. A broken file keeps the previous users and
+    /// is logged with its line.
+    pub fn reload_if_changed(&self) -> Option<Vec<String>> {
         let now = stamp(&self.config.path);
         {
             let mut last = self.stamp.lock();
             if *last == now {
-                return false;
+                return None;
             }
             *last = now;
         }
         match self.load() {
             Ok(users) => {
                 let n = users.by_name.len();
+                let before = self.users.read().clone();
+                let mut gone: Vec<String> = before
+                    .by_name
+                    .iter()
+                    .filter(|(name, was)| {
+                        users.by_name.get(*name).is_none_or(|now| !now.same_as(was))
+                    })
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                gone.sort();
+                // Only this reload writes: nothing changed between the read and here.
                 *self.users.write() = Arc::new(users);
-                tracing::info!(backend = %self.name, users = n, "users file reloaded");
-                true
+                tracing::info!(backend = %self.name, users = n, removed_or_changed = gone.len(), "users file reloaded");
+                Some(gone)
             }
             Err(e) => {
                 tracing::warn!(backend = %self.name, file = %e.path, line = e.line, error = %e.message, "users file not reloaded; keeping the previous users");
-                false
+                None
             }
         }
     }
 
     /// Looks at the file every `reload_interval` until the backend is dropped;
-    /// `on_reload` runs after each successful reload (it clears the cache).
-    pub fn watch(self: &Arc<Self>, on_reload: impl Fn() + Send + 'static) {
+    /// `on_reload` runs after each successful reload with the users it removed or
+    /// changed (it clears the cache and closes their connections).
+    pub fn watch(self: &Arc<Self>, on_reload: impl Fn(&[String]) + Send + 'static) {
         let weak: Weak<FileBackend> = Arc::downgrade(self);
         let every = self.config.reload_interval.0;
         tokio::spawn(async move {
@@ -125,11 +147,12 @@ impl FileBackend {
                 let Some(backend) = weak.upgrade() else {
                     return;
                 };
-                let changed = tokio::task::spawn_blocking(move || backend.reload_if_changed())
+                let reloaded = tokio::task::spawn_blocking(move || backend.reload_if_changed())
                     .await
-                    .unwrap_or(false);
-                if changed {
-                    on_reload();
+                    .ok()
+                    .flatten();
+                if let Some(gone) = reloaded {
+                    on_reload(&gone);
                 }
             }
         });
@@ -288,5 +311,34 @@ mod tests {
         assert_eq!(line, 5);
         let (line, _) = parse("x:$2b$04$bad\n", FileFormat::Htpasswd, false).unwrap_err();
         assert_eq!(line, 1);
+    }
+
+    #[test]
+    fn a_reload_names_the_users_it_removed_or_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users");
+        std::fs::write(&path, "alice:pa:office\nbob:pb\ncarol:pc:lab\ndave:pd\n").unwrap();
+        let config = FileConfig {
+            path: path.clone(),
+            format: Some(FileFormat::Htpasswd),
+            allow_plaintext: true,
+            reload_interval: crate::net::HumanDuration(std::time::Duration::from_secs(1)),
+            cache_ttl: crate::net::HumanDuration(std::time::Duration::from_secs(1)),
+        };
+        let backend = FileBackend::open("users", config).unwrap();
+        assert_eq!(backend.reload_if_changed(), None, "unchanged");
+        // alice removed, bob's password and carol's groups changed, dave kept, erin new.
+        std::fs::write(&path, "bob:pb2\ncarol:pc:office\ndave:pd\nerin:pe\n").unwrap();
+        assert_eq!(
+            backend.reload_if_changed(),
+            Some(vec![
+                "alice".to_owned(),
+                "bob".to_owned(),
+                "carol".to_owned()
+            ])
+        );
+        // A broken edit changes nothing and names nobody.
+        std::fs::write(&path, "bob\n").unwrap();
+        assert_eq!(backend.reload_if_changed(), None);
     }
 }

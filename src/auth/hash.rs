@@ -15,6 +15,20 @@ pub enum Stored {
     Plain(Secret),
 }
 
+impl Stored {
+    /// The same stored password: the same hash string, or the same plain text
+    /// (compared in constant time).
+    pub fn same_as(&self, other: &Stored) -> bool {
+        match (self, other) {
+            (Stored::Argon2(a), Stored::Argon2(b)) | (Stored::Bcrypt(a), Stored::Bcrypt(b)) => {
+                a == b
+            }
+            (Stored::Plain(a), Stored::Plain(b)) => secret_eq(a.expose(), b.expose()),
+            _ => false,
+        }
+    }
+}
+
 impl std::fmt::Debug for Stored {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

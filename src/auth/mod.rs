@@ -236,6 +236,11 @@ impl Authority {
         holds.entry(user.to_owned()).or_default().clone()
     }
 
+    /// Whether the current rules ask the backend named `backend`.
+    pub fn chains(&self, backend: &str) -> bool {
+        self.rules.load().chain.names().contains(&backend)
+    }
+
     /// Closes `user`'s live connections, with `reason` in their access lines; the
     /// next connection gets a new hold. Whether they had one.
     pub fn revoke(&self, user: &str, reason: &'static str) -> bool {

@@ -34,6 +34,27 @@ pub struct AuthBackends {
     groups: Vec<Arc<str>>,
     /// Every named backend's counters, for `/metrics`.
     pub stats: Vec<Arc<BackendStats>>,
+    /// The authorities that listeners and the agent server hold: a users file that
+    /// removes or changes a user closes that user's connections in those that chain it.
+    tracked: Tracked,
+}
+
+/// The authorities in use, weakly: a listener that stops takes its own away.
+type Tracked = Arc<parking_lot::Mutex<Vec<std::sync::Weak<Authority>>>>;
+
+/// What the access line of a connection closed by a users file's reload says.
+const FILE_USER_GONE: &str = "user removed or changed in the users file";
+
+/// Closes the live connections of `gone` wherever an authority chains `backend`.
+fn revoke_file_users(tracked: &Tracked, backend: &str, gone: &[String]) {
+    let live: Vec<Arc<Authority>> = tracked.lock().iter().filter_map(|w| w.upgrade()).collect();
+    for authority in live.iter().filter(|a| a.chains(backend)) {
+        for user in gone {
+            if authority.revoke(user, FILE_USER_GONE) {
+                tracing::warn!(%backend, %user, "closing the live connections of a user the users file removed or changed");
+            }
+        }
+    }
 }
 
 impl AuthBackends {
@@ -41,6 +62,7 @@ impl AuthBackends {
     pub fn open(config: &GatewayConfig) -> Result<AuthBackends, AuthStartError> {
         let mut named = HashMap::new();
         let mut stats = Vec::new();
+        let tracked = Tracked::default();
         for (name, backend) in &config.auth_backends {
             let mut file = None;
             let inner: Arc<dyn Authenticator> = match backend {
@@ -84,12 +106,15 @@ impl AuthBackends {
             let metered = Arc::new(Metered { inner, stats: s });
             let cached = Arc::new(Cached::new(metered, backend.cache_ttl()));
             if let Some(file) = file {
-                // A reloaded file drops the cached allows: a removed user is out at once.
+                // A reloaded file drops the cached allows, so a removed user is out at
+                // once, and then closes what the old entry let in.
                 let weak = Arc::downgrade(&cached);
-                file.watch(move || {
+                let (tracked, backend) = (tracked.clone(), name.clone());
+                file.watch(move |gone| {
                     if let Some(c) = weak.upgrade() {
                         c.clear();
                     }
+                    revoke_file_users(&tracked, &backend, gone);
                 });
             }
             named.insert(name.clone(), cached as Arc<dyn Authenticator>);
@@ -99,12 +124,20 @@ impl AuthBackends {
             order: config.auth_order,
             groups: tunnel_groups(&config.groups),
             stats,
+            tracked,
         })
     }
 
     /// Follows a reload's groups: the chains built from now on lead to them.
     pub fn set_groups(&mut self, groups: &[GroupConfig]) {
         self.groups = tunnel_groups(groups);
+    }
+
+    /// Lets a users file's reload close the connections `authority` let in.
+    pub fn track(&self, authority: &Arc<Authority>) {
+        let mut tracked = self.tracked.lock();
+        tracked.retain(|w| w.strong_count() > 0);
+        tracked.push(Arc::downgrade(authority));
     }
 
     /// Whether a chain may name `name`: `static`, or a backend opened at start.

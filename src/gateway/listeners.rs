@@ -634,6 +634,7 @@ fn users_of(
     groups: &[GroupConfig],
 ) -> Arc<Authority> {
     let users = Arc::new(backends.authority(&config.auth, listener_accounts(config, groups)));
+    backends.track(&users);
     if users.is_open() {
         tracing::warn!(
             listener = front.key(),

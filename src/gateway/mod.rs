@@ -256,6 +256,7 @@ impl Gateway {
                 .authority(&config.agent_auth, agent_accounts(&config))
                 .for_agents(),
         );
+        backends.track(&agents);
         let running_gateway = config.clone();
         let server = Arc::new(AgentServer::new(
             config,

@@ -917,6 +917,16 @@ pub async fn wait_until_still(counter: &AtomicU64) -> u64 {
     last
 }
 
+/// Waits (at most 10 s) until the proxy ends `s` (end of stream or a reset).
+pub async fn closed_by_proxy(s: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("closed within 10 s");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
+
 /// Writes `text` and reads it back from an echo, within 10 s.
 pub async fn round_trip(s: &mut tokio::net::TcpStream, text: &[u8]) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
