@@ -5,16 +5,15 @@ mod cluster;
 mod deflate;
 mod log;
 pub mod profile;
+mod session;
 mod udp;
+mod units;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyproxy_proto::Encoding;
-
 pub use crate::net::Fingerprint;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 pub use crate::auth::config::{BackendConfig, FileConfig, FileFormat, HookConfig, STATIC};
 pub use crate::auth::Order as AuthOrder;
@@ -24,7 +23,16 @@ pub use crate::net::{
 pub use cluster::{ClusterConfig, StoreFailureMode};
 pub use deflate::{DeflateConfig, MAX_WINDOW_BITS, MIN_WINDOW_BITS};
 pub use log::{apply_level, LevelSwitch, LogConfig, LogFormat};
+pub use session::EncodingName;
 pub use udp::{Protocols, MAX_UDP_DATAGRAM};
+pub use units::{parse_listen_addr, AdminConfig, ListenAddr, PortRange};
+
+use session::{
+    check_heartbeat, check_json_conn_buffer, check_max_window, default_conn_idle_timeout,
+    default_drain_timeout, default_idle_timeout, default_json_conn_buffer, default_max_message,
+    default_max_window, default_ping_interval, default_stall_timeout,
+};
+use units::admin_config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -190,30 +198,6 @@ impl Config {
     }
 }
 
-/// A listen address; Go-style `":8080"` means every interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ListenAddr(pub SocketAddr);
-
-impl<'de> Deserialize<'de> for ListenAddr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_listen_addr(&s)
-            .map(ListenAddr)
-            .map_err(serde::de::Error::custom)
-    }
-}
-
-pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
-    let s = s.trim();
-    let full = if s.starts_with(':') {
-        format!("0.0.0.0{s}")
-    } else {
-        s.to_owned()
-    };
-    full.parse::<SocketAddr>()
-        .map_err(|_| format!("{s:?} is not a listen address (expected \"HOST:PORT\" or \":PORT\")"))
-}
-
 /// Proxy front ends on the gateway.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -325,12 +309,6 @@ impl From<&UserConfig> for Credentials {
     }
 }
 
-/// An hour: long enough for an idle SSH or database session a user comes back to, and
-/// a bound on what a leaked connection (a client that vanished without a FIN) holds.
-fn default_conn_idle_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(3600))
-}
-
 fn default_auth_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
@@ -343,25 +321,8 @@ fn default_max_auth_failures() -> u32 {
 fn default_minute() -> HumanDuration {
     HumanDuration(Duration::from_secs(60))
 }
-/// Two missed heartbeats at the default `ping_interval` (15 s): a dead peer is noticed
-/// within half a minute.
-fn default_idle_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(30))
-}
-fn default_drain_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(30))
-}
-fn default_max_message() -> ByteSize {
-    ByteSize(2 << 20)
-}
 fn default_encodings() -> Vec<EncodingName> {
     vec![EncodingName::Binary, EncodingName::Json]
-}
-fn default_stall_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(10))
-}
-fn default_json_conn_buffer() -> ByteSize {
-    ByteSize(4 << 20)
 }
 /// Group ids and proxy usernames must be unambiguous: an agent's username selects its
 /// group, a proxy user's name selects theirs.
@@ -443,51 +404,6 @@ fn check_auth(g: &GatewayConfig, proxy: Option<&ProxyConfig>) -> Result<(), Conf
                 return err(format!("{key}: {name:?} appears twice"));
             }
         }
-    }
-    Ok(())
-}
-
-fn default_max_window() -> ByteSize {
-    ByteSize(8 << 20)
-}
-/// The window is carried in a u32 on the wire; keep it well clear of that.
-const MAX_WINDOW_LIMIT: u64 = 1 << 30;
-
-fn check_max_window(key: &str, w: ByteSize) -> Result<(), ConfigError> {
-    let min = u64::from(anyproxy_proto::INITIAL_WINDOW);
-    if w.0 < min || w.0 > MAX_WINDOW_LIMIT {
-        return Err(ConfigError::Semantic(format!(
-            "{key} must be between {min} bytes (the initial window) and 1GiB, got {}",
-            w.0
-        )));
-    }
-    Ok(())
-}
-
-/// Below one read's worth a connection would stall on its first message; the ceiling
-/// is the same as the window's.
-fn check_json_conn_buffer(key: &str, b: ByteSize) -> Result<(), ConfigError> {
-    const MIN: u64 = 64 << 10;
-    if b.0 < MIN || b.0 > MAX_WINDOW_LIMIT {
-        return Err(ConfigError::Semantic(format!(
-            "{key} must be between 64KiB and 1GiB, got {} bytes",
-            b.0
-        )));
-    }
-    Ok(())
-}
-
-/// A peer that answers every heartbeat must never be taken for dead.
-fn check_heartbeat(
-    section: &str,
-    ping: HumanDuration,
-    idle: HumanDuration,
-) -> Result<(), ConfigError> {
-    if idle.0 <= ping.0 {
-        return Err(ConfigError::Semantic(format!(
-            "{section}.idle_timeout ({:?}) must be longer than {section}.ping_interval ({:?})",
-            idle.0, ping.0
-        )));
     }
     Ok(())
 }
@@ -825,64 +741,6 @@ pub struct AgentForwards {
     pub proxy_protocol: bool,
 }
 
-/// An inclusive range of ports, written `"20000-20999"` or `"8080"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortRange {
-    pub first: u16,
-    pub last: u16,
-}
-
-impl PortRange {
-    pub fn contains(&self, port: u16) -> bool {
-        (self.first..=self.last).contains(&port)
-    }
-}
-
-impl<'de> Deserialize<'de> for PortRange {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let bad =
-            || serde::de::Error::custom(format!("{s:?} is not a port range like \"20000-20999\""));
-        let (a, b) = s.split_once('-').unwrap_or((&s, &s));
-        let first: u16 = a.trim().parse().map_err(|_| bad())?;
-        let last: u16 = b.trim().parse().map_err(|_| bad())?;
-        if first == 0 || first > last {
-            return Err(bad());
-        }
-        Ok(PortRange { first, last })
-    }
-}
-
-/// Where the admin listener listens and who may use it.
-#[derive(Clone)]
-pub struct AdminConfig {
-    pub addr: SocketAddr,
-    pub username: Option<String>,
-    pub password: Option<String>,
-}
-
-impl std::fmt::Debug for AdminConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AdminConfig")
-            .field("addr", &self.addr)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
-}
-
-fn admin_config(
-    addr: &Option<ListenAddr>,
-    username: &Option<String>,
-    password: &Option<Secret>,
-) -> Option<AdminConfig> {
-    addr.as_ref().map(|a| AdminConfig {
-        addr: a.0,
-        username: username.clone(),
-        password: password.as_ref().map(|p| p.expose().to_owned()),
-    })
-}
-
 impl GatewayConfig {
     pub fn admin(&self) -> Option<AdminConfig> {
         admin_config(&self.admin_addr, &self.admin_username, &self.admin_password)
@@ -895,22 +753,6 @@ impl ClientConfig {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EncodingName {
-    Binary,
-    Json,
-}
-
-impl From<EncodingName> for Encoding {
-    fn from(e: EncodingName) -> Encoding {
-        match e {
-            EncodingName::Binary => Encoding::Binary,
-            EncodingName::Json => Encoding::Json,
-        }
-    }
-}
-
 fn default_replicas() -> usize {
     1
 }
@@ -919,9 +761,6 @@ fn default_max_conns() -> usize {
 }
 fn default_dial_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
-}
-fn default_ping_interval() -> HumanDuration {
-    HumanDuration(Duration::from_secs(15))
 }
 fn default_reconnect_min() -> HumanDuration {
     HumanDuration(Duration::from_millis(500))
@@ -1167,40 +1006,6 @@ client:
             let err = parse(bad).unwrap_err().to_string();
             assert!(err.contains(says), "{bad:?}: {err}");
         }
-    }
-
-    #[test]
-    fn lifecycle_defaults_and_checks() {
-        let gw = "gateway:\n  listen_addr: '127.0.0.1:9'\n  tls_cert: a\n  tls_key: b\n  auth_username: u\n  auth_password: p\n";
-        let g = Config::parse(gw, Path::new("x.yaml"))
-            .unwrap()
-            .gateway
-            .unwrap();
-        assert_eq!(g.idle_timeout.0, Duration::from_secs(30));
-        assert_eq!(g.drain_timeout.0, Duration::from_secs(30));
-        assert!(g.client_ca.is_none());
-        let err = Config::parse(
-            &format!("{gw}  ping_interval: 2s\n  idle_timeout: 2s\n"),
-            Path::new("x.yaml"),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("gateway.idle_timeout"), "{err}");
-
-        let client = "client:\n  gateway_addr: 'g:1'\n  client_id: c\n  auth_username: u\n  auth_password: p\n";
-        let c = Config::parse(client, Path::new("x.yaml"))
-            .unwrap()
-            .client
-            .unwrap();
-        assert_eq!(c.idle_timeout.0, Duration::from_secs(30));
-        assert_eq!(c.drain_timeout.0, Duration::from_secs(30));
-        let err = Config::parse(
-            &format!("{client}  tls_client_cert: c.pem\n"),
-            Path::new("x.yaml"),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("go together"), "{err}");
     }
 
     #[test]
