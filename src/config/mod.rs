@@ -3,6 +3,7 @@
 
 mod cluster;
 mod deflate;
+mod limits;
 mod log;
 pub mod profile;
 mod proxy;
@@ -23,12 +24,14 @@ pub use crate::net::{
 };
 pub use cluster::{ClusterConfig, StoreFailureMode};
 pub use deflate::{DeflateConfig, MAX_WINDOW_BITS, MIN_WINDOW_BITS};
+pub use limits::{BandwidthLimits, ConnCapsConfig, LimitsConfig, ProxyAuthLimits};
 pub use log::{apply_level, LevelSwitch, LogConfig, LogFormat};
 pub use proxy::{ProxyConfig, ProxyListener};
 pub use session::EncodingName;
 pub use udp::{Protocols, MAX_UDP_DATAGRAM};
 pub use units::{parse_listen_addr, AdminConfig, ListenAddr, PortRange};
 
+use limits::{default_max_auth_failures, default_minute};
 use session::{
     check_heartbeat, check_json_conn_buffer, check_max_window, default_conn_idle_timeout,
     default_drain_timeout, default_idle_timeout, default_json_conn_buffer, default_max_message,
@@ -183,7 +186,7 @@ impl Config {
                 }
             }
             check_heartbeat("gateway", g.ping_interval, g.idle_timeout)?;
-            check_limits(g)?;
+            g.limits.check(&g.groups)?;
             check_proxy_protocol(g, self.proxy.as_ref())?;
             if let Some(p) = &self.proxy {
                 p.check_tls()?;
@@ -241,12 +244,6 @@ fn default_auth_timeout() -> HumanDuration {
 }
 fn default_connect_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(15))
-}
-fn default_max_auth_failures() -> u32 {
-    5
-}
-fn default_minute() -> HumanDuration {
-    HumanDuration(Duration::from_secs(60))
 }
 fn default_encodings() -> Vec<EncodingName> {
     vec![EncodingName::Binary, EncodingName::Json]
@@ -448,128 +445,6 @@ pub struct GatewayConfig {
     pub udp_max_datagram: ByteSize,
 }
 
-/// `gateway.limits`: what proxy users may do. Every part is off unless present.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsConfig {
-    /// Caps per authenticated proxy user (all their connections, both listeners).
-    #[serde(default)]
-    pub per_user: Option<ConnCapsConfig>,
-    /// Caps per source address (proxy listeners and forwards).
-    #[serde(default)]
-    pub per_ip: Option<ConnCapsConfig>,
-    /// Lockout after repeated wrong proxy passwords from one address.
-    #[serde(default)]
-    pub proxy_auth: Option<ProxyAuthLimits>,
-    #[serde(default)]
-    pub bandwidth: BandwidthLimits,
-}
-
-/// How many connections may be open at once, and how fast new ones may come.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConnCapsConfig {
-    #[serde(default)]
-    pub max_concurrent: Option<u32>,
-    /// New connections per second (fractions allowed: 0.5 = one every two seconds).
-    #[serde(default)]
-    pub rate: Option<f64>,
-    /// New connections allowed at once before `rate` applies; default `rate` rounded up.
-    #[serde(default)]
-    pub burst: Option<u32>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProxyAuthLimits {
-    #[serde(default = "default_max_auth_failures")]
-    pub max_failures: u32,
-    #[serde(default = "default_minute")]
-    pub window: HumanDuration,
-    #[serde(default = "default_minute")]
-    pub lockout: HumanDuration,
-}
-
-/// Bytes per second, both directions together, shared by all connections of a user
-/// or of a group.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BandwidthLimits {
-    #[serde(default)]
-    pub per_user: Option<ByteRate>,
-    /// By group id (`default` included).
-    #[serde(default)]
-    pub per_group: std::collections::BTreeMap<String, ByteRate>,
-}
-
-fn check_limits(g: &GatewayConfig) -> Result<(), ConfigError> {
-    let err = |m: String| Err(ConfigError::Semantic(m));
-    let l = &g.limits;
-    for (key, caps) in [("per_user", &l.per_user), ("per_ip", &l.per_ip)] {
-        let Some(c) = caps else { continue };
-        if c.max_concurrent == Some(0) {
-            return err(format!(
-                "gateway.limits.{key}.max_concurrent must be at least 1"
-            ));
-        }
-        if let Some(rate) = c.rate {
-            if !(rate.is_finite() && rate > 0.0) {
-                return err(format!(
-                    "gateway.limits.{key}.rate must be a positive number of connections per second"
-                ));
-            }
-        }
-        match (c.rate, c.burst) {
-            (None, Some(_)) => {
-                return err(format!(
-                    "gateway.limits.{key}.burst needs gateway.limits.{key}.rate"
-                ))
-            }
-            (_, Some(0)) => return err(format!("gateway.limits.{key}.burst must be at least 1")),
-            _ => {}
-        }
-        if c.max_concurrent.is_none() && c.rate.is_none() {
-            return err(format!(
-                "gateway.limits.{key}: set max_concurrent, rate or both"
-            ));
-        }
-    }
-    if let Some(a) = &l.proxy_auth {
-        if a.max_failures == 0 || a.lockout.0.is_zero() || a.window.0.is_zero() {
-            return err(
-                "gateway.limits.proxy_auth: max_failures, window and lockout must be above zero"
-                    .into(),
-            );
-        }
-    }
-    let rates = l
-        .bandwidth
-        .per_user
-        .iter()
-        .map(|r| ("per_user".to_owned(), r));
-    let groups = l
-        .bandwidth
-        .per_group
-        .iter()
-        .map(|(g, r)| (format!("per_group.{g}"), r));
-    for (key, rate) in rates.chain(groups) {
-        if rate.0 < MIN_BANDWIDTH {
-            return err(format!(
-                "gateway.limits.bandwidth.{key} must be at least 1KiB/s, got {} bytes/s",
-                rate.0
-            ));
-        }
-    }
-    for group in l.bandwidth.per_group.keys() {
-        if group != DEFAULT_GROUP && !g.groups.iter().any(|x| &x.id == group) {
-            return err(format!(
-                "gateway.limits.bandwidth.per_group: {group:?} is not a configured group"
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// `proxy_protocol: true` trusts the headers of `gateway.trusted_proxies` alone: with
 /// none, no connection could ever be accepted.
 fn check_proxy_protocol(g: &GatewayConfig, proxy: Option<&ProxyConfig>) -> Result<(), ConfigError> {
@@ -599,9 +474,6 @@ fn check_proxy_protocol(g: &GatewayConfig, proxy: Option<&ProxyConfig>) -> Resul
         ))),
     }
 }
-
-/// Below this a single 64 KiB read would wait a minute: surely a typo.
-const MIN_BANDWIDTH: u64 = 1024;
 
 /// The policy engine on the gateway: a PMProxy config dir (`managers.toml` with the
 /// rules, `server.toml` whose `[api]` section places the HTTPS `/api/cmd` API, the
@@ -930,45 +802,6 @@ client:
             .unwrap_err()
             .to_string();
         assert!(err.contains("gateway.auth_timeout"), "{err}");
-    }
-
-    #[test]
-    fn limits_parse_and_are_checked() {
-        let gw = "gateway:\n  listen_addr: '127.0.0.1:9'\n  tls_cert: a\n  tls_key: b\n  auth_username: u\n  auth_password: p\n  groups: [{ id: office, agent_password: s }]\n";
-        let parse =
-            |limits: &str| Config::parse(&format!("{gw}  limits:\n{limits}"), Path::new("x.yaml"));
-        let g = parse("    per_user: { max_concurrent: 20 }\n    per_ip: { rate: 0.5, burst: 3 }\n    proxy_auth: {}\n    bandwidth: { per_user: 10MiB/s, per_group: { office: 1 MiB, default: 2048 } }\n")
-            .unwrap()
-            .gateway
-            .unwrap();
-        let l = &g.limits;
-        assert_eq!(l.per_user.as_ref().unwrap().max_concurrent, Some(20));
-        assert_eq!(l.per_ip.as_ref().unwrap().rate, Some(0.5));
-        let auth = l.proxy_auth.as_ref().unwrap();
-        assert_eq!(
-            (auth.max_failures, auth.lockout.0),
-            (5, Duration::from_secs(60))
-        );
-        assert_eq!(l.bandwidth.per_user, Some(ByteRate(10 << 20)));
-        assert_eq!(l.bandwidth.per_group["office"], ByteRate(1 << 20));
-        let off = Config::parse(gw, Path::new("x.yaml"))
-            .unwrap()
-            .gateway
-            .unwrap();
-        assert!(off.limits.per_user.is_none() && off.limits.proxy_auth.is_none());
-        for (bad, why) in [
-            ("    per_user: { max_concurrent: 0 }\n", "max_concurrent"),
-            ("    per_ip: { rate: 0 }\n", "rate"),
-            ("    per_ip: { burst: 3 }\n", "burst"),
-            ("    per_ip: {}\n", "set max_concurrent"),
-            ("    proxy_auth: { lockout: 0s }\n", "proxy_auth"),
-            ("    bandwidth: { per_user: 10B/s }\n", "1KiB/s"),
-            ("    bandwidth: { per_group: { lab: 1MiB } }\n", "\"lab\""),
-            ("    per_usr: {}\n", "per_usr"),
-        ] {
-            let err = parse(bad).unwrap_err().to_string();
-            assert!(err.contains(why), "{bad}: {err}");
-        }
     }
 
     #[test]
