@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{ConfigError, GroupConfig, DEFAULT_GROUP};
+use super::gateway::is_configured_group;
+use super::{ConfigError, GroupConfig};
 use crate::net::{ByteRate, HumanDuration};
 
 /// The lockout defaults, for proxy users here and for agents (`gateway.max_auth_failures`).
@@ -138,7 +139,7 @@ impl LimitsConfig {
             }
         }
         for group in self.bandwidth.per_group.keys() {
-            if group != DEFAULT_GROUP && !configured.iter().any(|x| &x.id == group) {
+            if !is_configured_group(configured, group) {
                 return err(format!(
                     "gateway.limits.bandwidth.per_group: {group:?} is not a configured group"
                 ));
