@@ -86,18 +86,18 @@ mod tests {
             (g.forwards[1].group.as_str(), g.forwards[1].protocol),
             ("office", Protocol::Udp)
         );
-        for (bad, why) in [
-            (
-                "{ listen_addr: ':2', target: 'a:1', protocol: udp, proxy_protocol: true }",
-                "gateway.forwards[0]: proxy_protocol is for TCP",
-            ),
-            (
-                "{ listen_addr: ':2', target: 'a:1' }, { listen_addr: ':3', target: 'b:1', group: lab }",
-                "gateway.forwards[1].group \"lab\" is not a configured group",
-            ),
-        ] {
-            let err = parse(bad).unwrap_err().to_string();
-            assert!(err.contains(why), "{bad}: {err}");
-        }
+        crate::config::assert_each_refused(
+            parse,
+            &[
+                (
+                    "{ listen_addr: ':2', target: 'a:1', protocol: udp, proxy_protocol: true }",
+                    "gateway.forwards[0]: proxy_protocol is for TCP",
+                ),
+                (
+                    "{ listen_addr: ':2', target: 'a:1' }, { listen_addr: ':3', target: 'b:1', group: lab }",
+                    "gateway.forwards[1].group \"lab\" is not a configured group",
+                ),
+            ],
+        );
     }
 }

@@ -108,6 +108,19 @@ impl Config {
     }
 }
 
+/// Tests of every section: each case's text, given to `parse`, is refused with an error
+/// that says the case's words.
+#[cfg(test)]
+pub(crate) fn assert_each_refused<T: std::fmt::Debug, S: AsRef<str>>(
+    parse: impl Fn(&str) -> Result<T, ConfigError>,
+    cases: &[(S, &str)],
+) {
+    for (bad, why) in cases {
+        let err = parse(bad.as_ref()).unwrap_err().to_string();
+        assert!(err.contains(why), "{:?}: {err}", bad.as_ref());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

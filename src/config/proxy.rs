@@ -129,26 +129,26 @@ mod tests {
         assert_eq!(https.tls_cert.as_deref(), Some(Path::new("c")));
         assert_eq!(p.listeners().map(|(k, _)| k).collect::<Vec<_>>(), ["https"]);
         assert!(parse("  https: { listen_addr: ':1' }\n").is_ok());
-        for (bad, why) in [
-            (
-                "  http: { listen_addr: ':1', tls_cert: c, tls_key: k }\n",
-                "only proxy.https",
-            ),
-            (
-                "  https: { listen_addr: ':1', tls_cert: c }\n",
-                "go together",
-            ),
-            (
-                "  https: { listen_addr: ':1', proxy_protocol: true }\n",
-                "proxy.https.proxy_protocol",
-            ),
-            (
-                "  https: { listen_addr: ':1', auth: [corp] }\n",
-                "proxy.https.auth",
-            ),
-        ] {
-            let err = parse(bad).unwrap_err().to_string();
-            assert!(err.contains(why), "{bad}: {err}");
-        }
+        crate::config::assert_each_refused(
+            parse,
+            &[
+                (
+                    "  http: { listen_addr: ':1', tls_cert: c, tls_key: k }\n",
+                    "only proxy.https",
+                ),
+                (
+                    "  https: { listen_addr: ':1', tls_cert: c }\n",
+                    "go together",
+                ),
+                (
+                    "  https: { listen_addr: ':1', proxy_protocol: true }\n",
+                    "proxy.https.proxy_protocol",
+                ),
+                (
+                    "  https: { listen_addr: ':1', auth: [corp] }\n",
+                    "proxy.https.auth",
+                ),
+            ],
+        );
     }
 }
