@@ -18,7 +18,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::{
     Auth, AuthResponse, Close, ConnId, Connect, ConnectResponse, Data, DecodeError, ErrorCode,
-    ErrorMsg, Fin, Forward, ForwardResponse, Heartbeat, Message, Protocol, WindowUpdate,
+    ErrorMsg, Fin, Forward, ForwardResponse, Heartbeat, Message, Protocol, Unforward, WindowUpdate,
     MAX_DATA_PAYLOAD, MAX_STRING_LEN,
 };
 
@@ -47,6 +47,7 @@ pub mod tag {
     pub const FIN: u8 = 0x0B;
     pub const FORWARD: u8 = 0x0C;
     pub const FORWARD_RESPONSE: u8 = 0x0D;
+    pub const UNFORWARD: u8 = 0x0E;
 }
 
 const PROTOCOL_TCP: u8 = 0;
@@ -209,6 +210,14 @@ pub fn encode_into(msg: &Message, out: &mut BytesMut) {
             put_str(out, &m.message);
             out.put_slice(trailer);
         }
+        Message::Unforward(m) => {
+            let trailer = forward_trailer(m.protocol);
+            let len = 2 + trailer.len();
+            out.reserve(HEADER_LEN + len);
+            put_header(out, tag::UNFORWARD, 0, len);
+            out.put_u16(m.listen_port);
+            out.put_slice(trailer);
+        }
     }
 }
 
@@ -304,7 +313,7 @@ pub fn decode_frame(buf: &mut Bytes) -> Result<Message, DecodeError> {
             max,
         });
     }
-    if !(tag::AUTH..=tag::FORWARD_RESPONSE).contains(&tag) {
+    if !(tag::AUTH..=tag::UNFORWARD).contains(&tag) {
         return Err(DecodeError::UnknownType(format!("0x{tag:02x}")));
     }
     need(buf, HEADER_LEN + len)?;
@@ -404,6 +413,13 @@ fn decode_body(tag: u8, id: ConnId, body: &mut Bytes) -> Result<Message, DecodeE
                 listen_port,
                 success: get_bool(body, "forward_response")?,
                 message: get_str(body, "message")?,
+                protocol: get_forward_protocol(body)?,
+            })
+        }
+        tag::UNFORWARD => {
+            need(body, 2)?;
+            Message::Unforward(Unforward {
+                listen_port: body.get_u16(),
                 protocol: get_forward_protocol(body)?,
             })
         }

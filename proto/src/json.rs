@@ -21,7 +21,8 @@ use crate::ids::truncate_for_error;
 use crate::{
     Auth, AuthResponse, Close, ConnId, ConnIdMap, Connect, ConnectResponse, Data, DecodeError,
     ErrorCode, ErrorMsg, Fin, Forward, ForwardResponse, Heartbeat, Message, MessageKind,
-    NumericIds, Protocol, WindowUpdate, MAX_DATA_PAYLOAD, MAX_STRING_LEN, MAX_WIRE_ID_LEN,
+    NumericIds, Protocol, Unforward, WindowUpdate, MAX_DATA_PAYLOAD, MAX_STRING_LEN,
+    MAX_WIRE_ID_LEN,
 };
 
 /// `Sec-WebSocket-Protocol` token for this encoding. Offering no token at all also
@@ -103,6 +104,13 @@ struct ForwardResponseOut<'a> {
     listen_port: u16,
     success: bool,
     message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    protocol: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct UnforwardOut {
+    listen_port: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     protocol: Option<&'static str>,
 }
@@ -393,6 +401,14 @@ pub fn encode_into_with<M: ConnIdMap + ?Sized>(msg: &Message, out: &mut Vec<u8>,
                 protocol: forward_protocol_out(m.protocol),
             },
         ),
+        Message::Unforward(m) => write(
+            out,
+            kind,
+            UnforwardOut {
+                listen_port: m.listen_port,
+                protocol: forward_protocol_out(m.protocol),
+            },
+        ),
     }
 }
 
@@ -531,6 +547,13 @@ struct ForwardResponseIn<'a> {
     success: bool,
     #[serde(default, borrow)]
     message: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    protocol: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct UnforwardIn<'a> {
+    listen_port: u16,
     #[serde(default, borrow)]
     protocol: Option<Cow<'a, str>>,
 }
@@ -828,6 +851,13 @@ fn decode_general<M: ConnIdMap + ?Sized>(input: &[u8], ids: &M) -> Result<Messag
                 listen_port: b.listen_port,
                 success: b.success,
                 message: optional_text("message", b.message)?,
+                protocol: forward_protocol_in(b.protocol)?,
+            })
+        }
+        MessageKind::Unforward => {
+            let b: UnforwardIn = body(kind, raw)?;
+            Message::Unforward(Unforward {
+                listen_port: b.listen_port,
                 protocol: forward_protocol_in(b.protocol)?,
             })
         }

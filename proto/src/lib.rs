@@ -20,7 +20,7 @@ pub use ids::{
 };
 pub use message::{
     Auth, AuthResponse, Close, ConnId, Connect, ConnectResponse, Data, ErrorCode, ErrorMsg, Fin,
-    Forward, ForwardResponse, Heartbeat, Message, MessageKind, Protocol, WindowUpdate,
+    Forward, ForwardResponse, Heartbeat, Message, MessageKind, Protocol, Unforward, WindowUpdate,
 };
 
 /// How messages are encoded on one WebSocket, chosen per connection at the handshake.

@@ -274,6 +274,16 @@ pub struct ForwardResponse {
     pub protocol: Protocol,
 }
 
+/// `unforward` (binary mode): agent → gateway, "stop listening on `listen_port`
+/// (`protocol`) for me": the forward this session asked for is withdrawn. The gateway
+/// sends no answer; a port the session does not hold is left alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unforward {
+    pub listen_port: u16,
+    /// As in `forward`: on the wire only when `udp`.
+    pub protocol: Protocol,
+}
+
 /// `error`: either direction, optionally about one connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ErrorMsg {
@@ -298,6 +308,7 @@ pub enum Message {
     Fin(Fin),
     Forward(Forward),
     ForwardResponse(ForwardResponse),
+    Unforward(Unforward),
 }
 
 /// The kind of a [`Message`], without its body: for logs and metrics.
@@ -316,10 +327,11 @@ pub enum MessageKind {
     Fin,
     Forward,
     ForwardResponse,
+    Unforward,
 }
 
 impl MessageKind {
-    pub const ALL: [MessageKind; 13] = [
+    pub const ALL: [MessageKind; 14] = [
         MessageKind::Auth,
         MessageKind::AuthResponse,
         MessageKind::Connect,
@@ -333,6 +345,7 @@ impl MessageKind {
         MessageKind::Fin,
         MessageKind::Forward,
         MessageKind::ForwardResponse,
+        MessageKind::Unforward,
     ];
 
     /// The `type` string of the JSON encoding.
@@ -351,6 +364,7 @@ impl MessageKind {
             MessageKind::Fin => "fin",
             MessageKind::Forward => "forward",
             MessageKind::ForwardResponse => "forward_response",
+            MessageKind::Unforward => "unforward",
         }
     }
 
@@ -367,6 +381,7 @@ impl MessageKind {
                 | MessageKind::Fin
                 | MessageKind::Forward
                 | MessageKind::ForwardResponse
+                | MessageKind::Unforward
         )
     }
 }
@@ -387,6 +402,7 @@ impl Message {
             Message::Fin(_) => MessageKind::Fin,
             Message::Forward(_) => MessageKind::Forward,
             Message::ForwardResponse(_) => MessageKind::ForwardResponse,
+            Message::Unforward(_) => MessageKind::Unforward,
         }
     }
 
@@ -405,7 +421,8 @@ impl Message {
             | Message::Ping(_)
             | Message::Pong(_)
             | Message::Forward(_)
-            | Message::ForwardResponse(_) => None,
+            | Message::ForwardResponse(_)
+            | Message::Unforward(_) => None,
         }
     }
 }

@@ -4,7 +4,7 @@
 use anyproxy_proto::{
     binary, json, Auth, AuthResponse, Close, ConnId, Connect, ConnectResponse, Data, DecodeError,
     ErrorCode, ErrorMsg, Fin, Forward, ForwardResponse, Heartbeat, Message, MessageKind, Protocol,
-    WindowUpdate, MAX_DATA_PAYLOAD, MAX_STRING_LEN,
+    Unforward, WindowUpdate, MAX_DATA_PAYLOAD, MAX_STRING_LEN,
 };
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -90,6 +90,10 @@ fn samples() -> Vec<Message> {
             listen_port: 8022,
             success: true,
             message: "listening".into(),
+            protocol: Protocol::Tcp,
+        }),
+        Message::Unforward(Unforward {
+            listen_port: 8022,
             protocol: Protocol::Tcp,
         }),
     ]
@@ -377,7 +381,7 @@ fn binary_encoder_clamps_oversized_strings_at_a_char_boundary() {
 
 #[test]
 fn binary_unknown_tag_is_unknown_type() {
-    for tag in [0x00u8, 0x0e, 0x3f, 0x40, 0x80, 0xff] {
+    for tag in [0x00u8, 0x0f, 0x3f, 0x40, 0x80, 0xff] {
         let err = decode_bin(&frame(tag, 0, &[1, 2, 3])).unwrap_err();
         assert_eq!(err, DecodeError::UnknownType(format!("0x{tag:02x}")));
         // Even with an empty body, or a header only.
@@ -449,6 +453,10 @@ fn with_optional_fields(msg: Message) -> Message {
             ..f
         }),
         Message::ForwardResponse(f) => Message::ForwardResponse(ForwardResponse {
+            protocol: Protocol::Udp,
+            ..f
+        }),
+        Message::Unforward(f) => Message::Unforward(Unforward {
             protocol: Protocol::Udp,
             ..f
         }),
@@ -552,6 +560,17 @@ fn binary_forward_protocol_byte_is_optional_and_checked() {
             message: "ok".into(),
             protocol: Protocol::Udp,
         }))
+    );
+    assert_eq!(
+        decode_bin(&frame(binary::tag::UNFORWARD, 0, &[0x1f, 0x40, 1])),
+        Ok(Message::Unforward(Unforward {
+            listen_port: 8000,
+            protocol: Protocol::Udp,
+        }))
+    );
+    assert_eq!(
+        decode_bin(&frame(binary::tag::UNFORWARD, 0, &[0x1f, 0x40, 9])),
+        Err(DecodeError::UnknownProtocol("9".into()))
     );
 }
 

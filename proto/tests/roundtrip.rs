@@ -2,7 +2,7 @@
 
 use anyproxy_proto::{
     binary, json, Auth, AuthResponse, Close, ConnId, Connect, ConnectResponse, Data, ErrorCode,
-    ErrorMsg, Fin, Forward, ForwardResponse, Heartbeat, Message, Protocol, WindowUpdate,
+    ErrorMsg, Fin, Forward, ForwardResponse, Heartbeat, Message, Protocol, Unforward, WindowUpdate,
     MAX_STRING_LEN,
 };
 use bytes::{Bytes, BytesMut};
@@ -108,6 +108,12 @@ fn any_message() -> impl Strategy<Value = Message> {
                 })
             }
         ),
+        (any::<u16>(), any_protocol()).prop_map(|(listen_port, protocol)| {
+            Message::Unforward(Unforward {
+                listen_port,
+                protocol,
+            })
+        }),
     ]
 }
 

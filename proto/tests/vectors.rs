@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyproxy_proto::{
     binary, json, Auth, AuthResponse, Close, ConnId, Connect, ConnectResponse, Data, ErrorCode,
-    ErrorMsg, Fin, Forward, ForwardResponse, Heartbeat, Message, MessageKind, Protocol,
+    ErrorMsg, Fin, Forward, ForwardResponse, Heartbeat, Message, MessageKind, Protocol, Unforward,
     WindowUpdate,
 };
 use bytes::Bytes;
@@ -190,6 +190,20 @@ fn vectors() -> Vec<(&'static str, Message)> {
                 listen_port: 20053,
                 success: true,
                 message: "listening on 127.0.0.1:20053/udp".into(),
+                protocol: Protocol::Udp,
+            }),
+        ),
+        (
+            "unforward",
+            Message::Unforward(Unforward {
+                listen_port: 20022,
+                protocol: Protocol::Tcp,
+            }),
+        ),
+        (
+            "unforward_udp",
+            Message::Unforward(Unforward {
+                listen_port: 20053,
                 protocol: Protocol::Udp,
             }),
         ),

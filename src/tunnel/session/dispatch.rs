@@ -129,7 +129,7 @@ impl SessionCore {
             other @ (Message::Connect(_) | Message::Auth(_) | Message::AuthResponse(_)) => {
                 Some(other)
             }
-            other @ (Message::Forward(_) | Message::ForwardResponse(_)) => {
+            other @ (Message::Forward(_) | Message::ForwardResponse(_) | Message::Unforward(_)) => {
                 if self.refuse_in_json(other.kind().as_str()).await {
                     return None;
                 }
