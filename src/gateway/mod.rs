@@ -317,7 +317,7 @@ impl Gateway {
             policy_api,
             shutdown,
             tasks,
-            server,
+            server: server.clone(),
             drain_timeout,
             membership,
             reloader: Arc::new(Reloader::new(
@@ -331,6 +331,7 @@ impl Gateway {
                     gateway: running_gateway,
                     listeners,
                     backends,
+                    server,
                 },
             )),
         })
