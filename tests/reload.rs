@@ -748,3 +748,246 @@ async fn hup_fails_naming(stack: &Stack, pid: u32, admin: u16, key: &str) {
         1.0
     );
 }
+
+/// Replaces `from` with `to` in the gateway's file, sends SIGHUP and waits for the
+/// `times`th successful reload; the gateway's log.
+async fn edit_and_reload(
+    stack: &Stack,
+    pid: u32,
+    (from, to): (&str, &str),
+    times: usize,
+) -> String {
+    let config = stack.certs.dir.path().join("config.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let edited = text.replace(from, to);
+    assert_ne!(edited, text, "{from:?} is not in the file");
+    std::fs::write(&config, edited).unwrap();
+    signal(pid, "HUP");
+    stack
+        .wait_for_log("gateway", "configuration reloaded", times)
+        .await;
+    stack.log("gateway")
+}
+
+/// Writes `text` to `name` in `dir`; the path, for a YAML value.
+fn write_in(dir: &std::path::Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// The `tls_client_cert`/`tls_client_key` lines of an agent presenting a certificate
+/// issued by `ca` for `name`, written to `dir`.
+fn client_identity(
+    dir: &std::path::Path,
+    ca: &anyproxy::transport::tls::GeneratedCa,
+    name: &str,
+) -> Vec<String> {
+    let id = ca.client_cert(name).unwrap();
+    vec![
+        format!(
+            "tls_client_cert: \"{}\"",
+            write_in(dir, &format!("{name}.pem"), &id.cert_pem)
+        ),
+        format!(
+            "tls_client_key: \"{}\"",
+            write_in(dir, &format!("{name}.key"), &id.key_pem)
+        ),
+    ]
+}
+
+/// `gateway.client_ca` rewritten with another CA's certificate: new agents with a
+/// certificate of the new CA are admitted, new ones of the old CA refused, and the
+/// agent verified against the old CA keeps its session and its connection. A file
+/// that holds no certificate fails the reload naming the key and changes nothing.
+#[tokio::test]
+async fn a_reload_rotates_client_ca_for_new_agents_only() {
+    let pki = tempfile::tempdir().unwrap();
+    let old_ca = anyproxy::transport::tls::GeneratedCa::new("old agents' CA").unwrap();
+    let new_ca = anyproxy::transport::tls::GeneratedCa::new("new agents' CA").unwrap();
+    let ca_path = write_in(pki.path(), "ca.pem", &old_ca.cert_pem);
+    let admin = free_port();
+    let stack = Stack::start(StackOptions {
+        gateway_extra: vec![
+            format!("client_ca: \"{ca_path}\""),
+            format!("admin_addr: \"127.0.0.1:{admin}\""),
+        ],
+        client_extra: client_identity(pki.path(), &old_ca, "first"),
+        ..Default::default()
+    })
+    .await;
+    let pid = stack.gateway.0.id().unwrap();
+    let echo = common::echo_target_on("127.0.0.1").await;
+    let mut live = stack.socks5_to(echo).await.unwrap();
+    round_trip(&mut live, b"before the reload").await;
+
+    std::fs::write(&ca_path, &new_ca.cert_pem).unwrap();
+    signal(pid, "HUP");
+    stack
+        .wait_for_log("gateway", "configuration reloaded", 1)
+        .await;
+    let log = stack.log("gateway");
+    assert!(log.contains("gateway.client_ca changed"), "{log}");
+    assert!(!log.contains("key=\"gateway.client_ca\""), "{log}");
+
+    let _new = stack.spawn_agent("new", &client_identity(pki.path(), &new_ca, "new"));
+    stack.wait_for_log("gateway", "client_id=new", 1).await;
+    let _old = stack.spawn_agent("old", &client_identity(pki.path(), &old_ca, "old"));
+    stack
+        .wait_for_log("agent-old", "the gateway refused the TLS handshake", 1)
+        .await;
+    assert!(!stack.log("gateway").contains("client_id=old"));
+    // The agent verified against the old CA carries on, on its first session.
+    round_trip(&mut live, b"after the reload").await;
+    let target = common::http_target().await;
+    let url = format!("http://{target}/");
+    assert_eq!(
+        common::curl_status(&["-x", &stack.http_proxy(), &url]).await,
+        "200"
+    );
+    assert_eq!(
+        stack
+            .log("agent")
+            .matches("authenticated to the gateway")
+            .count(),
+        1
+    );
+
+    // No certificate in the file: the reload fails naming the key; the new CA stays.
+    std::fs::write(&ca_path, "not a certificate\n").unwrap();
+    hup_fails_naming(&stack, pid, admin, "gateway.client_ca").await;
+    let _later = stack.spawn_agent("later", &client_identity(pki.path(), &new_ca, "later"));
+    stack.wait_for_log("gateway", "client_id=later", 1).await;
+    round_trip(&mut live, b"after the failed reload").await;
+
+    // Removed: new agents connect without a certificate.
+    let line = format!("\n  client_ca: \"{ca_path}\"");
+    let log = edit_and_reload(&stack, pid, (&line, ""), 2).await;
+    assert!(log.contains("gateway.client_ca removed"), "{log}");
+    let _anonymous = stack.spawn_agent("anonymous", &[]);
+    stack
+        .wait_for_log("gateway", "client_id=anonymous", 1)
+        .await;
+    round_trip(&mut live, b"after the removal").await;
+}
+
+/// `gateway.deflate` turned on by a reload: the next agent session negotiates
+/// permessage-deflate, the one connected before keeps its uncompressed session and
+/// its connection.
+#[tokio::test]
+async fn a_reload_turns_deflate_on_for_new_agent_sessions() {
+    let deflate = "deflate: { enabled: true }".to_owned();
+    let stack = Stack::start(StackOptions {
+        client_extra: vec![deflate.clone()],
+        ..Default::default()
+    })
+    .await;
+    let pid = stack.gateway.0.id().unwrap();
+    let echo = common::echo_target_on("127.0.0.1").await;
+    let mut live = stack.socks5_to(echo).await.unwrap();
+    round_trip(&mut live, b"before the reload").await;
+    let log = stack.log("gateway");
+    assert!(log.contains("deflate=false"), "{log}");
+    assert!(!log.contains("deflate=true"), "{log}");
+
+    let on = format!("connect_timeout: 5s\n  {deflate}");
+    let log = edit_and_reload(&stack, pid, ("connect_timeout: 5s", &on), 1).await;
+    assert!(
+        log.contains("gateway.deflate.enabled changed from false to true"),
+        "{log}"
+    );
+    assert!(!log.contains("key=\"gateway.deflate\""), "{log}");
+
+    let _second = stack.spawn_agent("second", std::slice::from_ref(&deflate));
+    stack.wait_for_log("gateway", "agent connected", 2).await;
+    let log = stack.log("gateway");
+    let line = log
+        .lines()
+        .find(|l| l.contains("agent connected") && l.contains("client_id=second"))
+        .unwrap_or_default();
+    assert!(line.contains("deflate=true"), "{log}");
+    round_trip(&mut live, b"after the reload").await;
+    assert_eq!(
+        stack
+            .log("agent")
+            .matches("authenticated to the gateway")
+            .count(),
+        1
+    );
+}
+
+/// `gateway.agent_forwards.ports` narrowed by a reload: the open forward now outside
+/// the range stops listening (logged with the reason; the connection it accepted
+/// before carries on), the one inside keeps serving, and an agent asking for a port
+/// outside the new range is refused.
+#[tokio::test]
+async fn a_reload_narrowing_agent_forwards_closes_the_forwards_outside() {
+    let (inside, outside, asked) = (free_port(), free_port(), free_port());
+    let (low, high) = (inside.min(outside), inside.max(outside));
+    let stack = Stack::start(StackOptions {
+        with_agent: false,
+        gateway_extra: vec![format!(
+            "agent_forwards: {{ bind: 127.0.0.1, ports: \"{low}-{high}\" }}"
+        )],
+        ..Default::default()
+    })
+    .await;
+    let pid = stack.gateway.0.id().unwrap();
+    let echo = common::echo_target_on("127.0.0.1").await;
+    let ports = format!(
+        "open_ports:\n    - {{ remote_port: {inside}, target: \"{echo}\" }}\n    - {{ remote_port: {outside}, target: \"{echo}\" }}"
+    );
+    let _a = stack.spawn_agent("a", &[ports]);
+    stack
+        .wait_for_log("agent-a", "gateway forward open", 2)
+        .await;
+    let connect = |port: u16| tokio::net::TcpStream::connect(("127.0.0.1", port));
+    let mut held_in = connect(inside).await.unwrap();
+    let mut held_out = connect(outside).await.unwrap();
+    round_trip(&mut held_in, b"inside, before").await;
+    round_trip(&mut held_out, b"outside, before").await;
+
+    let (wide, narrow) = (
+        format!("ports: \"{low}-{high}\""),
+        format!("ports: \"{inside}\""),
+    );
+    let log = edit_and_reload(&stack, pid, (&wide, &narrow), 1).await;
+    for line in [
+        format!("agent_forwards range changed from {low}-{high} to {inside}-{inside}"),
+        format!(
+            "forward 127.0.0.1:{outside} of agent a closed: outside the reloaded agent_forwards range"
+        ),
+    ] {
+        assert!(log.contains(&line), "{line:?} not in\n{log}");
+    }
+    assert!(
+        !log.contains(&format!("forward 127.0.0.1:{inside} of agent a closed")),
+        "{log}"
+    );
+    assert!(!log.contains("key=\"gateway.agent_forwards\""), "{log}");
+
+    let closed = format!("port {outside} stops listening");
+    common::cluster::eventually(Duration::from_secs(10), &closed, || async {
+        connect(outside).await.is_err().then_some(())
+    })
+    .await;
+    let mut fresh = connect(inside).await.unwrap();
+    round_trip(&mut fresh, b"inside, after").await;
+    round_trip(&mut held_in, b"inside, held").await;
+    // Accepted before the reload: it rides the agent's session, and carries on.
+    round_trip(&mut held_out, b"outside, held").await;
+
+    let refused = format!("open_ports:\n    - {{ remote_port: {asked}, target: \"{echo}\" }}");
+    let _b = stack.spawn_agent("b", &[refused]);
+    stack
+        .wait_for_log("agent-b", "gateway refused a forward", 1)
+        .await;
+    let log = stack.log("agent-b");
+    assert!(
+        log.contains(&format!(
+            "port {asked} is outside the range agents may forward ({inside}-{inside})"
+        )),
+        "{log}"
+    );
+    assert!(connect(asked).await.is_err());
+}

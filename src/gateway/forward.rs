@@ -8,6 +8,8 @@
 //!   forward with `protocol: udp` binds a UDP port instead (TCP and UDP are separate
 //!   port spaces) and is served by [`super::udp::serve_forward`], its flows through
 //!   that agent alone.
+//! * A reload swaps `gateway.agent_forwards` for new requests and closes the open agent
+//!   forwards the new settings no longer allow ([`AgentForwardTable::reconfigure`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyproxy_proto::{Forward, Protocol};
+use arc_swap::ArcSwapOption;
 use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
@@ -41,6 +44,11 @@ struct Owner {
     /// target after the agent's reload) replaces its entry, and the replaced forward's
     /// end must not remove the new one.
     id: u64,
+    /// Where it listens and whether it asks for PROXY headers (TCP only), as
+    /// `agent_forwards` said when it opened: a reload closes it if the new settings
+    /// would not open it so.
+    bind: std::net::IpAddr,
+    proxy_protocol: bool,
     cancel: CancellationToken,
 }
 
@@ -49,7 +57,9 @@ type PortKey = (u16, Protocol);
 
 /// The agent forwards currently open, by port.
 pub struct AgentForwardTable {
-    policy: Option<AgentForwards>,
+    /// `gateway.agent_forwards`; a reload swaps it (under `by_port`'s lock, so that
+    /// no forward is opened under the old settings after the reload looked).
+    policy: ArcSwapOption<AgentForwards>,
     connect_timeout: Duration,
     limits: Arc<Limits>,
     /// Used when `policy.proxy_protocol` is set (TCP forwards only: a datagram
@@ -70,7 +80,7 @@ impl AgentForwardTable {
         udp: UdpSettings,
     ) -> Self {
         AgentForwardTable {
-            policy,
+            policy: ArcSwapOption::from(policy.map(Arc::new)),
             connect_timeout,
             limits,
             proxy_protocol,
@@ -88,23 +98,14 @@ impl AgentForwardTable {
         agent: &Arc<AgentHandle>,
         req: &Forward,
     ) -> Result<SocketAddr, String> {
-        let Some(policy) = &self.policy else {
-            return Err("this gateway does not accept forwards from agents (gateway.agent_forwards is not set)".into());
-        };
         let port = req.listen_port;
-        if !policy.ports.contains(port) {
-            return Err(format!(
-                "port {port} is outside the range agents may forward ({}-{})",
-                policy.ports.first, policy.ports.last
-            ));
-        }
         let target = HostPort {
             host: req.target_host.clone(),
             port: req.target_port,
         };
         target.validate().map_err(|e| e.to_string())?;
         let key = (port, req.protocol);
-        let (cancel, id) = self.claim(key, agent)?;
+        let (cancel, id, policy) = self.claim(key, agent)?;
         let addr = SocketAddr::new(policy.bind, port);
         let bound = match req.protocol {
             Protocol::Tcp => bind_when_free(|| crate::transport::listen::listen(addr))
@@ -140,13 +141,29 @@ impl AgentForwardTable {
     }
 
     /// Records `agent` as the owner of `key`, taking it over from an earlier session
-    /// of the same agent. Returns the token that ends this forward, and its id.
-    fn claim(&self, key: PortKey, agent: &AgentHandle) -> Result<(CancellationToken, u64), String> {
+    /// of the same agent, if `gateway.agent_forwards` allows the port. Returns the
+    /// token that ends this forward, its id, and the settings it opens with.
+    fn claim(
+        &self,
+        key: PortKey,
+        agent: &AgentHandle,
+    ) -> Result<(CancellationToken, u64, Arc<AgentForwards>), String> {
         let cancel = CancellationToken::new();
         let id = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut table = self.by_port.lock();
+        // Read under the lock: a reload swaps it under the same lock.
+        let Some(policy) = self.policy.load_full() else {
+            return Err("this gateway does not accept forwards from agents (gateway.agent_forwards is not set)".into());
+        };
+        if !policy.ports.contains(key.0) {
+            return Err(format!(
+                "port {} is outside the range agents may forward ({})",
+                key.0,
+                range(&policy.ports)
+            ));
+        }
         if let Some(held) = table.get(&key) {
             let same_agent = held.group == agent.group && held.client_id == agent.client_id;
             if !same_agent {
@@ -167,10 +184,54 @@ impl AgentForwardTable {
                 client_id: agent.client_id.clone(),
                 serial: agent.serial,
                 id,
+                bind: policy.bind,
+                proxy_protocol: asks_proxy_header(&policy, key.1),
                 cancel: cancel.clone(),
             },
         );
-        Ok((cancel, id))
+        Ok((cancel, id, policy))
+    }
+
+    /// Applies a reloaded `gateway.agent_forwards`: new requests are checked against
+    /// `next`, and every open forward that `next` would not open as it is (agent
+    /// forwards turned off, its port outside the new range, another bind address or
+    /// another `proxy_protocol`) stops listening. The connections it already accepted
+    /// carry on: each rides its agent's session, and what the new settings forbid is
+    /// listening on that port, not a connection the old ones admitted. The lines to
+    /// log, one per change.
+    pub fn reconfigure(&self, next: Option<AgentForwards>) -> Vec<String> {
+        let mut table = self.by_port.lock();
+        let before = self.policy.swap(next.clone().map(Arc::new));
+        let mut changes = settings_changes(before.as_deref(), next.as_ref());
+        table.retain(|&(port, protocol), o| {
+            let why = match &next {
+                None => "gateway.agent_forwards was removed by the reload".to_owned(),
+                Some(n) if !n.ports.contains(port) => {
+                    "outside the reloaded agent_forwards range".to_owned()
+                }
+                Some(n) if n.bind != o.bind => {
+                    format!("the reloaded agent_forwards.bind is {}", n.bind)
+                }
+                Some(n) if asks_proxy_header(n, protocol) != o.proxy_protocol => format!(
+                    "the reloaded agent_forwards.proxy_protocol is {}",
+                    n.proxy_protocol
+                ),
+                Some(_) => return true,
+            };
+            o.cancel.cancel();
+            let udp = if protocol == Protocol::Udp {
+                "/udp"
+            } else {
+                ""
+            };
+            changes.push(format!(
+                "forward {}{udp} of agent {} closed: {why}",
+                SocketAddr::new(o.bind, port),
+                o.client_id
+            ));
+            false
+        });
+        changes
     }
 
     /// Drops `key` from the table if the forward `id` still holds it.
@@ -234,6 +295,55 @@ impl AgentForwardTable {
         let mut ports: Vec<PortKey> = self.by_port.lock().keys().copied().collect();
         ports.sort_unstable_by_key(|&(port, p)| (port, p.as_str()));
         ports
+    }
+}
+
+/// Whether a forward of `protocol` asks for PROXY headers under `policy`: TCP ones only
+/// (a datagram carries none).
+fn asks_proxy_header(policy: &AgentForwards, protocol: Protocol) -> bool {
+    policy.proxy_protocol && protocol == Protocol::Tcp
+}
+
+/// `first-last`, as the configuration writes a range.
+fn range(r: &crate::config::PortRange) -> String {
+    format!("{}-{}", r.first, r.last)
+}
+
+/// One line per setting of `gateway.agent_forwards` that a reload changed.
+fn settings_changes(old: Option<&AgentForwards>, new: Option<&AgentForwards>) -> Vec<String> {
+    match (old, new) {
+        (None, None) => vec![],
+        (None, Some(n)) => vec![format!(
+            "agent_forwards added: agents may forward ports {} on {}",
+            range(&n.ports),
+            n.bind
+        )],
+        (Some(_), None) => {
+            vec!["agent_forwards removed: agents may no longer forward ports".into()]
+        }
+        (Some(o), Some(n)) => {
+            let mut lines = Vec::new();
+            if o.ports != n.ports {
+                lines.push(format!(
+                    "agent_forwards range changed from {} to {}",
+                    range(&o.ports),
+                    range(&n.ports)
+                ));
+            }
+            if o.bind != n.bind {
+                lines.push(format!(
+                    "agent_forwards.bind changed from {} to {}",
+                    o.bind, n.bind
+                ));
+            }
+            if o.proxy_protocol != n.proxy_protocol {
+                lines.push(format!(
+                    "agent_forwards.proxy_protocol changed from {} to {}",
+                    o.proxy_protocol, n.proxy_protocol
+                ));
+            }
+            lines
+        }
     }
 }
 
@@ -344,5 +454,45 @@ impl Serve for AgentForward {
                     .refused(e.code(), &e);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PortRange;
+
+    fn forwards(first: u16, last: u16, bind: &str, proxy_protocol: bool) -> AgentForwards {
+        AgentForwards {
+            bind: bind.parse().unwrap(),
+            ports: PortRange { first, last },
+            proxy_protocol,
+        }
+    }
+
+    #[test]
+    fn a_reload_logs_each_agent_forwards_setting_it_changes() {
+        let wide = forwards(20000, 20999, "127.0.0.1", false);
+        assert!(settings_changes(Some(&wide), Some(&wide)).is_empty());
+        let narrow = forwards(20000, 20099, "0.0.0.0", true);
+        assert_eq!(
+            settings_changes(Some(&wide), Some(&narrow)),
+            [
+                "agent_forwards range changed from 20000-20999 to 20000-20099",
+                "agent_forwards.bind changed from 127.0.0.1 to 0.0.0.0",
+                "agent_forwards.proxy_protocol changed from false to true",
+            ]
+        );
+        assert_eq!(
+            settings_changes(None, Some(&wide)),
+            ["agent_forwards added: agents may forward ports 20000-20999 on 127.0.0.1"]
+        );
+        assert_eq!(
+            settings_changes(Some(&wide), None),
+            ["agent_forwards removed: agents may no longer forward ports"]
+        );
+        // PROXY headers are a TCP matter: a UDP forward is not reopened for them.
+        assert!(asks_proxy_header(&narrow, Protocol::Tcp));
+        assert!(!asks_proxy_header(&narrow, Protocol::Udp));
     }
 }

@@ -318,7 +318,7 @@ impl Gateway {
             policy_api,
             shutdown,
             tasks,
-            server,
+            server: server.clone(),
             drain_timeout,
             membership,
             reloader: Arc::new(Reloader::new(
@@ -332,6 +332,7 @@ impl Gateway {
                     gateway: running_gateway,
                     listeners,
                     backends,
+                    server,
                 },
             )),
         })

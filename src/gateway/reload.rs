@@ -1,8 +1,8 @@
 //! SIGHUP (and the admin `POST /reload`): what a running gateway takes from its
-//! configuration file without a restart — the agent certificate, the agents' logins,
-//! the proxy listeners (added, removed, moved, their users and certificates), the
-//! declared forwards, `gateway.limits` and the policy dir's rules — and the keys it
-//! names as needing one.
+//! configuration file without a restart — the agent certificate and `client_ca`, the
+//! agents' logins, the proxy listeners (added, removed, moved, their users and
+//! certificates), the declared forwards, `agent_forwards`, `deflate`, `gateway.limits`
+//! and the policy dir's rules — and the keys it names as needing one.
 //!
 //! A reload reads and checks the whole file before it changes anything, so a bad file
 //! (or a certificate that does not load, or a chain naming a backend that is not
@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use super::auth::{agent_accounts, listener_accounts, AuthBackends};
 use super::listeners::{Front, Listeners, Listening};
+use super::AgentServer;
 use crate::auth::Authority;
 use crate::config::profile::ProfileSource;
 use crate::config::{GatewayConfig, LevelSwitch, ProxyListener, DEFAULT_GROUP};
@@ -29,6 +30,8 @@ pub enum ReloadError {
     Tls(tls::TlsError),
     #[error("{0}; the running listeners and certificates stay")]
     Listen(#[from] super::listeners::ListenError),
+    #[error("gateway.client_ca: {0}; the running CA bundle stays")]
+    ClientCa(tls::TlsError),
     #[error("gateway.policy: {0}; the running rules stay")]
     Policy(crate::policy::PolicyConfigError),
     #[error(
@@ -37,14 +40,19 @@ pub enum ReloadError {
     NewBackend { key: &'static str, name: String },
 }
 
-/// The configuration a gateway runs with, its front ends and forwards, and the
-/// backends it opened at start.
+/// The configuration a gateway runs with, its front ends and forwards, its agent
+/// listener, and the backends it opened at start.
 pub(super) struct Running {
     pub gateway: GatewayConfig,
     /// They own the proxy listeners' configuration, users and certificates.
     pub listeners: Listeners,
     pub backends: AuthBackends,
+    /// The agent listener: its TLS config (`client_ca`), `deflate` and agent forwards.
+    pub server: Arc<AgentServer>,
 }
+
+/// The certificates of a `gateway.client_ca` bundle.
+type CaCerts = Option<Vec<rustls::pki_types::CertificateDer<'static>>>;
 
 /// The parts of a running gateway that a reload swaps, and what it counts with.
 pub struct Reloader {
@@ -63,6 +71,9 @@ pub struct Reloader {
     profiles: Arc<arc_swap::ArcSwap<ProfileSource>>,
     /// The process's log filter, when the binary hands it over.
     log: std::sync::OnceLock<Arc<dyn LevelSwitch>>,
+    /// The certificates of the `gateway.client_ca` agents are verified against, to tell
+    /// whether a reload changed the bundle (used under `running`'s lock only).
+    client_ca: parking_lot::Mutex<CaCerts>,
     /// Held by the reload in progress: reloads never interleave.
     running: parking_lot::Mutex<Running>,
 }
@@ -77,6 +88,14 @@ impl Reloader {
         profiles: Arc<arc_swap::ArcSwap<ProfileSource>>,
         running: Running,
     ) -> Self {
+        // The bundle the start verified agents with, read again to be compared with the
+        // next reload's (the start read it a moment before).
+        let client_ca = running
+            .gateway
+            .client_ca
+            .as_deref()
+            .and_then(|path| tls::ClientCa::load(path).ok())
+            .map(|ca| ca.certs);
         Reloader {
             agent_cert,
             metrics,
@@ -85,6 +104,7 @@ impl Reloader {
             policy,
             profiles,
             log: std::sync::OnceLock::new(),
+            client_ca: parking_lot::Mutex::new(client_ca),
             running: parking_lot::Mutex::new(running),
         }
     }
@@ -130,6 +150,7 @@ impl Reloader {
         next.check_backends(&running.backends)?;
         let agent_cert = tls::load_checked(&next.gateway.tls_cert, &next.gateway.tls_key)
             .map_err(ReloadError::Tls)?;
+        let client_ca = self.check_client_ca(&next.gateway)?;
         // New addresses are bound here: a port in use changes nothing.
         let listeners = running
             .listeners
@@ -138,6 +159,8 @@ impl Reloader {
         // changes nothing, and after it nothing else can fail.
         self.reload_policy(&running.gateway, &next.gateway)?;
         self.replace_certificate(&next.gateway, agent_cert);
+        self.replace_client_ca(&running.server, client_ca);
+        replace_agent_side(&running.server, &next.gateway);
 
         running.backends.set_groups(&next.gateway.groups);
         self.replace_logins(running, &next);
@@ -177,6 +200,46 @@ impl Reloader {
             tracing::info!("{}: {change}", file.display());
         }
         Ok(())
+    }
+
+    /// The agent listener's TLS config with the reloaded `gateway.client_ca` (around the
+    /// same certificate slot), and the bundle's certificates; a file that does not load
+    /// fails the reload before anything changes.
+    fn check_client_ca(&self, next: &GatewayConfig) -> Result<CheckedClientCa, ReloadError> {
+        let ca = next
+            .client_ca
+            .as_deref()
+            .map(tls::ClientCa::load)
+            .transpose()
+            .map_err(ReloadError::ClientCa)?;
+        let config = tls::agent_server_config(self.agent_cert.clone(), ca.as_ref())
+            .map_err(ReloadError::ClientCa)?;
+        Ok(CheckedClientCa {
+            config,
+            certs: ca.map(|ca| ca.certs),
+        })
+    }
+
+    /// New agent handshakes are verified against the reloaded bundle; sessions already
+    /// established keep the verification they passed.
+    fn replace_client_ca(&self, server: &AgentServer, checked: CheckedClientCa) {
+        let mut running = self.client_ca.lock();
+        match (running.as_ref(), checked.certs.as_ref()) {
+            (was, now) if was == now => return,
+            (None, Some(now)) => tracing::info!(
+                "gateway.client_ca added: new agents must present a certificate from one of its {} CAs",
+                now.len()
+            ),
+            (_, None) => tracing::info!(
+                "gateway.client_ca removed: new agents connect without a client certificate"
+            ),
+            (Some(_), Some(now)) => tracing::info!(
+                "gateway.client_ca changed: new agents are verified against its {} CAs",
+                now.len()
+            ),
+        }
+        server.replace_tls(checked.config);
+        *running = checked.certs;
     }
 
     /// The HTTPS front end's own certificate, when it has one, is replaced with the
@@ -371,6 +434,9 @@ fn restart_only(running: &Running, next: &Next) -> Vec<&'static str> {
         groups: _,
         agent_auth: _,
         limits: _,
+        client_ca: _,
+        deflate: _,
+        agent_forwards: _,
         // With the proxy listeners, by `Listeners`.
         forwards: _,
         // Compared below: secrets' Debug is redacted.
@@ -389,10 +455,7 @@ fn restart_only(running: &Running, next: &Next) -> Vec<&'static str> {
         max_window: _,
         ping_interval: _,
         encodings: _,
-        deflate: _,
         drain_timeout: _,
-        client_ca: _,
-        agent_forwards: _,
         // Its dir is restart-only; the dir's managers.toml is reloaded.
         policy: _,
         admin_addr: _,
@@ -422,10 +485,7 @@ fn restart_only(running: &Running, next: &Next) -> Vec<&'static str> {
         max_window,
         ping_interval,
         encodings,
-        deflate,
         drain_timeout,
-        client_ca,
-        agent_forwards,
         policy,
         admin_addr,
         admin_username,
@@ -442,6 +502,57 @@ fn restart_only(running: &Running, next: &Next) -> Vec<&'static str> {
         changed.push("gateway.admin_password");
     }
     changed
+}
+
+/// The agent listener's TLS config of a reload, and its `client_ca` bundle.
+struct CheckedClientCa {
+    config: Arc<rustls::ServerConfig>,
+    certs: CaCerts,
+}
+
+/// `gateway.deflate` for new agent sessions (live ones keep what they negotiated), and
+/// `gateway.agent_forwards` for new forward requests (open forwards it no longer allows
+/// are closed; see [`super::forward::AgentForwardTable::reconfigure`]).
+fn replace_agent_side(server: &AgentServer, next: &GatewayConfig) {
+    let before = server.replace_deflate(next.deflate.clone());
+    for change in deflate_changes(&before, &next.deflate) {
+        tracing::info!("{change} (for new agent sessions; live ones keep theirs)");
+    }
+    for change in server.forwards().reconfigure(next.agent_forwards.clone()) {
+        tracing::info!("{change}");
+    }
+}
+
+/// One line per `gateway.deflate` setting that differs.
+fn deflate_changes(
+    old: &crate::config::DeflateConfig,
+    new: &crate::config::DeflateConfig,
+) -> Vec<String> {
+    // Without `..`: a new setting does not compile until it is listed here.
+    let settings = |d: &crate::config::DeflateConfig| {
+        let crate::config::DeflateConfig {
+            enabled,
+            level,
+            min_size,
+            no_context_takeover,
+            max_window_bits,
+            adaptive,
+        } = d;
+        [
+            ("enabled", enabled.to_string()),
+            ("level", level.to_string()),
+            ("min_size", min_size.0.to_string()),
+            ("no_context_takeover", no_context_takeover.to_string()),
+            ("max_window_bits", max_window_bits.to_string()),
+            ("adaptive", adaptive.to_string()),
+        ]
+    };
+    let (old, new) = (settings(old), settings(new));
+    old.into_iter()
+        .zip(new)
+        .filter(|((_, was), (_, now))| was != now)
+        .map(|((key, was), (_, now))| format!("gateway.deflate.{key} changed from {was} to {now}"))
+        .collect()
 }
 
 /// Certificates expiring within this many days are logged as a warning.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyproxy_proto::{
     Auth, AuthResponse, Encoding, ErrorCode, ErrorMsg, ForwardResponse, Message, Protocol,
 };
+use arc_swap::ArcSwap;
 use fastwebsockets::Role;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -18,7 +19,7 @@ use tracing::Instrument;
 use super::forward::AgentForwardTable;
 use super::registry::{AgentHandle, AgentRegistry};
 use crate::auth::{Attempt, Authority, Kind, Outcome};
-use crate::config::GatewayConfig;
+use crate::config::{DeflateConfig, GatewayConfig};
 use crate::limits::{Gate, Lockout};
 use crate::transport::listen::{AcceptLoop, Serve};
 use crate::transport::ws::{self, close_code};
@@ -28,12 +29,20 @@ use crate::tunnel::table::ShardedMap;
 use crate::tunnel::{SessionCore, SessionOptions};
 
 pub struct AgentServer {
+    /// As the gateway started: its `client_ca`, `deflate` and `agent_forwards` are the
+    /// start's, and a reload swaps the live ones (`tls`, `deflate`, `forwards`).
     pub config: GatewayConfig,
     pub registry: Arc<AgentRegistry>,
     agents: Arc<Authority>,
     forwards: Arc<AgentForwardTable>,
     throttle: Lockout,
-    acceptor: TlsAcceptor,
+    /// What each new TLS handshake is served with: a reload that changes
+    /// `gateway.client_ca` swaps it (one atomic load per handshake; established
+    /// sessions keep the verification they passed).
+    tls: ArcSwap<rustls::ServerConfig>,
+    /// The `gateway.deflate` new sessions negotiate with: a reload swaps it, live
+    /// sessions keep what they agreed on.
+    deflate: ArcSwap<DeflateConfig>,
     encodings: Vec<Encoding>,
     lifecycle: Lifecycle,
     metrics: Arc<crate::metrics::GatewayMetrics>,
@@ -76,17 +85,34 @@ impl AgentServer {
             cluster.map(|c| (c, "agent")),
         );
         let encodings = config.encodings.iter().map(|e| (*e).into()).collect();
+        let deflate = ArcSwap::from_pointee(config.deflate.clone());
         AgentServer {
             config,
             registry,
             agents,
             forwards,
             throttle,
-            acceptor: TlsAcceptor::from(tls),
+            tls: ArcSwap::new(tls),
+            deflate,
             encodings,
             lifecycle: Lifecycle::default(),
             metrics,
         }
+    }
+
+    /// Serves new agent handshakes with `tls` (a reload changed `gateway.client_ca`).
+    pub(super) fn replace_tls(&self, tls: Arc<rustls::ServerConfig>) {
+        self.tls.store(tls);
+    }
+
+    /// New agent sessions negotiate permessage-deflate with `deflate`; the old value.
+    pub(super) fn replace_deflate(&self, deflate: DeflateConfig) -> Arc<DeflateConfig> {
+        self.deflate.swap(Arc::new(deflate))
+    }
+
+    /// The agent forwards open, and the `gateway.agent_forwards` they are checked by.
+    pub(super) fn forwards(&self) -> &AgentForwardTable {
+        &self.forwards
     }
 
     /// First stage of a stop (the listener is already closed): tells every agent we
@@ -155,9 +181,10 @@ impl AgentServer {
 
     async fn tls_handshake(&self, tcp: TcpStream) -> Result<BoxIo, String> {
         let deadline = self.config.auth_timeout.0;
+        let acceptor = TlsAcceptor::from(self.tls.load_full());
         let tls = tokio::time::timeout(
             deadline,
-            self.acceptor.accept(crate::transport::tls::buffered(tcp)),
+            acceptor.accept(crate::transport::tls::buffered(tcp)),
         )
         .await
         .map_err(|_| "TLS handshake timed out".to_string())?
@@ -167,9 +194,10 @@ impl AgentServer {
 
     /// The WebSocket upgrade at `/ws`; starts the session (and its writer).
     async fn upgrade(&self, mut io: BoxIo) -> Result<(WsReader, Session), String> {
+        let deflate = self.deflate.load_full();
         let accepted = tokio::time::timeout(
             self.config.auth_timeout.0,
-            handshake::accept(&mut io, &self.encodings, Some(&self.config.deflate)),
+            handshake::accept(&mut io, &self.encodings, Some(&deflate)),
         )
         .await
         .map_err(|_| "WebSocket handshake timed out".to_string())?

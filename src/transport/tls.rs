@@ -233,26 +233,59 @@ pub fn rotating_server_config(
     key: &Path,
     client_ca: Option<&Path>,
 ) -> Result<(Arc<ServerConfig>, Arc<CertSlot>), TlsError> {
-    install_crypto_provider();
     let slot = Arc::new(CertSlot::load(cert, key)?);
+    let ca = client_ca.map(ClientCa::load).transpose()?;
+    Ok((agent_server_config(slot.clone(), ca.as_ref())?, slot))
+}
+
+/// The agent listener's server config: the certificate of `slot`, and with `client_ca`
+/// every client must present a certificate that chains to one of its CAs. A reload
+/// that changes `gateway.client_ca` builds a new one around the same slot.
+pub fn agent_server_config(
+    slot: Arc<CertSlot>,
+    client_ca: Option<&ClientCa>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    install_crypto_provider();
     let builder = ServerConfig::builder_with_protocol_versions(versions());
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
-        Some(path) => {
-            let err = |detail: String| TlsError::ClientCa {
-                path: path.display().to_string(),
-                detail,
-            };
-            let roots = root_store(path)?;
-            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
-                .build()
-                .map_err(|e| err(e.to_string()))?;
+        Some(ca) => {
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder(Arc::new(ca.roots.clone()))
+                    .build()
+                    .map_err(|e| TlsError::ClientCa {
+                        path: ca.path.display().to_string(),
+                        detail: e.to_string(),
+                    })?;
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_cert_resolver(slot.clone());
+    let mut config = builder.with_cert_resolver(slot);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok((Arc::new(config), slot))
+    Ok(Arc::new(config))
+}
+
+/// The CA bundle of `gateway.client_ca`, read: its certificates (what a reload
+/// compares to tell whether the bundle changed) and their trust anchors.
+#[derive(Debug, Clone)]
+pub struct ClientCa {
+    pub path: std::path::PathBuf,
+    pub certs: Vec<CertificateDer<'static>>,
+    roots: RootCertStore,
+}
+
+impl ClientCa {
+    /// Reads and parses the bundle at `path`; an unreadable file, or one without a
+    /// usable CA certificate, is an error.
+    pub fn load(path: &Path) -> Result<ClientCa, TlsError> {
+        let certs = load_certs(path)?;
+        let roots = roots_of(path, &certs)?;
+        Ok(ClientCa {
+            path: path.to_owned(),
+            certs,
+            roots,
+        })
+    }
 }
 
 /// Server config for the HTTPS proxy listener: the certificate of `slot` (the agent
@@ -353,9 +386,14 @@ pub fn load_checked(cert: &Path, key: &Path) -> Result<CheckedKey, TlsError> {
 }
 
 pub fn root_store(path: &Path) -> Result<RootCertStore, TlsError> {
+    roots_of(path, &load_certs(path)?)
+}
+
+/// The trust anchors of `certs`, read from `path`.
+fn roots_of(path: &Path, certs: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
-    for cert in load_certs(path)? {
-        roots.add(cert).map_err(|e| TlsError::Certs {
+    for cert in certs {
+        roots.add(cert.clone()).map_err(|e| TlsError::Certs {
             path: path.display().to_string(),
             detail: e.to_string(),
         })?;
