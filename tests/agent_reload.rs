@@ -2,8 +2,8 @@
 //! refused on the next connect and its live connection is closed with a logged reason;
 //! other connections (a long download among them) carry on; a bad file changes
 //! nothing; a storm of signals ends in one consistent state. `open_ports` added by a
-//! reload are opened on the live session, and removed ones are not asked for by the
-//! next session; a rotated client certificate is presented by the next connection
+//! reload are opened on the live session, and removed ones are withdrawn there and
+//! not asked for by the next session; a rotated client certificate is presented by the next connection
 //! while the live session keeps serving.
 
 mod common;
@@ -11,7 +11,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    admin_get, free_port, metric, round_trip, signal, spawn, wait_for_listener, Stack, StackOptions,
+    admin_get, free_port, metric, refused_within, round_trip, signal, spawn, wait_for_listener,
+    Stack, StackOptions,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -244,7 +245,7 @@ fn open_ports(ports: &[(u16, std::net::SocketAddr)]) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn open_ports_added_by_a_reload_forward_at_once_and_removed_ones_end_with_the_session() {
+async fn open_ports_added_by_a_reload_forward_at_once_and_removed_ones_are_withdrawn() {
     let (kept_port, added_port) = (free_port(), free_port());
     let (low, high) = (kept_port.min(added_port), kept_port.max(added_port));
     let mut stack = Stack::start(StackOptions {
@@ -296,12 +297,26 @@ async fn open_ports_added_by_a_reload_forward_at_once_and_removed_ones_end_with_
     round_trip(&mut held, b"the kept one carries on").await;
     assert_eq!(log.matches("authenticated to the gateway").count(), 1);
 
-    // Removed: the protocol cannot withdraw a forward, so the gateway keeps it until
-    // this session ends; the agent says so, and the next session does not ask for it.
+    // Removed: withdrawn on the live session (`unforward`). The port stops listening,
+    // the connection it accepted carries on, and the next session does not ask for it.
     let only_added = open_ports(&[(added_port, added)]);
     reload_until(&stack, file, (&both, &only_added), ("open port removed", 1)).await;
-    round_trip(&mut held, b"until the session ends").await;
-    drop((held, fresh));
+    stack
+        .wait_for_log("gateway", "agent withdrew its forward", 1)
+        .await;
+    refused_within(kept_port).await;
+    round_trip(&mut held, b"accepted before the withdrawal").await;
+    let mut still = connect(added_port).await.unwrap();
+    round_trip(&mut still, b"the other port stays").await;
+    assert_eq!(
+        stack
+            .log("agent-a")
+            .matches("authenticated to the gateway")
+            .count(),
+        1,
+        "withdrawn on the same session"
+    );
+    drop((held, fresh, still));
 
     restart_gateway(&mut stack, 2).await;
     stack

@@ -5,23 +5,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::udp::echo_server;
 use common::*;
-
-/// Waits (at most 10 s) until nothing accepts on `port` any more: the listener stops
-/// when its loop sees the reload, just after the reload's log line.
-async fn refused_within(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_ok()
-    {
-        assert!(Instant::now() < deadline, "127.0.0.1:{port} still accepts");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// A datagram to `port` comes back from the UDP echo behind it (the first may open
 /// the flow while it is sent; each try waits a second).

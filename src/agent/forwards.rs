@@ -3,12 +3,12 @@
 //! The sessions that own the forwards (replica 0 of each gateway) register here; each
 //! gets the ports wanted now and, after a reload, the ports added or retargeted, all
 //! through one queue per session so that they reach the gateway in the order decided.
-//! The protocol has no withdrawal: a port removed by a reload stays open on the
-//! gateway until the session that asked for it ends, and later sessions do not ask.
+//! A port a reload removes is withdrawn (`unforward`) on those sessions; later sessions
+//! do not ask for it.
 
 use std::collections::{BTreeMap, HashMap};
 
-use anyproxy_proto::{Forward, Message};
+use anyproxy_proto::{Forward, Message, Unforward};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::config::OpenPort;
@@ -21,20 +21,28 @@ fn key(p: &OpenPort) -> Key {
     (p.remote_port, p.protocol.as_str())
 }
 
-fn request(p: &OpenPort) -> Forward {
-    Forward {
+fn request(p: &OpenPort) -> Message {
+    Message::Forward(Forward {
         listen_port: p.remote_port,
         target_host: p.target.host.clone(),
         target_port: p.target.port,
         protocol: p.protocol,
-    }
+    })
+}
+
+fn withdrawal(p: &OpenPort) -> Message {
+    Message::Unforward(Unforward {
+        listen_port: p.remote_port,
+        protocol: p.protocol,
+    })
 }
 
 struct Inner {
     wanted: Vec<OpenPort>,
     next: u64,
-    /// The queue of every session that owns forwards.
-    sessions: HashMap<u64, UnboundedSender<Forward>>,
+    /// The queue of every session that owns forwards: `forward` and `unforward`
+    /// requests, in the order the reloads decided them.
+    sessions: HashMap<u64, UnboundedSender<Message>>,
 }
 
 pub(super) struct Forwards(parking_lot::Mutex<Inner>);
@@ -62,7 +70,7 @@ impl Forwards {
 
     /// Registers a session that owns forwards: its queue starts with every port
     /// wanted now. Under the same lock as [`Forwards::set`], so it misses no change.
-    pub fn register(&self) -> (Registered<'_>, UnboundedReceiver<Forward>) {
+    pub fn register(&self) -> (Registered<'_>, UnboundedReceiver<Message>) {
         let (tx, rx) = unbounded_channel();
         let mut inner = self.0.lock();
         for p in &inner.wanted {
@@ -75,8 +83,8 @@ impl Forwards {
     }
 
     /// Makes `next` the ports wanted: those added or retargeted are asked for on every
-    /// registered session (the gateway takes a port over from the same agent). One log
-    /// line per port added, retargeted or removed.
+    /// registered session (the gateway takes a port over from the same agent), those
+    /// removed are withdrawn there. One log line per port added, retargeted or removed.
     pub fn set(&self, next: &[OpenPort]) {
         let mut inner = self.0.lock();
         let was: BTreeMap<Key, &OpenPort> = inner.wanted.iter().map(|p| (key(p), p)).collect();
@@ -97,26 +105,27 @@ impl Forwards {
         }
         for (k, p) in &was {
             if !now.contains_key(k) {
-                tracing::warn!(port = k.0, protocol = k.1, target = %p.target, "open port removed: the protocol cannot withdraw it, so the gateway keeps it open until the current session ends; later sessions do not ask for it");
+                tracing::info!(port = k.0, protocol = k.1, target = %p.target, "open port removed: asking the gateway to withdraw it");
+                ask.push(withdrawal(p));
             }
         }
         for tx in inner.sessions.values() {
-            for f in &ask {
-                let _ = tx.send(f.clone());
+            for m in &ask {
+                let _ = tx.send(m.clone());
             }
         }
         inner.wanted = next.to_vec();
     }
 }
 
-/// Sends a session's forward requests as they come, until the session ends or its
-/// registration is dropped.
+/// Sends a session's forward requests and withdrawals as they come, until the
+/// session ends or its registration is dropped.
 pub(super) async fn announce(
     core: std::sync::Arc<SessionCore>,
-    mut queue: UnboundedReceiver<Forward>,
+    mut queue: UnboundedReceiver<Message>,
 ) {
     let mut warned = false;
-    while let Some(f) = queue.recv().await {
+    while let Some(m) = queue.recv().await {
         if !core.flow_controlled() {
             if !warned {
                 tracing::error!("open_ports needs the binary encoding; the gateway chose JSON");
@@ -124,7 +133,7 @@ pub(super) async fn announce(
             }
             continue;
         }
-        if core.send(Message::Forward(f)).await.is_err() {
+        if core.send(m).await.is_err() {
             return;
         }
     }
@@ -142,22 +151,27 @@ mod tests {
         }
     }
 
-    fn drain(queue: &mut UnboundedReceiver<Forward>) -> Vec<(u16, u16)> {
+    /// Each request as (port, target port), a withdrawal as (port, 0).
+    fn drain(queue: &mut UnboundedReceiver<Message>) -> Vec<(u16, u16)> {
         std::iter::from_fn(|| queue.try_recv().ok())
-            .map(|f| (f.listen_port, f.target_port))
+            .map(|m| match m {
+                Message::Forward(f) => (f.listen_port, f.target_port),
+                Message::Unforward(u) => (u.listen_port, 0),
+                other => panic!("{other:?} in a forwards queue"),
+            })
             .collect()
     }
 
     #[test]
-    fn a_session_gets_what_is_wanted_then_only_what_a_reload_adds_or_retargets() {
+    fn a_session_gets_what_is_wanted_then_what_a_reload_adds_retargets_or_withdraws() {
         let forwards = Forwards::new(&[port(1, "h:10"), port(2, "h:20")]);
         let (registered, mut queue) = forwards.register();
         assert_eq!(drain(&mut queue), [(1, 10), (2, 20)]);
         forwards.set(&[port(2, "h:21"), port(3, "h:30"), port(1, "h:10")]);
         assert_eq!(drain(&mut queue), [(2, 21), (3, 30)]);
-        // Removing asks nothing; a session registered now gets the new set only.
+        // Removed ports are withdrawn; a session registered now gets the new set only.
         forwards.set(&[port(3, "h:30")]);
-        assert!(drain(&mut queue).is_empty());
+        assert_eq!(drain(&mut queue), [(1, 0), (2, 0)]);
         let (_later, mut later) = forwards.register();
         assert_eq!(drain(&mut later), [(3, 30)]);
         drop(registered);

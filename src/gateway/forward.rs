@@ -279,6 +279,23 @@ impl AgentForwardTable {
         ))
     }
 
+    /// Withdraws `agent`'s forward of `key` at its request (`unforward`): the port
+    /// stops listening, the connections it accepted carry on. Whether `agent` (this
+    /// session, or an earlier one of the same agent) held it; another agent's port is
+    /// left alone.
+    pub fn withdraw(&self, agent: &AgentHandle, key: PortKey) -> bool {
+        let mut table = self.by_port.lock();
+        let owned = table
+            .get(&key)
+            .is_some_and(|o| o.group == agent.group && o.client_id == agent.client_id);
+        if owned {
+            if let Some(o) = table.remove(&key) {
+                o.cancel.cancel();
+            }
+        }
+        owned
+    }
+
     /// Closes every forward of the session `serial` (it ended or was replaced).
     pub fn release(&self, serial: u64) {
         self.by_port.lock().retain(|_, o| {

@@ -490,6 +490,21 @@ impl SessionRole for GatewayRole {
             });
             return;
         }
+        if let Message::Unforward(req) = msg {
+            let key = (req.listen_port, req.protocol);
+            let (port, protocol) = (req.listen_port, req.protocol.as_str());
+            let client_id = &self.handle.client_id;
+            match self.forwards.withdraw(&self.handle, key) {
+                true => {
+                    tracing::info!(%client_id, port, protocol, "agent withdrew its forward")
+                }
+                // Idempotent: the agent may withdraw a port it never got.
+                false => {
+                    tracing::info!(%client_id, port, protocol, "agent withdrew a forward it does not hold; nothing to do")
+                }
+            }
+            return;
+        }
         let what = match &msg {
             Message::Connect(_) => "connect is sent by the gateway, not to it",
             _ => "already authenticated",

@@ -917,6 +917,20 @@ pub async fn wait_until_still(counter: &AtomicU64) -> u64 {
     last
 }
 
+/// Waits (at most 10 s) until nothing accepts on 127.0.0.1:`port` any more: a
+/// listener a reload stopped closes when its loop sees the stop, just after the
+/// reload's log line.
+pub async fn refused_within(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_ok()
+    {
+        assert!(Instant::now() < deadline, "127.0.0.1:{port} still accepts");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits (at most 10 s) until the proxy ends `s` (end of stream or a reset).
 pub async fn closed_by_proxy(s: &mut tokio::net::TcpStream) {
     use tokio::io::AsyncReadExt;
