@@ -3,7 +3,8 @@
 //! protocol to a fake `NOTIFY_SOCKET` the test binds and reads: the gateway's
 //! `READY=1` once its listeners are bound, `RELOADING=1`/`READY=1` around a SIGHUP and
 //! `STOPPING=1` on SIGTERM; the agent's `READY=1` only once its first session
-//! authenticated (over an abstract-namespace socket), and `STOPPING=1`.
+//! authenticated (over an abstract-namespace socket), and `STOPPING=1`; pmproxy's
+//! `READY=1` once its proxy and API are bound, around a SIGHUP and on SIGTERM.
 
 mod common;
 
@@ -13,7 +14,11 @@ use std::time::Duration;
 
 use common::*;
 
-const UNITS: [&str; 2] = ["anyproxy-gateway.service", "anyproxy-client.service"];
+const UNITS: [&str; 3] = [
+    "anyproxy-gateway.service",
+    "anyproxy-client.service",
+    "anyproxy-pmproxy.service",
+];
 
 fn systemd_analyze(args: &[&str], unit: &Path) -> std::process::Output {
     std::process::Command::new("systemd-analyze")
@@ -287,4 +292,39 @@ async fn the_agent_notifies_ready_after_its_first_session_authenticated_and_stop
     exits_zero(&mut agent).await;
     // READY=1 once: nothing else was sent.
     assert!(notify.is_silent());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pmproxy_notifies_ready_once_bound_reloading_around_sighup_and_stopping() {
+    let notify = FakeNotify::at_path();
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy_port, api_port) = (free_port(), free_port());
+    let server = anyproxy::policy::server_config::DEFAULT_SERVER_TOML
+        .replace("127.0.0.1:4443", &format!("127.0.0.1:{api_port}"))
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{proxy_port}"));
+    std::fs::write(dir.path().join("server.toml"), server).unwrap();
+    let log = dir.path().join("pmproxy.log");
+    let mut pmproxy = notify.spawn(
+        &["pmproxy", "--config-dir", dir.path().to_str().unwrap()],
+        &log,
+    );
+    assert_eq!(notify.next().await, "READY=1");
+    for port in [proxy_port, api_port] {
+        assert!(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok(),
+            "port {port} not bound at READY=1:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+    let pid = pmproxy.0.id().unwrap();
+    signal(pid, "HUP");
+    assert_eq!(notify.next().await, "RELOADING=1");
+    assert_eq!(notify.next().await, "READY=1");
+    signal(pid, "TERM");
+    assert_eq!(notify.next().await, "STOPPING=1");
+    exits_zero(&mut pmproxy).await;
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(!log.contains("cannot notify"), "{log}");
 }

@@ -10,6 +10,7 @@ use anyproxy::auth::{Accounts, Authority};
 use anyproxy::connect::Swappable;
 use anyproxy::dial::direct::DirectConnector;
 use anyproxy::metrics::gateway::Reloads;
+use anyproxy::net::notify::{notify, State};
 use anyproxy::policy::dir::{default_dir, MANAGERS_TOML, SERVER_TOML};
 use anyproxy::policy::{start_api, Policy, PolicyDir, PolicyGuard, ServerConf};
 use anyproxy::proxy::http::{HttpProxy, RequestTimeout};
@@ -91,12 +92,15 @@ pub async fn run(args: PmproxyArgs) -> anyhow::Result<()> {
         TaskTracker::new(),
     ));
     tracing::info!(proxy = %proxy_addr, api = %api.addr, "pmproxy running");
+    // Ready: both listeners are bound, and a SIGHUP reloads instead of killing.
+    notify(State::Ready);
     println!(
         "pmproxy: HTTP proxy on http://{proxy_addr}, API on https://{}/api/cmd (config {})",
         api.addr,
         dir.path.display()
     );
     signals.first.cancelled().await;
+    notify(State::Stopping);
     tracing::info!("shutting down: persisting state");
     until_stopped(signals, async move {
         let _ = proxy.await;
