@@ -178,6 +178,28 @@ gateway:
     )
 }
 
+/// The next message is `READY=1`, and ready means bound: every port accepts now,
+/// without waiting.
+async fn ready_and_bound(notify: &FakeNotify, ports: &[u16], log: &Path) {
+    assert_eq!(notify.next().await, "READY=1");
+    for port in ports {
+        assert!(
+            tokio::net::TcpStream::connect(("127.0.0.1", *port))
+                .await
+                .is_ok(),
+            "port {port} not bound at READY=1:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+}
+
+/// A SIGHUP to `pid` is told as `RELOADING=1`, then `READY=1`.
+async fn reloads(notify: &FakeNotify, pid: u32) {
+    signal(pid, "HUP");
+    assert_eq!(notify.next().await, "RELOADING=1");
+    assert_eq!(notify.next().await, "READY=1");
+}
+
 async fn exits_zero(proc: &mut Proc) {
     let status = tokio::time::timeout(Duration::from_secs(30), proc.0.wait())
         .await
@@ -200,27 +222,13 @@ async fn the_gateway_notifies_ready_once_bound_reloading_around_sighup_and_stopp
     let log = certs.dir.path().join("gateway.log");
     let mut gateway = notify.spawn(&["gateway", "--config", config.to_str().unwrap()], &log);
 
-    assert_eq!(notify.next().await, "READY=1");
-    // Ready means bound: every listener accepts now, without waiting.
-    for port in ports {
-        assert!(
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok(),
-            "port {port} not bound at READY=1:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-    }
+    ready_and_bound(&notify, &ports, &log).await;
 
     let pid = gateway.0.id().unwrap();
-    signal(pid, "HUP");
-    assert_eq!(notify.next().await, "RELOADING=1");
-    assert_eq!(notify.next().await, "READY=1");
+    reloads(&notify, pid).await;
     // A reload that fails still ends in READY=1: the old configuration serves on.
     std::fs::write(&config, "gateway: [not, a, gateway]\n").unwrap();
-    signal(pid, "HUP");
-    assert_eq!(notify.next().await, "RELOADING=1");
-    assert_eq!(notify.next().await, "READY=1");
+    reloads(&notify, pid).await;
 
     signal(pid, "TERM");
     assert_eq!(notify.next().await, "STOPPING=1");
@@ -308,20 +316,9 @@ async fn pmproxy_notifies_ready_once_bound_reloading_around_sighup_and_stopping(
         &["pmproxy", "--config-dir", dir.path().to_str().unwrap()],
         &log,
     );
-    assert_eq!(notify.next().await, "READY=1");
-    for port in [proxy_port, api_port] {
-        assert!(
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok(),
-            "port {port} not bound at READY=1:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-    }
+    ready_and_bound(&notify, &[proxy_port, api_port], &log).await;
     let pid = pmproxy.0.id().unwrap();
-    signal(pid, "HUP");
-    assert_eq!(notify.next().await, "RELOADING=1");
-    assert_eq!(notify.next().await, "READY=1");
+    reloads(&notify, pid).await;
     signal(pid, "TERM");
     assert_eq!(notify.next().await, "STOPPING=1");
     exits_zero(&mut pmproxy).await;
