@@ -2,156 +2,35 @@
 //! package), started here with its own config and mdb database on a loopback port,
 //! seeded by `slapadd` with users and groups: directory users through the HTTP proxy
 //! and SOCKS5, a wrong password refused, the directory group mapped to `office`
-//! carried by office's agent, an agent joining with directory credentials, and slapd
+//! carried by office's agent (through a group search, and through `memberOf` kept by
+//! the `memberof` overlay), an agent joining with directory credentials, and slapd
 //! stopped: 503 naming the backend and `up 0` on /metrics, then recovery when it
 //! returns.
 
 mod common;
 
-use std::path::Path;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
-
+use common::slapd::{Slapd, SlapdOptions, BASE};
 use common::*;
-use tokio::process::{Child, Command};
 
-const SLAPD: &str = "/usr/sbin/slapd";
-const BASE: &str = "dc=example,dc=org";
-
-/// A slapd of our own: config, database and log in a temporary directory.
-struct Slapd {
-    port: u16,
-    /// With TLS: the `ldaps://` port (the `ldap://` one offers StartTLS).
-    tls_port: Option<u16>,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
+/// A stack whose listeners and agents ask `static`, then the directory backend `corp`
+/// (search-then-bind as the service account, uncached; `groups`: where its groups come
+/// from), whose directory group `staff` maps to the tunnel group `office`. The stack's
+/// own agent (default group) may not reach loopback: a directory user outside the
+/// mapped group lands there and gets 403. Office's agent joins with directory
+/// credentials (office-agent is in staff), and alice reaches a loopback target through
+/// it.
+struct Directory {
+    stack: Stack,
+    _office: Proc,
+    target: std::net::SocketAddr,
+    url: String,
 }
 
-fn person(uid: &str, password: &str) -> String {
-    format!(
-        "dn: uid={uid},ou=people,{BASE}\nobjectClass: inetOrgPerson\nuid: {uid}\ncn: {uid}\nsn: {uid}\nuserPassword: {password}\n\n"
-    )
-}
-
-fn group(cn: &str, members: &[&str]) -> String {
-    let members: String = members
-        .iter()
-        .map(|m| format!("member: uid={m},ou=people,{BASE}\n"))
-        .collect();
-    format!("dn: cn={cn},ou=groups,{BASE}\nobjectClass: groupOfNames\ncn: {cn}\n{members}\n")
-}
-
-impl Slapd {
-    async fn start() -> Slapd {
-        Self::start_with(None).await
-    }
-
-    /// `tls`: the certificate and key slapd serves `ldaps://` and StartTLS with.
-    async fn start_with(tls: Option<(&Path, &Path)>) -> Slapd {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        std::fs::create_dir(d.join("db")).unwrap();
-        let tls_lines = tls.map_or(String::new(), |(cert, key)| {
-            format!(
-                "TLSCertificateFile {}\nTLSCertificateKeyFile {}\n",
-                cert.display(),
-                key.display()
-            )
-        });
-        let conf = format!(
-            "include /etc/ldap/schema/core.schema\ninclude /etc/ldap/schema/cosine.schema\ninclude /etc/ldap/schema/inetorgperson.schema\nmodulepath /usr/lib/ldap\nmoduleload back_mdb\n{tls_lines}pidfile {pid}\ndatabase mdb\nmaxsize 10485760\nsuffix \"{BASE}\"\nrootdn \"cn=admin,{BASE}\"\nrootpw admin-pw\ndirectory {db}\naccess to attrs=userPassword by anonymous auth by self read by * none\naccess to * by * read\n",
-            pid = d.join("slapd.pid").display(),
-            db = d.join("db").display(),
-        );
-        std::fs::write(d.join("slapd.conf"), conf).unwrap();
-        let mut seed = format!(
-            "dn: {BASE}\nobjectClass: top\nobjectClass: dcObject\nobjectClass: organization\no: Example\ndc: example\n\ndn: ou=people,{BASE}\nobjectClass: organizationalUnit\nou: people\n\ndn: ou=groups,{BASE}\nobjectClass: organizationalUnit\nou: groups\n\n"
-        );
-        for (uid, pw) in [
-            ("alice", "alice-pw"),
-            ("bob", "bob-pw"),
-            ("carol", "carol-pw"),
-            ("office-agent", "agent-dir-pw"),
-        ] {
-            seed.push_str(&person(uid, pw));
-        }
-        seed.push_str(&group("staff", &["alice", "bob", "office-agent"]));
-        seed.push_str(&group("contractors", &["carol"]));
-        std::fs::write(d.join("seed.ldif"), seed).unwrap();
-        let out = std::process::Command::new("/usr/sbin/slapadd")
-            .arg("-f")
-            .arg(d.join("slapd.conf"))
-            .arg("-l")
-            .arg(d.join("seed.ldif"))
-            .output()
-            .expect("slapd must be installed (scripts/test.sh installs it)");
-        assert!(
-            out.status.success(),
-            "slapadd: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut slapd = Slapd {
-            port: free_port(),
-            tls_port: tls.map(|_| free_port()),
-            dir,
-            child: None,
-        };
-        slapd.restart().await;
-        slapd
-    }
-
-    fn url(&self) -> String {
-        format!("ldap://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts slapd (again) in the foreground on its port; waits until it listens.
-    async fn restart(&mut self) {
-        let d: &Path = self.dir.path();
-        let mut urls = format!("ldap://127.0.0.1:{}/", self.port);
-        if let Some(p) = self.tls_port {
-            urls.push_str(&format!(" ldaps://127.0.0.1:{p}/"));
-        }
-        let child = Command::new(SLAPD)
-            .arg("-h")
-            .arg(urls)
-            .arg("-f")
-            .arg(d.join("slapd.conf"))
-            .args(["-d", "0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("slapd");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "slapd never listened");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Kills slapd (an outage) and waits until it is gone.
-    async fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill().await;
-            let _ = child.wait().await;
-        }
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn directory_users_and_groups_through_a_real_slapd() {
-    let mut slapd = Slapd::start().await;
-    let admin = free_port();
+async fn directory_stack(slapd: &Slapd, groups: &str, admin: u16) -> Directory {
     let backend = format!(
-        "auth_backends:\n    corp:\n      type: ldap\n      url: \"{url}\"\n      base_dn: \"ou=people,{BASE}\"\n      bind_dn: \"cn=admin,{BASE}\"\n      bind_password: admin-pw\n      group_base_dn: \"ou=groups,{BASE}\"\n      group_map: {{ staff: office }}\n      timeout: 2s\n      cache_ttl: 0s",
+        "auth_backends:\n    corp:\n      type: ldap\n      url: \"{url}\"\n      base_dn: \"ou=people,{BASE}\"\n      bind_dn: \"cn=admin,{BASE}\"\n      bind_password: admin-pw\n      {groups}\n      group_map: {{ staff: office }}\n      timeout: 2s\n      cache_ttl: 0s",
         url = slapd.url()
     );
-    // The stack's own agent (default group) may not reach loopback: a directory user
-    // outside the mapped group lands there and gets 403.
     let stack = Stack::start(StackOptions {
         forbidden_hosts: vec!["127.0.0.0/8".into(), "localhost".into()],
         gateway_extra: vec![
@@ -164,15 +43,37 @@ async fn directory_users_and_groups_through_a_real_slapd() {
         ..Default::default()
     })
     .await;
-    // An agent with directory credentials: in staff, so in office.
-    let _office = stack.spawn_group_agent("office-1", "office-agent", "agent-dir-pw", "");
+    let office = stack.spawn_group_agent("office-1", "office-agent", "agent-dir-pw", "");
     stack.wait_for_log("gateway", "group=office", 1).await;
     let target = http_target().await;
     let url = format!("http://127.0.0.1:{}/", target.port());
-
-    // staff → office: carried by office's agent, through HTTP and SOCKS5.
     let (code, body) = curl(&["-x", &stack.http_proxy_as("alice", "alice-pw"), &url]).await;
     assert_eq!((code, body.as_slice()), (0, &b"hello"[..]));
+    Directory {
+        stack,
+        _office: office,
+        target,
+        url,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_users_and_groups_through_a_real_slapd() {
+    let mut slapd = Slapd::start().await;
+    let admin = free_port();
+    // staff → office: carried by office's agent, through HTTP (in directory_stack) and
+    // SOCKS5.
+    let Directory {
+        stack,
+        _office,
+        target,
+        url,
+    } = directory_stack(
+        &slapd,
+        &format!("group_base_dn: \"ou=groups,{BASE}\""),
+        admin,
+    )
+    .await;
     stack
         .socks5_as("bob", "bob-pw", target)
         .await
@@ -234,62 +135,48 @@ async fn directory_users_and_groups_through_a_real_slapd() {
     );
 }
 
-/// The cost of one check, measured in one run and printed (no assertion on time):
-/// static accounts, a cached LDAP allow, and an uncached LDAP search-then-bind with a
-/// group search against the local slapd.
+/// `group_attribute: memberOf` without a group search, against a directory whose
+/// `memberof` overlay keeps the people's `memberOf` (the groups are added to the
+/// running slapd): `staff` maps to `office`, so office's agent, itself joining with
+/// directory credentials, carries alice; carol's `contractors` is unmapped. A direct
+/// bind reads `memberOf` as the user.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cost_of_a_check_static_cached_and_ldap() {
-    use anyproxy::auth::{Accounts, Attempt, Authenticator, Cached, Kind, Verdict};
-    use std::sync::Arc;
+async fn member_of_kept_by_the_overlay_decides_the_tunnel_group() {
+    use anyproxy::auth::{Attempt, Authenticator, Kind, Verdict};
 
-    let slapd = Slapd::start().await;
+    let slapd = Slapd::start_with(SlapdOptions {
+        memberof: true,
+        ..Default::default()
+    })
+    .await;
+    let Directory {
+        stack,
+        _office,
+        url,
+        ..
+    } = directory_stack(&slapd, "group_attribute: memberOf", free_port()).await;
+    assert_eq!(
+        curl_status(&["-x", &stack.http_proxy_as("carol", "carol-pw"), &url]).await,
+        "403"
+    );
+
     let config: anyproxy::auth::config::LdapConfig = yaml_serde::from_str(&format!(
-        "{{url: \"{url}\", base_dn: \"ou=people,{BASE}\", bind_dn: \"cn=admin,{BASE}\", bind_password: admin-pw, group_base_dn: \"ou=groups,{BASE}\", group_map: {{ staff: office }}}}",
+        "{{url: \"{url}\", user_dn: \"uid={{user}},ou=people,{BASE}\", group_attribute: memberOf, group_map: {{ staff: office }}}}",
         url = slapd.url()
     ))
     .unwrap();
-    let ldap: Arc<dyn Authenticator> =
-        Arc::new(anyproxy::auth::ldap::LdapBackend::new("corp", config, None));
-    let cached = Cached::new(ldap.clone(), Duration::from_secs(60));
-    let accounts = Accounts::new(
-        vec![(
-            anyproxy::net::Credentials {
-                username: "alice".into(),
-                password: "alice-pw".into(),
-            },
-            Arc::from("office"),
-        )],
-        Arc::from("default"),
-    );
+    let direct = anyproxy::auth::ldap::LdapBackend::new("corp", config, None);
     let attempt = Attempt {
         kind: Kind::Proxy,
-        username: "alice",
-        password: "alice-pw",
+        username: "bob",
+        password: "bob-pw",
         client_ip: None,
         client_id: None,
         listener: "http",
     };
-    const N: u32 = 200;
-    let mut report = Vec::new();
-    for (what, backend) in [
-        ("static", &accounts as &dyn Authenticator),
-        ("cached", &cached as &dyn Authenticator),
-        ("ldap (uncached)", ldap.as_ref()),
-    ] {
-        // Warm up (the cache's first fill, the pool's first connection).
-        assert!(matches!(
-            backend.check(&attempt).await,
-            Ok(Verdict::Allow { .. })
-        ));
-        let started = Instant::now();
-        for _ in 0..N {
-            let verdict = backend.check(&attempt).await.unwrap();
-            assert!(matches!(verdict, Verdict::Allow { .. }), "{what}");
-        }
-        report.push((what, started.elapsed() / N));
-    }
-    for (what, each) in &report {
-        eprintln!("auth check cost: {what:>16}: {each:?} per check ({N} checks)");
+    match direct.check(&attempt).await {
+        Ok(Verdict::Allow { groups }) => assert_eq!(groups, [std::sync::Arc::from("office")]),
+        other => panic!("bob by direct bind: {other:?}"),
     }
 }
 
@@ -355,7 +242,11 @@ async fn ldaps_and_starttls_verify_the_directory_certificate() {
     use anyproxy::auth::{Attempt, Authenticator, Kind, Verdict};
 
     let certs = certs();
-    let slapd = Slapd::start_with(Some((&certs.cert, &certs.key))).await;
+    let slapd = Slapd::start_with(SlapdOptions {
+        tls: Some((&certs.cert, &certs.key)),
+        ..Default::default()
+    })
+    .await;
     let tls_port = slapd.tls_port.unwrap();
     let der = anyproxy::transport::tls::load_certs(&certs.cert).unwrap();
     let pin = anyproxy::transport::tls::fingerprint_hex(der[0].as_ref());

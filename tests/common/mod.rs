@@ -5,6 +5,7 @@ pub mod browser;
 pub mod cluster;
 pub mod haproxy;
 pub mod redis;
+pub mod slapd;
 pub mod udp;
 
 use std::net::{Ipv4Addr, SocketAddr};
