@@ -66,6 +66,10 @@ if ! python3 -c 'import websockets' >/dev/null 2>&1; then
   python3 -m pip install --quiet 'websockets>=13'
 fi
 
+# A CI run builds once from clean: incremental state would only take disk (it was
+# nearly half of target/ before), and a machine's disk is not guaranteed to be large.
+export CARGO_INCREMENTAL=0
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
